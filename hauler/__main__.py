@@ -1,0 +1,3 @@
+from hauler.cli.main import app
+
+app(prog_name="hauler")

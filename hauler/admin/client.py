@@ -1,0 +1,70 @@
+"""The admin API: submit, list, inspect, abort and download jobs on a running server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from hauler.core.config import AdminConfig
+from hauler.core.package import pack
+from hauler.model import Manifest, ModelFile
+from hauler.transfer import ChunkPlan, ReceiveLedger
+from hauler.transport import ControlChannel, open_transfer, receive_model
+
+MAX_PACKAGE_BYTES = 16 << 20
+
+
+class Admin:
+    """One admin's connection to the server; use as `async with Admin(config) as admin:`."""
+
+    def __init__(self, config: AdminConfig) -> None:
+        self.config = config
+        self._channel = ControlChannel(config.server_host, config.control_port)
+
+    async def __aenter__(self) -> Admin:
+        await self._channel.wait_ready(self.config.timeouts.communication_timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._channel.close()
+
+    async def submit(self, job_dir: Path) -> str:
+        """Package and submit a job folder; returns the job id."""
+        reply = await self._channel.call("submit", package_b64=pack(job_dir, MAX_PACKAGE_BYTES))
+        return str(reply["job_id"])
+
+    async def list_jobs(self) -> list[dict[str, Any]]:
+        return (await self._channel.call("list_jobs"))["jobs"]
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        return await self._channel.call("status", job_id=job_id)
+
+    async def abort(self, job_id: str) -> None:
+        await self._channel.call("abort", job_id=job_id)
+
+    async def sites(self) -> list[dict[str, Any]]:
+        return (await self._channel.call("sites"))["sites"]
+
+    def watch(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The job's events from its start, live, until it ends."""
+        return self._channel.watch(job_id=job_id)
+
+    async def download(self, job_id: str, out_dir: Path) -> tuple[Path, int]:
+        """Fetch the job's latest global model as `out_dir/global.safetensors`; returns it and its round."""
+        offer = await self._channel.call("download", job_id=job_id)
+        manifest = Manifest.from_json(offer["manifest"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        final = out_dir / "global.safetensors"
+        partial = out_dir / ".global.safetensors.partial"
+        with ModelFile.create(partial, manifest) as model:
+            connection = await open_transfer(self.config.server_host, self.config.data_port, offer["transfer"])
+            try:
+                await receive_model(connection, ReceiveLedger(ChunkPlan(manifest)), model,
+                                    timeouts=self.config.timeouts)
+            finally:
+                connection.close()
+            model.flush()
+        os.replace(partial, final)
+        return final, int(offer["round"])

@@ -1,0 +1,183 @@
+"""Proof-of-concept federations: a server and N sites as local processes in one folder.
+
+    DIR/server/server.toml   DIR/site-<k>/site.toml   DIR/admin/admin.toml
+    DIR/run/<role>.pid       DIR/run/<role>.log
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+from hauler.admin.client import Admin
+from hauler.core.config import AdminConfig, ServerConfig, SiteConfig, load_toml
+from hauler.core.errors import ConfigError, ConnectionLost, HaulerError
+
+HOST = "127.0.0.1"
+
+
+def site_names(count: int) -> list[str]:
+    return [f"site-{k}" for k in range(1, count + 1)]
+
+
+def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: int = 0,
+            timeouts: dict[str, float] | None = None) -> list[Path]:
+    """Write the configs of a local federation; ports of 0 are picked free now."""
+    if sites < 1:
+        raise ConfigError("--sites must be at least 1")
+    if (workspace / "run").exists() and any((workspace / "run").glob("*.pid")):
+        raise ConfigError(f"{workspace}: a federation is running there; `hauler poc stop` it first")
+    workspace = workspace.resolve()
+    control_port, data_port = control_port or _free_port(), data_port or _free_port()
+    common = {"timeouts": timeouts} if timeouts else {}
+    written = [_write(workspace / "server" / "server.toml", {
+        "host": HOST, "control_port": control_port, "data_port": data_port,
+        "workspace": str(workspace / "server"), **common})]
+    for name in site_names(sites):
+        written.append(_write(workspace / name / "site.toml", {
+            "name": name, "server_host": HOST, "control_port": control_port, "data_port": data_port,
+            "workspace": str(workspace / name), **common}))
+    written.append(_write(workspace / "admin" / "admin.toml", {
+        "server_host": HOST, "control_port": control_port, "data_port": data_port}))
+    return written
+
+
+def admin_config(workspace: Path) -> AdminConfig:
+    return load_toml(AdminConfig, workspace / "admin" / "admin.toml")
+
+
+def roles(workspace: Path) -> list[tuple[str, list[str]]]:
+    """(role name, command) for the server and every site of the workspace."""
+    if not (workspace / "server" / "server.toml").exists():
+        raise ConfigError(f"{workspace}: not a POC workspace; run `hauler poc prepare --workspace {workspace}`")
+    commands = [("server", ["server", "--config", str(workspace / "server" / "server.toml")])]
+    for config in sorted(workspace.glob("site-*/site.toml"), key=lambda p: int(p.parent.name.split("-")[1])):
+        commands.append((config.parent.name, ["client", "--config", str(config)]))
+    return commands
+
+
+def start(workspace: Path, *, wait_s: float = 60.0) -> dict[str, int]:
+    """Start the server and every site in the background; return once all sites are connected."""
+    workspace = workspace.resolve()
+    run_dir = workspace / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if running(workspace):
+        raise ConfigError(f"{workspace}: already running; `hauler poc stop --workspace {workspace}` first")
+    (server, server_command), *sites = roles(workspace)
+    pids = {server: _spawn(run_dir, server, server_command)}
+    try:
+        config = admin_config(workspace)
+        asyncio.run(_wait_for_sites(config, pids, wait_s))  # the server first, so sites find it listening
+        pids.update({role: _spawn(run_dir, role, command) for role, command in sites})
+        asyncio.run(_wait_for_sites(config, pids, wait_s))
+    except HaulerError as error:
+        stop(workspace)
+        raise HaulerError(f"{error}; see the logs in {run_dir}") from None
+    return pids
+
+
+def _spawn(run_dir: Path, role: str, arguments: list[str]) -> int:
+    """Start `hauler ARGUMENTS` in the background, logging to run/<role>.log; returns its PID."""
+    with open(run_dir / f"{role}.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "hauler", *arguments], stdout=log, stderr=log,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    (run_dir / f"{role}.pid").write_text(str(process.pid))
+    return process.pid
+
+
+async def _wait_for_sites(config: AdminConfig, pids: dict[str, int], wait_s: float) -> None:
+    """Poll the server until every site has joined; fail early if a process dies."""
+    deadline = time.monotonic() + wait_s
+    expected = len(pids) - 1
+    while True:
+        dead = [role for role, pid in pids.items() if not _alive(pid)]
+        if dead:
+            raise HaulerError(f"{', '.join(dead)} exited during startup")
+        if time.monotonic() > deadline:
+            raise HaulerError(f"not all {expected} sites connected within {wait_s:g} s")
+        try:
+            quick = config.timeouts.model_copy(update={"communication_timeout": 1.0})
+            async with Admin(config.model_copy(update={"timeouts": quick})) as admin:
+                if len(await admin.sites()) >= expected:
+                    return
+        except ConnectionLost:
+            pass
+        await asyncio.sleep(0.1)
+
+
+def running(workspace: Path) -> dict[str, int]:
+    """Roles whose recorded process is alive."""
+    alive = {}
+    for pid_file in (workspace / "run").glob("*.pid"):
+        pid = int(pid_file.read_text())
+        if _alive(pid):
+            alive[pid_file.stem] = pid
+        else:
+            pid_file.unlink()
+    return alive
+
+
+def stop(workspace: Path, *, grace_s: float = 10.0) -> list[str]:
+    """Stop every process of the workspace by its recorded PID: SIGTERM, then SIGKILL after `grace_s`."""
+    workspace = workspace.resolve()
+    alive = running(workspace)
+    for pid in alive.values():
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(_alive(pid) for pid in alive.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive.values():
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    for role in alive:
+        (workspace / "run" / f"{role}.pid").unlink(missing_ok=True)
+    return sorted(alive)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def check_configs(workspace: Path) -> None:
+    """Validate every config of the workspace (errors name file and key)."""
+    load_toml(ServerConfig, workspace / "server" / "server.toml")
+    for config in workspace.glob("site-*/site.toml"):
+        load_toml(SiteConfig, config)
+    admin_config(workspace)

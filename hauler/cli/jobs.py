@@ -1,0 +1,108 @@
+"""`hauler submit` and `hauler jobs ...`: talk to a running federation as an admin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hauler.admin import Admin
+from hauler.cli.common import AdminConfigOption, WorkspaceOption, console, errors, resolve_admin, run
+from hauler.cli.progress import follow
+
+app = typer.Typer(help="List, inspect, abort and download jobs.", no_args_is_help=True)
+
+
+def submit(
+    job_dir: Annotated[Path, typer.Argument(help="Job folder with a job.toml.", exists=True, file_okay=False)],
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress; exit non-zero if the job fails.")] = False,
+    workspace: WorkspaceOption = None,
+    admin_config: AdminConfigOption = None,
+) -> None:
+    """Submit a job folder to the server."""
+    config = resolve_admin(workspace, admin_config)
+
+    async def go() -> str:
+        async with Admin(config) as admin:
+            job_id = await admin.submit(job_dir)
+            console.print(f"submitted job {job_id}")
+            if not wait:
+                return "submitted"
+            final = await follow(admin.watch(job_id), console)
+            return final.get("event", "")
+
+    outcome = run(go())
+    if wait and outcome != "job.finished":
+        errors.print(f"job ended with {outcome}")
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_jobs(workspace: WorkspaceOption = None, admin_config: AdminConfigOption = None) -> None:
+    """Every job the server knows, oldest first."""
+    config = resolve_admin(workspace, admin_config)
+
+    async def go() -> list[dict]:
+        async with Admin(config) as admin:
+            return await admin.list_jobs()
+
+    table = Table("id", "name", "status", "rounds", "error")
+    for job in run(go()):
+        table.add_row(job["id"], job["name"], job["status"], f"{job['rounds_done']}/{job['num_rounds']}",
+                      job["error"][:60])
+    console.print(table)
+
+
+@app.command()
+def status(job_id: str, workspace: WorkspaceOption = None, admin_config: AdminConfigOption = None) -> None:
+    """A job's status and its per-round timings."""
+    config = resolve_admin(workspace, admin_config)
+
+    async def go() -> dict:
+        async with Admin(config) as admin:
+            return await admin.status(job_id)
+
+    reply = run(go())
+    job = reply["job"]
+    console.print(f"job {job['id']} ({job['name']}): {job['status']}, rounds {job['rounds_done']}/{job['num_rounds']}")
+    if job["error"]:
+        console.print(f"error: {job['error']}")
+    table = Table("round", "download s", "train s", "upload s", "aggregate s", "round s")
+    for row in reply["metrics"]:
+        if row.get("kind") == "round":
+            table.add_row(str(row["round"]), *(f"{row[k]:.2f}" for k in
+                                               ("download_s", "train_s", "upload_s", "aggregate_s", "round_s")))
+    console.print(table)
+
+
+@app.command()
+def abort(job_id: str, workspace: WorkspaceOption = None, admin_config: AdminConfigOption = None) -> None:
+    """Stop a job; its completed rounds stay on the server."""
+    config = resolve_admin(workspace, admin_config)
+
+    async def go() -> None:
+        async with Admin(config) as admin:
+            await admin.abort(job_id)
+
+    run(go())
+    console.print(f"aborted job {job_id}")
+
+
+@app.command()
+def download(
+    job_id: str,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write global.safetensors into.")],
+    workspace: WorkspaceOption = None,
+    admin_config: AdminConfigOption = None,
+) -> None:
+    """Download a job's latest global model as safetensors."""
+    config = resolve_admin(workspace, admin_config)
+
+    async def go() -> tuple[Path, int]:
+        async with Admin(config) as admin:
+            return await admin.download(job_id, out)
+
+    path, round = run(go())
+    console.print(f"wrote {path} (global model after round {round})")

@@ -1,0 +1,1 @@
+"""Foundations shared by every layer: config models, errors, events, resource sampling."""

@@ -1,0 +1,152 @@
+"""Validated configuration: the server's, a site's, an admin's and a job's.
+
+Every model forbids unknown keys, so a typo is an error that names the key.
+Precedence is defaults < file < command-line flag; `load_toml` turns pydantic's
+errors into one `ConfigError` whose lines read `file: key: message`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hauler.core.errors import ConfigError
+
+MIB = 1 << 20
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(Strict):
+    """The seed's timeout names, each measuring silence, never duration."""
+
+    streaming_read_timeout: float = Field(
+        300.0, gt=0, description="Receiver: seconds with no chunk arriving before the stream is dropped."
+    )
+    streaming_ack_wait: float = Field(
+        300.0, gt=0, description="Sender: seconds with a full window and no acknowledgement."
+    )
+    communication_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Request/response: seconds without progress while sending, waiting for the "
+        "peer's first byte, or receiving. Each stage restarts its timer on progress.",
+    )
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between a site's heartbeats.")
+
+
+class DataPlane(Strict):
+    """How model bytes move on the tensor-stream connections."""
+
+    chunk_bytes: int = Field(4 * MIB, ge=4096, le=64 * MIB, description="Bytes per chunk frame.")
+    window_chunks: int = Field(16, ge=1, le=4096, description="Unacknowledged chunks in flight.")
+
+
+class ServerConfig(Strict):
+    """`hauler server --config server.toml`."""
+
+    name: str = "server"
+    host: str = "127.0.0.1"
+    control_port: int = Field(8002, ge=0, le=65535)
+    data_port: int = Field(8003, ge=0, le=65535)
+    workspace: Path = Path("server-workspace")
+    memory_budget_mib: int = Field(
+        256, ge=0, description="Aggregator accumulators larger than this live in memory-mapped files."
+    )
+    keep_rounds: int = Field(2, ge=1, description="Global round files kept per job; older ones lend their inode.")
+    max_job_package_mib: int = Field(16, ge=1, description="Largest accepted job folder, zipped.")
+    timeouts: Timeouts = Timeouts()
+    dataplane: DataPlane = DataPlane()
+
+
+class SiteConfig(Strict):
+    """`hauler client --config site.toml`."""
+
+    name: str
+    server_host: str = "127.0.0.1"
+    control_port: int = Field(8002, ge=1, le=65535)
+    data_port: int = Field(8003, ge=1, le=65535)
+    workspace: Path = Path("site-workspace")
+    timeouts: Timeouts = Timeouts()
+    dataplane: DataPlane = DataPlane()
+
+
+class AdminConfig(Strict):
+    """What `hauler submit` and `hauler jobs` need to reach the server."""
+
+    name: str = "admin"
+    server_host: str = "127.0.0.1"
+    control_port: int = Field(8002, ge=1, le=65535)
+    data_port: int = Field(8003, ge=1, le=65535)
+    timeouts: Timeouts = Timeouts()
+
+
+class WorkflowConfig(Strict):
+    """ScatterAndGather (FedAvg): the seed's workflow and its arguments."""
+
+    kind: Literal["scatter_and_gather"] = "scatter_and_gather"
+    num_rounds: int = Field(1, ge=1)
+    min_clients: int = Field(1, ge=1)
+    train_timeout: float | None = Field(
+        None, gt=0, description="Seconds of local work per site, counted from when the model has arrived."
+    )
+    wait_time_after_min_received: float = Field(
+        10.0, ge=0, description="Seconds to wait for more results once min_clients are in."
+    )
+
+
+class CodeEntry(Strict):
+    """A module of the job folder and the settings passed to it."""
+
+    module: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    config: dict[str, Any] = {}
+
+
+class JobConfig(Strict):
+    """A job folder's `job.toml`."""
+
+    name: str = Field(min_length=1, max_length=128)
+    workflow: WorkflowConfig = WorkflowConfig()
+    model: CodeEntry = Field(description="Module with layout(config) and fill(name, out, config).")
+    executor: CodeEntry = Field(description="Module with train(model, context) run on every site.")
+    sites: list[str] | None = Field(None, description="Sites that take part; all connected sites if absent.")
+
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def describe_errors(source: str, error: ValidationError) -> str:
+    """Render pydantic errors as `source: key: message`, one per line."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse(model: type[Config], data: dict[str, Any], source: str) -> Config:
+    """Validate `data` as `model`; errors name `source` and the key at fault."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(describe_errors(source, error)) from None
+
+
+def load_toml(model: type[Config], path: Path, **overrides: Any) -> Config:
+    """Read a TOML file as `model`; flags given as `overrides` win over the file."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; check the path or run `hauler poc prepare`") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    data.update({key: value for key, value in overrides.items() if value is not None})
+    return parse(model, data, str(path))

@@ -1,0 +1,73 @@
+"""Hauler's error tree: one root, branches chosen by what the caller does next.
+
+    HaulerError
+    ├── ConfigError            fix a file or flag; names the file and key
+    ├── JobError               the job failed or was refused; read its message
+    ├── ProtocolError
+    │   ├── RemoteProtocolError   the peer broke the protocol: close and report
+    │   └── LocalProtocolError    our own bug: report it
+    ├── TransferTimeout        a peer went silent for one of the seed's timeouts
+    ├── ConnectionLost         the link dropped: reconnect and resume
+    ├── IntegrityError         a chunk or tensor failed its checksum: re-send it
+    └── SecurityError          refused on security grounds: fatal, never retried
+
+Every error ends with what to do about it. Errors from grpc, ssl, the OS and
+pydantic are mapped into this tree at the edge of the layer that meets them.
+"""
+
+from __future__ import annotations
+
+
+class HaulerError(Exception):
+    """Root of every error Hauler raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(HaulerError):
+    """A configuration file, job definition or flag is wrong."""
+
+    exit_code = 2
+
+
+class JobError(HaulerError):
+    """A job could not be accepted, or it failed while running."""
+
+
+class ProtocolError(HaulerError):
+    """Someone broke the Hauler wire protocol."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow; the connection is closed."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol does not allow: a bug in Hauler."""
+
+
+class TransferTimeout(HaulerError):
+    """A peer stayed silent longer than one of the timeouts (named in `timeout_name`)."""
+
+    def __init__(self, timeout_name: str, seconds: float, what: str) -> None:
+        self.timeout_name = timeout_name
+        self.seconds = seconds
+        super().__init__(
+            f"{what}: no progress for {seconds:g} s ({timeout_name}); "
+            f"the peer is stopped or the link is black-holed. Raise {timeout_name} "
+            "only if the peer is known to pause longer than that."
+        )
+
+
+class ConnectionLost(HaulerError):
+    """The connection dropped before the exchange finished; reconnect and resume."""
+
+
+class IntegrityError(HaulerError):
+    """Received bytes do not match their checksum; the chunk must be re-sent."""
+
+
+class SecurityError(HaulerError):
+    """Refused for security reasons: a bad certificate, identity or permission."""
+
+    exit_code = 3

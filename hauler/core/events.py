@@ -1,0 +1,75 @@
+"""Structured events: the one way a transfer, round or job reports progress.
+
+Library code never prints. It emits named events with fields; subscribers (the
+job's events.jsonl, the CLI's progress display, metrics) decide what to show.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened, e.g. `round.complete` with `round=2`."""
+
+    name: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    time_s: float = field(default_factory=time.time)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"event": self.name, "time_s": round(self.time_s, 6), **self.fields}
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Fan events out to subscribers; a subscriber that raises is dropped, not fatal."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
+
+    def emit(self, name: str, /, **fields: Any) -> Event:
+        event = Event(name, fields)
+        for subscriber in list(self._subscribers):
+            subscriber(event)
+        return event
+
+
+class JsonLines:
+    """Append events to a JSON-lines file, one line each, flushed as written."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._file = path.open("a", encoding="utf-8")
+
+    def __call__(self, event: Event) -> None:
+        self.write(event.to_record())
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """All records of a JSON-lines file (empty if it does not exist yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

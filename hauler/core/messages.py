@@ -1,0 +1,115 @@
+"""Control-plane messages: what sites, the server and admins say to each other.
+
+Each is a pydantic model with a `type` tag; `parse_message` validates anything
+that arrives before it is used. Model bytes never appear here, only manifests
+(names, shapes, digests) and transfer ids that the data plane then serves.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from hauler.core.errors import RemoteProtocolError
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# site -> server
+class Hello(_Message):
+    type: Literal["hello"] = "hello"
+    site: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+
+
+class ResultReady(_Message):
+    """The site trained; its model (described by `manifest`) waits to be uploaded."""
+
+    type: Literal["result_ready"] = "result_ready"
+    task_id: str
+    weight: float = Field(gt=0)
+    metrics: dict[str, float] = {}
+    manifest: dict[str, Any]
+    train_s: float = 0.0
+
+
+class TaskFailed(_Message):
+    type: Literal["task_failed"] = "task_failed"
+    task_id: str
+    error: str = Field(max_length=4096)
+
+
+# server -> site
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    site: str
+
+
+class DeployJob(_Message):
+    """A job's code, zipped and base64-encoded, and how to run its executor."""
+
+    type: Literal["deploy_job"] = "deploy_job"
+    job_id: str
+    package_b64: str
+    executor_module: str
+    executor_config: dict[str, Any] = {}
+
+
+class Task(_Message):
+    """Train on the model served under `download`, then upload under `upload`."""
+
+    type: Literal["task"] = "task"
+    task_id: str
+    job_id: str
+    round: int
+    manifest: dict[str, Any]
+    download: str
+    upload: str
+
+
+class UploadReady(_Message):
+    type: Literal["upload_ready"] = "upload_ready"
+    task_id: str
+
+
+class AbortTask(_Message):
+    type: Literal["abort_task"] = "abort_task"
+    task_id: str
+    reason: str = ""
+
+
+class EndJob(_Message):
+    type: Literal["end_job"] = "end_job"
+    job_id: str
+
+
+SiteMessage = Annotated[Hello | Heartbeat | ResultReady | TaskFailed, Field(discriminator="type")]
+ServerMessage = Annotated[Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob, Field(discriminator="type")]
+_SITE = TypeAdapter(SiteMessage)
+_SERVER = TypeAdapter(ServerMessage)
+
+
+def parse_site_message(data: dict[str, Any]) -> Hello | Heartbeat | ResultReady | TaskFailed:
+    """Validate a message a site sent; malformed ones are the peer's protocol error."""
+    try:
+        return _SITE.validate_python(data)
+    except ValidationError as error:
+        raise RemoteProtocolError(f"bad message from site: {error.errors()[0]['msg']}") from None
+
+
+def parse_server_message(data: dict[str, Any]) -> Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob:
+    """Validate a message the server sent."""
+    try:
+        return _SERVER.validate_python(data)
+    except ValidationError as error:
+        raise RemoteProtocolError(f"bad message from server: {error.errors()[0]['msg']}") from None
+
+
+def dump(message: _Message) -> dict[str, Any]:
+    return message.model_dump(mode="json")

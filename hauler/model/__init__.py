@@ -1,0 +1,10 @@
+"""Models as named tensors plus a manifest: safetensors files, memory-mapped views, chunks."""
+
+from hauler.model.dtypes import DTYPES, accumulator_dtype, dtype_name, numpy_dtype
+from hauler.model.file import ModelFile, read_manifest
+from hauler.model.manifest import Chunk, Manifest, TensorEntry, chunk_checksum
+
+__all__ = [
+    "DTYPES", "Chunk", "Manifest", "ModelFile", "TensorEntry", "accumulator_dtype",
+    "chunk_checksum", "dtype_name", "numpy_dtype", "read_manifest",
+]

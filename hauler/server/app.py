@@ -1,0 +1,143 @@
+"""The server process: control plane, data plane, site registry and job runner together.
+
+`Server.serve()` runs until cancelled. Sites dial in (the server never dials out);
+admins call the same control port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from hauler.core.config import ServerConfig
+from hauler.core.errors import ConfigError, HaulerError, RemoteProtocolError
+from hauler.core.events import read_json_lines
+from hauler.core.messages import Heartbeat, Hello, Welcome, dump, parse_site_message
+from hauler.server.jobstore import JobStore
+from hauler.server.rounds import RoundStore
+from hauler.server.runner import JobRunner
+from hauler.server.sites import SiteRegistry, SiteSession
+from hauler.server.transfers import TransferRegistry
+from hauler.transport import ControlServer, Listener, Message, MessageStream, listen
+
+log = logging.getLogger("hauler.server")
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        config.workspace.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(config.workspace / "jobs.sqlite")
+        self.sites = SiteRegistry()
+        self.transfers = TransferRegistry(config.dataplane, config.timeouts)
+        self.runner = JobRunner(config, self.store, self.sites, self.transfers)
+        self.control_port = self.data_port = 0
+        self._data: Listener | None = None
+        self._background: asyncio.TaskGroup | None = None
+        self.ready = asyncio.Event()
+
+    async def serve(self) -> None:
+        """Listen on both planes and run jobs until cancelled."""
+        control = ControlServer(session=self._session, call=self._call, watch=self._watch,
+                                identify=lambda context: context.peer())
+        self.control_port = await control.start(self.config.host, self.config.control_port)
+        self._data = await listen(self.config.host, self.config.data_port, self.transfers.handle)
+        self.data_port = self._data.port
+        log.info("server listening", extra={"control_port": self.control_port, "data_port": self.data_port})
+        self.runner.requeue_unfinished()
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._background = group
+                group.create_task(self.runner.run_forever())
+                self.ready.set()
+        finally:
+            await self._data.close()
+            await control.stop()
+            self.store.close()
+
+    async def _session(self, stream: MessageStream, peer: str) -> None:
+        first = await stream.receive()
+        hello = parse_site_message(first or {})
+        if not isinstance(hello, Hello):
+            raise RemoteProtocolError("a site's first message must be hello")
+        session = SiteSession(hello.site, stream)
+        await self.sites.join(session)
+        await session.send(Welcome(site=hello.site))
+        log.info("site joined", extra={"site": hello.site, "peer": peer})
+        reason = "closed the stream"
+        try:
+            silence = self.config.timeouts.heartbeat_interval * 6
+            while True:
+                try:
+                    async with asyncio.timeout(silence):
+                        message = await stream.receive()
+                except TimeoutError:
+                    reason = f"no heartbeat for {silence:g} s"
+                    break
+                if message is None:
+                    break
+                parsed = parse_site_message(message)
+                if not isinstance(parsed, (Hello, Heartbeat)):
+                    session.deliver(parsed)
+        except HaulerError as error:
+            reason = str(error)
+        finally:
+            await self.sites.leave(session, reason)
+            log.info("site left", extra={"site": hello.site, "reason": reason})
+
+    async def _call(self, request: Message, peer: str) -> Message:
+        op = request.get("op")
+        if op == "submit":
+            return {"job_id": self.runner.submit(str(request.get("package_b64", "")), peer)}
+        if op == "list_jobs":
+            return {"jobs": [record.to_json() for record in self.store.list()]}
+        if op == "status":
+            return self._status(_job_id(request))
+        if op == "abort":
+            self.runner.abort(_job_id(request))
+            return {"ok": True}
+        if op == "sites":
+            return {"sites": [{"name": s.name, "connected_s": s.connected_s} for s in self.sites.sites.values()]}
+        if op == "download":
+            return self._offer_download(_job_id(request), peer)
+        raise ConfigError(f"unknown admin operation {op!r}")
+
+    def _status(self, job_id: str) -> Message:
+        job_dir = self.runner.job_dir(job_id)
+        return {"job": self.store.get(job_id).to_json(),
+                "metrics": read_json_lines(job_dir / "metrics.jsonl")}
+
+    def _offer_download(self, job_id: str, peer: str) -> Message:
+        self.store.get(job_id)
+        rounds = RoundStore(self.runner.job_dir(job_id), self.config.keep_rounds)
+        latest = rounds.latest()
+        if latest is None:
+            raise ConfigError(f"job {job_id} has no global model yet")
+        model = rounds.open(latest)
+        transfer = self.transfers.offer("admin", model.manifest, model)
+        assert self._background is not None
+
+        async def serve_then_forget() -> None:
+            try:
+                await transfer.wait(self.config.timeouts.communication_timeout, "admin download")
+            except HaulerError:
+                pass
+            finally:
+                self.transfers.discard(transfer)
+                model.close()
+
+        self._background.create_task(serve_then_forget())
+        return {"transfer": transfer.id, "round": latest, "manifest": model.manifest.to_json()}
+
+    async def _watch(self, request: Message, peer: str) -> AsyncIterator[Message]:
+        async for event in self.runner.watch(_job_id(request)):
+            yield event
+
+
+def _job_id(request: dict[str, Any]) -> str:
+    job_id = request.get("job_id")
+    if not isinstance(job_id, str) or not job_id.isalnum():
+        raise ConfigError("job_id must be the id `hauler jobs list` shows")
+    return job_id

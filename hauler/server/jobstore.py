@@ -1,0 +1,97 @@
+"""The server's job store: one SQLite table, the embedded default; files live beside it."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from hauler.core.errors import JobError
+
+
+class JobStatus(StrEnum):
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def ended(self) -> bool:
+        return self in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.ABORTED)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    name: str
+    status: JobStatus
+    submitted_s: float
+    started_s: float | None
+    finished_s: float | None
+    rounds_done: int
+    num_rounds: int
+    submitter: str
+    error: str
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "status": self.status.value}
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL,
+    submitted_s REAL NOT NULL, started_s REAL, finished_s REAL,
+    rounds_done INTEGER NOT NULL DEFAULT 0, num_rounds INTEGER NOT NULL,
+    submitter TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT ''
+)
+"""
+_FIELDS = set(JobRecord.__dataclass_fields__)
+
+
+class JobStore:
+    """Jobs and their status, durable across server restarts."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+
+    def add(self, job_id: str, name: str, num_rounds: int, submitter: str) -> JobRecord:
+        self._db.execute(
+            "INSERT INTO jobs (id, name, status, submitted_s, num_rounds, submitter) VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, name, JobStatus.SUBMITTED.value, time.time(), num_rounds, submitter),
+        )
+        return self.get(job_id)
+
+    def update(self, job_id: str, **fields: object) -> JobRecord:
+        unknown = set(fields) - _FIELDS
+        if unknown:
+            raise ValueError(f"unknown job fields {sorted(unknown)}")
+        assignments = ", ".join(f"{key} = ?" for key in fields)
+        values = [value.value if isinstance(value, JobStatus) else value for value in fields.values()]
+        self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values, job_id))
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        row = self._db.execute(f"SELECT {', '.join(JobRecord.__dataclass_fields__)} FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()
+        if row is None:
+            raise JobError(f"no job {job_id!r}; `hauler jobs list` shows the jobs there are")
+        return _record(row)
+
+    def list(self) -> list[JobRecord]:
+        rows = self._db.execute(f"SELECT {', '.join(JobRecord.__dataclass_fields__)} FROM jobs ORDER BY submitted_s")
+        return [_record(row) for row in rows]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _record(row: tuple) -> JobRecord:
+    values = dict(zip(JobRecord.__dataclass_fields__, row))
+    values["status"] = JobStatus(values["status"])
+    return JobRecord(**values)

@@ -1,0 +1,175 @@
+"""Runs submitted jobs one at a time: unpack, build the initial model, run the workflow.
+
+Each job's events go to `jobs/<id>/events.jsonl` and to live watchers; its
+round and site timings go to `jobs/<id>/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from hauler.core.config import JobConfig, ServerConfig
+from hauler.core.errors import HaulerError, JobError
+from hauler.core.events import Event, EventBus, JsonLines, read_json_lines
+from hauler.core.messages import EndJob
+from hauler.core.package import load_job, load_job_module, unpack
+from hauler.model import Manifest
+from hauler.server.federation import JobFederation
+from hauler.server.jobstore import JobStatus, JobStore
+from hauler.server.rounds import RoundStore
+from hauler.server.sites import SiteRegistry
+from hauler.server.transfers import TransferRegistry
+from hauler.workflows import ScatterAndGather
+
+log = logging.getLogger("hauler.server")
+
+
+class JobRunner:
+    def __init__(self, config: ServerConfig, store: JobStore, sites: SiteRegistry, transfers: TransferRegistry) -> None:
+        self.config, self.store, self.sites, self.transfers = config, store, sites, transfers
+        self.jobs_dir = config.workspace / "jobs"
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._buses: dict[str, EventBus] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def submit(self, package_b64: str, submitter: str) -> str:
+        """Validate and store a job package, and queue the job."""
+        job_id = uuid.uuid4().hex[:12]
+        app_dir = self.job_dir(job_id) / "app"
+        try:
+            job = unpack(package_b64, app_dir, self.config.max_job_package_mib << 20)
+        except HaulerError:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            raise
+        (self.job_dir(job_id) / "package.b64").write_text(package_b64)
+        self.store.add(job_id, job.name, job.workflow.num_rounds, submitter)
+        self._queue.put_nowait(job_id)
+        return job_id
+
+    def requeue_unfinished(self) -> None:
+        """After a restart, jobs that were running or waiting are queued again."""
+        for record in self.store.list():
+            if not record.status.ended:
+                self._queue.put_nowait(record.id)
+
+    async def run_forever(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            if self.store.get(job_id).status.ended:
+                continue
+            task = asyncio.create_task(self._run(job_id))
+            self._running[job_id] = task
+            try:
+                await asyncio.wait([task])
+            finally:
+                self._running.pop(job_id, None)
+
+    def abort(self, job_id: str) -> None:
+        record = self.store.get(job_id)
+        if record.status.ended:
+            raise JobError(f"job {job_id} already {record.status.value}")
+        task = self._running.get(job_id)
+        if task is not None:
+            task.cancel()
+        else:
+            self.store.update(job_id, status=JobStatus.ABORTED, error="aborted before it started")
+
+    def events(self, job_id: str) -> EventBus:
+        bus = self._buses.get(job_id)
+        if bus is None:
+            bus = self._buses[job_id] = EventBus()
+            bus.subscribe(JsonLines(self.job_dir(job_id) / "events.jsonl"))
+        return bus
+
+    async def _run(self, job_id: str) -> None:
+        job_dir, bus = self.job_dir(job_id), self.events(job_id)
+        metrics = JsonLines(job_dir / "metrics.jsonl")
+        federation: JobFederation | None = None
+        status, error = JobStatus.FINISHED, ""
+        self.store.update(job_id, status=JobStatus.RUNNING, started_s=time.time(), error="")
+        try:
+            job = load_job(job_dir / "app")
+            federation = JobFederation(
+                job_id=job_id, job_dir=job_dir, job=job, package_b64=(job_dir / "package.b64").read_text(),
+                server=self.config, sites=self.sites, transfers=self.transfers,
+                emit=lambda name, **fields: bus.emit(name, job=job_id, **fields), record=metrics.write,
+            )
+            bus.emit("job.started", job=job_id, name=job.name)
+            first_round = await asyncio.to_thread(self._initial_model, job_id, job, federation.rounds)
+            await ScatterAndGather(job.workflow, job.sites).run(federation, first_round=first_round)
+        except HaulerError as failure:
+            status, error = JobStatus.FAILED, str(failure)
+        except asyncio.CancelledError:
+            status, error = JobStatus.ABORTED, "aborted by an admin"
+        except Exception as failure:  # the job's own code, or a bug: the job fails, the server lives
+            log.exception("job failed unexpectedly", extra={"job": job_id})
+            status, error = JobStatus.FAILED, f"{type(failure).__name__}: {failure}"
+        finally:
+            rounds = 0
+            if federation is not None:
+                federation.close()
+                rounds = federation.rounds.latest() or 0
+            self.store.update(job_id, status=status, finished_s=time.time(), error=error, rounds_done=rounds)
+            bus.emit(f"job.{status.value}", job=job_id, error=error, rounds_done=rounds)
+            metrics.close()
+            await self._end_on_sites(job_id)
+
+    def _initial_model(self, job_id: str, job: JobConfig, rounds: RoundStore) -> int:
+        """Build round 0 from the job's model module, unless a restart finds rounds done already."""
+        latest = rounds.latest()
+        if latest is not None:
+            return latest
+        module = load_job_module(self.job_dir(job_id) / "app", job_id, job.model.module)
+        layout = module.layout(job.model.config)
+        manifest = Manifest.build([(name, dtype, tuple(shape)) for name, dtype, shape in layout],
+                                  self.config.dataplane.chunk_bytes)
+        with rounds.create(0, manifest) as model:
+            for name, array in model.arrays().items():
+                module.fill(name, array, job.model.config)
+            model.flush()
+            rounds.commit(0, model.compute_digests())
+        return 0
+
+    async def _end_on_sites(self, job_id: str) -> None:
+        for session in list(self.sites.sites.values()):
+            if job_id in session.deployed_jobs:
+                session.deployed_jobs.discard(job_id)
+                try:
+                    await session.send(EndJob(job_id=job_id))
+                except HaulerError:
+                    pass
+
+    async def watch(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The job's past events, then live ones, until it ends."""
+        self.store.get(job_id)
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        unsubscribe = self.events(job_id).subscribe(queue.put_nowait)
+        try:
+            # No await between subscribing and reading: every event is either in the file or queued.
+            past = read_json_lines(self.job_dir(job_id) / "events.jsonl")
+            for record in past:
+                yield record
+            if any(r["event"] in _ENDINGS for r in past) or self.store.get(job_id).status.ended:
+                return
+            while True:
+                record = (await queue.get()).to_record()
+                yield record
+                if record["event"] in _ENDINGS:
+                    return
+        finally:
+            unsubscribe()
+
+
+_ENDINGS = {"job.finished", "job.failed", "job.aborted"}
+
+

@@ -1,0 +1,15 @@
+"""The tensor-stream protocol, sans I/O: frames, the sender's window, the receiver's ledger.
+
+Nothing here imports asyncio, socket, ssl or grpc; `hauler.transport` moves the bytes.
+"""
+
+from hauler.transfer.frames import FrameHeader, Kind, ack_frame, control_frame
+from hauler.transfer.ledger import ReceiveLedger
+from hauler.transfer.plan import ChunkPlan
+from hauler.transfer.reader import Frame, FrameReader
+from hauler.transfer.window import SendWindow, WindowStatistics
+
+__all__ = [
+    "ChunkPlan", "Frame", "FrameHeader", "FrameReader", "Kind", "ReceiveLedger",
+    "SendWindow", "WindowStatistics", "ack_frame", "control_frame",
+]

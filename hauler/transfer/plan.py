@@ -1,0 +1,33 @@
+"""Where every chunk of a manifest sits: seq <-> (tensor, offset, length), in O(log tensors)."""
+
+from __future__ import annotations
+
+import bisect
+from itertools import accumulate
+
+from hauler.model.manifest import Chunk, Manifest
+
+
+class ChunkPlan:
+    """The fixed order in which a model's chunks travel; both peers derive the same plan."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        counts = [manifest.chunk_count(t) for t in manifest.tensors]
+        self.first_seq = [0, *accumulate(counts)]  # first_seq[i]: seq of tensor i's first chunk
+        self.total = self.first_seq[-1]
+
+    def chunk(self, seq: int) -> Chunk:
+        """The chunk with sequence number `seq` (0 <= seq < total)."""
+        tensor = bisect.bisect_right(self.first_seq, seq) - 1  # empty tensors are skipped here
+        offset = (seq - self.first_seq[tensor]) * self.manifest.chunk_bytes
+        length = min(self.manifest.chunk_bytes, self.manifest.tensors[tensor].length - offset)
+        return Chunk(seq, tensor, offset, length)
+
+    def tensors_done_before(self, seq: int) -> int:
+        """How many leading tensors are complete once every chunk before `seq` has arrived."""
+        return bisect.bisect_right(self.first_seq, seq) - 1 if seq < self.total else len(self.manifest.tensors)
+
+    def bytes_between(self, start_seq: int, end_seq: int) -> int:
+        """Payload bytes of chunks start_seq .. end_seq-1."""
+        return sum(self.chunk(seq).length for seq in range(start_seq, end_seq))

@@ -1,0 +1,213 @@
+"""Data-plane connections: asyncio sockets (TCP, TLS when given a context) carrying frames.
+
+`listen` and `connect` hand out `Connection`s. Incoming bytes go through a
+`FrameReader` straight into the buffer it names (`BufferedProtocol`), and each
+complete frame goes to the connection's frame handler, synchronously, so an
+acknowledgement can be written the moment a chunk lands. Nothing above this
+module sees `ssl`, `socket` or asyncio transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+
+from hauler.core.errors import ConnectionLost, HaulerError
+from hauler.transfer import Frame, FrameReader
+from hauler.transfer.reader import Destination
+
+FrameHandler = Callable[[Frame], None]
+WRITE_HIGH_WATER = 8 << 20  # bytes queued in the transport before writers wait
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Every socket option Hauler sets, in one place: no Nagle delay, keepalive probes."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    def __init__(self) -> None:
+        self.connection: Connection | None = None
+        self.made = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            tune_socket(sock)
+        self.connection = Connection(transport, self)  # type: ignore[arg-type]
+        self.made.set_result(self.connection)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        assert self.connection is not None
+        return self.connection.reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self.connection is not None
+        self.connection.bytes_received(nbytes)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        assert self.connection is not None
+        self.connection.can_write.clear()
+
+    def resume_writing(self) -> None:
+        assert self.connection is not None
+        self.connection.can_write.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.connection is not None:
+            self.connection.lost(exc)
+
+
+class Connection:
+    """One data-plane connection: `write` frames, get frames through a handler, `abort` to end."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: _FrameProtocol) -> None:
+        self._transport = transport
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.reader = FrameReader()
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self.closed = asyncio.get_running_loop().create_future()
+        self._inbox: asyncio.Queue[Frame] = asyncio.Queue()
+        self._handler: FrameHandler = self._inbox.put_nowait
+        self.peer_address = transport.get_extra_info("peername")
+        self.peer_certificate = transport.get_extra_info("peercert")
+
+    def set_handler(self, handler: FrameHandler | None, destination: Destination | None = None) -> None:
+        """Route frames to `handler` (None: back to `next_frame`); DATA payloads land in `destination`.
+
+        Frames that arrived before the handler was set (a peer may send its first frame
+        right behind the HELLO) are handed to it now, in order."""
+        self._handler = handler or self._inbox.put_nowait
+        self.reader.destination = destination
+        try:
+            while handler is not None and not self._inbox.empty():
+                handler(self._inbox.get_nowait())
+        except HaulerError as error:
+            self.fail(error)
+
+    def bytes_received(self, nbytes: int) -> None:
+        try:
+            frame = self.reader.buffer_updated(nbytes)
+            if frame is not None:
+                self._handler(frame)
+        except HaulerError as error:
+            self.fail(error)
+
+    async def next_frame(self) -> Frame:
+        """The next frame, for the handshake phase before a handler is set."""
+        getter = asyncio.ensure_future(self._inbox.get())
+        await asyncio.wait([getter, self.closed], return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        self.closed.result()  # raises why it closed
+        raise ConnectionLost("connection closed by the peer")
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.closed.done():
+            self.closed.result()
+            raise ConnectionLost("write on a closed connection")
+        self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer has room (or the connection ends)."""
+        if self.can_write.is_set():
+            return
+        waiter = asyncio.ensure_future(self.can_write.wait())
+        await asyncio.wait([waiter, self.closed], return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            self.closed.result()
+            raise ConnectionLost("connection closed while sending")
+
+    def fail(self, error: BaseException) -> None:
+        """End the connection because of `error`; waiters on `closed` see it."""
+        self._end(error)
+        self._transport.abort()
+
+    def lost(self, exc: Exception | None) -> None:
+        self._end(ConnectionLost("connection closed by the peer" if exc is None else f"connection lost: {exc}"))
+        self.can_write.set()
+
+    def _end(self, error: BaseException) -> None:
+        if not self.closed.done():
+            self.closed.set_exception(error)
+            self.closed.exception()  # mark it seen: nobody need be waiting on a closed connection
+
+    def close(self) -> None:
+        """Close after queued bytes are sent."""
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, discarding unsent bytes."""
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._transport.abort()
+
+
+async def connect(host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> Connection:
+    """Open a data-plane connection to `host:port`."""
+    loop = asyncio.get_running_loop()
+    try:
+        _, protocol = await loop.create_connection(_FrameProtocol, host, port, ssl=ssl_context)
+    except OSError as error:
+        raise ConnectionLost(f"cannot reach the data plane at {host}:{port}: {error.strerror or error}") from None
+    return await protocol.made
+
+
+ConnectionHandler = Callable[[Connection], Awaitable[None]]
+
+
+class Listener:
+    """A listening data-plane socket; each accepted connection runs `handler` in its own task."""
+
+    def __init__(self, server: asyncio.Server, tasks: set[asyncio.Task]) -> None:
+        self._server = server
+        self._tasks = tasks
+        self.port: int = server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def listen(host: str, port: int, handler: ConnectionHandler, *, ssl_context: ssl.SSLContext | None = None) -> Listener:
+    """Accept data-plane connections on `host:port` (0 picks a free port)."""
+    tasks: set[asyncio.Task] = set()
+
+    def factory() -> _FrameProtocol:
+        protocol = _FrameProtocol()
+
+        async def run() -> None:
+            connection = await protocol.made
+            try:
+                await handler(connection)
+            except (HaulerError, OSError) as error:
+                connection.fail(error)
+            finally:
+                connection.close()
+
+        task = asyncio.get_running_loop().create_task(run())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return protocol
+
+    try:
+        server = await asyncio.get_running_loop().create_server(factory, host, port, ssl=ssl_context)
+    except OSError as error:
+        raise HaulerError(f"cannot listen on {host}:{port}: {error.strerror}; pick another data_port") from None
+    return Listener(server, tasks)
+
+
+__all__ = ["Connection", "Listener", "connect", "listen", "tune_socket"]

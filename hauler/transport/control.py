@@ -1,0 +1,217 @@
+"""The control plane: gRPC carrying small JSON messages, never model bytes.
+
+One service, three methods: `Session` (one long-lived bidirectional stream per
+site: registration, heartbeats, tasks, results' metadata), `Call` (unary admin
+requests) and `Watch` (a job's events, streamed). Messages are JSON objects so a
+schema change never needs generated code; their shapes live in `core/messages.py`.
+gRPC's errors are mapped to Hauler's at this edge, both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+from grpc import aio
+
+from hauler.core.errors import (
+    ConfigError,
+    ConnectionLost,
+    HaulerError,
+    JobError,
+    RemoteProtocolError,
+    SecurityError,
+)
+
+SERVICE = "hauler.Control"
+MAX_MESSAGE_BYTES = 32 << 20  # a job package travels in one message; models never do
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+_SERVER_OPTIONS = _OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+_STATUS = {
+    ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    JobError: grpc.StatusCode.FAILED_PRECONDITION,
+    SecurityError: grpc.StatusCode.PERMISSION_DENIED,
+    RemoteProtocolError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: ConfigError,
+    grpc.StatusCode.FAILED_PRECONDITION: JobError,
+    grpc.StatusCode.NOT_FOUND: JobError,
+    grpc.StatusCode.PERMISSION_DENIED: SecurityError,
+    grpc.StatusCode.UNAUTHENTICATED: SecurityError,
+}
+
+Message = dict[str, Any]
+
+
+def _encode(message: Message) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def _decode(data: bytes) -> Message:
+    try:
+        message = json.loads(data)
+    except ValueError:
+        raise RemoteProtocolError("control message is not JSON") from None
+    if not isinstance(message, dict):
+        raise RemoteProtocolError("control message is not a JSON object")
+    return message
+
+
+def map_rpc_error(error: grpc.RpcError, where: str) -> HaulerError:
+    """The Hauler error for a failed RPC: refusals keep their type, the rest is a lost link."""
+    code, details = error.code(), error.details() or ""  # type: ignore[attr-defined]
+    kind = _ERRORS.get(code)
+    if kind is not None:
+        return kind(details)
+    return ConnectionLost(f"{where}: {code.name.lower()}: {details}")
+
+
+class MessageStream(Protocol):
+    """One side of a bidirectional control stream."""
+
+    async def send(self, message: Message) -> None: ...
+    async def receive(self) -> Message | None: ...
+
+
+class _ServerStream:
+    def __init__(self, context: aio.ServicerContext) -> None:
+        self._context = context
+
+    async def send(self, message: Message) -> None:
+        await self._context.write(message)
+
+    async def receive(self) -> Message | None:
+        message = await self._context.read()
+        return None if message is aio.EOF else message
+
+
+SessionHandler = Callable[[MessageStream, str], Awaitable[None]]
+CallHandler = Callable[[Message, str], Awaitable[Message]]
+WatchHandler = Callable[[Message, str], AsyncIterator[Message]]
+
+
+class ControlServer:
+    """Serves `Session`, `Call` and `Watch`; `peer` given to handlers identifies the caller."""
+
+    def __init__(self, *, session: SessionHandler, call: CallHandler, watch: WatchHandler,
+                 identify: Callable[[aio.ServicerContext], str]) -> None:
+        self._server = aio.server(options=_SERVER_OPTIONS)
+        self._identify = identify
+
+        async def session_rpc(request_iterator: Any, context: aio.ServicerContext) -> None:
+            await self._guard(context, session(_ServerStream(context), self._identify(context)))
+
+        async def call_rpc(request: Message, context: aio.ServicerContext) -> Message:
+            return await self._guard(context, call(request, self._identify(context)))
+
+        async def watch_rpc(request: Message, context: aio.ServicerContext) -> AsyncIterator[Message]:
+            try:
+                async for message in watch(request, self._identify(context)):
+                    yield message
+            except HaulerError as error:
+                await context.abort(_status(error), str(error))
+
+        handlers = {
+            "Session": grpc.stream_stream_rpc_method_handler(session_rpc, _decode, _encode),
+            "Call": grpc.unary_unary_rpc_method_handler(call_rpc, _decode, _encode),
+            "Watch": grpc.unary_stream_rpc_method_handler(watch_rpc, _decode, _encode),
+        }
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+
+    async def _guard(self, context: aio.ServicerContext, work: Awaitable[Any]) -> Any:
+        try:
+            return await work
+        except HaulerError as error:
+            await context.abort(_status(error), str(error))
+
+    async def start(self, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+        address = f"{host}:{port}"
+        bound = (self._server.add_secure_port(address, credentials) if credentials
+                 else self._server.add_insecure_port(address))
+        if not bound:
+            raise HaulerError(f"cannot listen on {address}; pick another control_port")
+        await self._server.start()
+        return bound
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        await self._server.stop(grace_s)
+
+
+def _status(error: HaulerError) -> grpc.StatusCode:
+    for kind, code in _STATUS.items():
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class _ClientStream:
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def send(self, message: Message) -> None:
+        try:
+            await self._call.write(message)
+        except grpc.RpcError as error:
+            raise map_rpc_error(error, "control stream") from None
+        except aio.UsageError:
+            raise ConnectionLost("control stream closed") from None
+
+    async def receive(self) -> Message | None:
+        try:
+            message = await self._call.read()
+        except grpc.RpcError as error:
+            raise map_rpc_error(error, "control stream") from None
+        return None if message is aio.EOF else message
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class ControlChannel:
+    """A client's channel to the server's control port."""
+
+    def __init__(self, host: str, port: int, credentials: grpc.ChannelCredentials | None = None) -> None:
+        target = f"{host}:{port}"
+        self.target = target
+        self._channel = (aio.secure_channel(target, credentials, options=_OPTIONS) if credentials
+                         else aio.insecure_channel(target, options=_OPTIONS))
+
+    def session(self) -> _ClientStream:
+        method = self._channel.stream_stream(f"/{SERVICE}/Session", _encode, _decode)
+        return _ClientStream(method())
+
+    async def call(self, op: str, **body: Any) -> Message:
+        method = self._channel.unary_unary(f"/{SERVICE}/Call", _encode, _decode)
+        try:
+            return await method({"op": op, **body})
+        except grpc.RpcError as error:
+            raise map_rpc_error(error, f"{op} at {self.target}") from None
+
+    async def watch(self, **body: Any) -> AsyncIterator[Message]:
+        method = self._channel.unary_stream(f"/{SERVICE}/Watch", _encode, _decode)
+        try:
+            async for message in method(body):
+                yield message
+        except grpc.RpcError as error:
+            raise map_rpc_error(error, f"watch at {self.target}") from None
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait until the server answers, or raise ConnectionLost."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+        except TimeoutError:
+            raise ConnectionLost(f"no server at {self.target} after {timeout_s:g} s; is it running?") from None
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,183 @@
+"""Drive a transfer over one connection: the sans-I/O window and ledger meet real bytes here.
+
+`send_model` writes chunks from memoryviews of the source as the window allows;
+`receive_model` lands chunks in the sink and acknowledges each. Each enforces the
+seed's timeout for its side as a scope rescheduled on every sign of progress:
+`streaming_ack_wait` (sender: no acknowledgement) and `streaming_read_timeout`
+(receiver: no chunk). A transfer that keeps moving never times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Protocol
+
+from hauler.core.config import Timeouts
+from hauler.core.errors import RemoteProtocolError, TransferTimeout
+from hauler.core.timeouts import SilenceTimer
+from hauler.model.manifest import Chunk, Manifest, chunk_checksum
+from hauler.transfer import ChunkPlan, Frame, FrameHeader, Kind, ReceiveLedger, SendWindow, ack_frame, control_frame
+from hauler.transfer.window import WindowStatistics
+from hauler.transport.connection import Connection, connect
+
+WRITE_SLICE = 1 << 20  # memoryview slices handed to the transport; bounds its copy of a remainder
+
+Progress = Callable[[int], None]
+
+
+class ChunkSource(Protocol):
+    def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview: ...
+
+
+class ChunkSink(Protocol):
+    def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview: ...
+
+
+def _no_progress(nbytes: int) -> None:
+    return None
+
+
+def _peer_error(frame: Frame) -> RemoteProtocolError:
+    return RemoteProtocolError(f"peer reported: {frame.payload.decode(errors='replace')}")
+
+
+async def send_model(
+    connection: Connection,
+    manifest: Manifest,
+    source: ChunkSource,
+    *,
+    window_chunks: int,
+    timeouts: Timeouts,
+    on_progress: Progress = _no_progress,
+) -> WindowStatistics:
+    """Send every chunk the receiver does not yet hold; returns when all are acknowledged."""
+    window = SendWindow(ChunkPlan(manifest), window_chunks)
+    acked = asyncio.Event()
+    started = False
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(loop.time() + timeouts.communication_timeout) as scope:
+
+        def on_frame(frame: Frame) -> None:
+            nonlocal started
+            if frame.header.kind is Kind.ERROR:
+                raise _peer_error(frame)
+            if frame.header.kind is not Kind.ACK:
+                raise RemoteProtocolError(f"sender got a {frame.header.kind.name} frame")
+            if not started:
+                window.resume(frame.header.offset)
+                started = True
+            else:
+                on_progress(window.on_ack(frame.header.offset))
+            scope.reschedule(loop.time() + timeouts.streaming_ack_wait)
+            acked.set()
+
+        connection.set_handler(on_frame)
+        try:
+            await _wait(connection, acked)  # the receiver's first ACK says where to start
+            while not window.done:
+                while window.has_room():
+                    await _write_chunk(connection, window.take(), source)
+                if not window.done:
+                    acked.clear()
+                    await _wait(connection, acked)
+        except TimeoutError:
+            raise TransferTimeout("streaming_ack_wait", timeouts.streaming_ack_wait, "sending a model") from None
+    return window.statistics()
+
+
+async def _write_chunk(connection: Connection, chunk: Chunk, source: ChunkSource) -> None:
+    view = source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
+    header = FrameHeader(Kind.DATA, chunk.tensor, chunk.offset, chunk.length, chunk_checksum(view))
+    connection.write(header.encode())
+    for start in range(0, chunk.length, WRITE_SLICE):
+        connection.write(view[start : start + WRITE_SLICE])
+        await connection.drain()
+
+
+async def _wait(connection: Connection, event: asyncio.Event) -> None:
+    """Wait for `event`, or re-raise why the connection closed."""
+    if event.is_set():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiter, connection.closed], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not event.is_set():
+        connection.closed.result()
+        raise RemoteProtocolError("peer closed the connection before the transfer finished")
+
+
+async def receive_model(
+    connection: Connection,
+    ledger: ReceiveLedger,
+    sink: ChunkSink,
+    *,
+    timeouts: Timeouts,
+    on_tensor: Callable[[int], None] = lambda index: None,
+    on_progress: Progress = _no_progress,
+) -> None:
+    """Land every remaining chunk in `sink`, acknowledging each; `on_tensor` runs per completed tensor."""
+    finished = asyncio.Event()
+    pending: list[Chunk] = []
+    loop = asyncio.get_running_loop()
+
+    def destination(header: FrameHeader) -> memoryview:
+        chunk = ledger.expect(header)
+        pending.append(chunk)
+        return sink.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
+
+    async with asyncio.timeout(loop.time() + timeouts.streaming_read_timeout) as scope:
+
+        def on_frame(frame: Frame) -> None:
+            if frame.header.kind is Kind.ERROR:
+                raise _peer_error(frame)
+            for index in ledger.commit(pending.pop(), frame.header.checksum):
+                on_tensor(index)
+            connection.write(ack_frame(ledger.next_seq))
+            on_progress(frame.header.length)
+            scope.reschedule(loop.time() + timeouts.streaming_read_timeout)
+            if ledger.done:
+                finished.set()
+
+        connection.set_handler(on_frame, destination)
+        if ledger.next_seq == 0:
+            for index in ledger.begin():  # leading empty tensors complete at once
+                on_tensor(index)
+        connection.write(ack_frame(ledger.next_seq))  # where the sender should start
+        if ledger.done:
+            return
+        try:
+            await _wait(connection, finished)
+        except TimeoutError:
+            raise TransferTimeout("streaming_read_timeout", timeouts.streaming_read_timeout, "receiving a model") from None
+
+
+async def open_transfer(host: str, port: int, transfer_id: str, *, ssl_context: object | None = None) -> Connection:
+    """Dial the data plane and bind the connection to `transfer_id` with a HELLO frame."""
+    connection = await connect(host, port, ssl_context=ssl_context)  # type: ignore[arg-type]
+    connection.write(control_frame(Kind.HELLO, json.dumps({"transfer": transfer_id}).encode()))
+    return connection
+
+
+async def read_hello(connection: Connection, timeouts: Timeouts) -> str:
+    """The transfer id a freshly accepted connection asks for (its first frame)."""
+    async with SilenceTimer(timeouts.communication_timeout, "communication_timeout", "waiting for a HELLO"):
+        frame = await connection.next_frame()
+    if frame.header.kind is not Kind.HELLO:
+        raise RemoteProtocolError(f"first frame must be HELLO, got {frame.header.kind.name}")
+    try:
+        transfer_id = json.loads(frame.payload)["transfer"]
+    except (ValueError, KeyError, TypeError):
+        raise RemoteProtocolError("HELLO payload must be {\"transfer\": id}") from None
+    if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= 128:
+        raise RemoteProtocolError("HELLO names no valid transfer id")
+    return transfer_id
+
+
+def refuse(connection: Connection, reason: str) -> None:
+    """Tell the peer why, then drop the connection."""
+    connection.write(control_frame(Kind.ERROR, reason.encode()[:1024]))
+    connection.close()
