@@ -9,8 +9,8 @@ from typing import Any
 
 from hauler.core.config import AdminConfig
 from hauler.core.package import pack
-from hauler.model import Manifest, ModelFile
-from hauler.transfer import ChunkPlan, ReceiveLedger
+from hauler.model import ChunkPlan, Manifest, ModelFile
+from hauler.transfer import ReceiveLedger
 from hauler.transport import ControlChannel, open_transfer, receive_model
 
 MAX_PACKAGE_BYTES = 16 << 20

@@ -1,5 +1,5 @@
 """Streaming aggregators: fold contributions into a running weighted sum, then finish."""
 
-from hauler.aggregate.fedavg import AggregateStatistics, FedAvg
+from hauler.aggregate.fedavg import AggregateStatistics, Contribution, FedAvg
 
-__all__ = ["AggregateStatistics", "FedAvg"]
+__all__ = ["AggregateStatistics", "Contribution", "FedAvg"]

@@ -1,106 +1,166 @@
-"""FedAvg as a fold: a running weighted sum, one contribution at a time, then one division.
+"""FedAvg as a fold: each arriving chunk is multiply-added into a running weighted sum.
 
-Memory is one accumulator (in RAM when it fits `memory_budget_bytes`, else a
-memory-mapped file that is pre-sized once and reused every round) plus one block
-of scratch. A contribution is folded only once its upload is complete and every
-tensor has matched its digest, so a site that fails mid-upload has folded nothing:
-its discard is exact by construction (docs/design.md, "Aggregation").
+The sum lives in the next round's model file itself for float32/float64 tensors
+(the file is pre-sized, so no extra copy of the model exists anywhere), and in a
+side accumulator for the others (float16, bfloat16, integers), in RAM when it fits
+`memory_budget_bytes`, else in a memory-mapped file. `finish` divides in place.
+
+Exactness: floating-point folds cannot be undone exactly, so a contribution that
+stops part-way (its site died mid-upload) marks the aggregate `tainted`; the caller
+then `restart`s it and folds the completed contributions again from their sites.
+Nothing of a failed site can reach a finished model (docs/design.md, "Aggregation").
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hauler.core.errors import LocalProtocolError
-from hauler.model import Manifest, ModelFile, accumulator_dtype, numpy_dtype
+from hauler.model import (
+    Chunk,
+    ChunkPlan,
+    Manifest,
+    ModelFile,
+    accumulator_dtype,
+    numpy_dtype,
+)
 
-BLOCK_ELEMENTS = 1 << 20  # multiply-add in blocks with reused scratch: no model-sized temporary
+BLOCK_ELEMENTS = 1 << 20  # multiply-add in blocks with reused scratch: no large temporaries
 
 
 @dataclass(frozen=True)
 class AggregateStatistics:
     contributions: int
     total_weight: float
-    accumulator_bytes: int
+    side_accumulator_bytes: int
     file_backed: bool
 
 
 class FedAvg:
-    """Weighted average of same-layout models: `fold` each, then `finish` into a model file."""
+    """Weighted average of same-layout models, folded chunk by chunk as they arrive."""
 
     def __init__(self, manifest: Manifest, *, workdir: Path, memory_budget_bytes: int) -> None:
         self.manifest = manifest
+        self.plan = ChunkPlan(manifest)
         self._dtypes = [accumulator_dtype(numpy_dtype(t.dtype)) for t in manifest.tensors]
-        self._offsets, size = _pack([t.length // t.itemsize * d.itemsize for t, d in zip(manifest.tensors, self._dtypes)])
-        self.file_backed = size > memory_budget_bytes
-        self._storage = _allocate(size, workdir / "accumulator.bin" if self.file_backed else None)
+        self._in_place = [numpy_dtype(t.dtype) == d for t, d in zip(manifest.tensors, self._dtypes)]
+        sizes = [0 if in_place else t.length // t.itemsize * d.itemsize
+                 for t, d, in_place in zip(manifest.tensors, self._dtypes, self._in_place)]
+        self._side_offsets, side_bytes = _pack(sizes)
+        self.file_backed = side_bytes > memory_budget_bytes
+        self._side = _allocate(side_bytes, workdir / "accumulator.bin" if self.file_backed else None)
         self._scratch = {dtype: np.empty(BLOCK_ELEMENTS, dtype) for dtype in set(self._dtypes)}
-        self._lock = threading.Lock()
+        self._touched = bytearray(self.plan.total)  # 1 once a chunk holds a partial sum
+        self._accumulators: list[np.ndarray] = []
+        self._output: ModelFile | None = None
         self.total_weight = 0.0
         self.contributions = 0
+        self.tainted = False
+
+    def begin(self, output: ModelFile) -> None:
+        """Start a round whose result will be written into `output` (same layout, writable)."""
+        if not output.manifest.same_layout(self.manifest):
+            raise LocalProtocolError("output file's layout differs from the aggregate's")
+        self._output = output
+        self._accumulators = [self._accumulator(index) for index in range(len(self.manifest.tensors))]
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every fold of this round (after a taint); the memory is kept."""
+        self._touched[:] = bytes(len(self._touched))
+        self.total_weight, self.contributions, self.tainted = 0.0, 0, False
 
     def _accumulator(self, index: int) -> np.ndarray:
+        assert self._output is not None
+        if self._in_place[index]:
+            return self._output.array(index).reshape(-1)
         tensor, dtype = self.manifest.tensors[index], self._dtypes[index]
-        count = tensor.length // tensor.itemsize
-        return np.frombuffer(self._storage, dtype, count, self._offsets[index])
+        return np.frombuffer(self._side, dtype, tensor.length // tensor.itemsize, self._side_offsets[index])
 
-    def fold(self, model: ModelFile, weight: float) -> None:
-        """Add `weight` x every tensor of `model` to the running sum (thread-safe, serialised)."""
-        if not model.manifest.same_layout(self.manifest):
-            raise LocalProtocolError("contribution's layout differs from the aggregate's")
+    def contribution(self, weight: float) -> Contribution:
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        with self._lock:
-            first = self.contributions == 0
-            for index in range(len(self.manifest.tensors)):
-                self._fold_tensor(index, model.array(index).reshape(-1), weight, first)
-            self.total_weight += weight
-            self.contributions += 1
+        return Contribution(self, weight)
 
-    def _fold_tensor(self, index: int, values: np.ndarray, weight: float, first: bool) -> None:
-        acc = self._accumulator(index)
-        for start in range(0, acc.size, BLOCK_ELEMENTS):
-            block, source = acc[start : start + BLOCK_ELEMENTS], values[start : start + BLOCK_ELEMENTS]
+    def fold(self, chunk: Chunk, data: memoryview, weight: float) -> None:
+        """Add `weight` x the chunk's values into the sum (the first fold of a chunk just writes)."""
+        tensor = self.manifest.tensors[chunk.tensor]
+        values = np.frombuffer(data, numpy_dtype(tensor.dtype))
+        start = chunk.offset // tensor.itemsize
+        target = self._accumulators[chunk.tensor][start : start + values.size]
+        first = not self._touched[chunk.seq]
+        for block in range(0, values.size, BLOCK_ELEMENTS):
+            into, source = target[block : block + BLOCK_ELEMENTS], values[block : block + BLOCK_ELEMENTS]
             if first:
-                np.multiply(source, weight, out=block, casting="unsafe")
+                np.multiply(source, weight, out=into, casting="unsafe")
             else:
-                scratch = self._scratch[block.dtype][: block.size]
+                scratch = self._scratch[into.dtype][: into.size]
                 np.multiply(source, weight, out=scratch, casting="unsafe")
-                np.add(block, scratch, out=block)
+                np.add(into, scratch, out=into)
+        self._touched[chunk.seq] = 1
 
-    def finish(self, out: ModelFile) -> Manifest:
-        """Write sum / total weight into `out` (same layout), hash it, and return its manifest."""
-        if not self.contributions:
-            raise LocalProtocolError("finish() with no contribution folded")
+    def fold_model(self, model: ModelFile, weight: float) -> None:
+        """Fold a whole local model file (every chunk in plan order)."""
+        contribution = self.contribution(weight)
+        for chunk in self.manifest.chunks():
+            contribution.fold(chunk, model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
+        contribution.complete()
+
+    def finish(self) -> Manifest:
+        """Divide by the total weight in place, fill `output`, hash it; returns its manifest."""
+        if self._output is None or not self.contributions or self.tainted:
+            raise LocalProtocolError("finish() needs a clean aggregate with at least one contribution")
         scale = 1.0 / self.total_weight
-        with self._lock:
-            for index, tensor in enumerate(self.manifest.tensors):
-                acc, target = self._accumulator(index), out.array(index).reshape(-1)
-                integral = numpy_dtype(tensor.dtype).kind in "iub"
-                for start in range(0, acc.size, BLOCK_ELEMENTS):
-                    block = acc[start : start + BLOCK_ELEMENTS]
-                    np.multiply(block, scale, out=block)
-                    if integral:
-                        np.rint(block, out=block)
+        for index, tensor in enumerate(self.manifest.tensors):
+            accumulator, target = self._accumulators[index], self._output.array(index).reshape(-1)
+            integral = numpy_dtype(tensor.dtype).kind in "iub"
+            for start in range(0, accumulator.size, BLOCK_ELEMENTS):
+                block = accumulator[start : start + BLOCK_ELEMENTS]
+                np.multiply(block, scale, out=block)
+                if integral:
+                    np.rint(block, out=block)
+                if not self._in_place[index]:
                     target[start : start + BLOCK_ELEMENTS] = block
-        out.flush()
-        return out.compute_digests()
-
-    def reset(self) -> None:
-        """Start a new round; the accumulator's memory is kept for reuse."""
-        self.total_weight = 0.0
-        self.contributions = 0
+        self._output.flush()
+        return self._output.compute_digests()
 
     def statistics(self) -> AggregateStatistics:
-        return AggregateStatistics(self.contributions, self.total_weight, len(self._storage), self.file_backed)
+        return AggregateStatistics(self.contributions, self.total_weight, len(self._side), self.file_backed)
+
+
+class Contribution:
+    """One site's update being folded; `complete` it, or `abandon` it (which taints if it folded)."""
+
+    def __init__(self, aggregate: FedAvg, weight: float) -> None:
+        self.aggregate, self.weight = aggregate, weight
+        self.folded_chunks = 0
+        self.finished = False
+
+    def fold(self, chunk: Chunk, data: memoryview) -> None:
+        if self.finished:
+            raise LocalProtocolError("fold after the contribution ended")
+        self.aggregate.fold(chunk, data, self.weight)
+        self.folded_chunks += 1
+
+    def complete(self) -> None:
+        if self.folded_chunks != self.aggregate.plan.total:
+            raise LocalProtocolError(f"{self.folded_chunks} of {self.aggregate.plan.total} chunks folded")
+        self.finished = True
+        self.aggregate.total_weight += self.weight
+        self.aggregate.contributions += 1
+
+    def abandon(self) -> None:
+        """The update will never complete: if any of it was folded, the round's sum is tainted."""
+        if not self.finished and self.folded_chunks:
+            self.aggregate.tainted = True
+        self.finished = True
 
 
 def _pack(sizes: list[int]) -> tuple[list[int], int]:
-    """Offsets that keep every accumulator 8-byte aligned, and the total size."""
+    """Offsets that keep every side accumulator 8-byte aligned, and the total size."""
     offsets, position = [], 0
     for size in sizes:
         offsets.append(position)
@@ -112,4 +172,5 @@ def _allocate(size: int, path: Path | None) -> memoryview:
     if path is None or size == 0:
         return memoryview(bytearray(size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    return memoryview(np.memmap(path, np.uint8, "w+" if not path.exists() or path.stat().st_size != size else "r+", shape=(size,)))
+    mode = "r+" if path.exists() and path.stat().st_size == size else "w+"
+    return memoryview(np.memmap(path, np.uint8, mode, shape=(size,)))

@@ -9,7 +9,14 @@ import typer
 from rich.table import Table
 
 from hauler.admin import Admin
-from hauler.cli.common import AdminConfigOption, WorkspaceOption, console, errors, resolve_admin, run
+from hauler.cli.common import (
+    AdminConfigOption,
+    WorkspaceOption,
+    console,
+    errors,
+    resolve_admin,
+    run,
+)
 from hauler.cli.progress import follow
 
 app = typer.Typer(help="List, inspect, abort and download jobs.", no_args_is_help=True)

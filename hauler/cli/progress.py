@@ -6,7 +6,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 
 async def follow(events: AsyncIterator[dict[str, Any]], console: Console) -> dict[str, Any]:

@@ -12,21 +12,37 @@ import logging
 import random
 import shutil
 import time
-from pathlib import Path
+from collections.abc import Coroutine
 from types import ModuleType
+from typing import Any
 
 from hauler.client.executor import TrainContext, run_train
 from hauler.core.config import SiteConfig
-from hauler.core.errors import ConnectionLost, HaulerError, SecurityError
+from hauler.core.errors import ConnectionLost, HaulerError, JobError, SecurityError
 from hauler.core.messages import (
-    AbortTask, DeployJob, EndJob, Heartbeat, Hello, ResultReady, Task, TaskFailed, UploadReady, Welcome,
-    dump, parse_server_message,
+    AbortTask,
+    DeployJob,
+    EndJob,
+    Heartbeat,
+    Hello,
+    ResultReady,
+    Task,
+    TaskFailed,
+    UploadReady,
+    Welcome,
+    dump,
+    parse_server_message,
 )
 from hauler.core.package import load_job_module, unpack
-from hauler.core.timeouts import SilenceTimer
-from hauler.model import Manifest, ModelFile
-from hauler.transfer import ChunkPlan, ReceiveLedger
-from hauler.transport import ControlChannel, MessageStream, open_transfer, receive_model, send_model
+from hauler.model import ChunkPlan, Manifest, ModelFile
+from hauler.transfer import ReceiveLedger
+from hauler.transport import (
+    ControlChannel,
+    MessageStream,
+    open_transfer,
+    receive_model,
+    send_model,
+)
 
 log = logging.getLogger("hauler.client")
 MAX_PACKAGE_BYTES = 64 << 20
@@ -40,8 +56,8 @@ class Site:
         self.jobs_dir = config.workspace / "jobs"
         self._executors: dict[str, tuple[ModuleType, dict]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._upload_ready: dict[str, asyncio.Event] = {}
         self._models: dict[str, ModelFile] = {}
+        self._results: dict[str, tuple[str, Manifest]] = {}  # task id -> (job id, trained manifest)
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -92,22 +108,24 @@ class Site:
             if isinstance(message, DeployJob):
                 await asyncio.to_thread(self._deploy, message)
             elif isinstance(message, Task):
-                self._upload_ready[message.task_id] = asyncio.Event()
-                task = group.create_task(self._run_task(stream, message))
-                self._tasks[message.task_id] = task
-                task.add_done_callback(lambda _, task_id=message.task_id: self._task_done(task_id))
+                self._forget_results(message.job_id)
+                self._start(group, message.task_id, self._guarded(stream, message.task_id, self._train(stream, message)))
             elif isinstance(message, UploadReady):
-                if message.task_id in self._upload_ready:
-                    self._upload_ready[message.task_id].set()
+                self._start(group, message.task_id, self._guarded(stream, message.task_id, self._upload(message)))
             elif isinstance(message, AbortTask):
                 if message.task_id in self._tasks:
                     self._tasks[message.task_id].cancel()
             elif isinstance(message, EndJob):
                 self._end_job(message.job_id)
 
-    def _task_done(self, task_id: str) -> None:
-        self._tasks.pop(task_id, None)
-        self._upload_ready.pop(task_id, None)
+    def _start(self, group: asyncio.TaskGroup, task_id: str, work: Coroutine[Any, Any, None]) -> None:
+        task = group.create_task(work)
+        self._tasks[task_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(task_id, None))
+
+    def _forget_results(self, job_id: str) -> None:
+        for task_id in [t for t, (job, _) in self._results.items() if job == job_id]:
+            del self._results[task_id]
 
     def _deploy(self, message: DeployJob) -> None:
         app_dir = self.jobs_dir / message.job_id / "app"
@@ -118,44 +136,48 @@ class Site:
 
     def _end_job(self, job_id: str) -> None:
         self._executors.pop(job_id, None)
+        self._forget_results(job_id)
         model = self._models.pop(job_id, None)
         if model is not None:
             model.close()
 
-    async def _run_task(self, stream: MessageStream, task: Task) -> None:
+    async def _guarded(self, stream: MessageStream, task_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run one step of a task; a failure is reported to the server instead of ending the session."""
         try:
-            await self._train_and_upload(stream, task)
+            await work
         except HaulerError as error:
-            log.warning("task failed", extra={"site": self.name, "task": task.task_id, "error": str(error)})
-            await stream.send(dump(TaskFailed(task_id=task.task_id, error=str(error)[:4000])))
+            log.warning("task failed", extra={"site": self.name, "task": task_id, "error": str(error)})
+            await stream.send(dump(TaskFailed(task_id=task_id, error=str(error)[:4000])))
 
-    async def _train_and_upload(self, stream: MessageStream, task: Task) -> None:
+    async def _train(self, stream: MessageStream, task: Task) -> None:
+        """Receive the global model into the site's file, train in place, hash, announce the result."""
         if task.job_id not in self._executors:
-            raise HaulerError(f"job {task.job_id} was not deployed to this site")
+            raise JobError(f"job {task.job_id} was not deployed to this site")
         module, config = self._executors[task.job_id]
         manifest = Manifest.from_json(task.manifest)
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
-        timeouts, host, port = self.config.timeouts, self.config.server_host, self.config.data_port
-
-        connection = await open_transfer(host, port, task.download)
+        connection = await open_transfer(self.config.server_host, self.config.data_port, task.download)
         try:
-            await receive_model(connection, ReceiveLedger(ChunkPlan(manifest)), model, timeouts=timeouts)
+            await receive_model(connection, ReceiveLedger(ChunkPlan(manifest)), model, timeouts=self.config.timeouts)
         finally:
             connection.close()
         started = time.perf_counter()
         context = TrainContext(self.name, task.job_id, task.round, config, self.jobs_dir / task.job_id)
         output = await asyncio.to_thread(run_train, module, model.arrays(), context)
-        result_manifest = await asyncio.to_thread(model.compute_digests)
-        train_s = time.perf_counter() - started
-
+        trained = await asyncio.to_thread(model.compute_digests)
+        self._results[task.task_id] = (task.job_id, trained)
         await stream.send(dump(ResultReady(task_id=task.task_id, weight=output.weight, metrics=output.metrics,
-                                           manifest=result_manifest.to_json(), train_s=train_s)))
-        async with SilenceTimer(timeouts.communication_timeout, "communication_timeout", "waiting for the server"):
-            await self._upload_ready[task.task_id].wait()
-        connection = await open_transfer(host, port, task.upload)
+                                           manifest=trained.to_json(), train_s=time.perf_counter() - started)))
+
+    async def _upload(self, message: UploadReady) -> None:
+        """Send a task's trained model from the site's file (the server may ask more than once)."""
+        if message.task_id not in self._results:
+            raise JobError(f"no result of task {message.task_id} to upload")
+        job_id, manifest = self._results[message.task_id]
+        connection = await open_transfer(self.config.server_host, self.config.data_port, message.upload)
         try:
-            await send_model(connection, result_manifest, model, window_chunks=self.config.dataplane.window_chunks,
-                             timeouts=timeouts)
+            await send_model(connection, manifest, self._models[job_id],
+                             window_chunks=self.config.dataplane.window_chunks, timeouts=self.config.timeouts)
         finally:
             connection.close()
 

@@ -58,9 +58,11 @@ class ServerConfig(Strict):
     data_port: int = Field(8003, ge=0, le=65535)
     workspace: Path = Path("server-workspace")
     memory_budget_mib: int = Field(
-        256, ge=0, description="Aggregator accumulators larger than this live in memory-mapped files."
+        32, ge=0, description="Aggregator accumulators larger than this live in memory-mapped files."
     )
-    keep_rounds: int = Field(2, ge=1, description="Global round files kept per job; older ones lend their inode.")
+    keep_rounds: int = Field(
+        2, ge=2, description="Global round files kept per job (the served one and the one being built); "
+        "older ones lend their inode to new rounds.")
     max_job_package_mib: int = Field(16, ge=1, description="Largest accepted job folder, zipped.")
     timeouts: Timeouts = Timeouts()
     dataplane: DataPlane = DataPlane()

@@ -62,7 +62,7 @@ class DeployJob(_Message):
 
 
 class Task(_Message):
-    """Train on the model served under `download`, then upload under `upload`."""
+    """Train on the model served under transfer `download`; answer with ResultReady."""
 
     type: Literal["task"] = "task"
     task_id: str
@@ -70,12 +70,14 @@ class Task(_Message):
     round: int
     manifest: dict[str, Any]
     download: str
-    upload: str
 
 
 class UploadReady(_Message):
+    """Upload the result of `task_id` under transfer `upload` (again, if the server asks twice)."""
+
     type: Literal["upload_ready"] = "upload_ready"
     task_id: str
+    upload: str
 
 
 class AbortTask(_Message):

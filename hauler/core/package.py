@@ -9,10 +9,10 @@ from __future__ import annotations
 import base64
 import importlib
 import io
-import sys
-import types
 import stat
+import sys
 import tomllib
+import types
 import zipfile
 from pathlib import Path, PurePosixPath
 

@@ -3,8 +3,9 @@
 from hauler.model.dtypes import DTYPES, accumulator_dtype, dtype_name, numpy_dtype
 from hauler.model.file import ModelFile, read_manifest
 from hauler.model.manifest import Chunk, Manifest, TensorEntry, chunk_checksum
+from hauler.model.plan import ChunkPlan
 
 __all__ = [
-    "DTYPES", "Chunk", "Manifest", "ModelFile", "TensorEntry", "accumulator_dtype",
+    "DTYPES", "Chunk", "ChunkPlan", "Manifest", "ModelFile", "TensorEntry", "accumulator_dtype",
     "chunk_checksum", "dtype_name", "numpy_dtype", "read_manifest",
 ]

@@ -18,7 +18,12 @@ import numpy as np
 
 from hauler.core.errors import ConfigError, RemoteProtocolError
 from hauler.model.dtypes import numpy_dtype
-from hauler.model.manifest import MAX_HEADER_BYTES, Manifest, chunk_checksum, digest_of_checksums
+from hauler.model.manifest import (
+    MAX_HEADER_BYTES,
+    Manifest,
+    chunk_checksum,
+    digest_of_checksums,
+)
 
 _U64 = struct.Struct("<Q")
 

@@ -14,7 +14,7 @@ from typing import Any
 from hauler.core.config import ServerConfig
 from hauler.core.errors import ConfigError, HaulerError, RemoteProtocolError
 from hauler.core.events import read_json_lines
-from hauler.core.messages import Heartbeat, Hello, Welcome, dump, parse_site_message
+from hauler.core.messages import Heartbeat, Hello, Welcome, parse_site_message
 from hauler.server.jobstore import JobStore
 from hauler.server.rounds import RoundStore
 from hauler.server.runner import JobRunner

@@ -18,16 +18,26 @@ from typing import Any, TypeVar
 
 from hauler.aggregate import FedAvg
 from hauler.core.config import JobConfig, ServerConfig
-from hauler.core.errors import ConnectionLost, JobError, TransferTimeout
+from hauler.core.errors import ConnectionLost, HaulerError, JobError, TransferTimeout
 from hauler.core.messages import AbortTask, DeployJob, ResultReady, Task, UploadReady
 from hauler.model import Manifest, ModelFile
 from hauler.server.rounds import RoundStore
 from hauler.server.sites import SiteRegistry, SiteSession
-from hauler.server.transfers import Transfer, TransferRegistry
+from hauler.server.transfers import TransferRegistry
 from hauler.workflows import TrainResult
 
 T = TypeVar("T")
 PROGRESS_EVERY_S = 0.5
+
+
+class UploadBuffer:
+    """Where a site's upload chunks land before they are folded: one chunk, reused all job long."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self._buffer = memoryview(bytearray(chunk_bytes))
+
+    def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview:
+        return self._buffer[:length]
 
 
 class JobFederation:
@@ -40,8 +50,10 @@ class JobFederation:
         self.rounds = RoundStore(job_dir, server.keep_rounds)
         self._package_b64 = package_b64
         self._global: ModelFile | None = None
+        self._output: ModelFile | None = None
         self._aggregate: FedAvg | None = None
-        self._staging: dict[str, ModelFile] = {}
+        self._buffers: dict[str, UploadBuffer] = {}
+        self._results: dict[str, tuple[str, ResultReady]] = {}  # site -> (task id, result), this round
         self._round_started = self._last_upload_done = 0.0
         self._site_timings: list[dict[str, float]] = []
 
@@ -50,55 +62,68 @@ class JobFederation:
         return await self.sites.wait_for(count, wanted)
 
     async def begin_round(self, round: int) -> None:
-        if self._global is not None:
-            self._global.close()
+        self.close()
         self._global = self.rounds.open(round)
+        manifest = self._global.manifest
         if self._aggregate is None:
-            self._aggregate = FedAvg(self._global.manifest, workdir=self.job_dir,
-                                     memory_budget_bytes=self.server.memory_budget_mib << 20)
-        self._aggregate.reset()
+            self._aggregate = FedAvg(manifest, workdir=self.job_dir, memory_budget_bytes=self.server.memory_budget_mib << 20)
+        self._output = self.rounds.create(round + 1, manifest)
+        self._aggregate.begin(self._output)
         self._round_started = time.perf_counter()
-        self._site_timings = []
+        self._site_timings, self._results = [], {}
 
     async def train(self, site: str, round: int) -> TrainResult:
-        assert self._global is not None and self._aggregate is not None
+        assert self._global is not None
         session = self.sites.get(site)
         await self._deploy(session)
-        task_id, upload_id = secrets.token_hex(8), self.transfers.new_id()
-        manifest = self._global.manifest
+        task_id, manifest = secrets.token_hex(8), self._global.manifest
         download = self.transfers.offer(site, manifest, self._global)
-        upload: Transfer | None = None
+        download.listeners.append(self._progress(site, round, "download", manifest.total_bytes))
         result_future = session.expect_result(task_id)
-        timeouts, clock = self.server.timeouts, time.perf_counter
+        clock = time.perf_counter
         try:
             start = clock()
-            await session.send(Task(task_id=task_id, job_id=self.job_id, round=round, manifest=manifest.to_json(),
-                                    download=download.id, upload=upload_id))
-            download.listeners.append(self._progress(site, round, "download", manifest.total_bytes))
-            await self._unless_lost(session, download.wait(timeouts.communication_timeout, f"sending round {round} to {site}"))
+            await session.send(Task(task_id=task_id, job_id=self.job_id, round=round,
+                                    manifest=manifest.to_json(), download=download.id))
+            await self._unless_lost(session, download.wait(self.server.timeouts.communication_timeout,
+                                                           f"sending round {round} to {site}"))
             arrived = clock()
             result = await self._unless_lost(session, self._train_result(result_future, site))
             trained = clock()
-            upload = self.transfers.expect(upload_id, site, self._check_result(result, site), self._staging_file(site))
-            upload.listeners.append(self._progress(site, round, "upload", manifest.total_bytes))
-            await session.send(UploadReady(task_id=task_id))
-            await self._unless_lost(session, upload.wait(timeouts.communication_timeout, f"receiving {site}'s update"))
+            self._results[site] = (task_id, result)
+            await self._collect(session, task_id, result, round)
             uploaded = self._last_upload_done = clock()
-            await asyncio.to_thread(self._aggregate.fold, upload.file, result.weight)
-            folded = clock()
         except BaseException:
             await _quietly(session.send(AbortTask(task_id=task_id, reason="the server ended the task")))
             raise
         finally:
             session.forget(task_id)
-            self.transfers.discard(download, upload)
-        timings = {"download_s": arrived - start, "train_s": trained - arrived,
-                   "upload_s": uploaded - trained, "fold_s": folded - uploaded}
+            self.transfers.discard(download)
+        timings = {"download_s": arrived - start, "train_s": trained - arrived, "upload_s": uploaded - trained}
         self._site_timings.append(timings)
         self.record({"kind": "site", "round": round, "site": site, "weight": result.weight,
                      "bytes": 2 * manifest.total_bytes, **timings, "metrics": result.metrics})
         self.emit("site.result", round=round, site=site, weight=result.weight, **timings)
         return TrainResult(site, result.weight, result.metrics, timings)
+
+    async def _collect(self, session: SiteSession, task_id: str, result: ResultReady, round: int) -> None:
+        """Receive a site's update and fold each chunk into the aggregate as it lands."""
+        assert self._aggregate is not None
+        manifest = self._check_result(result, session.name)
+        contribution = self._aggregate.contribution(result.weight)
+        buffer = self._buffers.setdefault(session.name, UploadBuffer(manifest.chunk_bytes))
+        upload = self.transfers.expect(
+            session.name, manifest, buffer,
+            on_chunk=lambda chunk: contribution.fold(chunk, buffer.chunk_bytes(0, 0, chunk.length)))
+        upload.listeners.append(self._progress(session.name, round, "upload", manifest.total_bytes))
+        try:
+            await session.send(UploadReady(task_id=task_id, upload=upload.id))
+            await self._unless_lost(session, upload.wait(self.server.timeouts.communication_timeout,
+                                                         f"receiving {session.name}'s update"))
+            contribution.complete()
+        finally:
+            contribution.abandon()  # no-op once complete; taints the round if it stopped part-way
+            self.transfers.discard(upload)
 
     async def _train_result(self, future: asyncio.Future[ResultReady], site: str) -> ResultReady:
         seconds = self.job.workflow.train_timeout
@@ -114,15 +139,6 @@ class JobFederation:
         if not manifest.same_layout(self._global.manifest):
             raise JobError(f"{site} returned a model whose tensors differ from the global model's")
         return manifest
-
-    def _staging_file(self, site: str) -> ModelFile:
-        """The site's upload lands here; kept and overwritten in place every round."""
-        assert self._global is not None
-        staged = self._staging.get(site)
-        if staged is None:
-            staged = ModelFile.create(self.job_dir / "uploads" / f"{site}.safetensors", self._global.manifest)
-            self._staging[site] = staged
-        return staged
 
     async def _deploy(self, session: SiteSession) -> None:
         if self.job_id in session.deployed_jobs:
@@ -158,12 +174,10 @@ class JobFederation:
         return listener
 
     async def end_round(self, round: int, results: list[TrainResult]) -> None:
-        assert self._aggregate is not None and self._global is not None
-        output = self.rounds.create(round + 1, self._global.manifest)
-        try:
-            manifest = await asyncio.to_thread(self._aggregate.finish, output)
-        finally:
-            output.close()
+        assert self._aggregate is not None
+        if self._aggregate.tainted:
+            results = await self._refold(round, results)
+        manifest = await asyncio.to_thread(self._aggregate.finish)
         self.rounds.commit(round + 1, manifest)
         done = time.perf_counter()
         summary: dict[str, Any] = {key: max(t[key] for t in self._site_timings) for key in self._site_timings[0]}
@@ -171,10 +185,31 @@ class JobFederation:
         self.record({"kind": "round", "round": round, "sites": [r.site for r in results],
                      "round_s": done - self._round_started, **summary})
 
+    async def _refold(self, round: int, results: list[TrainResult]) -> list[TrainResult]:
+        """A site died mid-upload and left partial folds: start the sum again from the completed sites."""
+        assert self._aggregate is not None
+        self.emit("round.refold", round=round, sites=[r.site for r in results])
+        self._aggregate.restart()
+        kept = []
+        for result in results:
+            task_id, ready = self._results[result.site]
+            try:
+                await self._collect(self.sites.get(result.site), task_id, ready, round)
+                kept.append(result)
+            except HaulerError as error:
+                self.emit("site.failed", round=round, site=result.site, error=str(error))
+                self._aggregate.restart()
+                return await self._refold(round, [r for r in results if r.site != result.site])
+        if len(kept) < self.job.workflow.min_clients:
+            raise JobError(f"round {round}: only {len(kept)} sites could re-send their update after a "
+                           f"site failed mid-upload; fewer than min_clients={self.job.workflow.min_clients}")
+        return kept
+
     def close(self) -> None:
-        for model in [self._global, *self._staging.values()]:
+        for model in (self._global, self._output):
             if model is not None:
                 model.close()
+        self._global = self._output = None
 
 
 async def _quietly(work: Awaitable[Any]) -> None:

@@ -16,9 +16,10 @@ from typing import Literal
 from hauler.core.config import DataPlane, Timeouts
 from hauler.core.errors import HaulerError, JobError
 from hauler.core.timeouts import SilenceTimer
-from hauler.model import Manifest, ModelFile
-from hauler.transfer import ChunkPlan, ReceiveLedger, WindowStatistics
+from hauler.model import Chunk, ChunkPlan, Manifest
+from hauler.transfer import ReceiveLedger, WindowStatistics
 from hauler.transport import Connection, read_hello, receive_model, refuse, send_model
+from hauler.transport.streams import ChunkSink, ChunkSource
 
 
 @dataclass
@@ -29,9 +30,10 @@ class Transfer:
     peer: str
     direction: Literal["download", "upload"]  # as seen by the peer: download = server sends
     manifest: Manifest
-    file: ModelFile
+    file: ChunkSource
     done: asyncio.Future[None]
     ledger: ReceiveLedger | None = None
+    on_chunk: Callable[[Chunk], None] | None = None
     bytes_done: int = 0
     statistics: WindowStatistics | None = None
     connection: Connection | None = None
@@ -60,18 +62,14 @@ class TransferRegistry:
         self.timeouts = timeouts
         self._transfers: dict[str, Transfer] = {}
 
-    def offer(self, peer: str, manifest: Manifest, source: ModelFile) -> Transfer:
+    def offer(self, peer: str, manifest: Manifest, source: ChunkSource) -> Transfer:
         """A model the server will send to `peer` when it connects."""
         return self._add(Transfer(secrets.token_hex(16), peer, "download", manifest, source, _future()))
 
-    def expect(self, transfer_id: str, peer: str, manifest: Manifest, sink: ModelFile) -> Transfer:
-        """A model the server will receive from `peer` into `sink` under a pre-announced id."""
+    def expect(self, peer: str, manifest: Manifest, sink: ChunkSink, on_chunk: Callable[[Chunk], None]) -> Transfer:
+        """A model the server will receive from `peer`: chunks land in `sink`, then go to `on_chunk`."""
         ledger = ReceiveLedger(ChunkPlan(manifest))
-        return self._add(Transfer(transfer_id, peer, "upload", manifest, sink, _future(), ledger))
-
-    @staticmethod
-    def new_id() -> str:
-        return secrets.token_hex(16)
+        return self._add(Transfer(secrets.token_hex(16), peer, "upload", manifest, sink, _future(), ledger, on_chunk))
 
     def _add(self, transfer: Transfer) -> Transfer:
         self._transfers[transfer.id] = transfer
@@ -114,10 +112,9 @@ class TransferRegistry:
                 timeouts=self.timeouts, on_progress=transfer.progressed,
             )
         else:
-            assert transfer.ledger is not None
+            assert transfer.ledger is not None and transfer.on_chunk is not None
             await receive_model(connection, transfer.ledger, transfer.file, timeouts=self.timeouts,
-                                on_progress=transfer.progressed)
-            await asyncio.to_thread(transfer.file.flush)
+                                on_chunk=transfer.on_chunk, on_progress=transfer.progressed)
 
 
 def _future() -> asyncio.Future[None]:

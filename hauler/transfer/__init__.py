@@ -5,11 +5,10 @@ Nothing here imports asyncio, socket, ssl or grpc; `hauler.transport` moves the 
 
 from hauler.transfer.frames import FrameHeader, Kind, ack_frame, control_frame
 from hauler.transfer.ledger import ReceiveLedger
-from hauler.transfer.plan import ChunkPlan
 from hauler.transfer.reader import Frame, FrameReader
 from hauler.transfer.window import SendWindow, WindowStatistics
 
 __all__ = [
-    "ChunkPlan", "Frame", "FrameHeader", "FrameReader", "Kind", "ReceiveLedger",
+    "Frame", "FrameHeader", "FrameReader", "Kind", "ReceiveLedger",
     "SendWindow", "WindowStatistics", "ack_frame", "control_frame",
 ]

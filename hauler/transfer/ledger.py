@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from hauler.core.errors import IntegrityError, RemoteProtocolError
 from hauler.model.manifest import Chunk, digest_of_checksums
+from hauler.model.plan import ChunkPlan
 from hauler.transfer.frames import FrameHeader, Kind
-from hauler.transfer.plan import ChunkPlan
 
 
 class ReceiveLedger:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from hauler.core.errors import RemoteProtocolError
 from hauler.model.manifest import Chunk
-from hauler.transfer.plan import ChunkPlan
+from hauler.model.plan import ChunkPlan
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,19 @@ Other layers import only what is listed here; nothing above sees ssl, socket or 
 """
 
 from hauler.transport.connection import Connection, Listener, connect, listen
-from hauler.transport.control import ControlChannel, ControlServer, Message, MessageStream
-from hauler.transport.streams import open_transfer, read_hello, receive_model, refuse, send_model
+from hauler.transport.control import (
+    ControlChannel,
+    ControlServer,
+    Message,
+    MessageStream,
+)
+from hauler.transport.streams import (
+    open_transfer,
+    read_hello,
+    receive_model,
+    refuse,
+    send_model,
+)
 
 __all__ = [
     "Connection", "ControlChannel", "ControlServer", "Listener", "Message", "MessageStream",

@@ -17,8 +17,17 @@ from typing import Protocol
 from hauler.core.config import Timeouts
 from hauler.core.errors import RemoteProtocolError, TransferTimeout
 from hauler.core.timeouts import SilenceTimer
+from hauler.model import ChunkPlan
 from hauler.model.manifest import Chunk, Manifest, chunk_checksum
-from hauler.transfer import ChunkPlan, Frame, FrameHeader, Kind, ReceiveLedger, SendWindow, ack_frame, control_frame
+from hauler.transfer import (
+    Frame,
+    FrameHeader,
+    Kind,
+    ReceiveLedger,
+    SendWindow,
+    ack_frame,
+    control_frame,
+)
 from hauler.transfer.window import WindowStatistics
 from hauler.transport.connection import Connection, connect
 
@@ -116,10 +125,12 @@ async def receive_model(
     sink: ChunkSink,
     *,
     timeouts: Timeouts,
+    on_chunk: Callable[[Chunk], None] = lambda chunk: None,
     on_tensor: Callable[[int], None] = lambda index: None,
     on_progress: Progress = _no_progress,
 ) -> None:
-    """Land every remaining chunk in `sink`, acknowledging each; `on_tensor` runs per completed tensor."""
+    """Land every remaining chunk in `sink`, acknowledging each once `on_chunk` has consumed it;
+    `on_tensor` runs for each tensor whose chunks all arrived and matched its digest."""
     finished = asyncio.Event()
     pending: list[Chunk] = []
     loop = asyncio.get_running_loop()
@@ -134,7 +145,9 @@ async def receive_model(
         def on_frame(frame: Frame) -> None:
             if frame.header.kind is Kind.ERROR:
                 raise _peer_error(frame)
-            for index in ledger.commit(pending.pop(), frame.header.checksum):
+            chunk = pending.pop()
+            on_chunk(chunk)
+            for index in ledger.commit(chunk, frame.header.checksum):
                 on_tensor(index)
             connection.write(ack_frame(ledger.next_seq))
             on_progress(frame.header.length)

@@ -1,0 +1,1 @@
+"""Benchmarks: they print figures and write JSON; tests never time anything."""

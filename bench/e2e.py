@@ -1,0 +1,153 @@
+"""End-to-end benchmark: a real federation runs hello-numpy; figures printed and written as JSON.
+
+    python -m bench.e2e --model-mib 1024 --arrays 64 --sites 2 --rounds 3 --json out.json
+
+Starts a server and N sites as processes (as `hauler poc` does), samples every
+process every 0.2 s, checks the final global model against initial + rounds x
+increment, and times plain blocking sockets moving the same bytes for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+from rich.console import Console
+from rich.table import Table
+
+from bench.sampler import Sampler
+from bench.sockets import blocking_socket_seconds
+from hauler.admin import Admin, poc
+from hauler.cli.progress import follow
+from hauler.core.events import read_json_lines
+from hauler.core.package import load_job
+from hauler.server.rounds import RoundStore
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
+INCREMENT = 0.1
+TOLERANCE = 1e-4
+BLOCK = 1 << 22
+console = Console()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-mib", type=float, default=1024, help="model size in MiB")
+    parser.add_argument("--arrays", type=int, default=64, help="number of float32 arrays")
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--workspace", type=Path, help="federation folder (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the workspace afterwards")
+    return parser.parse_args(argv)
+
+
+def write_job(folder: Path, *, arrays: int, array_bytes: int, rounds: int, sites: int) -> Path:
+    """Copy hello-numpy and size it: `arrays` float32 arrays of `array_bytes` each."""
+    job_dir = folder / "hello-numpy"
+    shutil.copytree(EXAMPLE, job_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    config = {
+        "name": "hello-numpy",
+        "workflow": {"num_rounds": rounds, "min_clients": sites, "wait_time_after_min_received": 10},
+        "model": {"module": "model", "config": {"arrays": arrays, "array_bytes": array_bytes}},
+        "executor": {"module": "train", "config": {"increment": INCREMENT, "steps": 10}},
+    }
+    (job_dir / "job.toml").write_text(tomli_w.dumps(config))
+    load_job(job_dir)
+    return job_dir
+
+
+async def run_job(workspace: Path, job_dir: Path) -> tuple[str, str, float]:
+    """Submit, follow progress until the job ends; returns id, final event and wall seconds."""
+    async with Admin(poc.admin_config(workspace)) as admin:
+        started = time.perf_counter()
+        job_id = await admin.submit(job_dir)
+        final = await follow(admin.watch(job_id), console)
+        return job_id, final.get("event", ""), time.perf_counter() - started
+
+
+def max_abs_error(workspace: Path, job_id: str, rounds: int) -> float:
+    """Largest |global - (initial + rounds x increment)| over the final global model, block by block."""
+    store = RoundStore(workspace / "server" / "jobs" / job_id, keep_rounds=1)
+    worst = 0.0
+    with store.open(rounds) as model:
+        for name, array in model.arrays().items():
+            k, flat = int(name.split("_")[1]), array.reshape(-1)
+            for start in range(0, flat.size, BLOCK):
+                block = flat[start : start + BLOCK]
+                expected = np.add(np.arange(start, start + block.size) % 1000, k, dtype=np.float32) / 1000
+                worst = max(worst, float(np.max(np.abs(block - (expected + rounds * INCREMENT)), initial=0.0)))
+    return worst
+
+
+def summarize(args: argparse.Namespace, model_bytes: int, wall_s: float, outcome: str, error: float,
+              metrics: list[dict], sampler: Sampler, baseline_s: float) -> dict[str, Any]:
+    rounds = [{key: row[key] for key in ("round", "download_s", "train_s", "upload_s", "aggregate_s", "round_s")}
+              for row in metrics if row.get("kind") == "round"]
+    return {
+        "model_bytes": model_bytes, "arrays": args.arrays, "sites": args.sites, "tls": False,
+        "wall_s": round(wall_s, 3), "outcome": outcome, "rounds": rounds,
+        "peak_rss_bytes": {role: s.peak_rss_bytes for role, s in sampler.series.items()},
+        "peak_rss_anon_bytes": {role: s.peak_rss_anon_bytes for role, s in sampler.series.items()},
+        "correct": outcome == "job.finished" and error <= TOLERANCE, "max_abs_error": error,
+        "baseline_socket_s": round(baseline_s, 3), "efficiency": round(baseline_s / wall_s, 3),
+    }
+
+
+def show(result: dict[str, Any]) -> None:
+    per_site = result["model_bytes"] * result["sites"] / 1e6
+    table = Table("round", "download s", "MB/s", "train s", "upload s", "MB/s", "aggregate s", "round s",
+                  title=f"hello-numpy, {result['model_bytes'] / 2**20:.0f} MiB model, {result['sites']} sites")
+    for row in result["rounds"]:
+        table.add_row(str(row["round"]), f"{row['download_s']:.2f}", f"{per_site / row['download_s']:.0f}",
+                      f"{row['train_s']:.2f}", f"{row['upload_s']:.2f}", f"{per_site / row['upload_s']:.0f}",
+                      f"{row['aggregate_s']:.2f}", f"{row['round_s']:.2f}")
+    console.print(table)
+    memory = Table("process", "peak RSS MiB", "peak RssAnon MiB", title="memory")
+    for role, rss in result["peak_rss_bytes"].items():
+        memory.add_row(role, f"{rss / 2**20:.0f}", f"{result['peak_rss_anon_bytes'][role] / 2**20:.0f}")
+    console.print(memory)
+    console.print(f"wall {result['wall_s']:.2f} s (submit to finished); plain blocking sockets moving the same "
+                  f"bytes: {result['baseline_socket_s']:.2f} s; efficiency {result['efficiency']:.2f}")
+    verdict = "result verified" if result["correct"] else f"RESULT WRONG ({result['outcome']})"
+    console.print(f"{verdict}: max |error| = {result['max_abs_error']:.2e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    array_bytes = int(args.model_mib * 2**20 / args.arrays) // 4 * 4
+    model_bytes = array_bytes * args.arrays
+    workspace = (args.workspace or Path(tempfile.mkdtemp(prefix="hauler-e2e-"))).resolve()
+    job_dir = write_job(workspace, arrays=args.arrays, array_bytes=array_bytes, rounds=args.rounds, sites=args.sites)
+    poc.prepare(workspace, args.sites)
+    console.print(f"starting a server and {args.sites} sites in {workspace}")
+    pids = poc.start(workspace)
+    try:
+        with Sampler(pids) as sampler:
+            job_id, outcome, wall_s = asyncio.run(run_job(workspace, job_dir))
+        metrics = read_json_lines(workspace / "server" / "jobs" / job_id / "metrics.jsonl")
+        error = max_abs_error(workspace, job_id, args.rounds) if outcome == "job.finished" else float("inf")
+    finally:
+        poc.stop(workspace)
+    console.print("timing plain blocking sockets on the same bytes ...")
+    baseline_s = blocking_socket_seconds(2 * args.sites * args.rounds * model_bytes)
+    result = summarize(args, model_bytes, wall_s, outcome, error, metrics, sampler, baseline_s)
+    show(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    if not args.keep:
+        shutil.rmtree(workspace, ignore_errors=True)
+    return 0 if result["correct"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
