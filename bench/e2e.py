@@ -28,13 +28,13 @@ from bench.sockets import blocking_socket_seconds
 from hauler.admin import Admin, poc
 from hauler.cli.progress import follow
 from hauler.core.events import read_json_lines
-from hauler.core.package import load_job
+from hauler.core.package import load_job, load_job_module
 from hauler.server.rounds import RoundStore
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
 INCREMENT = 0.1
 TOLERANCE = 1e-4
-BLOCK = 1 << 22
+BLOCK_ROWS = 4096
 console = Console()
 
 
@@ -74,17 +74,20 @@ async def run_job(workspace: Path, job_dir: Path) -> tuple[str, str, float]:
         return job_id, final.get("event", ""), time.perf_counter() - started
 
 
-def max_abs_error(workspace: Path, job_id: str, rounds: int) -> float:
-    """Largest |global - (initial + rounds x increment)| over the final global model, block by block."""
-    store = RoundStore(workspace / "server" / "jobs" / job_id, keep_rounds=1)
+def max_abs_error(workspace: Path, job_dir: Path, job_id: str, rounds: int) -> float:
+    """Largest |global - (initial + rounds x increment)| over the final global model, period by period."""
+    model_module = load_job_module(job_dir, "bench", "model")
+    store = RoundStore(workspace / "server" / "jobs" / job_id, keep_rounds=2)
     worst = 0.0
     with store.open(rounds) as model:
         for name, array in model.arrays().items():
-            k, flat = int(name.split("_")[1]), array.reshape(-1)
-            for start in range(0, flat.size, BLOCK):
-                block = flat[start : start + BLOCK]
-                expected = np.add(np.arange(start, start + block.size) % 1000, k, dtype=np.float32) / 1000
-                worst = max(worst, float(np.max(np.abs(block - (expected + rounds * INCREMENT)), initial=0.0)))
+            expected = model_module.pattern(int(name.split("_")[1])) + np.float32(rounds * INCREMENT)
+            flat, period = array.reshape(-1), expected.size
+            whole = flat.size // period * period
+            rows = flat[:whole].reshape(-1, period)
+            for start in range(0, rows.shape[0], BLOCK_ROWS):
+                worst = max(worst, float(np.abs(rows[start : start + BLOCK_ROWS] - expected).max(initial=0.0)))
+            worst = max(worst, float(np.abs(flat[whole:] - expected[: flat.size - whole]).max(initial=0.0)))
     return worst
 
 
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         with Sampler(pids) as sampler:
             job_id, outcome, wall_s = asyncio.run(run_job(workspace, job_dir))
         metrics = read_json_lines(workspace / "server" / "jobs" / job_id / "metrics.jsonl")
-        error = max_abs_error(workspace, job_id, args.rounds) if outcome == "job.finished" else float("inf")
+        error = max_abs_error(workspace, job_dir, job_id, args.rounds) if outcome == "job.finished" else float("inf")
     finally:
         poc.stop(workspace)
     console.print("timing plain blocking sockets on the same bytes ...")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-BLOCK = 1 << 22
+PERIOD = 1000
 
 
 def layout(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -11,10 +11,14 @@ def layout(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(f"array_{k}", "F32", (size,)) for k in range(int(config.get("arrays", 64)))]
 
 
+def pattern(k: int) -> np.ndarray:
+    """One period of array k: element i holds (k + i % 1000) / 1000."""
+    return ((np.arange(PERIOD) + k) / PERIOD).astype(np.float32)
+
+
 def fill(name: str, out: np.ndarray, config: dict) -> None:
-    """Fill one array in place, block by block: value = (k + index % 1000) / 1000."""
-    k = int(name.split("_")[1])
-    for start in range(0, out.size, BLOCK):
-        block = out[start : start + BLOCK]
-        np.add(np.arange(start, start + block.size) % 1000, k, out=block, casting="unsafe")
-        block /= 1000
+    """Fill an array in place by broadcasting its period over it (no model-sized temporary)."""
+    period, flat = pattern(int(name.split("_")[1])), out.reshape(-1)
+    whole = flat.size // PERIOD * PERIOD
+    flat[:whole].reshape(-1, PERIOD)[...] = period
+    flat[whole:] = period[: flat.size - whole]

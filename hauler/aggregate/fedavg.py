@@ -124,7 +124,6 @@ class FedAvg:
                     np.rint(block, out=block)
                 if not self._in_place[index]:
                     target[start : start + BLOCK_ELEMENTS] = block
-        self._output.flush()
         return self._output.compute_digests()
 
     def statistics(self) -> AggregateStatistics:

@@ -136,7 +136,6 @@ class JobRunner:
         with rounds.create(0, manifest) as model:
             for name, array in model.arrays().items():
                 module.fill(name, array, job.model.config)
-            model.flush()
             rounds.commit(0, model.compute_digests())
         return 0
 
