@@ -49,6 +49,14 @@ class DataPlane(Strict):
     window_chunks: int = Field(16, ge=1, le=4096, description="Unacknowledged chunks in flight.")
 
 
+class TlsFiles(Strict):
+    """A participant's identity: its certificate and key, and the project CA that signed it."""
+
+    ca_cert: Path = Field(description="PEM file of the project CA certificate.")
+    cert: Path = Field(description="PEM file of this participant's certificate.")
+    key: Path = Field(description="PEM file of this participant's private key (mode 0600).")
+
+
 class ServerConfig(Strict):
     """`hauler server --config server.toml`."""
 
@@ -64,6 +72,8 @@ class ServerConfig(Strict):
         2, ge=2, description="Global round files kept per job (the served one and the one being built); "
         "older ones lend their inode to new rounds.")
     max_job_package_mib: int = Field(16, ge=1, description="Largest accepted job folder, zipped.")
+    tls: TlsFiles | None = Field(None, description="Mutual TLS on both planes; None only for local trials.")
+    revoked: list[str] = Field([], description="Names of participants refused at connect, whatever their certificate.")
     timeouts: Timeouts = Timeouts()
     dataplane: DataPlane = DataPlane()
 
@@ -76,6 +86,8 @@ class SiteConfig(Strict):
     control_port: int = Field(8002, ge=1, le=65535)
     data_port: int = Field(8003, ge=1, le=65535)
     workspace: Path = Path("site-workspace")
+    allow_custom_code: bool = Field(True, description="Refuse jobs that carry their own Python code when false.")
+    tls: TlsFiles | None = None
     timeouts: Timeouts = Timeouts()
     dataplane: DataPlane = DataPlane()
 
@@ -87,6 +99,7 @@ class AdminConfig(Strict):
     server_host: str = "127.0.0.1"
     control_port: int = Field(8002, ge=1, le=65535)
     data_port: int = Field(8003, ge=1, le=65535)
+    tls: TlsFiles | None = None
     timeouts: Timeouts = Timeouts()
 
 
