@@ -55,6 +55,7 @@ class Site:
         self.name = config.name
         self.jobs_dir = config.workspace / "jobs"
         self._executors: dict[str, tuple[ModuleType, dict]] = {}
+        self._refused: dict[str, str] = {}  # job id -> why this site will not run it
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._models: dict[str, ModelFile] = {}
         self._results: dict[str, tuple[str, Manifest]] = {}  # task id -> (job id, trained manifest)
@@ -106,7 +107,10 @@ class Site:
         while (raw := await stream.receive()) is not None:
             message = parse_server_message(raw)
             if isinstance(message, DeployJob):
-                await asyncio.to_thread(self._deploy, message)
+                try:
+                    await asyncio.to_thread(self._deploy, message)
+                except HaulerError as error:  # reported when the job's first task arrives
+                    self._refused[message.job_id] = str(error)
             elif isinstance(message, Task):
                 self._forget_results(message.job_id)
                 self._start(group, message.task_id, self._guarded(stream, message.task_id, self._train(stream, message)))
@@ -131,11 +135,15 @@ class Site:
         app_dir = self.jobs_dir / message.job_id / "app"
         shutil.rmtree(app_dir, ignore_errors=True)
         unpack(message.package_b64, app_dir, MAX_PACKAGE_BYTES)
+        if not self.config.allow_custom_code and any(app_dir.rglob("*.py")):
+            shutil.rmtree(app_dir, ignore_errors=True)
+            raise JobError(f"site {self.name} refuses jobs that carry custom code (allow_custom_code = false)")
         module = load_job_module(app_dir, message.job_id, message.executor_module)
         self._executors[message.job_id] = (module, message.executor_config)
 
     def _end_job(self, job_id: str) -> None:
         self._executors.pop(job_id, None)
+        self._refused.pop(job_id, None)
         self._forget_results(job_id)
         model = self._models.pop(job_id, None)
         if model is not None:
@@ -152,7 +160,7 @@ class Site:
     async def _train(self, stream: MessageStream, task: Task) -> None:
         """Receive the global model into the site's file, train in place, hash, announce the result."""
         if task.job_id not in self._executors:
-            raise JobError(f"job {task.job_id} was not deployed to this site")
+            raise JobError(self._refused.get(task.job_id, f"job {task.job_id} was not deployed to this site"))
         module, config = self._executors[task.job_id]
         manifest = Manifest.from_json(task.manifest)
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
