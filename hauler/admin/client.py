@@ -21,7 +21,7 @@ class Admin:
 
     def __init__(self, config: AdminConfig) -> None:
         self.config = config
-        self._channel = ControlChannel(config.server_host, config.control_port)
+        self._channel = ControlChannel(config.server_host, config.control_port, config.tls)
 
     async def __aenter__(self) -> Admin:
         await self._channel.wait_ready(self.config.timeouts.communication_timeout)
@@ -59,7 +59,8 @@ class Admin:
         final = out_dir / "global.safetensors"
         partial = out_dir / ".global.safetensors.partial"
         with ModelFile.create(partial, manifest) as model:
-            connection = await open_transfer(self.config.server_host, self.config.data_port, offer["transfer"])
+            connection = await open_transfer(self.config.server_host, self.config.data_port, offer["transfer"],
+                                             tls=self.config.tls)
             try:
                 await receive_model(connection, ReceiveLedger(ChunkPlan(manifest)), model,
                                     timeouts=self.config.timeouts)

@@ -1,6 +1,8 @@
-"""Proof-of-concept federations: a server and N sites as local processes in one folder.
+"""Proof-of-concept federations: a server and N sites as local processes in one folder,
+provisioned like a real deployment (project CA, mutual TLS, one kit per participant).
 
-    DIR/server/server.toml   DIR/site-<k>/site.toml   DIR/admin/admin.toml
+    DIR/project.yml          DIR/ca/ (the CA; its key stays here)
+    DIR/server/server.toml   DIR/site-<k>/site.toml   DIR/admin/admin.toml   (kits)
     DIR/run/<role>.pid       DIR/run/<role>.log
 """
 
@@ -13,13 +15,16 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import tomli_w
+import yaml
 
 from hauler.admin.client import Admin
 from hauler.core.config import AdminConfig, ServerConfig, SiteConfig, load_toml
 from hauler.core.errors import ConfigError, ConnectionLost, HaulerError
+from hauler.security import provision
 
 HOST = "127.0.0.1"
 
@@ -30,24 +35,33 @@ def site_names(count: int) -> list[str]:
 
 def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: int = 0,
             timeouts: dict[str, float] | None = None) -> list[Path]:
-    """Write the configs of a local federation; ports of 0 are picked free now."""
+    """Provision a local federation with mutual TLS: a project CA and a kit per participant.
+
+    Ports of 0 are picked free now. Each kit folder is also its role's workspace."""
     if sites < 1:
         raise ConfigError("--sites must be at least 1")
-    if (workspace / "run").exists() and any((workspace / "run").glob("*.pid")):
-        raise ConfigError(f"{workspace}: a federation is running there; `hauler poc stop` it first")
     workspace = workspace.resolve()
-    control_port, data_port = control_port or _free_port(), data_port or _free_port()
-    common = {"timeouts": timeouts} if timeouts else {}
-    written = [_write(workspace / "server" / "server.toml", {
-        "host": HOST, "control_port": control_port, "data_port": data_port,
-        "workspace": str(workspace / "server"), **common})]
-    for name in site_names(sites):
-        written.append(_write(workspace / name / "site.toml", {
-            "name": name, "server_host": HOST, "control_port": control_port, "data_port": data_port,
-            "workspace": str(workspace / name), **common}))
-    written.append(_write(workspace / "admin" / "admin.toml", {
-        "server_host": HOST, "control_port": control_port, "data_port": data_port}))
-    return written
+    if running(workspace):
+        raise ConfigError(f"{workspace}: a federation is running there; `hauler poc stop` it first")
+    project = {
+        "name": "poc",
+        "server": {"host": HOST, "control_port": control_port or _free_port(), "data_port": data_port or _free_port()},
+        "sites": [{"name": name, "org": "poc"} for name in site_names(sites)],
+        "admins": [{"name": "admin", "org": "poc", "role": "project_admin"}],
+    }
+    workspace.mkdir(parents=True, exist_ok=True)
+    project_file = workspace / "project.yml"
+    project_file.write_text(yaml.safe_dump(project, sort_keys=False))
+    kits = provision(project_file, workspace, overwrite=True)
+    for config in [*workspace.glob("server/server.toml"), *workspace.glob("site-*/site.toml")]:
+        _amend(config, {"workspace": ".", **({"timeouts": timeouts} if timeouts else {})})
+    if timeouts:
+        _amend(workspace / "admin" / "admin.toml", {"timeouts": timeouts})
+    return kits
+
+
+def _amend(config: Path, values: dict) -> None:
+    config.write_text(tomli_w.dumps({**tomllib.loads(config.read_text()), **values}))
 
 
 def admin_config(workspace: Path) -> AdminConfig:
@@ -167,12 +181,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         return probe.getsockname()[1]
-
-
-def _write(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data))
-    return path
 
 
 def check_configs(workspace: Path) -> None:

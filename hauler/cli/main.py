@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from hauler.cli import jobs, poc
+from hauler.cli import jobs, poc, provision
 from hauler.cli.common import DEBUG, fail
 from hauler.core import logs
 from hauler.core.config import ServerConfig, SiteConfig, load_toml
@@ -20,6 +20,7 @@ app = typer.Typer(help="Federated learning for models larger than memory.", no_a
 app.add_typer(poc.app, name="poc")
 app.add_typer(jobs.app, name="jobs")
 app.command()(jobs.submit)
+app.command()(provision.provision)
 Config = Annotated[Path, typer.Option("--config", "-c", help="TOML config file.")]
 
 

@@ -77,7 +77,7 @@ class Site:
             await asyncio.sleep(min(RECONNECT_MAX_S, 0.5 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
 
     async def _session(self) -> None:
-        channel = ControlChannel(self.config.server_host, self.config.control_port)
+        channel = ControlChannel(self.config.server_host, self.config.control_port, self.config.tls)
         stream = channel.session()
         try:
             await stream.send(dump(Hello(site=self.name)))
@@ -164,7 +164,8 @@ class Site:
         module, config = self._executors[task.job_id]
         manifest = Manifest.from_json(task.manifest)
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
-        connection = await open_transfer(self.config.server_host, self.config.data_port, task.download)
+        connection = await open_transfer(self.config.server_host, self.config.data_port, task.download,
+                                         tls=self.config.tls)
         try:
             await receive_model(connection, ReceiveLedger(ChunkPlan(manifest)), model, timeouts=self.config.timeouts)
         finally:
@@ -182,7 +183,8 @@ class Site:
         if message.task_id not in self._results:
             raise JobError(f"no result of task {message.task_id} to upload")
         job_id, manifest = self._results[message.task_id]
-        connection = await open_transfer(self.config.server_host, self.config.data_port, message.upload)
+        connection = await open_transfer(self.config.server_host, self.config.data_port, message.upload,
+                                         tls=self.config.tls)
         try:
             await send_model(connection, manifest, self._models[job_id],
                              window_chunks=self.config.dataplane.window_chunks, timeouts=self.config.timeouts)

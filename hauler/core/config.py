@@ -156,12 +156,26 @@ def parse(model: type[Config], data: dict[str, Any], source: str) -> Config:
 
 
 def load_toml(model: type[Config], path: Path, **overrides: Any) -> Config:
-    """Read a TOML file as `model`; flags given as `overrides` win over the file."""
+    """Read a TOML file as `model`; flags given as `overrides` win over the file.
+
+    Relative paths in it (`workspace`, the `tls` files) are relative to the file's own
+    folder, so a startup kit works wherever it is copied."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_bytes().decode())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; check the path or run `hauler poc prepare`") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read it as a TOML file: {error}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     data.update({key: value for key, value in overrides.items() if value is not None})
+    _resolve_paths(data, Path(path).parent)
     return parse(model, data, str(path))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    if isinstance(data.get("workspace"), str):
+        data["workspace"] = str(base / data["workspace"])
+    if isinstance(data.get("tls"), dict):
+        data["tls"] = {key: str(base / value) if isinstance(value, str) else value
+                       for key, value in data["tls"].items()}

@@ -15,12 +15,20 @@ from hauler.core.config import ServerConfig
 from hauler.core.errors import ConfigError, HaulerError, RemoteProtocolError
 from hauler.core.events import read_json_lines
 from hauler.core.messages import Heartbeat, Hello, Welcome, parse_site_message
+from hauler.server.access import AccessPolicy, submitter
 from hauler.server.jobstore import JobStore
 from hauler.server.rounds import RoundStore
 from hauler.server.runner import JobRunner
 from hauler.server.sites import SiteRegistry, SiteSession
 from hauler.server.transfers import TransferRegistry
-from hauler.transport import ControlServer, Listener, Message, MessageStream, listen
+from hauler.transport import (
+    ControlServer,
+    Listener,
+    Message,
+    MessageStream,
+    Peer,
+    listen,
+)
 
 log = logging.getLogger("hauler.server")
 
@@ -31,7 +39,8 @@ class Server:
         config.workspace.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(config.workspace / "jobs.sqlite")
         self.sites = SiteRegistry()
-        self.transfers = TransferRegistry(config.dataplane, config.timeouts)
+        self.access = AccessPolicy(config.revoked)
+        self.transfers = TransferRegistry(config.dataplane, config.timeouts, self.access)
         self.runner = JobRunner(config, self.store, self.sites, self.transfers)
         self.control_port = self.data_port = 0
         self._data: Listener | None = None
@@ -40,10 +49,11 @@ class Server:
 
     async def serve(self) -> None:
         """Listen on both planes and run jobs until cancelled."""
-        control = ControlServer(session=self._session, call=self._call, watch=self._watch,
-                                identify=lambda context: context.peer())
-        self.control_port = await control.start(self.config.host, self.config.control_port)
-        self._data = await listen(self.config.host, self.config.data_port, self.transfers.handle)
+        if self.config.tls is None:
+            log.warning("plaintext server: no TLS, no identities; for local trials only")
+        control = ControlServer(session=self._session, call=self._call, watch=self._watch)
+        self.control_port = await control.start(self.config.host, self.config.control_port, self.config.tls)
+        self._data = await listen(self.config.host, self.config.data_port, self.transfers.handle, tls=self.config.tls)
         self.data_port = self._data.port
         log.info("server listening", extra={"control_port": self.control_port, "data_port": self.data_port})
         self.runner.requeue_unfinished()
@@ -57,15 +67,16 @@ class Server:
             await control.stop()
             self.store.close()
 
-    async def _session(self, stream: MessageStream, peer: str) -> None:
+    async def _session(self, stream: MessageStream, peer: Peer) -> None:
         first = await stream.receive()
         hello = parse_site_message(first or {})
         if not isinstance(hello, Hello):
             raise RemoteProtocolError("a site's first message must be hello")
+        self.access.check_site(peer, hello.site)
         session = SiteSession(hello.site, stream)
         await self.sites.join(session)
         await session.send(Welcome(site=hello.site))
-        log.info("site joined", extra={"site": hello.site, "peer": peer})
+        log.info("site joined", extra={"site": hello.site})
         reason = "closed the stream"
         try:
             silence = self.config.timeouts.heartbeat_interval * 6
@@ -87,21 +98,26 @@ class Server:
             await self.sites.leave(session, reason)
             log.info("site left", extra={"site": hello.site, "reason": reason})
 
-    async def _call(self, request: Message, peer: str) -> Message:
-        op = request.get("op")
+    async def _call(self, request: Message, peer: Peer) -> Message:
+        op = str(request.get("op"))
+        if op in ("status", "abort", "download"):
+            job_id = _job_id(request)
+            self.access.check_admin(peer, op, self.store.get(job_id).submitter_org)
+        else:
+            self.access.check_admin(peer, op)
         if op == "submit":
-            return {"job_id": self.runner.submit(str(request.get("package_b64", "")), peer)}
+            return {"job_id": self.runner.submit(str(request.get("package_b64", "")), submitter(peer))}
         if op == "list_jobs":
             return {"jobs": [record.to_json() for record in self.store.list()]}
         if op == "status":
-            return self._status(_job_id(request))
+            return self._status(job_id)
         if op == "abort":
-            self.runner.abort(_job_id(request))
+            self.runner.abort(job_id)
             return {"ok": True}
         if op == "sites":
             return {"sites": [{"name": s.name, "connected_s": s.connected_s} for s in self.sites.sites.values()]}
         if op == "download":
-            return self._offer_download(_job_id(request), peer)
+            return self._offer_download(job_id, submitter(peer)[0])
         raise ConfigError(f"unknown admin operation {op!r}")
 
     def _status(self, job_id: str) -> Message:
@@ -131,7 +147,8 @@ class Server:
         self._background.create_task(serve_then_forget())
         return {"transfer": transfer.id, "round": latest, "manifest": model.manifest.to_json()}
 
-    async def _watch(self, request: Message, peer: str) -> AsyncIterator[Message]:
+    async def _watch(self, request: Message, peer: Peer) -> AsyncIterator[Message]:
+        self.access.check_admin(peer, "watch")
         async for event in self.runner.watch(_job_id(request)):
             yield event
 

@@ -34,6 +34,7 @@ class JobRecord:
     rounds_done: int
     num_rounds: int
     submitter: str
+    submitter_org: str
     error: str
 
     def to_json(self) -> dict:
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL,
     submitted_s REAL NOT NULL, started_s REAL, finished_s REAL,
     rounds_done INTEGER NOT NULL DEFAULT 0, num_rounds INTEGER NOT NULL,
-    submitter TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT ''
+    submitter TEXT NOT NULL DEFAULT '', submitter_org TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT ''
 )
 """
 _FIELDS = set(JobRecord.__dataclass_fields__)
@@ -60,10 +62,12 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
 
-    def add(self, job_id: str, name: str, num_rounds: int, submitter: str) -> JobRecord:
+    def add(self, job_id: str, name: str, num_rounds: int, submitter: tuple[str, str]) -> JobRecord:
+        """Record a new job; `submitter` is (name, organisation)."""
         self._db.execute(
-            "INSERT INTO jobs (id, name, status, submitted_s, num_rounds, submitter) VALUES (?, ?, ?, ?, ?, ?)",
-            (job_id, name, JobStatus.SUBMITTED.value, time.time(), num_rounds, submitter),
+            "INSERT INTO jobs (id, name, status, submitted_s, num_rounds, submitter, submitter_org)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job_id, name, JobStatus.SUBMITTED.value, time.time(), num_rounds, *submitter),
         )
         return self.get(job_id)
 

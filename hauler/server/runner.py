@@ -42,7 +42,7 @@ class JobRunner:
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
-    def submit(self, package_b64: str, submitter: str) -> str:
+    def submit(self, package_b64: str, submitter: tuple[str, str]) -> str:
         """Validate and store a job package, and queue the job."""
         job_id = uuid.uuid4().hex[:12]
         app_dir = self.job_dir(job_id) / "app"

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hauler.core.config import DataPlane, Timeouts
-from hauler.core.errors import HaulerError, JobError
+from hauler.core.errors import HaulerError, JobError, SecurityError
 from hauler.core.timeouts import SilenceTimer
 from hauler.model import Chunk, ChunkPlan, Manifest
+from hauler.server.access import AccessPolicy
 from hauler.transfer import ReceiveLedger, WindowStatistics
 from hauler.transport import Connection, read_hello, receive_model, refuse, send_model
 from hauler.transport.streams import ChunkSink, ChunkSource
@@ -57,9 +58,10 @@ class Transfer:
 class TransferRegistry:
     """Creates transfers and serves them on the data plane."""
 
-    def __init__(self, dataplane: DataPlane, timeouts: Timeouts) -> None:
+    def __init__(self, dataplane: DataPlane, timeouts: Timeouts, access: AccessPolicy) -> None:
         self.dataplane = dataplane
         self.timeouts = timeouts
+        self.access = access
         self._transfers: dict[str, Transfer] = {}
 
     def offer(self, peer: str, manifest: Manifest, source: ChunkSource) -> Transfer:
@@ -93,6 +95,11 @@ class TransferRegistry:
         if transfer is None or transfer.done.done() or transfer.connection is not None:
             refuse(connection, "unknown, busy or finished transfer")
             return
+        try:
+            self.access.check_transfer(connection.identity, transfer.peer)
+        except SecurityError as error:
+            refuse(connection, str(error))
+            raise
         transfer.connection = connection
         try:
             await self._run(connection, transfer)

@@ -9,6 +9,7 @@ from hauler.transport.control import (
     ControlServer,
     Message,
     MessageStream,
+    Peer,
 )
 from hauler.transport.streams import (
     open_transfer,
@@ -19,6 +20,6 @@ from hauler.transport.streams import (
 )
 
 __all__ = [
-    "Connection", "ControlChannel", "ControlServer", "Listener", "Message", "MessageStream",
+    "Connection", "ControlChannel", "ControlServer", "Listener", "Message", "MessageStream", "Peer",
     "connect", "listen", "open_transfer", "read_hello", "receive_model", "refuse", "send_model",
 ]

@@ -10,11 +10,20 @@ module sees `ssl`, `socket` or asyncio transports.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
+from hauler.core.config import TlsFiles
 from hauler.core.errors import ConnectionLost, HaulerError
+from hauler.security import (
+    Identity,
+    client_ssl_context,
+    identity_from_ssl_object,
+    server_ssl_context,
+    tls_failure,
+)
 from hauler.transfer import Frame, FrameReader
 from hauler.transfer.reader import Destination
 
@@ -77,7 +86,12 @@ class Connection:
         self._inbox: asyncio.Queue[Frame] = asyncio.Queue()
         self._handler: FrameHandler = self._inbox.put_nowait
         self.peer_address = transport.get_extra_info("peername")
-        self.peer_certificate = transport.get_extra_info("peercert")
+        self._ssl_object = transport.get_extra_info("ssl_object")
+
+    @functools.cached_property
+    def identity(self) -> Identity | None:
+        """Who the peer is, by its certificate; None on a plaintext connection."""
+        return None if self._ssl_object is None else identity_from_ssl_object(self._ssl_object)
 
     def set_handler(self, handler: FrameHandler | None, destination: Destination | None = None) -> None:
         """Route frames to `handler` (None: back to `next_frame`); DATA payloads land in `destination`.
@@ -154,11 +168,24 @@ class Connection:
         self._transport.abort()
 
 
-async def connect(host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> Connection:
-    """Open a data-plane connection to `host:port`."""
+@functools.cache
+def _client_context(tls: TlsFiles) -> ssl.SSLContext:
+    return client_ssl_context(tls)
+
+
+@functools.cache
+def _server_context(tls: TlsFiles) -> ssl.SSLContext:
+    return server_ssl_context(tls)
+
+
+async def connect(host: str, port: int, *, tls: TlsFiles | None = None) -> Connection:
+    """Open a data-plane connection to `host:port`, with mutual TLS when `tls` is given."""
     loop = asyncio.get_running_loop()
     try:
-        _, protocol = await loop.create_connection(_FrameProtocol, host, port, ssl=ssl_context)
+        _, protocol = await loop.create_connection(_FrameProtocol, host, port,
+                                                   ssl=_client_context(tls) if tls else None)
+    except ssl.SSLError as error:
+        raise tls_failure(error, peer=f"{host}:{port}") from None
     except OSError as error:
         raise ConnectionLost(f"cannot reach the data plane at {host}:{port}: {error.strerror or error}") from None
     return await protocol.made
@@ -182,8 +209,8 @@ class Listener:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def listen(host: str, port: int, handler: ConnectionHandler, *, ssl_context: ssl.SSLContext | None = None) -> Listener:
-    """Accept data-plane connections on `host:port` (0 picks a free port)."""
+async def listen(host: str, port: int, handler: ConnectionHandler, *, tls: TlsFiles | None = None) -> Listener:
+    """Accept data-plane connections on `host:port` (0 picks a free port); mutual TLS when `tls` is given."""
     tasks: set[asyncio.Task] = set()
 
     def factory() -> _FrameProtocol:
@@ -204,7 +231,8 @@ async def listen(host: str, port: int, handler: ConnectionHandler, *, ssl_contex
         return protocol
 
     try:
-        server = await asyncio.get_running_loop().create_server(factory, host, port, ssl=ssl_context)
+        server = await asyncio.get_running_loop().create_server(
+            factory, host, port, ssl=_server_context(tls) if tls else None)
     except OSError as error:
         raise HaulerError(f"cannot listen on {host}:{port}: {error.strerror}; pick another data_port") from None
     return Listener(server, tasks)

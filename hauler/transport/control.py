@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import grpc
 from grpc import aio
 
+from hauler.core.config import TlsFiles
 from hauler.core.errors import (
     ConfigError,
     ConnectionLost,
@@ -24,6 +25,13 @@ from hauler.core.errors import (
     JobError,
     RemoteProtocolError,
     SecurityError,
+)
+from hauler.security import (
+    Identity,
+    grpc_channel_credentials,
+    grpc_server_credentials,
+    grpc_tls_failure,
+    identity_from_grpc_auth_context,
 )
 
 SERVICE = "hauler.Control"
@@ -70,6 +78,8 @@ def _decode(data: bytes) -> Message:
 
 def map_rpc_error(error: grpc.RpcError, where: str) -> HaulerError:
     """The Hauler error for a failed RPC: refusals keep their type, the rest is a lost link."""
+    if isinstance(error, aio.AioRpcError) and (refusal := grpc_tls_failure(error, peer=where)) is not None:
+        return refusal
     code, details = error.code(), error.details() or ""  # type: ignore[attr-defined]
     kind = _ERRORS.get(code)
     if kind is not None:
@@ -96,18 +106,18 @@ class _ServerStream:
         return None if message is aio.EOF else message
 
 
-SessionHandler = Callable[[MessageStream, str], Awaitable[None]]
-CallHandler = Callable[[Message, str], Awaitable[Message]]
-WatchHandler = Callable[[Message, str], AsyncIterator[Message]]
+Peer = Identity | None  # None: a plaintext connection, whose claims nobody vouches for
+SessionHandler = Callable[[MessageStream, Peer], Awaitable[None]]
+CallHandler = Callable[[Message, Peer], Awaitable[Message]]
+WatchHandler = Callable[[Message, Peer], AsyncIterator[Message]]
 
 
 class ControlServer:
-    """Serves `Session`, `Call` and `Watch`; `peer` given to handlers identifies the caller."""
+    """Serves `Session`, `Call` and `Watch`; handlers get the caller's certified identity."""
 
-    def __init__(self, *, session: SessionHandler, call: CallHandler, watch: WatchHandler,
-                 identify: Callable[[aio.ServicerContext], str]) -> None:
+    def __init__(self, *, session: SessionHandler, call: CallHandler, watch: WatchHandler) -> None:
         self._server = aio.server(options=_SERVER_OPTIONS)
-        self._identify = identify
+        self._tls = False
 
         async def session_rpc(request_iterator: Any, context: aio.ServicerContext) -> None:
             await self._guard(context, session(_ServerStream(context), self._identify(context)))
@@ -129,15 +139,19 @@ class ControlServer:
         }
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
 
+    def _identify(self, context: aio.ServicerContext) -> Peer:
+        return identity_from_grpc_auth_context(context.auth_context()) if self._tls else None
+
     async def _guard(self, context: aio.ServicerContext, work: Awaitable[Any]) -> Any:
         try:
             return await work
         except HaulerError as error:
             await context.abort(_status(error), str(error))
 
-    async def start(self, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
-        address = f"{host}:{port}"
-        bound = (self._server.add_secure_port(address, credentials) if credentials
+    async def start(self, host: str, port: int, tls: TlsFiles | None = None) -> int:
+        """Listen on `host:port` (0 picks a port, returned); mutual TLS when `tls` is given."""
+        address, self._tls = f"{host}:{port}", tls is not None
+        bound = (self._server.add_secure_port(address, grpc_server_credentials(tls)) if tls
                  else self._server.add_insecure_port(address))
         if not bound:
             raise HaulerError(f"cannot listen on {address}; pick another control_port")
@@ -181,10 +195,10 @@ class _ClientStream:
 class ControlChannel:
     """A client's channel to the server's control port."""
 
-    def __init__(self, host: str, port: int, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(self, host: str, port: int, tls: TlsFiles | None = None) -> None:
         target = f"{host}:{port}"
         self.target = target
-        self._channel = (aio.secure_channel(target, credentials, options=_OPTIONS) if credentials
+        self._channel = (aio.secure_channel(target, grpc_channel_credentials(tls), options=_OPTIONS) if tls
                          else aio.insecure_channel(target, options=_OPTIONS))
 
     def session(self) -> _ClientStream:

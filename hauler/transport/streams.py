@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Protocol
 
-from hauler.core.config import Timeouts
+from hauler.core.config import Timeouts, TlsFiles
 from hauler.core.errors import RemoteProtocolError, TransferTimeout
 from hauler.core.timeouts import SilenceTimer
 from hauler.model import ChunkPlan
@@ -168,9 +168,9 @@ async def receive_model(
             raise TransferTimeout("streaming_read_timeout", timeouts.streaming_read_timeout, "receiving a model") from None
 
 
-async def open_transfer(host: str, port: int, transfer_id: str, *, ssl_context: object | None = None) -> Connection:
+async def open_transfer(host: str, port: int, transfer_id: str, *, tls: TlsFiles | None = None) -> Connection:
     """Dial the data plane and bind the connection to `transfer_id` with a HELLO frame."""
-    connection = await connect(host, port, ssl_context=ssl_context)  # type: ignore[arg-type]
+    connection = await connect(host, port, tls=tls)
     connection.write(control_frame(Kind.HELLO, json.dumps({"transfer": transfer_id}).encode()))
     return connection
 
