@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import ssl
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +28,10 @@ from bench.sampler import Sampler
 from bench.sockets import blocking_socket_seconds
 from hauler.admin import Admin, poc
 from hauler.cli.progress import follow
+from hauler.core.config import ServerConfig, SiteConfig, load_toml
 from hauler.core.events import read_json_lines
 from hauler.core.package import load_job, load_job_module
+from hauler.security import client_ssl_context, server_ssl_context
 from hauler.server.rounds import RoundStore
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
@@ -47,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--workspace", type=Path, help="federation folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the workspace afterwards")
+    parser.add_argument("--plaintext", action="store_true", help="no TLS (to measure its cost)")
     return parser.parse_args(argv)
 
 
@@ -91,12 +95,21 @@ def max_abs_error(workspace: Path, job_dir: Path, job_id: str, rounds: int) -> f
     return worst
 
 
+def tls_contexts(workspace: Path) -> dict[str, ssl.SSLContext]:
+    """The server's and a site's TLS contexts from their kits, for the socket yardstick (none if plaintext)."""
+    server = load_toml(ServerConfig, workspace / "server" / "server.toml")
+    site = load_toml(SiteConfig, workspace / "site-1" / "site.toml")
+    if server.tls is None or site.tls is None:
+        return {}
+    return {"server_context": server_ssl_context(server.tls), "client_context": client_ssl_context(site.tls)}
+
+
 def summarize(args: argparse.Namespace, model_bytes: int, wall_s: float, outcome: str, error: float,
               metrics: list[dict], sampler: Sampler, baseline_s: float) -> dict[str, Any]:
     rounds = [{key: row[key] for key in ("round", "download_s", "train_s", "upload_s", "aggregate_s", "round_s")}
               for row in metrics if row.get("kind") == "round"]
     return {
-        "model_bytes": model_bytes, "arrays": args.arrays, "sites": args.sites, "tls": False,
+        "model_bytes": model_bytes, "arrays": args.arrays, "sites": args.sites, "tls": not args.plaintext,
         "wall_s": round(wall_s, 3), "outcome": outcome, "rounds": rounds,
         "peak_rss_bytes": {role: s.peak_rss_bytes for role, s in sampler.series.items()},
         "peak_rss_anon_bytes": {role: s.peak_rss_anon_bytes for role, s in sampler.series.items()},
@@ -118,7 +131,8 @@ def show(result: dict[str, Any]) -> None:
     for role, rss in result["peak_rss_bytes"].items():
         memory.add_row(role, f"{rss / 2**20:.0f}", f"{result['peak_rss_anon_bytes'][role] / 2**20:.0f}")
     console.print(memory)
-    console.print(f"wall {result['wall_s']:.2f} s (submit to finished); plain blocking sockets moving the same "
+    kind = "TLS" if result["tls"] else "plain"
+    console.print(f"wall {result['wall_s']:.2f} s (submit to finished); {kind} blocking sockets moving the same "
                   f"bytes: {result['baseline_socket_s']:.2f} s; efficiency {result['efficiency']:.2f}")
     verdict = "result verified" if result["correct"] else f"RESULT WRONG ({result['outcome']})"
     console.print(f"{verdict}: max |error| = {result['max_abs_error']:.2e}")
@@ -130,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     model_bytes = array_bytes * args.arrays
     workspace = (args.workspace or Path(tempfile.mkdtemp(prefix="hauler-e2e-"))).resolve()
     job_dir = write_job(workspace, arrays=args.arrays, array_bytes=array_bytes, rounds=args.rounds, sites=args.sites)
-    poc.prepare(workspace, args.sites)
+    poc.prepare(workspace, args.sites, plaintext=args.plaintext)
     console.print(f"starting a server and {args.sites} sites in {workspace}")
     pids = poc.start(workspace)
     try:
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         poc.stop(workspace)
     console.print("timing plain blocking sockets on the same bytes ...")
-    baseline_s = blocking_socket_seconds(2 * args.sites * args.rounds * model_bytes)
+    baseline_s = blocking_socket_seconds(2 * args.sites * args.rounds * model_bytes, **tls_contexts(workspace))
     result = summarize(args, model_bytes, wall_s, outcome, error, metrics, sampler, baseline_s)
     show(result)
     if args.json:

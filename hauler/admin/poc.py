@@ -34,10 +34,11 @@ def site_names(count: int) -> list[str]:
 
 
 def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: int = 0,
-            timeouts: dict[str, float] | None = None) -> list[Path]:
+            timeouts: dict[str, float] | None = None, plaintext: bool = False) -> list[Path]:
     """Provision a local federation with mutual TLS: a project CA and a kit per participant.
 
-    Ports of 0 are picked free now. Each kit folder is also its role's workspace."""
+    Ports of 0 are picked free now. Each kit folder is also its role's workspace.
+    `plaintext` drops TLS from every config, to measure what it costs; never for real data."""
     if sites < 1:
         raise ConfigError("--sites must be at least 1")
     workspace = workspace.resolve()
@@ -53,15 +54,18 @@ def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: in
     project_file = workspace / "project.yml"
     project_file.write_text(yaml.safe_dump(project, sort_keys=False))
     kits = provision(project_file, workspace, overwrite=True)
+    extra = {"timeouts": timeouts} if timeouts else {}
     for config in [*workspace.glob("server/server.toml"), *workspace.glob("site-*/site.toml")]:
-        _amend(config, {"workspace": ".", **({"timeouts": timeouts} if timeouts else {})})
-    if timeouts:
-        _amend(workspace / "admin" / "admin.toml", {"timeouts": timeouts})
+        _amend(config, {"workspace": ".", **extra}, drop_tls=plaintext)
+    _amend(workspace / "admin" / "admin.toml", extra, drop_tls=plaintext)
     return kits
 
 
-def _amend(config: Path, values: dict) -> None:
-    config.write_text(tomli_w.dumps({**tomllib.loads(config.read_text()), **values}))
+def _amend(config: Path, values: dict, *, drop_tls: bool) -> None:
+    data = {**tomllib.loads(config.read_text()), **values}
+    if drop_tls:
+        data.pop("tls", None)
+    config.write_text(tomli_w.dumps(data))
 
 
 def admin_config(workspace: Path) -> AdminConfig:

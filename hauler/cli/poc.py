@@ -21,10 +21,12 @@ def prepare(
     sites: Annotated[int, typer.Option("--sites", "-n", min=1, help="Number of sites.")] = 2,
     control_port: Annotated[int, typer.Option(help="Server control port; 0 picks a free one.")] = 0,
     data_port: Annotated[int, typer.Option(help="Server data port; 0 picks a free one.")] = 0,
+    plaintext: Annotated[bool, typer.Option(help="No TLS, to measure its cost; never for real data.")] = False,
 ) -> None:
-    """Write configs for a server, N sites and an admin."""
+    """Provision a server, N sites and an admin (project CA, mutual TLS, one kit each)."""
     try:
-        written = poc.prepare(workspace, sites, control_port=control_port, data_port=data_port)
+        written = poc.prepare(workspace, sites, control_port=control_port, data_port=data_port,
+                              plaintext=plaintext)
     except HaulerError as error:
         fail(error)
     console.print(f"prepared {len(written) - 2} sites in {workspace.resolve()}")
