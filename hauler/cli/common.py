@@ -22,7 +22,7 @@ WorkspaceOption = Annotated[
     Path | None, typer.Option("--workspace", "-w", help="A POC workspace (from `hauler poc prepare`).")
 ]
 AdminConfigOption = Annotated[
-    Path | None, typer.Option("--admin-config", help="An admin's config file (admin.toml of a startup kit).")
+    Path | None, typer.Option("--kit", "-k", help="An admin's startup kit folder (or its admin.toml).")
 ]
 DEBUG = {"enabled": False}
 
@@ -44,14 +44,14 @@ def fail(error: HaulerError) -> None:
     raise typer.Exit(error.exit_code)
 
 
-def resolve_admin(workspace: Path | None, admin_config_path: Path | None) -> AdminConfig:
-    """The admin config from `--admin-config`, or from a POC `--workspace`."""
+def resolve_admin(workspace: Path | None, kit: Path | None) -> AdminConfig:
+    """The admin config from a startup kit (`--kit`), or from a POC `--workspace`."""
     try:
-        if admin_config_path is not None:
-            return load_toml(AdminConfig, admin_config_path)
+        if kit is not None:
+            return load_toml(AdminConfig, kit / "admin.toml" if kit.is_dir() else kit)
         if workspace is not None:
             return admin_config(workspace)
-        raise ConfigError("say where the server is: --workspace DIR (POC) or --admin-config FILE")
+        raise ConfigError("say where the server is: --workspace DIR (a POC) or --kit DIR (an admin's startup kit)")
     except HaulerError as error:
         fail(error)
         raise

@@ -163,6 +163,9 @@ class Site:
             raise JobError(self._refused.get(task.job_id, f"job {task.job_id} was not deployed to this site"))
         module, config = self._executors[task.job_id]
         manifest = Manifest.from_json(task.manifest)
+        if manifest.total_bytes > self.config.max_model_gib * 2**30:
+            raise JobError(f"model of {manifest.total_bytes / 2**30:.1f} GiB exceeds this site's "
+                           f"max_model_gib = {self.config.max_model_gib:g}")
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
         connection = await open_transfer(self.config.server_host, self.config.data_port, task.download,
                                          tls=self.config.tls)

@@ -87,6 +87,7 @@ class SiteConfig(Strict):
     data_port: int = Field(8003, ge=1, le=65535)
     workspace: Path = Path("site-workspace")
     allow_custom_code: bool = Field(True, description="Refuse jobs that carry their own Python code when false.")
+    max_model_gib: float = Field(1024.0, gt=0, description="Largest model this site accepts to receive.")
     tls: TlsFiles | None = None
     timeouts: Timeouts = Timeouts()
     dataplane: DataPlane = DataPlane()

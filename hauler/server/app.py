@@ -132,7 +132,7 @@ class Server:
         if latest is None:
             raise ConfigError(f"job {job_id} has no global model yet")
         model = rounds.open(latest)
-        transfer = self.transfers.offer("admin", model.manifest, model)
+        transfer = self.transfers.offer(peer, model.manifest, model)
         assert self._background is not None
 
         async def serve_then_forget() -> None:
