@@ -150,7 +150,7 @@ async def _other_sites_transfers(kits: Path, server: Server, tmp_path: Path) -> 
     channel_1, stream_1 = await _join(site_1)
     assert isinstance(parse_server_message(await stream_1.receive()), Welcome)
     async with Admin(_admin(kits, "alice", server)) as admin:
-        job_id = await admin.submit(_job(tmp_path))
+        await admin.submit(_job(tmp_path))
     task = await _next(stream_1, Task)
     intruder = await open_transfer("127.0.0.1", server.data_port, task.download, tls=site_2.tls)
     assert "site-2 may not use a transfer of site-1" in await _refused_on_data_plane(intruder)
