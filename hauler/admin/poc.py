@@ -34,7 +34,8 @@ def site_names(count: int) -> list[str]:
 
 
 def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: int = 0,
-            timeouts: dict[str, float] | None = None, plaintext: bool = False) -> list[Path]:
+            timeouts: dict[str, float] | None = None, dataplane: dict[str, float] | None = None,
+            plaintext: bool = False) -> list[Path]:
     """Provision a local federation with mutual TLS: a project CA and a kit per participant.
 
     Ports of 0 are picked free now. Each kit folder is also its role's workspace.
@@ -56,7 +57,8 @@ def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: in
     kits = provision(project_file, workspace, overwrite=True)
     extra = {"timeouts": timeouts} if timeouts else {}
     for config in [*workspace.glob("server/server.toml"), *workspace.glob("site-*/site.toml")]:
-        _amend(config, {"workspace": ".", **extra}, drop_tls=plaintext)
+        _amend(config, {"workspace": ".", **extra, **({"dataplane": dataplane} if dataplane else {})},
+               drop_tls=plaintext)
     _amend(workspace / "admin" / "admin.toml", extra, drop_tls=plaintext)
     return kits
 

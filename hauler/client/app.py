@@ -8,11 +8,11 @@ result, then upload from the same file. The model never has to fit in memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import random
 import shutil
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from types import ModuleType
 from typing import Any
 
@@ -34,9 +34,11 @@ from hauler.core.messages import (
     parse_server_message,
 )
 from hauler.core.package import load_job_module, unpack
+from hauler.core.retry import backoff_s, with_retries
 from hauler.model import ChunkPlan, Manifest, ModelFile
-from hauler.transfer import ReceiveLedger
+from hauler.transfer import ReceiveLedger, SendWindow
 from hauler.transport import (
+    Connection,
     ControlChannel,
     MessageStream,
     open_transfer,
@@ -46,7 +48,6 @@ from hauler.transport import (
 
 log = logging.getLogger("hauler.client")
 MAX_PACKAGE_BYTES = 64 << 20
-RECONNECT_MAX_S = 30.0
 
 
 class Site:
@@ -74,7 +75,7 @@ class Site:
                 failures += 1
                 log.warning("session ended", extra={"site": self.name, "error": str(error)})
             self.connected.clear()
-            await asyncio.sleep(min(RECONNECT_MAX_S, 0.5 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+            await asyncio.sleep(backoff_s(max(failures, 1), self.config.dataplane))
 
     async def _session(self) -> None:
         channel = ControlChannel(self.config.server_host, self.config.control_port, self.config.tls)
@@ -167,12 +168,13 @@ class Site:
             raise JobError(f"model of {manifest.total_bytes / 2**30:.1f} GiB exceeds this site's "
                            f"max_model_gib = {self.config.max_model_gib:g}")
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
-        connection = await open_transfer(self.config.server_host, self.config.data_port, task.download,
-                                         tls=self.config.tls)
-        try:
-            await receive_model(connection, ReceiveLedger(ChunkPlan(manifest)), model, timeouts=self.config.timeouts)
-        finally:
-            connection.close()
+        ledger = ReceiveLedger(ChunkPlan(manifest))
+
+        async def download() -> None:
+            async with self._transfer(task.download) as connection:
+                await receive_model(connection, ledger, model, timeouts=self.config.timeouts)
+
+        await with_retries(download, self.config.dataplane, f"download of round {task.round}")
         started = time.perf_counter()
         context = TrainContext(self.name, task.job_id, task.round, config, self.jobs_dir / task.job_id)
         output = await asyncio.to_thread(run_train, module, model.arrays(), context)
@@ -186,11 +188,22 @@ class Site:
         if message.task_id not in self._results:
             raise JobError(f"no result of task {message.task_id} to upload")
         job_id, manifest = self._results[message.task_id]
-        connection = await open_transfer(self.config.server_host, self.config.data_port, message.upload,
+        window = SendWindow(ChunkPlan(manifest), self.config.dataplane.window_chunks)
+
+        async def upload() -> None:
+            async with self._transfer(message.upload) as connection:
+                await send_model(connection, manifest, self._models[job_id], window=window,
+                                 window_chunks=window.window_chunks, timeouts=self.config.timeouts)
+
+        await with_retries(upload, self.config.dataplane, f"upload of task {message.task_id}")
+
+    @contextlib.asynccontextmanager
+    async def _transfer(self, transfer_id: str) -> AsyncIterator[Connection]:
+        """A data-plane connection bound to `transfer_id`, closed afterwards."""
+        connection = await open_transfer(self.config.server_host, self.config.data_port, transfer_id,
                                          tls=self.config.tls)
         try:
-            await send_model(connection, manifest, self._models[job_id],
-                             window_chunks=self.config.dataplane.window_chunks, timeouts=self.config.timeouts)
+            yield connection
         finally:
             connection.close()
 

@@ -47,6 +47,10 @@ class DataPlane(Strict):
 
     chunk_bytes: int = Field(4 * MIB, ge=4096, le=64 * MIB, description="Bytes per chunk frame.")
     window_chunks: int = Field(16, ge=1, le=4096, description="Unacknowledged chunks in flight.")
+    max_retries: int = Field(10, ge=0, le=1000, description="Reconnections per transfer before giving up; "
+                             "each resumes from the last acknowledged chunk.")
+    retry_backoff_s: float = Field(0.5, gt=0, description="First wait before reconnecting; doubles, with jitter.")
+    retry_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between reconnections.")
 
 
 class TlsFiles(Strict):

@@ -21,6 +21,11 @@ class SilenceTimer:
         if self._scope is not None and self.seconds is not None and not self._scope.expired():
             self._scope.reschedule(asyncio.get_running_loop().time() + self.seconds)
 
+    def switch(self, seconds: float | None, name: str) -> None:
+        """Measure a different silence from now on (the next stage of an exchange)."""
+        self.seconds, self.name = seconds, name
+        self.touch()
+
     async def __aenter__(self) -> SilenceTimer:
         deadline = None if self.seconds is None else asyncio.get_running_loop().time() + self.seconds
         self._scope = asyncio.timeout_at(deadline)

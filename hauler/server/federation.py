@@ -56,6 +56,7 @@ class JobFederation:
         self._results: dict[str, tuple[str, ResultReady]] = {}  # site -> (task id, result), this round
         self._round_started = self._last_upload_done = 0.0
         self._site_timings: list[dict[str, float]] = []
+        self._upload_statistics: dict[str, dict[str, int]] = {}
 
     async def wait_for_sites(self, count: int, wanted: list[str] | None) -> list[str]:
         self.emit("sites.waiting", count=count)
@@ -101,8 +102,11 @@ class JobFederation:
             self.transfers.discard(download)
         timings = {"download_s": arrived - start, "train_s": trained - arrived, "upload_s": uploaded - trained}
         self._site_timings.append(timings)
-        self.record({"kind": "site", "round": round, "site": site, "weight": result.weight,
-                     "bytes": 2 * manifest.total_bytes, **timings, "metrics": result.metrics})
+        upload = self._upload_statistics.pop(site, {})
+        self.record({"kind": "site", "round": round, "site": site, "weight": result.weight, **timings,
+                     "download": {**download.statistics(), "mb_per_s": _rate(manifest.total_bytes, timings["download_s"])},
+                     "upload": {**upload, "mb_per_s": _rate(manifest.total_bytes, timings["upload_s"])},
+                     "metrics": result.metrics})
         self.emit("site.result", round=round, site=site, weight=result.weight, **timings)
         return TrainResult(site, result.weight, result.metrics, timings)
 
@@ -121,6 +125,7 @@ class JobFederation:
             await self._unless_lost(session, upload.wait(self.server.timeouts.communication_timeout,
                                                          f"receiving {session.name}'s update"))
             contribution.complete()
+            self._upload_statistics[session.name] = upload.statistics()
         finally:
             contribution.abandon()  # no-op once complete; taints the round if it stopped part-way
             self.transfers.discard(upload)
@@ -210,6 +215,10 @@ class JobFederation:
             if model is not None:
                 model.close()
         self._global = self._output = None
+
+
+def _rate(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e6, 1) if seconds > 0 else 0.0
 
 
 async def _quietly(work: Awaitable[Any]) -> None:

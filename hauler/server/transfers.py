@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hauler.core.config import DataPlane, Timeouts
-from hauler.core.errors import HaulerError, JobError, SecurityError
+from hauler.core.errors import HaulerError, JobError, SecurityError, TransferTimeout
 from hauler.core.timeouts import SilenceTimer
 from hauler.model import Chunk, ChunkPlan, Manifest
 from hauler.server.access import AccessPolicy
-from hauler.transfer import ReceiveLedger, WindowStatistics
+from hauler.transfer import ReceiveLedger, SendWindow
 from hauler.transport import Connection, read_hello, receive_model, refuse, send_model
 from hauler.transport.streams import ChunkSink, ChunkSource
 
@@ -33,12 +33,23 @@ class Transfer:
     manifest: Manifest
     file: ChunkSource
     done: asyncio.Future[None]
-    ledger: ReceiveLedger | None = None
+    ledger: ReceiveLedger | None = None  # uploads: what has landed, across reconnects
+    window: SendWindow | None = None  # downloads: what the site holds, across reconnects
     on_chunk: Callable[[Chunk], None] | None = None
     bytes_done: int = 0
-    statistics: WindowStatistics | None = None
+    bytes_discarded: int = 0
+    interruption: str = ""  # why the last connection ended early, for the error a waiter sees
+    connections: int = 0
     connection: Connection | None = None
+    serving: asyncio.Lock = field(default_factory=asyncio.Lock)
     listeners: list[Callable[[int], None]] = field(default_factory=list)
+
+    def statistics(self) -> dict[str, int]:
+        """Bytes moved and re-sent, and reconnections, for the job's metrics."""
+        # A sender knows what it sent twice; a receiver, the part-chunks a dropped link wasted
+        # (chunks it acknowledged are never re-sent).
+        resent = self.window.statistics().bytes_resent if self.window is not None else self.bytes_discarded
+        return {"bytes": self.bytes_done, "bytes_resent": resent, "reconnects": max(0, self.connections - 1)}
 
     def progressed(self, nbytes: int) -> None:
         self.bytes_done += nbytes
@@ -47,12 +58,18 @@ class Transfer:
 
     async def wait(self, seconds: float | None, what: str) -> None:
         """Wait for the transfer to finish; fail after `seconds` (communication_timeout) of no progress."""
-        async with SilenceTimer(seconds, "communication_timeout", what) as timer:
-            self.listeners.append(timer.touch)
-            try:
-                await asyncio.shield(self.done)
-            finally:
-                self.listeners.remove(timer.touch)
+        try:
+            async with SilenceTimer(seconds, "communication_timeout", what) as timer:
+                self.listeners.append(timer.touch)
+                try:
+                    await asyncio.shield(self.done)
+                finally:
+                    self.listeners.remove(timer.touch)
+        except TransferTimeout as error:
+            if self.interruption:
+                raise TransferTimeout(error.timeout_name, error.seconds,
+                                      f"{what} (its last connection ended: {self.interruption})") from None
+            raise
 
 
 class TransferRegistry:
@@ -66,12 +83,14 @@ class TransferRegistry:
 
     def offer(self, peer: str, manifest: Manifest, source: ChunkSource) -> Transfer:
         """A model the server will send to `peer` when it connects."""
-        return self._add(Transfer(secrets.token_hex(16), peer, "download", manifest, source, _future()))
+        window = SendWindow(ChunkPlan(manifest), self.dataplane.window_chunks)
+        return self._add(Transfer(secrets.token_hex(16), peer, "download", manifest, source, _future(), window=window))
 
     def expect(self, peer: str, manifest: Manifest, sink: ChunkSink, on_chunk: Callable[[Chunk], None]) -> Transfer:
         """A model the server will receive from `peer`: chunks land in `sink`, then go to `on_chunk`."""
         ledger = ReceiveLedger(ChunkPlan(manifest))
-        return self._add(Transfer(secrets.token_hex(16), peer, "upload", manifest, sink, _future(), ledger, on_chunk))
+        return self._add(Transfer(secrets.token_hex(16), peer, "upload", manifest, sink, _future(),
+                                  ledger=ledger, on_chunk=on_chunk))
 
     def _add(self, transfer: Transfer) -> Transfer:
         self._transfers[transfer.id] = transfer
@@ -89,35 +108,43 @@ class TransferRegistry:
                     transfer.done.exception()  # retrieved: nobody may be waiting any more
 
     async def handle(self, connection: Connection) -> None:
-        """Data-plane entry point: bind the connection to its transfer and run it."""
+        """Data-plane entry point: bind the connection to its transfer and run it.
+
+        A connection that drops leaves the transfer open: the peer reconnects and resumes
+        where the acknowledgements say. A newer connection to the same transfer replaces
+        an older one the server has not yet seen die. Only silence (the waiter's
+        communication_timeout) or a discard ends a transfer unfinished."""
         transfer_id = await read_hello(connection, self.timeouts)
         transfer = self._transfers.get(transfer_id)
-        if transfer is None or transfer.done.done() or transfer.connection is not None:
-            refuse(connection, "unknown, busy or finished transfer")
+        if transfer is None or transfer.done.done():
+            refuse(connection, "unknown or finished transfer")
             return
         try:
             self.access.check_transfer(connection.identity, transfer.peer)
         except SecurityError as error:
             refuse(connection, str(error))
             raise
-        transfer.connection = connection
-        try:
-            await self._run(connection, transfer)
-        except HaulerError as error:
-            if not transfer.done.done():
-                transfer.done.set_exception(error)
-            raise
-        finally:
-            transfer.connection = None
-        if not transfer.done.done():
+        if transfer.connection is not None:
+            transfer.connection.abort()
+        async with transfer.serving:
+            if transfer.done.done():
+                refuse(connection, "finished transfer")
+                return
+            transfer.connection, transfer.connections = connection, transfer.connections + 1
+            try:
+                await self._run(connection, transfer)
+            except HaulerError as error:
+                transfer.interruption = str(error)
+                raise
+            finally:
+                transfer.connection = None
+                transfer.bytes_discarded += connection.reader.partial_payload_bytes
             transfer.done.set_result(None)
 
     async def _run(self, connection: Connection, transfer: Transfer) -> None:
         if transfer.direction == "download":
-            transfer.statistics = await send_model(
-                connection, transfer.manifest, transfer.file, window_chunks=self.dataplane.window_chunks,
-                timeouts=self.timeouts, on_progress=transfer.progressed,
-            )
+            await send_model(connection, transfer.manifest, transfer.file, window_chunks=self.dataplane.window_chunks,
+                             timeouts=self.timeouts, on_progress=transfer.progressed, window=transfer.window)
         else:
             assert transfer.ledger is not None and transfer.on_chunk is not None
             await receive_model(connection, transfer.ledger, transfer.file, timeouts=self.timeouts,

@@ -7,7 +7,8 @@
     tensor u32 DATA: tensor index in the manifest
     offset u64 DATA: byte offset within the tensor; ACK: next chunk seq expected
     length u32 payload bytes (DATA: the chunk; HELLO/ERROR: UTF-8 JSON or text)
-    check  u64 xxh3-64 of the payload
+    check  u64 xxh3-64 of the payload; for an ACK, of its offset field (a corrupted
+               acknowledgement must not move a window)
 
 No transfer id per frame: a connection is bound to one transfer by its HELLO.
 """
@@ -24,7 +25,7 @@ from hauler.model.manifest import MAX_CHUNK_BYTES, chunk_checksum
 MAGIC = b"HLR1"
 HEADER = struct.Struct("<4sBBHIQIQ")
 MAX_CONTROL_PAYLOAD = 64 << 10  # a HELLO or ERROR is a few hundred bytes; refuse more
-EMPTY_CHECKSUM = chunk_checksum(memoryview(b""))
+_U64 = struct.Struct("<Q")
 
 
 class Kind(IntEnum):
@@ -68,6 +69,10 @@ def control_frame(kind: Kind, payload: bytes) -> bytes:
     return FrameHeader(kind, length=len(payload), checksum=chunk_checksum(memoryview(payload))).encode() + payload
 
 
+def ack_checksum(next_seq: int) -> int:
+    return chunk_checksum(memoryview(_U64.pack(next_seq)))
+
+
 def ack_frame(next_seq: int) -> bytes:
     """Acknowledge every chunk before `next_seq`: they are written where they belong."""
-    return FrameHeader(Kind.ACK, offset=next_seq, checksum=EMPTY_CHECKSUM).encode()
+    return FrameHeader(Kind.ACK, offset=next_seq, checksum=ack_checksum(next_seq)).encode()

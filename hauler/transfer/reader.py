@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from hauler.core.errors import IntegrityError, RemoteProtocolError
 from hauler.model.manifest import chunk_checksum
-from hauler.transfer.frames import HEADER, FrameHeader, Kind
+from hauler.transfer.frames import HEADER, FrameHeader, Kind, ack_checksum
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,13 @@ class FrameReader:
         self._current: FrameHeader | None = None
         self._target = memoryview(self._header)
         self._filled = 0
+
+    @property
+    def partial_payload_bytes(self) -> int:
+        """Bytes of a DATA payload that has begun to arrive but is not complete."""
+        if self._current is None or self._current.kind is not Kind.DATA:
+            return 0
+        return self._filled
 
     def get_buffer(self) -> memoryview:
         return self._target[self._filled :]
@@ -64,7 +71,8 @@ class FrameReader:
     def _finish_frame(self) -> Frame:
         header, payload = self._current, self._target
         assert header is not None
-        if chunk_checksum(payload) != header.checksum:
+        expected = ack_checksum(header.offset) if header.kind is Kind.ACK else chunk_checksum(payload)
+        if expected != header.checksum:
             raise IntegrityError(
                 f"{header.kind.name} frame for tensor {header.tensor} at offset {header.offset}: "
                 "checksum mismatch; the chunk must be re-sent"

@@ -61,7 +61,7 @@ class SendWindow:
         return freed
 
     def resume(self, seq: int) -> None:
-        """Restart from the receiver's acknowledged position `seq` after a reconnect."""
+        """Restart from the receiver's acknowledged position `seq` (its first ACK on a connection)."""
         if self.next_seq == 0 and seq == 0:
             return
         self.on_ack(seq)

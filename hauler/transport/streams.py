@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from hauler.core.config import Timeouts, TlsFiles
-from hauler.core.errors import RemoteProtocolError, TransferTimeout
+from hauler.core.errors import RemoteProtocolError
 from hauler.core.timeouts import SilenceTimer
 from hauler.model import ChunkPlan
 from hauler.model.manifest import Chunk, Manifest, chunk_checksum
@@ -60,13 +60,16 @@ async def send_model(
     window_chunks: int,
     timeouts: Timeouts,
     on_progress: Progress = _no_progress,
+    window: SendWindow | None = None,
 ) -> WindowStatistics:
-    """Send every chunk the receiver does not yet hold; returns when all are acknowledged."""
-    window = SendWindow(ChunkPlan(manifest), window_chunks)
+    """Send every chunk the receiver does not yet hold; returns when all are acknowledged.
+
+    Pass the same `window` to every connection of one transfer: the receiver's first ACK
+    on each says where to resume, and the window counts what had to be sent again."""
+    window = window or SendWindow(ChunkPlan(manifest), window_chunks)
     acked = asyncio.Event()
     started = False
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(loop.time() + timeouts.communication_timeout) as scope:
+    async with SilenceTimer(timeouts.communication_timeout, "communication_timeout", "sending a model") as silence:
 
         def on_frame(frame: Frame) -> None:
             nonlocal started
@@ -74,25 +77,23 @@ async def send_model(
                 raise _peer_error(frame)
             if frame.header.kind is not Kind.ACK:
                 raise RemoteProtocolError(f"sender got a {frame.header.kind.name} frame")
-            if not started:
+            if not started:  # the receiver's first ACK says where to start
                 window.resume(frame.header.offset)
                 started = True
+                silence.switch(timeouts.streaming_ack_wait, "streaming_ack_wait")
             else:
                 on_progress(window.on_ack(frame.header.offset))
-            scope.reschedule(loop.time() + timeouts.streaming_ack_wait)
+                silence.touch()
             acked.set()
 
         connection.set_handler(on_frame)
-        try:
-            await _wait(connection, acked)  # the receiver's first ACK says where to start
-            while not window.done:
-                while window.has_room():
-                    await _write_chunk(connection, window.take(), source)
-                if not window.done:
-                    acked.clear()
-                    await _wait(connection, acked)
-        except TimeoutError:
-            raise TransferTimeout("streaming_ack_wait", timeouts.streaming_ack_wait, "sending a model") from None
+        await _wait(connection, acked)
+        while not window.done:
+            while window.has_room():
+                await _write_chunk(connection, window.take(), source)
+            if not window.done:
+                acked.clear()
+                await _wait(connection, acked)
     return window.statistics()
 
 
@@ -133,14 +134,13 @@ async def receive_model(
     `on_tensor` runs for each tensor whose chunks all arrived and matched its digest."""
     finished = asyncio.Event()
     pending: list[Chunk] = []
-    loop = asyncio.get_running_loop()
 
     def destination(header: FrameHeader) -> memoryview:
         chunk = ledger.expect(header)
         pending.append(chunk)
         return sink.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
 
-    async with asyncio.timeout(loop.time() + timeouts.streaming_read_timeout) as scope:
+    async with SilenceTimer(timeouts.streaming_read_timeout, "streaming_read_timeout", "receiving a model") as silence:
 
         def on_frame(frame: Frame) -> None:
             if frame.header.kind is Kind.ERROR:
@@ -151,7 +151,7 @@ async def receive_model(
                 on_tensor(index)
             connection.write(ack_frame(ledger.next_seq))
             on_progress(frame.header.length)
-            scope.reschedule(loop.time() + timeouts.streaming_read_timeout)
+            silence.touch()
             if ledger.done:
                 finished.set()
 
@@ -160,12 +160,8 @@ async def receive_model(
             for index in ledger.begin():  # leading empty tensors complete at once
                 on_tensor(index)
         connection.write(ack_frame(ledger.next_seq))  # where the sender should start
-        if ledger.done:
-            return
-        try:
+        if not ledger.done:
             await _wait(connection, finished)
-        except TimeoutError:
-            raise TransferTimeout("streaming_read_timeout", timeouts.streaming_read_timeout, "receiving a model") from None
 
 
 async def open_transfer(host: str, port: int, transfer_id: str, *, tls: TlsFiles | None = None) -> Connection:

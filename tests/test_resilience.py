@@ -1,0 +1,198 @@
+"""Faults that long transfers meet, on real processes: a proxy that cuts and corrupts the
+data plane, a site frozen with SIGSTOP, a server killed with SIGKILL and restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import tomli_w
+
+from faultproxy import FaultProxy
+from hauler.admin import Admin, poc
+from hauler.core.events import read_json_lines
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
+FAST_RETRIES = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.5, "max_retries": 50}
+
+
+def _job(folder: Path, *, rounds: int, min_clients: int, array_bytes: int = 2 * 2**20 + 4) -> Path:
+    job = folder / "job"
+    shutil.copytree(EXAMPLE, job, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    config = {"name": "hello-numpy",
+              "workflow": {"num_rounds": rounds, "min_clients": min_clients, "wait_time_after_min_received": 1},
+              "model": {"module": "model", "config": {"arrays": 4, "array_bytes": array_bytes}},
+              "executor": {"module": "train", "config": {"increment": 0.1, "steps": 10}}}
+    (job / "job.toml").write_text(tomli_w.dumps(config))
+    return job
+
+
+def _route_sites_through(workspace: Path, port: int) -> None:
+    for config in workspace.glob("site-*/site.toml"):
+        data = tomllib.loads(config.read_text())
+        config.write_text(tomli_w.dumps({**data, "data_port": port}))
+
+
+def _server_data_port(workspace: Path) -> int:
+    return tomllib.loads((workspace / "server" / "server.toml").read_text())["data_port"]
+
+
+async def _run_job(workspace: Path, job: Path, on_event=None) -> tuple[str, str]:
+    """Submit, follow the events; returns the job id and its final event."""
+    async with Admin(poc.admin_config(workspace)) as admin:
+        job_id = await admin.submit(job)
+        final = ""
+        async for event in admin.watch(job_id):
+            final = event["event"]
+            if on_event is not None:
+                on_event(event)
+        return job_id, final
+
+
+async def _download(workspace: Path, job_id: str, out: Path) -> bytes:
+    async with Admin(poc.admin_config(workspace)) as admin:
+        path, _ = await admin.download(job_id, out)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A plaintext POC (so bit flips reach our checksums rather than TLS's) whose sites dial
+    the data plane through a FaultProxy; yields (workspace, proxy)."""
+    workspace = tmp_path / "poc"
+    poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES,
+                timeouts={"communication_timeout": 20.0, "streaming_read_timeout": 10.0, "streaming_ack_wait": 10.0})
+    with FaultProxy(_server_data_port(workspace)) as proxy:
+        _route_sites_through(workspace, proxy.port)
+        poc.start(workspace)
+        try:
+            yield workspace, proxy
+        finally:
+            poc.stop(workspace)
+
+
+def test_twenty_cuts_and_bit_flips_leave_the_model_bit_identical(federation, tmp_path):
+    workspace, proxy = federation
+    job = _job(tmp_path, rounds=2, min_clients=2)
+    traffic = 2 * 2 * 2 * 4 * (2 * 2**20 + 4)  # rounds x sites x directions x model bytes
+    chooser = random.Random(20261124)
+    proxy.cuts = sorted(chooser.randrange(2**20, traffic - 2**20) for _ in range(20))
+    proxy.flips = sorted(chooser.randrange(2**20, traffic - 2**20) for _ in range(3))
+    disturbed, final = asyncio.run(_run_job(workspace, job))
+    assert final == "job.finished"
+    assert proxy.cuts_done >= 15 and proxy.flips_done >= 1
+    rows = [row for row in read_json_lines(workspace / "server" / "jobs" / disturbed / "metrics.jsonl")
+            if row["kind"] == "site"]
+    reconnects = sum(row[d]["reconnects"] for row in rows for d in ("download", "upload"))
+    resent = sum(row[d]["bytes_resent"] for row in rows for d in ("download", "upload"))
+    assert reconnects >= proxy.cuts_done and resent > 0
+
+    proxy.clear_faults()
+    undisturbed, final = asyncio.run(_run_job(workspace, job))
+    assert final == "job.finished"
+    assert asyncio.run(_download(workspace, disturbed, tmp_path / "a")) == \
+        asyncio.run(_download(workspace, undisturbed, tmp_path / "b"))
+
+
+def test_a_stopped_site_times_out_by_silence_and_the_job_goes_on(tmp_path):
+    workspace = tmp_path / "poc"
+    poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES,
+                timeouts={"communication_timeout": 4.0, "streaming_read_timeout": 30.0, "streaming_ack_wait": 2.0})
+    with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=4e6) as proxy:
+        _route_sites_through(workspace, proxy.port)
+        pids = poc.start(workspace)
+        stopped = []
+
+        def stop_site_2_mid_download(event: dict) -> None:
+            if (not stopped and event["event"] == "transfer.progress" and event["site"] == "site-2"
+                    and event["direction"] == "download" and event["bytes"] < event["total"]):
+                os.kill(pids["site-2"], signal.SIGSTOP)
+                stopped.append(time.monotonic())
+
+        try:
+            job_id, final = asyncio.run(_run_job(workspace, _job(tmp_path, rounds=1, min_clients=1), stop_site_2_mid_download))
+        finally:
+            os.kill(pids["site-2"], signal.SIGCONT)
+            poc.stop(workspace)
+    assert stopped and final == "job.finished"
+    events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
+    failed = [e for e in events if e["event"] == "site.failed"]
+    assert [e["site"] for e in failed] == ["site-2"]
+    assert "communication_timeout" in failed[0]["error"] and "streaming_ack_wait" in failed[0]["error"]
+    assert [e["site"] for e in events if e["event"] == "site.result"] == ["site-1"]
+
+
+def test_a_server_killed_mid_job_resumes_it_after_a_restart(tmp_path):
+    workspace = tmp_path / "poc"
+    poc.prepare(workspace, 2, dataplane=FAST_RETRIES)
+    with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=20e6) as proxy:
+        _route_sites_through(workspace, proxy.port)
+        pids = poc.start(workspace)
+        try:
+            job_id = asyncio.run(_kill_server_in_round(workspace, _job(tmp_path, rounds=3, min_clients=2), 1, pids))
+            _restart_server(workspace)
+            record = asyncio.run(_wait_until_ended(workspace, job_id))
+            assert record["status"] == "finished", record
+            model = safetensors.numpy.load_file(_sync_download(workspace, job_id, tmp_path / "out"))
+        finally:
+            poc.stop(workspace)
+    for name, values in model.items():
+        k = int(name.split("_")[1])
+        expected = ((np.arange(values.size) % 1000 + k) / 1000).astype(np.float32) + np.float32(0.3)
+        np.testing.assert_allclose(values, expected, atol=1e-5)
+    events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
+    assert [e["round"] for e in events if e["event"] == "round.complete"][-2:] == [1, 2]
+
+
+async def _kill_server_in_round(workspace: Path, job: Path, round: int, pids: dict[str, int]) -> str:
+    async with Admin(poc.admin_config(workspace)) as admin:
+        job_id = await admin.submit(job)
+        try:
+            async for event in admin.watch(job_id):
+                if event["event"] == "transfer.progress" and event["round"] == round:
+                    os.kill(pids["server"], signal.SIGKILL)
+                    break
+        except Exception:
+            pass
+    return job_id
+
+
+def _restart_server(workspace: Path) -> None:
+    with open(workspace / "run" / "server.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "hauler", "server", "--config",
+                                    str(workspace / "server" / "server.toml")], stdout=log, stderr=log,
+                                   start_new_session=True)
+    (workspace / "run" / "server.pid").write_text(str(process.pid))
+
+
+async def _wait_until_ended(workspace: Path, job_id: str, limit_s: float = 90.0) -> dict:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            async with Admin(poc.admin_config(workspace)) as admin:
+                record = (await admin.status(job_id))["job"]
+                if record["status"] in ("finished", "failed", "aborted"):
+                    return record
+        except Exception:
+            pass
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not end within {limit_s} s")
+
+
+def _sync_download(workspace: Path, job_id: str, out: Path) -> Path:
+    async def fetch() -> Path:
+        async with Admin(poc.admin_config(workspace)) as admin:
+            return (await admin.download(job_id, out))[0]
+
+    return asyncio.run(fetch())
