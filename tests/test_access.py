@@ -33,7 +33,13 @@ from hauler.model import ChunkPlan, Manifest, ModelFile
 from hauler.security import provision
 from hauler.server import Server
 from hauler.transfer import Kind, ReceiveLedger
-from hauler.transport import ControlChannel, connect, open_transfer, receive_model
+from hauler.transport import (
+    ControlChannel,
+    DataAddress,
+    connect,
+    fetch_model,
+    open_transfer,
+)
 from hauler.transport.connection import Connection
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
@@ -157,9 +163,9 @@ async def _other_sites_transfers(kits: Path, server: Server, tmp_path: Path) -> 
 
     manifest = Manifest.from_json(task.manifest)
     with ModelFile.create(tmp_path / "site-1.safetensors", manifest) as model:
-        connection = await open_transfer("127.0.0.1", server.data_port, task.download, tls=site_1.tls)
-        await receive_model(connection, ReceiveLedger(ChunkPlan(manifest)), model, timeouts=site_1.timeouts)
-        connection.close()
+        address = DataAddress("127.0.0.1", server.data_port, site_1.tls, site_1.dataplane)
+        await fetch_model(address, task.download, ReceiveLedger(ChunkPlan(manifest), task.lanes), model,
+                          timeouts=site_1.timeouts)
         trained = model.compute_digests()
     await stream_1.send(dump(ResultReady(task_id=task.task_id, weight=1, manifest=trained.to_json())))
     ready = await _next(stream_1, UploadReady)

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from hauler.core.config import AdminConfig
+from hauler.core.config import AdminConfig, DataPlane
 from hauler.core.package import pack
 from hauler.model import ChunkPlan, Manifest, ModelFile
 from hauler.transfer import ReceiveLedger
-from hauler.transport import ControlChannel, open_transfer, receive_model
+from hauler.transport import ControlChannel, DataAddress, fetch_model
 
 MAX_PACKAGE_BYTES = 16 << 20
 
@@ -58,14 +58,10 @@ class Admin:
         out_dir.mkdir(parents=True, exist_ok=True)
         final = out_dir / "global.safetensors"
         partial = out_dir / ".global.safetensors.partial"
+        address = DataAddress(self.config.server_host, self.config.data_port, self.config.tls, DataPlane())
         with ModelFile.create(partial, manifest) as model:
-            connection = await open_transfer(self.config.server_host, self.config.data_port, offer["transfer"],
-                                             tls=self.config.tls)
-            try:
-                await receive_model(connection, ReceiveLedger(ChunkPlan(manifest)), model,
-                                    timeouts=self.config.timeouts)
-            finally:
-                connection.close()
+            await fetch_model(address, offer["transfer"], ReceiveLedger(ChunkPlan(manifest), offer["lanes"]), model,
+                              timeouts=self.config.timeouts)
             model.flush()
         os.replace(partial, final)
         return final, int(offer["round"])

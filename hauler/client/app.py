@@ -8,11 +8,10 @@ result, then upload from the same file. The model never has to fit in memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from types import ModuleType
 from typing import Any
 
@@ -34,16 +33,15 @@ from hauler.core.messages import (
     parse_server_message,
 )
 from hauler.core.package import load_job_module, unpack
-from hauler.core.retry import backoff_s, with_retries
+from hauler.core.retry import backoff_s
 from hauler.model import ChunkPlan, Manifest, ModelFile
-from hauler.transfer import ReceiveLedger, SendWindow
+from hauler.transfer import ReceiveLedger
 from hauler.transport import (
-    Connection,
     ControlChannel,
+    DataAddress,
     MessageStream,
-    open_transfer,
-    receive_model,
-    send_model,
+    fetch_model,
+    push_model,
 )
 
 log = logging.getLogger("hauler.client")
@@ -168,13 +166,8 @@ class Site:
             raise JobError(f"model of {manifest.total_bytes / 2**30:.1f} GiB exceeds this site's "
                            f"max_model_gib = {self.config.max_model_gib:g}")
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
-        ledger = ReceiveLedger(ChunkPlan(manifest))
-
-        async def download() -> None:
-            async with self._transfer(task.download) as connection:
-                await receive_model(connection, ledger, model, timeouts=self.config.timeouts)
-
-        await with_retries(download, self.config.dataplane, f"download of round {task.round}")
+        await fetch_model(self._data_address, task.download, ReceiveLedger(ChunkPlan(manifest), task.lanes), model,
+                          timeouts=self.config.timeouts)
         started = time.perf_counter()
         context = TrainContext(self.name, task.job_id, task.round, config, self.jobs_dir / task.job_id)
         output = await asyncio.to_thread(run_train, module, model.arrays(), context)
@@ -188,24 +181,12 @@ class Site:
         if message.task_id not in self._results:
             raise JobError(f"no result of task {message.task_id} to upload")
         job_id, manifest = self._results[message.task_id]
-        window = SendWindow(ChunkPlan(manifest), self.config.dataplane.window_chunks)
+        await push_model(self._data_address, message.upload, manifest, self._models[job_id], message.lanes,
+                         timeouts=self.config.timeouts)
 
-        async def upload() -> None:
-            async with self._transfer(message.upload) as connection:
-                await send_model(connection, manifest, self._models[job_id], window=window,
-                                 window_chunks=window.window_chunks, timeouts=self.config.timeouts)
-
-        await with_retries(upload, self.config.dataplane, f"upload of task {message.task_id}")
-
-    @contextlib.asynccontextmanager
-    async def _transfer(self, transfer_id: str) -> AsyncIterator[Connection]:
-        """A data-plane connection bound to `transfer_id`, closed afterwards."""
-        connection = await open_transfer(self.config.server_host, self.config.data_port, transfer_id,
-                                         tls=self.config.tls)
-        try:
-            yield connection
-        finally:
-            connection.close()
+    @property
+    def _data_address(self) -> DataAddress:
+        return DataAddress(self.config.server_host, self.config.data_port, self.config.tls, self.config.dataplane)
 
     def _model_file(self, job_id: str, manifest: Manifest) -> ModelFile:
         """The site's one model file for a job, re-created only if the layout changes."""

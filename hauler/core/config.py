@@ -46,7 +46,11 @@ class DataPlane(Strict):
     """How model bytes move on the tensor-stream connections."""
 
     chunk_bytes: int = Field(4 * MIB, ge=4096, le=64 * MIB, description="Bytes per chunk frame.")
-    window_chunks: int = Field(16, ge=1, le=4096, description="Unacknowledged chunks in flight.")
+    window_chunks: int = Field(16, ge=1, le=4096, description="Unacknowledged chunks in flight, per connection.")
+    connections: int = Field(4, ge=1, le=64, description="Parallel connections (lanes) per transfer, which long "
+                             "fat links need; the server's value is used for every transfer.")
+    congestion_control: str = Field("bbr", description="TCP congestion control for data connections where the "
+                                    "kernel offers it; \"\" keeps the system default.")
     max_retries: int = Field(10, ge=0, le=1000, description="Reconnections per transfer before giving up; "
                              "each resumes from the last acknowledged chunk.")
     retry_backoff_s: float = Field(0.5, gt=0, description="First wait before reconnecting; doubles, with jitter.")

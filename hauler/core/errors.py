@@ -8,7 +8,8 @@
     │   └── LocalProtocolError    our own bug: report it
     ├── TransferTimeout        a peer went silent for one of the seed's timeouts
     ├── ConnectionLost         the link dropped: reconnect and resume
-    ├── IntegrityError         a chunk or tensor failed its checksum: re-send it
+    ├── IntegrityError         a chunk failed its checksum: re-send it
+    │   └── DigestError           a whole tensor does not match its manifest: not retried
     └── SecurityError          refused on security grounds: fatal, never retried
 
 Every error ends with what to do about it. Errors from grpc, ssl, the OS and
@@ -65,6 +66,11 @@ class ConnectionLost(HaulerError):
 
 class IntegrityError(HaulerError):
     """Received bytes do not match their checksum; the chunk must be re-sent."""
+
+
+class DigestError(IntegrityError):
+    """Every chunk matched its checksum, yet the tensor does not match the manifest's digest:
+    the sender's data and manifest disagree, so sending again would not help."""
 
 
 class SecurityError(HaulerError):

@@ -70,6 +70,7 @@ class Task(_Message):
     round: int
     manifest: dict[str, Any]
     download: str
+    lanes: int = Field(1, ge=1, le=64)
 
 
 class UploadReady(_Message):
@@ -78,6 +79,7 @@ class UploadReady(_Message):
     type: Literal["upload_ready"] = "upload_ready"
     task_id: str
     upload: str
+    lanes: int = Field(1, ge=1, le=64)
 
 
 class AbortTask(_Message):

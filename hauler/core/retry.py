@@ -11,6 +11,7 @@ from typing import TypeVar
 from hauler.core.config import DataPlane
 from hauler.core.errors import (
     ConnectionLost,
+    DigestError,
     IntegrityError,
     RemoteProtocolError,
     TransferTimeout,
@@ -36,7 +37,7 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], policy: DataPlane, w
             return await attempt()
         except RESUMABLE as error:
             failures += 1
-            if failures > policy.max_retries:
+            if failures > policy.max_retries or isinstance(error, DigestError):
                 raise
             log.info("retrying", extra={"what": what, "attempt": failures, "error": str(error)})
             await asyncio.sleep(backoff_s(failures, policy))

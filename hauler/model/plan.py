@@ -24,9 +24,10 @@ class ChunkPlan:
         length = min(self.manifest.chunk_bytes, self.manifest.tensors[tensor].length - offset)
         return Chunk(seq, tensor, offset, length)
 
-    def tensors_done_before(self, seq: int) -> int:
-        """How many leading tensors are complete once every chunk before `seq` has arrived."""
-        return bisect.bisect_right(self.first_seq, seq) - 1 if seq < self.total else len(self.manifest.tensors)
+    def lanes(self, count: int) -> list[range]:
+        """Split the chunks into `count` contiguous runs (fewer if there are fewer chunks)."""
+        count = max(1, min(count, self.total))
+        return [range(self.total * i // count, self.total * (i + 1) // count) for i in range(count)]
 
     def bytes_between(self, start_seq: int, end_seq: int) -> int:
         """Payload bytes of chunks start_seq .. end_seq-1."""

@@ -53,7 +53,8 @@ class Server:
             log.warning("plaintext server: no TLS, no identities; for local trials only")
         control = ControlServer(session=self._session, call=self._call, watch=self._watch)
         self.control_port = await control.start(self.config.host, self.config.control_port, self.config.tls)
-        self._data = await listen(self.config.host, self.config.data_port, self.transfers.handle, tls=self.config.tls)
+        self._data = await listen(self.config.host, self.config.data_port, self.transfers.handle, tls=self.config.tls,
+                                  congestion_control=self.config.dataplane.congestion_control)
         self.data_port = self._data.port
         log.info("server listening", extra={"control_port": self.control_port, "data_port": self.data_port})
         self.runner.requeue_unfinished()
@@ -145,7 +146,7 @@ class Server:
                 model.close()
 
         self._background.create_task(serve_then_forget())
-        return {"transfer": transfer.id, "round": latest, "manifest": model.manifest.to_json()}
+        return {"transfer": transfer.id, "lanes": transfer.lanes, "round": latest, "manifest": model.manifest.to_json()}
 
     async def _watch(self, request: Message, peer: Peer) -> AsyncIterator[Message]:
         self.access.check_admin(peer, "watch")

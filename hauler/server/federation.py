@@ -85,7 +85,7 @@ class JobFederation:
         try:
             start = clock()
             await session.send(Task(task_id=task_id, job_id=self.job_id, round=round,
-                                    manifest=manifest.to_json(), download=download.id))
+                                    manifest=manifest.to_json(), download=download.id, lanes=download.lanes))
             await self._unless_lost(session, download.wait(self.server.timeouts.communication_timeout,
                                                            f"sending round {round} to {site}"))
             arrived = clock()
@@ -121,7 +121,7 @@ class JobFederation:
             on_chunk=lambda chunk: contribution.fold(chunk, buffer.chunk_bytes(0, 0, chunk.length)))
         upload.listeners.append(self._progress(session.name, round, "upload", manifest.total_bytes))
         try:
-            await session.send(UploadReady(task_id=task_id, upload=upload.id))
+            await session.send(UploadReady(task_id=task_id, upload=upload.id, lanes=upload.lanes))
             await self._unless_lost(session, upload.wait(self.server.timeouts.communication_timeout,
                                                          f"receiving {session.name}'s update"))
             contribution.complete()

@@ -38,6 +38,7 @@ class JobRunner:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._buses: dict[str, EventBus] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._aborting: set[str] = set()
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -71,8 +72,10 @@ class JobRunner:
             self._running[job_id] = task
             try:
                 await asyncio.wait([task])
-            finally:
+            finally:  # a server shutting down stops its job too; it resumes after a restart
                 self._running.pop(job_id, None)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     def abort(self, job_id: str) -> None:
         record = self.store.get(job_id)
@@ -80,6 +83,7 @@ class JobRunner:
             raise JobError(f"job {job_id} already {record.status.value}")
         task = self._running.get(job_id)
         if task is not None:
+            self._aborting.add(job_id)
             task.cancel()
         else:
             self.store.update(job_id, status=JobStatus.ABORTED, error="aborted before it started")
@@ -92,37 +96,44 @@ class JobRunner:
         return bus
 
     async def _run(self, job_id: str) -> None:
-        job_dir, bus = self.job_dir(job_id), self.events(job_id)
-        metrics = JsonLines(job_dir / "metrics.jsonl")
-        federation: JobFederation | None = None
-        status, error = JobStatus.FINISHED, ""
+        """Run a job and record how it ended. A server that stops mid-job leaves it running,
+        so a restart resumes it; only an admin's abort marks it aborted."""
+        bus, metrics = self.events(job_id), JsonLines(self.job_dir(job_id) / "metrics.jsonl")
         self.store.update(job_id, status=JobStatus.RUNNING, started_s=time.time(), error="")
+        status, error = JobStatus.FINISHED, ""
         try:
-            job = load_job(job_dir / "app")
-            federation = JobFederation(
-                job_id=job_id, job_dir=job_dir, job=job, package_b64=(job_dir / "package.b64").read_text(),
-                server=self.config, sites=self.sites, transfers=self.transfers,
-                emit=lambda name, **fields: bus.emit(name, job=job_id, **fields), record=metrics.write,
-            )
-            bus.emit("job.started", job=job_id, name=job.name)
-            first_round = await asyncio.to_thread(self._initial_model, job_id, job, federation.rounds)
-            await ScatterAndGather(job.workflow, job.sites).run(federation, first_round=first_round)
+            await self._execute(job_id, bus, metrics)
         except HaulerError as failure:
             status, error = JobStatus.FAILED, str(failure)
         except asyncio.CancelledError:
+            if job_id not in self._aborting:
+                metrics.close()
+                raise
+            self._aborting.discard(job_id)
             status, error = JobStatus.ABORTED, "aborted by an admin"
         except Exception as failure:  # the job's own code, or a bug: the job fails, the server lives
             log.exception("job failed unexpectedly", extra={"job": job_id})
             status, error = JobStatus.FAILED, f"{type(failure).__name__}: {failure}"
+        metrics.close()
+        rounds = RoundStore(self.job_dir(job_id), self.config.keep_rounds).latest() or 0
+        self.store.update(job_id, status=status, finished_s=time.time(), error=error, rounds_done=rounds)
+        bus.emit(f"job.{status.value}", job=job_id, error=error, rounds_done=rounds)
+        await self._end_on_sites(job_id)
+
+    async def _execute(self, job_id: str, bus: EventBus, metrics: JsonLines) -> None:
+        job_dir = self.job_dir(job_id)
+        job = load_job(job_dir / "app")
+        federation = JobFederation(
+            job_id=job_id, job_dir=job_dir, job=job, package_b64=(job_dir / "package.b64").read_text(),
+            server=self.config, sites=self.sites, transfers=self.transfers,
+            emit=lambda name, **fields: bus.emit(name, job=job_id, **fields), record=metrics.write,
+        )
+        try:
+            bus.emit("job.started", job=job_id, name=job.name)
+            first_round = await asyncio.to_thread(self._initial_model, job_id, job, federation.rounds)
+            await ScatterAndGather(job.workflow, job.sites).run(federation, first_round=first_round)
         finally:
-            rounds = 0
-            if federation is not None:
-                federation.close()
-                rounds = federation.rounds.latest() or 0
-            self.store.update(job_id, status=status, finished_s=time.time(), error=error, rounds_done=rounds)
-            bus.emit(f"job.{status.value}", job=job_id, error=error, rounds_done=rounds)
-            metrics.close()
-            await self._end_on_sites(job_id)
+            federation.close()
 
     def _initial_model(self, job_id: str, job: JobConfig, rounds: RoundStore) -> int:
         """Build round 0 from the job's model module, unless a restart finds rounds done already."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,23 +34,29 @@ class Transfer:
     manifest: Manifest
     file: ChunkSource
     done: asyncio.Future[None]
-    ledger: ReceiveLedger | None = None  # uploads: what has landed, across reconnects
-    window: SendWindow | None = None  # downloads: what the site holds, across reconnects
+    lanes: int = 1  # parallel connections, each carrying one contiguous run of the chunks
+    ledger: ReceiveLedger | None = None  # uploads: what has landed, across lanes and reconnects
+    windows: list[SendWindow] = field(default_factory=list)  # downloads: one per lane, across reconnects
     on_chunk: Callable[[Chunk], None] | None = None
     bytes_done: int = 0
     bytes_discarded: int = 0
     interruption: str = ""  # why the last connection ended early, for the error a waiter sees
     connections: int = 0
-    connection: Connection | None = None
-    serving: asyncio.Lock = field(default_factory=asyncio.Lock)
+    serving: dict[int, Connection] = field(default_factory=dict)
+    locks: dict[int, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     listeners: list[Callable[[int], None]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.ledger.done if self.ledger is not None else all(window.done for window in self.windows)
 
     def statistics(self) -> dict[str, int]:
         """Bytes moved and re-sent, and reconnections, for the job's metrics."""
         # A sender knows what it sent twice; a receiver, the part-chunks a dropped link wasted
         # (chunks it acknowledged are never re-sent).
-        resent = self.window.statistics().bytes_resent if self.window is not None else self.bytes_discarded
-        return {"bytes": self.bytes_done, "bytes_resent": resent, "reconnects": max(0, self.connections - 1)}
+        resent = sum(w.statistics().bytes_resent for w in self.windows) if self.windows else self.bytes_discarded
+        return {"bytes": self.bytes_done, "bytes_resent": resent, "lanes": self.lanes,
+                "reconnects": max(0, self.connections - self.lanes)}
 
     def progressed(self, nbytes: int) -> None:
         self.bytes_done += nbytes
@@ -82,15 +89,17 @@ class TransferRegistry:
         self._transfers: dict[str, Transfer] = {}
 
     def offer(self, peer: str, manifest: Manifest, source: ChunkSource) -> Transfer:
-        """A model the server will send to `peer` when it connects."""
-        window = SendWindow(ChunkPlan(manifest), self.dataplane.window_chunks)
-        return self._add(Transfer(secrets.token_hex(16), peer, "download", manifest, source, _future(), window=window))
+        """A model the server will send to `peer` when it connects, on one connection per lane."""
+        plan = ChunkPlan(manifest)
+        windows = [SendWindow(plan, self.dataplane.window_chunks, seqs) for seqs in plan.lanes(self.dataplane.connections)]
+        return self._add(Transfer(secrets.token_hex(16), peer, "download", manifest, source, _future(),
+                                  lanes=len(windows), windows=windows))
 
     def expect(self, peer: str, manifest: Manifest, sink: ChunkSink, on_chunk: Callable[[Chunk], None]) -> Transfer:
         """A model the server will receive from `peer`: chunks land in `sink`, then go to `on_chunk`."""
-        ledger = ReceiveLedger(ChunkPlan(manifest))
+        ledger = ReceiveLedger(ChunkPlan(manifest), self.dataplane.connections)
         return self._add(Transfer(secrets.token_hex(16), peer, "upload", manifest, sink, _future(),
-                                  ledger=ledger, on_chunk=on_chunk))
+                                  lanes=len(ledger.lanes), ledger=ledger, on_chunk=on_chunk))
 
     def _add(self, transfer: Transfer) -> Transfer:
         self._transfers[transfer.id] = transfer
@@ -101,8 +110,8 @@ class TransferRegistry:
         for transfer in transfers:
             if transfer is not None:
                 self._transfers.pop(transfer.id, None)
-                if transfer.connection is not None:
-                    transfer.connection.abort()  # no byte may land after a discard
+                for connection in list(transfer.serving.values()):
+                    connection.abort()  # no byte may land after a discard
                 if not transfer.done.done():
                     transfer.done.set_exception(JobError("transfer discarded"))
                     transfer.done.exception()  # retrieved: nobody may be waiting any more
@@ -114,40 +123,41 @@ class TransferRegistry:
         where the acknowledgements say. A newer connection to the same transfer replaces
         an older one the server has not yet seen die. Only silence (the waiter's
         communication_timeout) or a discard ends a transfer unfinished."""
-        transfer_id = await read_hello(connection, self.timeouts)
+        transfer_id, lane = await read_hello(connection, self.timeouts)
         transfer = self._transfers.get(transfer_id)
-        if transfer is None or transfer.done.done():
-            refuse(connection, "unknown or finished transfer")
+        if transfer is None or transfer.done.done() or lane >= transfer.lanes:
+            refuse(connection, "unknown or finished transfer, or no such lane")
             return
         try:
             self.access.check_transfer(connection.identity, transfer.peer)
         except SecurityError as error:
             refuse(connection, str(error))
             raise
-        if transfer.connection is not None:
-            transfer.connection.abort()
-        async with transfer.serving:
+        if lane in transfer.serving:
+            transfer.serving[lane].abort()
+        async with transfer.locks[lane]:
             if transfer.done.done():
                 refuse(connection, "finished transfer")
                 return
-            transfer.connection, transfer.connections = connection, transfer.connections + 1
+            transfer.serving[lane], transfer.connections = connection, transfer.connections + 1
             try:
-                await self._run(connection, transfer)
+                await self._run(connection, transfer, lane)
             except HaulerError as error:
                 transfer.interruption = str(error)
                 raise
             finally:
-                transfer.connection = None
+                del transfer.serving[lane]
                 transfer.bytes_discarded += connection.reader.partial_payload_bytes
-            transfer.done.set_result(None)
+            if transfer.complete and not transfer.done.done():
+                transfer.done.set_result(None)
 
-    async def _run(self, connection: Connection, transfer: Transfer) -> None:
+    async def _run(self, connection: Connection, transfer: Transfer, lane: int) -> None:
         if transfer.direction == "download":
             await send_model(connection, transfer.manifest, transfer.file, window_chunks=self.dataplane.window_chunks,
-                             timeouts=self.timeouts, on_progress=transfer.progressed, window=transfer.window)
+                             timeouts=self.timeouts, on_progress=transfer.progressed, window=transfer.windows[lane])
         else:
             assert transfer.ledger is not None and transfer.on_chunk is not None
-            await receive_model(connection, transfer.ledger, transfer.file, timeouts=self.timeouts,
+            await receive_model(connection, transfer.ledger, transfer.file, timeouts=self.timeouts, lane=lane,
                                 on_chunk=transfer.on_chunk, on_progress=transfer.progressed)
 
 

@@ -1,37 +1,54 @@
-"""The receiver's ledger: which chunk comes next, what is durable, what to acknowledge.
+"""The receiver's ledger: which chunk comes next on each lane, what is durable, what to ack.
 
-Chunks arrive in plan order on a connection. Each header is checked against the
-plan before its payload may land; each payload's checksum is kept so a tensor's
-digest is verified the moment its last chunk lands, with no second pass.
+A transfer's chunks are split into `lanes` contiguous runs of the plan, one per parallel
+connection; on each lane they arrive in order. Each header is checked against the plan
+before its payload may land. Every payload's checksum is kept (8 bytes a chunk), so a
+tensor's digest is verified the moment its last chunk lands, on whichever lane, with no
+second pass over its bytes. The ledger outlives connections: a reconnected lane resumes
+at `position(lane)`.
 """
 
 from __future__ import annotations
 
-from hauler.core.errors import IntegrityError, RemoteProtocolError
+from array import array
+
+from hauler.core.errors import DigestError, RemoteProtocolError
 from hauler.model.manifest import Chunk, digest_of_checksums
 from hauler.model.plan import ChunkPlan
 from hauler.transfer.frames import FrameHeader, Kind
 
 
 class ReceiveLedger:
-    """Tracks one transfer's progress at the receiver, across reconnects."""
+    """Tracks one transfer's progress at the receiver, across lanes and reconnects."""
 
-    def __init__(self, plan: ChunkPlan) -> None:
+    def __init__(self, plan: ChunkPlan, lanes: int = 1) -> None:
         self.plan = plan
-        self.next_seq = 0
+        self.lanes = plan.lanes(lanes)
+        self._positions = [lane.start for lane in self.lanes]
+        self._checksums = array("Q", bytes(8 * plan.total))
+        self._missing = [plan.first_seq[i + 1] - plan.first_seq[i] for i in range(len(plan.manifest.tensors))]
         self.tensors_done = 0
-        self._checksums: list[int] = []  # of the tensor in progress
         self.bytes_received = 0
+        self._begun = False
+
+    @property
+    def next_seq(self) -> int:
+        """Where the single lane of a one-lane transfer resumes."""
+        return self._positions[0]
+
+    def position(self, lane: int) -> int:
+        """The next chunk expected on `lane`: everything before it on that lane has landed."""
+        return self._positions[lane]
 
     @property
     def done(self) -> bool:
-        return self.next_seq == self.plan.total
+        return all(position == lane.stop for position, lane in zip(self._positions, self.lanes))
 
-    def expect(self, header: FrameHeader) -> Chunk:
-        """Check a DATA header names exactly the next planned chunk; return that chunk."""
-        if header.kind is not Kind.DATA or self.done:
+    def expect(self, header: FrameHeader, lane: int = 0) -> Chunk:
+        """Check a DATA header names exactly the next planned chunk of `lane`; return that chunk."""
+        if header.kind is not Kind.DATA or self._positions[lane] == self.lanes[lane].stop:
             raise RemoteProtocolError(f"unexpected {header.kind.name} frame")
-        chunk = self.plan.chunk(self.next_seq)
+        chunk = self.plan.chunk(self._positions[lane])
         if (header.tensor, header.offset, header.length) != (chunk.tensor, chunk.offset, chunk.length):
             raise RemoteProtocolError(
                 f"chunk ({header.tensor}, {header.offset}, {header.length}) is not the expected "
@@ -39,26 +56,32 @@ class ReceiveLedger:
             )
         return chunk
 
-    def begin(self) -> range:
-        """Tensors complete before any chunk arrives (leading empty ones); call once per transfer."""
-        return self._advance()
+    def begin(self) -> list[int]:
+        """Tensors complete before any chunk arrives (the empty ones); [] on later calls."""
+        if self._begun:
+            return []
+        self._begun = True
+        empty = [index for index, missing in enumerate(self._missing) if missing == 0]
+        self.tensors_done += len(empty)
+        return empty
 
-    def commit(self, chunk: Chunk, checksum: int) -> range:
-        """Record a landed chunk; returns the indices of tensors this completed (maybe none)."""
-        self._checksums.append(checksum)
-        self.next_seq = chunk.seq + 1
+    def commit(self, chunk: Chunk, checksum: int) -> list[int]:
+        """Record a landed chunk; returns the tensors it completed, each checked against its digest."""
+        lane = next(i for i, seqs in enumerate(self.lanes) if chunk.seq in seqs)
+        self._checksums[chunk.seq] = checksum
+        self._positions[lane] = chunk.seq + 1
         self.bytes_received += chunk.length
-        completed = self._advance()
-        if chunk.tensor in completed:
-            self._verify(chunk.tensor)
-        return completed
-
-    def _advance(self) -> range:
-        before, self.tensors_done = self.tensors_done, self.plan.tensors_done_before(self.next_seq)
-        return range(before, self.tensors_done)
+        self._missing[chunk.tensor] -= 1
+        if self._missing[chunk.tensor]:
+            return []
+        self._verify(chunk.tensor)
+        self.tensors_done += 1
+        return [chunk.tensor]
 
     def _verify(self, index: int) -> None:
         tensor = self.plan.manifest.tensors[index]
-        digest, self._checksums = digest_of_checksums(self._checksums), []
+        seqs = slice(self.plan.first_seq[index], self.plan.first_seq[index + 1])
+        digest = digest_of_checksums(self._checksums[seqs])
         if tensor.digest and digest != tensor.digest:
-            raise IntegrityError(f"tensor {tensor.name!r}: digest {digest} does not match the manifest's {tensor.digest}")
+            raise DigestError(f"tensor {tensor.name!r}: its chunks hash to {digest}, not to the manifest's "
+                              f"{tensor.digest}; the sender's data and manifest disagree")

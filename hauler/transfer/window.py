@@ -26,20 +26,21 @@ class WindowStatistics:
 class SendWindow:
     """At most `window_chunks` unacknowledged chunks; `take` the next, `on_ack` frees room."""
 
-    def __init__(self, plan: ChunkPlan, window_chunks: int) -> None:
+    def __init__(self, plan: ChunkPlan, window_chunks: int, lane: range | None = None) -> None:
         self.plan = plan
         self.window_chunks = window_chunks
-        self.next_seq = 0
-        self.acked_seq = 0
+        self.lane = lane if lane is not None else range(plan.total)  # the chunks this window sends
+        self.next_seq = self.lane.start
+        self.acked_seq = self.lane.start
         self._in_flight: deque[Chunk] = deque()
         self._bytes_sent = self._bytes_acked = self._bytes_resent = self._resumes = 0
 
     @property
     def done(self) -> bool:
-        return self.acked_seq == self.plan.total
+        return self.acked_seq == self.lane.stop
 
     def has_room(self) -> bool:
-        return self.next_seq < self.plan.total and len(self._in_flight) < self.window_chunks
+        return self.next_seq < self.lane.stop and len(self._in_flight) < self.window_chunks
 
     def take(self) -> Chunk:
         """The next chunk to send; the caller checked `has_room()`."""
@@ -62,7 +63,7 @@ class SendWindow:
 
     def resume(self, seq: int) -> None:
         """Restart from the receiver's acknowledged position `seq` (its first ACK on a connection)."""
-        if self.next_seq == 0 and seq == 0:
+        if self.next_seq == self.lane.start == seq:
             return
         self.on_ack(seq)
         self._bytes_resent += sum(chunk.length for chunk in self._in_flight)

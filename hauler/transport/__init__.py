@@ -12,7 +12,10 @@ from hauler.transport.control import (
     Peer,
 )
 from hauler.transport.streams import (
+    DataAddress,
+    fetch_model,
     open_transfer,
+    push_model,
     read_hello,
     receive_model,
     refuse,
@@ -20,6 +23,7 @@ from hauler.transport.streams import (
 )
 
 __all__ = [
+    "DataAddress", "fetch_model", "push_model",
     "Connection", "ControlChannel", "ControlServer", "Listener", "Message", "MessageStream", "Peer",
     "connect", "listen", "open_transfer", "read_hello", "receive_model", "refuse", "send_model",
 ]

@@ -31,21 +31,29 @@ FrameHandler = Callable[[Frame], None]
 WRITE_HIGH_WATER = 8 << 20  # bytes queued in the transport before writers wait
 
 
-def tune_socket(sock: socket.socket) -> None:
-    """Every socket option Hauler sets, in one place: no Nagle delay, keepalive probes."""
+def tune_socket(sock: socket.socket, congestion_control: str = "") -> None:
+    """Every socket option Hauler sets, in one place: no Nagle delay, keepalive probes, and
+    the congestion control asked for where the kernel offers it (BBR keeps a lossy long path
+    full where loss-based control backs off). Buffers are left to the kernel's autotuning."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if congestion_control:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion_control.encode())
+        except OSError:
+            pass  # not offered here: the system default is the documented fallback
 
 
 class _FrameProtocol(asyncio.BufferedProtocol):
-    def __init__(self) -> None:
+    def __init__(self, congestion_control: str = "") -> None:
         self.connection: Connection | None = None
+        self.congestion_control = congestion_control
         self.made = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            tune_socket(sock)
+            tune_socket(sock, self.congestion_control)
         self.connection = Connection(transport, self)  # type: ignore[arg-type]
         self.made.set_result(self.connection)
 
@@ -178,11 +186,11 @@ def _server_context(tls: TlsFiles) -> ssl.SSLContext:
     return server_ssl_context(tls)
 
 
-async def connect(host: str, port: int, *, tls: TlsFiles | None = None) -> Connection:
+async def connect(host: str, port: int, *, tls: TlsFiles | None = None, congestion_control: str = "") -> Connection:
     """Open a data-plane connection to `host:port`, with mutual TLS when `tls` is given."""
     loop = asyncio.get_running_loop()
     try:
-        _, protocol = await loop.create_connection(_FrameProtocol, host, port,
+        _, protocol = await loop.create_connection(lambda: _FrameProtocol(congestion_control), host, port,
                                                    ssl=_client_context(tls) if tls else None)
     except ssl.SSLError as error:
         raise tls_failure(error, peer=f"{host}:{port}") from None
@@ -209,12 +217,13 @@ class Listener:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def listen(host: str, port: int, handler: ConnectionHandler, *, tls: TlsFiles | None = None) -> Listener:
+async def listen(host: str, port: int, handler: ConnectionHandler, *, tls: TlsFiles | None = None,
+                 congestion_control: str = "") -> Listener:
     """Accept data-plane connections on `host:port` (0 picks a free port); mutual TLS when `tls` is given."""
     tasks: set[asyncio.Task] = set()
 
     def factory() -> _FrameProtocol:
-        protocol = _FrameProtocol()
+        protocol = _FrameProtocol(congestion_control)
 
         async def run() -> None:
             connection = await protocol.made

@@ -10,12 +10,15 @@ seed's timeout for its side as a scope rescheduled on every sign of progress:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-from hauler.core.config import Timeouts, TlsFiles
-from hauler.core.errors import RemoteProtocolError
+from hauler.core.config import DataPlane, Timeouts, TlsFiles
+from hauler.core.errors import HaulerError, RemoteProtocolError
+from hauler.core.retry import with_retries
 from hauler.core.timeouts import SilenceTimer
 from hauler.model import ChunkPlan
 from hauler.model.manifest import Chunk, Manifest, chunk_checksum
@@ -126,6 +129,7 @@ async def receive_model(
     sink: ChunkSink,
     *,
     timeouts: Timeouts,
+    lane: int = 0,
     on_chunk: Callable[[Chunk], None] = lambda chunk: None,
     on_tensor: Callable[[int], None] = lambda index: None,
     on_progress: Progress = _no_progress,
@@ -136,7 +140,7 @@ async def receive_model(
     pending: list[Chunk] = []
 
     def destination(header: FrameHeader) -> memoryview:
-        chunk = ledger.expect(header)
+        chunk = ledger.expect(header, lane)
         pending.append(chunk)
         return sink.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
 
@@ -149,44 +153,103 @@ async def receive_model(
             on_chunk(chunk)
             for index in ledger.commit(chunk, frame.header.checksum):
                 on_tensor(index)
-            connection.write(ack_frame(ledger.next_seq))
+            connection.write(ack_frame(ledger.position(lane)))
             on_progress(frame.header.length)
             silence.touch()
-            if ledger.done:
+            if ledger.position(lane) == end:
                 finished.set()
 
+        end = ledger.lanes[lane].stop
         connection.set_handler(on_frame, destination)
-        if ledger.next_seq == 0:
-            for index in ledger.begin():  # leading empty tensors complete at once
-                on_tensor(index)
-        connection.write(ack_frame(ledger.next_seq))  # where the sender should start
-        if not ledger.done:
+        for index in ledger.begin():  # empty tensors complete at once
+            on_tensor(index)
+        connection.write(ack_frame(ledger.position(lane)))  # where the sender should start
+        if ledger.position(lane) != end:
             await _wait(connection, finished)
 
 
-async def open_transfer(host: str, port: int, transfer_id: str, *, tls: TlsFiles | None = None) -> Connection:
-    """Dial the data plane and bind the connection to `transfer_id` with a HELLO frame."""
-    connection = await connect(host, port, tls=tls)
-    connection.write(control_frame(Kind.HELLO, json.dumps({"transfer": transfer_id}).encode()))
+async def open_transfer(host: str, port: int, transfer_id: str, *, lane: int = 0, tls: TlsFiles | None = None,
+                        congestion_control: str = "") -> Connection:
+    """Dial the data plane and bind the connection to one lane of `transfer_id` with a HELLO frame."""
+    connection = await connect(host, port, tls=tls, congestion_control=congestion_control)
+    connection.write(control_frame(Kind.HELLO, json.dumps({"transfer": transfer_id, "lane": lane}).encode()))
     return connection
 
 
-async def read_hello(connection: Connection, timeouts: Timeouts) -> str:
-    """The transfer id a freshly accepted connection asks for (its first frame)."""
+async def read_hello(connection: Connection, timeouts: Timeouts) -> tuple[str, int]:
+    """The transfer id and lane a freshly accepted connection asks for (its first frame)."""
     async with SilenceTimer(timeouts.communication_timeout, "communication_timeout", "waiting for a HELLO"):
         frame = await connection.next_frame()
     if frame.header.kind is not Kind.HELLO:
         raise RemoteProtocolError(f"first frame must be HELLO, got {frame.header.kind.name}")
     try:
-        transfer_id = json.loads(frame.payload)["transfer"]
-    except (ValueError, KeyError, TypeError):
-        raise RemoteProtocolError("HELLO payload must be {\"transfer\": id}") from None
+        hello = json.loads(frame.payload)
+        transfer_id, lane = hello["transfer"], hello.get("lane", 0)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise RemoteProtocolError("HELLO payload must be {\"transfer\": id, \"lane\": n}") from None
     if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= 128:
         raise RemoteProtocolError("HELLO names no valid transfer id")
-    return transfer_id
+    if not isinstance(lane, int) or not 0 <= lane < 64:
+        raise RemoteProtocolError("HELLO names no valid lane")
+    return transfer_id, lane
 
 
 def refuse(connection: Connection, reason: str) -> None:
     """Tell the peer why, then drop the connection."""
     connection.write(control_frame(Kind.ERROR, reason.encode()[:1024]))
     connection.close()
+
+
+@dataclass(frozen=True)
+class DataAddress:
+    """Where a peer dials the data plane, and how."""
+
+    host: str
+    port: int
+    tls: TlsFiles | None
+    policy: DataPlane
+
+
+async def fetch_model(address: DataAddress, transfer_id: str, ledger: ReceiveLedger, sink: ChunkSink, *,
+                      timeouts: Timeouts, on_progress: Progress = _no_progress) -> None:
+    """Receive a transfer on one connection per lane of `ledger`, each reconnecting and resuming."""
+
+    async def lane(index: int) -> None:
+        async with _lane_connection(address, transfer_id, index) as connection:
+            await receive_model(connection, ledger, sink, timeouts=timeouts, lane=index, on_progress=on_progress)
+
+    await _all_lanes(lane, len(ledger.lanes), address.policy, f"receiving transfer {transfer_id[:8]}")
+
+
+async def push_model(address: DataAddress, transfer_id: str, manifest: Manifest, source: ChunkSource, lanes: int, *,
+                     timeouts: Timeouts) -> list[WindowStatistics]:
+    """Send a transfer on `lanes` connections, each reconnecting and resuming from its acknowledgements."""
+    plan = ChunkPlan(manifest)
+    windows = [SendWindow(plan, address.policy.window_chunks, seqs) for seqs in plan.lanes(lanes)]
+
+    async def lane(index: int) -> None:
+        async with _lane_connection(address, transfer_id, index) as connection:
+            await send_model(connection, manifest, source, window=windows[index],
+                             window_chunks=address.policy.window_chunks, timeouts=timeouts)
+
+    await _all_lanes(lane, len(windows), address.policy, f"sending transfer {transfer_id[:8]}")
+    return [window.statistics() for window in windows]
+
+
+async def _all_lanes(run: Callable[[int], Awaitable[None]], lanes: int, policy: DataPlane, what: str) -> None:
+    try:
+        async with asyncio.TaskGroup() as group:
+            for index in range(lanes):
+                group.create_task(with_retries(lambda index=index: run(index), policy, f"{what}, lane {index}"))
+    except* HaulerError as errors:
+        raise errors.exceptions[0] from None
+
+
+@contextlib.asynccontextmanager
+async def _lane_connection(address: DataAddress, transfer_id: str, lane: int) -> AsyncIterator[Connection]:
+    connection = await open_transfer(address.host, address.port, transfer_id, lane=lane, tls=address.tls,
+                                     congestion_control=address.policy.congestion_control)
+    try:
+        yield connection
+    finally:
+        connection.close()
