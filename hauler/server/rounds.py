@@ -27,10 +27,24 @@ class RoundStore:
     def manifest_path(self, round: int) -> Path:
         return self.directory / f"round-{round}.manifest.json"
 
+    def rounds(self) -> list[int]:
+        """Rounds whose manifest was written, newest first."""
+        found = [int(p.name.split("-")[1].split(".")[0]) for p in self.directory.glob("round-*.manifest.json")]
+        return sorted(found, reverse=True)
+
     def latest(self) -> int | None:
         """The newest complete round, or None if not even the initial model is there."""
-        rounds = [int(p.name.split("-")[1].split(".")[0]) for p in self.directory.glob("round-*.manifest.json")]
-        return max(rounds, default=None)
+        return next(iter(self.rounds()), None)
+
+    def latest_intact(self) -> int | None:
+        """The newest round whose file still matches its manifest's digests (after a crash, a
+        machine that lost unwritten pages can leave a torn file behind its manifest)."""
+        for round in self.rounds():
+            with self.open(round) as model:
+                expected = model.manifest
+                if model.compute_digests() == expected:
+                    return round
+        return None
 
     def create(self, round: int, manifest: Manifest) -> ModelFile:
         """A writable file for `round`, reusing the inode of the round that falls out of `keep_rounds`."""

@@ -136,8 +136,8 @@ class JobRunner:
             federation.close()
 
     def _initial_model(self, job_id: str, job: JobConfig, rounds: RoundStore) -> int:
-        """Build round 0 from the job's model module, unless a restart finds rounds done already."""
-        latest = rounds.latest()
+        """Build round 0 from the job's model module, unless a restart finds intact rounds already."""
+        latest = rounds.latest_intact()
         if latest is not None:
             return latest
         module = load_job_module(self.job_dir(job_id) / "app", job_id, job.model.module)
