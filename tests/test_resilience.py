@@ -101,6 +101,10 @@ def test_twenty_cuts_and_bit_flips_leave_the_model_bit_identical(federation, tmp
     proxy.clear_faults()
     undisturbed, final = asyncio.run(_run_job(workspace, job))
     assert final == "job.finished"
+    calm = [row for row in read_json_lines(workspace / "server" / "jobs" / undisturbed / "metrics.jsonl")
+            if row["kind"] == "site"]
+    assert all(row[d]["reconnects"] == 0 and row[d]["bytes_resent"] == 0 and row[d]["lanes"] > 1
+               for row in calm for d in ("download", "upload")), calm
     assert asyncio.run(_download(workspace, disturbed, tmp_path / "a")) == \
         asyncio.run(_download(workspace, undisturbed, tmp_path / "b"))
 

@@ -20,7 +20,7 @@ from hauler.aggregate import FedAvg
 from hauler.core.config import JobConfig, ServerConfig
 from hauler.core.errors import ConnectionLost, HaulerError, JobError, TransferTimeout
 from hauler.core.messages import AbortTask, DeployJob, ResultReady, Task, UploadReady
-from hauler.model import Manifest, ModelFile
+from hauler.model import ChunkPlan, Manifest, ModelFile
 from hauler.server.rounds import RoundStore
 from hauler.server.sites import SiteRegistry, SiteSession
 from hauler.server.transfers import TransferRegistry
@@ -30,14 +30,17 @@ T = TypeVar("T")
 PROGRESS_EVERY_S = 0.5
 
 
-class UploadBuffer:
-    """Where a site's upload chunks land before they are folded: one chunk, reused all job long."""
+class UploadBuffers:
+    """Where a site's upload chunks land before they are folded: one chunk-sized buffer per
+    lane (lanes arrive concurrently), reused all job long."""
 
-    def __init__(self, chunk_bytes: int) -> None:
-        self._buffer = memoryview(bytearray(chunk_bytes))
+    def __init__(self, plan: ChunkPlan, lanes: int) -> None:
+        self.plan, self.lanes = plan, plan.lanes(lanes)
+        self._buffers = [memoryview(bytearray(plan.manifest.chunk_bytes)) for _ in self.lanes]
 
     def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview:
-        return self._buffer[:length]
+        seq = self.plan.first_seq[tensor] + offset // self.plan.manifest.chunk_bytes
+        return self._buffers[next(i for i, lane in enumerate(self.lanes) if seq in lane)][:length]
 
 
 class JobFederation:
@@ -52,7 +55,7 @@ class JobFederation:
         self._global: ModelFile | None = None
         self._output: ModelFile | None = None
         self._aggregate: FedAvg | None = None
-        self._buffers: dict[str, UploadBuffer] = {}
+        self._buffers: dict[str, UploadBuffers] = {}
         self._results: dict[str, tuple[str, ResultReady]] = {}  # site -> (task id, result), this round
         self._round_started = self._last_upload_done = 0.0
         self._site_timings: list[dict[str, float]] = []
@@ -115,10 +118,12 @@ class JobFederation:
         assert self._aggregate is not None
         manifest = self._check_result(result, session.name)
         contribution = self._aggregate.contribution(result.weight)
-        buffer = self._buffers.setdefault(session.name, UploadBuffer(manifest.chunk_bytes))
+        buffers = self._buffers.get(session.name)
+        if buffers is None:
+            buffers = self._buffers[session.name] = UploadBuffers(ChunkPlan(manifest), self.server.dataplane.connections)
         upload = self.transfers.expect(
-            session.name, manifest, buffer,
-            on_chunk=lambda chunk: contribution.fold(chunk, buffer.chunk_bytes(0, 0, chunk.length)))
+            session.name, manifest, buffers,
+            on_chunk=lambda chunk: contribution.fold(chunk, buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)))
         upload.listeners.append(self._progress(session.name, round, "upload", manifest.total_bytes))
         try:
             await session.send(UploadReady(task_id=task_id, upload=upload.id, lanes=upload.lanes))

@@ -28,7 +28,7 @@ from hauler.transfer import Frame, FrameReader
 from hauler.transfer.reader import Destination
 
 FrameHandler = Callable[[Frame], None]
-WRITE_HIGH_WATER = 8 << 20  # bytes queued in the transport before writers wait
+WRITE_HIGH_WATER = 2 << 20  # bytes queued in the transport before writers wait (per connection)
 
 
 def tune_socket(sock: socket.socket, congestion_control: str = "") -> None:
