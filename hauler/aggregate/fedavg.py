@@ -95,10 +95,10 @@ class FedAvg:
         for block in range(0, values.size, BLOCK_ELEMENTS):
             into, source = target[block : block + BLOCK_ELEMENTS], values[block : block + BLOCK_ELEMENTS]
             if first:
-                np.multiply(source, weight, out=into, casting="unsafe")
+                np.multiply(source, weight, out=into, dtype=into.dtype, casting="unsafe")
             else:
                 scratch = self._scratch[into.dtype][: into.size]
-                np.multiply(source, weight, out=scratch, casting="unsafe")
+                np.multiply(source, weight, out=scratch, dtype=scratch.dtype, casting="unsafe")
                 np.add(into, scratch, out=into)
         self._touched[chunk.seq] = 1
 

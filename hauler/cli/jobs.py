@@ -14,10 +14,13 @@ from hauler.cli.common import (
     WorkspaceOption,
     console,
     errors,
+    fail,
     resolve_admin,
     run,
 )
 from hauler.cli.progress import follow
+from hauler.core.errors import HaulerError
+from hauler.core.package import load_job
 
 app = typer.Typer(help="List, inspect, abort and download jobs.", no_args_is_help=True)
 
@@ -30,6 +33,10 @@ def submit(
 ) -> None:
     """Submit a job folder to the server."""
     config = resolve_admin(workspace, admin_config)
+    try:
+        load_job(job_dir)  # a broken job.toml is reported before anything is dialled
+    except HaulerError as error:
+        fail(error)
 
     async def go() -> str:
         async with Admin(config) as admin:

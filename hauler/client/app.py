@@ -108,8 +108,8 @@ class Site:
             if isinstance(message, DeployJob):
                 try:
                     await asyncio.to_thread(self._deploy, message)
-                except HaulerError as error:  # reported when the job's first task arrives
-                    self._refused[message.job_id] = str(error)
+                except Exception as error:  # the job's code may raise anything; reported with its first task
+                    self._refused[message.job_id] = _describe(error)
             elif isinstance(message, Task):
                 self._forget_results(message.job_id)
                 self._start(group, message.task_id, self._guarded(stream, message.task_id, self._train(stream, message)))
@@ -152,9 +152,9 @@ class Site:
         """Run one step of a task; a failure is reported to the server instead of ending the session."""
         try:
             await work
-        except HaulerError as error:
-            log.warning("task failed", extra={"site": self.name, "task": task_id, "error": str(error)})
-            await stream.send(dump(TaskFailed(task_id=task_id, error=str(error)[:4000])))
+        except Exception as error:  # the job's code may raise anything; the site lives on
+            log.warning("task failed", extra={"site": self.name, "task": task_id, "error": _describe(error)})
+            await stream.send(dump(TaskFailed(task_id=task_id, error=_describe(error)[:4000])))
 
     async def _train(self, stream: MessageStream, task: Task) -> None:
         """Receive the global model into the site's file, train in place, hash, announce the result."""
@@ -199,3 +199,8 @@ class Site:
         model = ModelFile.create(self.jobs_dir / job_id / "model.safetensors", manifest)
         self._models[job_id] = model
         return model
+
+
+def _describe(error: Exception) -> str:
+    """Hauler's errors speak for themselves; anything else (the job's own code) is named by type."""
+    return str(error) if isinstance(error, HaulerError) else f"{type(error).__name__}: {error}"

@@ -43,7 +43,10 @@ class EventBus:
     def emit(self, name: str, /, **fields: Any) -> Event:
         event = Event(name, fields)
         for subscriber in list(self._subscribers):
-            subscriber(event)
+            try:
+                subscriber(event)
+            except Exception:  # a full disk or a broken watcher must not fail the job
+                self._subscribers.remove(subscriber)
         return event
 
 

@@ -71,6 +71,8 @@ def unpack(package_b64: str, target: Path, max_bytes: int) -> JobConfig:
 
 def _check_entry(entry: zipfile.ZipInfo) -> None:
     path = PurePosixPath(entry.filename)
+    if not path.parts or path.parts == (".",):
+        raise JobError(f"job package entry {entry.filename!r} has no name")
     if path.is_absolute() or entry.filename.startswith(("/", "\\")) or ":" in path.parts[0]:
         raise JobError(f"job package entry {entry.filename!r} is an absolute path")
     if ".." in path.parts or "\\" in entry.filename:

@@ -147,10 +147,10 @@ def read_manifest(path: Path, chunk_bytes: int) -> tuple[Manifest, int]:
             if len(prefix) < 8:
                 raise RemoteProtocolError(f"{path}: too short to be a safetensors file")
             (header_len,) = _U64.unpack(prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise RemoteProtocolError(f"{path}: header of {header_len} bytes exceeds {MAX_HEADER_BYTES}")
-            header = json.loads(handle.read(header_len))
             size = os.fstat(handle.fileno()).st_size
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise RemoteProtocolError(f"{path}: header of {header_len} bytes exceeds the file or {MAX_HEADER_BYTES}")
+            header = json.loads(handle.read(header_len))
     except (OSError, ValueError) as error:
         raise RemoteProtocolError(f"{path}: not a readable safetensors file ({error})") from None
     manifest = _manifest_from_header(header, chunk_bytes, path)
@@ -172,5 +172,5 @@ def _manifest_from_header(header: object, chunk_bytes: int, path: Path) -> Manif
             rows.append([name, entry["dtype"], entry["shape"], begin, end - begin, ""])
         except (KeyError, TypeError, ValueError):
             raise RemoteProtocolError(f"{path}: tensor {name!r} has a malformed entry") from None
-    rows.sort(key=lambda row: row[3] if isinstance(row[3], int) else -1)
+    rows.sort(key=lambda row: (row[3], row[4]) if isinstance(row[3], int) and isinstance(row[4], int) else (-1, -1))
     return Manifest.from_json({"chunk_bytes": chunk_bytes, "tensors": rows})

@@ -90,7 +90,8 @@ class JobFederation:
             await session.send(Task(task_id=task_id, job_id=self.job_id, round=round,
                                     manifest=manifest.to_json(), download=download.id, lanes=download.lanes))
             await self._unless_lost(session, download.wait(self.server.timeouts.communication_timeout,
-                                                           f"sending round {round} to {site}"))
+                                                           f"sending round {round} to {site}"),
+                                    refusal=result_future)
             arrived = clock()
             result = await self._unless_lost(session, self._train_result(result_future, site))
             trained = clock()
@@ -158,11 +159,18 @@ class JobFederation:
                                      executor_config=self.job.executor.config))
         session.deployed_jobs.add(self.job_id)
 
-    async def _unless_lost(self, session: SiteSession, work: Awaitable[T]) -> T:
-        """Await `work`, failing with ConnectionLost if the site's session ends first."""
+    async def _unless_lost(self, session: SiteSession, work: Awaitable[T],
+                           refusal: asyncio.Future | None = None) -> T:
+        """Await `work`, failing with ConnectionLost if the site's session ends first, or with
+        the site's own failure report if `refusal` (its result future) fails first."""
         task = asyncio.ensure_future(work)
+        watched = [task, session.closed]
         try:
-            await asyncio.wait([task, session.closed], return_when=asyncio.FIRST_COMPLETED)
+            while not task.done() and not session.closed.done():
+                if refusal is not None and refusal.done() and refusal.exception() is not None:
+                    raise refusal.exception()
+                pending = [*watched, *([refusal] if refusal is not None and not refusal.done() else [])]
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not task.done():
                 task.cancel()

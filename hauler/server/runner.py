@@ -169,9 +169,11 @@ class JobRunner:
             past = read_json_lines(self.job_dir(job_id) / "events.jsonl")
             for record in past:
                 yield record
-            if any(r["event"] in _ENDINGS for r in past) or self.store.get(job_id).status.ended:
+            if any(r["event"] in _ENDINGS for r in past):
                 return
             while True:
+                if queue.empty() and self.store.get(job_id).status.ended:
+                    return  # ended without an event to replay (e.g. aborted while queued)
                 record = (await queue.get()).to_record()
                 yield record
                 if record["event"] in _ENDINGS:

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hauler.core.config import DataPlane, Timeouts
-from hauler.core.errors import HaulerError, JobError, SecurityError, TransferTimeout
+from hauler.core.errors import (
+    DigestError,
+    HaulerError,
+    JobError,
+    SecurityError,
+    TransferTimeout,
+)
 from hauler.core.timeouts import SilenceTimer
 from hauler.model import Chunk, ChunkPlan, Manifest
 from hauler.server.access import AccessPolicy
@@ -144,6 +150,8 @@ class TransferRegistry:
                 await self._run(connection, transfer, lane)
             except HaulerError as error:
                 transfer.interruption = str(error)
+                if isinstance(error, DigestError) and not transfer.done.done():
+                    transfer.done.set_exception(error)  # data and manifest disagree: resuming cannot help
                 raise
             finally:
                 del transfer.serving[lane]

@@ -49,6 +49,8 @@ class FrameHeader:
     @classmethod
     def decode(cls, data: bytes | memoryview) -> FrameHeader:
         """Parse and bound-check a header; anything malformed is a RemoteProtocolError."""
+        if len(data) != HEADER.size:
+            raise RemoteProtocolError(f"frame header of {len(data)} bytes, not {HEADER.size}")
         magic, kind, flags, spare, tensor, offset, length, checksum = HEADER.unpack(data)
         if magic != MAGIC or flags or spare:
             raise RemoteProtocolError("not a Hauler data-plane frame (bad magic or reserved bits)")

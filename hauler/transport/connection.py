@@ -93,6 +93,7 @@ class Connection:
         self.closed = asyncio.get_running_loop().create_future()
         self._inbox: asyncio.Queue[Frame] = asyncio.Queue()
         self._handler: FrameHandler = self._inbox.put_nowait
+        self.on_bytes: Callable[[int], None] | None = None  # told of every read, even mid-frame
         self.peer_address = transport.get_extra_info("peername")
         self._ssl_object = transport.get_extra_info("ssl_object")
 
@@ -116,6 +117,8 @@ class Connection:
 
     def bytes_received(self, nbytes: int) -> None:
         try:
+            if self.on_bytes is not None:
+                self.on_bytes(nbytes)
             frame = self.reader.buffer_updated(nbytes)
             if frame is not None:
                 self._handler(frame)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,8 +36,10 @@ from hauler.transfer.window import WindowStatistics
 from hauler.transport.connection import Connection, connect
 
 WRITE_SLICE = 1 << 20  # memoryview slices handed to the transport; bounds its copy of a remainder
+KEEPALIVE_ACK_S = 1.0  # while a chunk is still arriving, repeat the last ACK this often: on a slow
+# link one chunk can take longer than streaming_ack_wait, and bytes flowing are progress
 
-Progress = Callable[[int], None]
+Progress = Callable[[int], None]  # bytes newly landed; 0 is a sign of life mid-chunk
 
 
 class ChunkSource(Protocol):
@@ -149,6 +152,8 @@ async def receive_model(
         def on_frame(frame: Frame) -> None:
             if frame.header.kind is Kind.ERROR:
                 raise _peer_error(frame)
+            if frame.header.kind is not Kind.DATA:
+                raise RemoteProtocolError(f"receiver got a {frame.header.kind.name} frame")
             chunk = pending.pop()
             on_chunk(chunk)
             for index in ledger.commit(chunk, frame.header.checksum):
@@ -160,6 +165,17 @@ async def receive_model(
                 finished.set()
 
         end = ledger.lanes[lane].stop
+        last_ack = time.monotonic()
+
+        def on_bytes(nbytes: int) -> None:
+            nonlocal last_ack
+            silence.touch()
+            if time.monotonic() - last_ack >= KEEPALIVE_ACK_S:  # a sign of life, for both ends' waiters
+                last_ack = time.monotonic()
+                connection.write(ack_frame(ledger.position(lane)))
+                on_progress(0)
+
+        connection.on_bytes = on_bytes
         connection.set_handler(on_frame, destination)
         for index in ledger.begin():  # empty tensors complete at once
             on_tensor(index)
