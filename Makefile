@@ -7,7 +7,7 @@ ARRAYS ?= 64
 SITES ?= 2
 ROUNDS ?= 3
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench-wan bench-path clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+bench-wan: install  # the seed's two distant sites over emulated links (root, network namespaces, gcc)
+	$(PY) -m bench.wan --json .demo/wan.json
+
+bench-path: install  # one 100 ms / 1 Gbit/s / 0.1 % loss path: a default TCP stream against Hauler
+	$(PY) -m bench.wan --scenario path --json .demo/path.json
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .hypothesis

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,13 @@ from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from hauler.cli.provision import provision as provision_command
-from hauler.core.config import AdminConfig, ServerConfig, SiteConfig, TlsFiles, load_toml
+from hauler.core.config import (
+    AdminConfig,
+    ServerConfig,
+    SiteConfig,
+    TlsFiles,
+    load_toml,
+)
 from hauler.core.errors import ConfigError
 from hauler.security import client_ssl_context, provision, server_ssl_context
 
@@ -56,9 +63,11 @@ def files_of(folder: Path) -> dict[Path, bytes]:
 
 
 def tls_files(kit: Path, config: ServerConfig | SiteConfig | AdminConfig) -> TlsFiles:
-    """The kit's TLS files, resolved against the kit folder as hauler resolves them."""
-    assert config.tls is not None and not config.tls.cert.is_absolute()
-    return TlsFiles(ca_cert=kit / config.tls.ca_cert, cert=kit / config.tls.cert, key=kit / config.tls.key)
+    """The kit's TLS files: written relative to the kit, and resolved against it when loaded."""
+    raw = next(tomllib.loads(path.read_text()) for path in kit.glob("*.toml"))
+    assert not Path(raw["tls"]["cert"]).is_absolute()
+    assert config.tls is not None and config.tls.cert.parent == kit
+    return config.tls
 
 
 def subject(cert: x509.Certificate) -> tuple[str, ...]:
@@ -88,7 +97,7 @@ def test_configs_point_at_the_project_server(tmp_path: Path) -> None:
     provision(project_file(tmp_path), out)
     server = load_toml(ServerConfig, out / "server" / "server.toml")
     assert (server.host, server.control_port, server.data_port) == ("server.example.org", 8002, 8003)
-    assert server.workspace == Path("workspace")
+    assert server.workspace == out / "server" / "workspace"  # relative in the kit, resolved against it
     site = load_toml(SiteConfig, out / "site-2" / "site.toml")
     assert (site.server_host, site.control_port, site.data_port) == ("server.example.org", 8002, 8003)
     assert site.allow_custom_code is False

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import tomli_w
-
 from faultproxy import FaultProxy
+
 from hauler.admin import Admin, poc
 from hauler.core.events import read_json_lines
 
@@ -27,11 +27,12 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
 FAST_RETRIES = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.5, "max_retries": 50}
 
 
-def _job(folder: Path, *, rounds: int, min_clients: int, array_bytes: int = 2 * 2**20 + 4) -> Path:
+def _job(folder: Path, *, rounds: int, min_clients: int, array_bytes: int = 2 * 2**20 + 4,
+         wait_after_min_s: float = 1) -> Path:
     job = folder / "job"
     shutil.copytree(EXAMPLE, job, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     config = {"name": "hello-numpy",
-              "workflow": {"num_rounds": rounds, "min_clients": min_clients, "wait_time_after_min_received": 1},
+              "workflow": {"num_rounds": rounds, "min_clients": min_clients, "wait_time_after_min_received": wait_after_min_s},
               "model": {"module": "model", "config": {"arrays": 4, "array_bytes": array_bytes}},
               "executor": {"module": "train", "config": {"increment": 0.1, "steps": 10}}}
     (job / "job.toml").write_text(tomli_w.dumps(config))
@@ -113,7 +114,7 @@ def test_a_stopped_site_times_out_by_silence_and_the_job_goes_on(tmp_path):
     workspace = tmp_path / "poc"
     poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES,
                 timeouts={"communication_timeout": 4.0, "streaming_read_timeout": 30.0, "streaming_ack_wait": 2.0})
-    with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=4e6) as proxy:
+    with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=1e6) as proxy:  # a download takes seconds
         _route_sites_through(workspace, proxy.port)
         pids = poc.start(workspace)
         stopped = []
@@ -125,7 +126,9 @@ def test_a_stopped_site_times_out_by_silence_and_the_job_goes_on(tmp_path):
                 stopped.append(time.monotonic())
 
         try:
-            job_id, final = asyncio.run(_run_job(workspace, _job(tmp_path, rounds=1, min_clients=1), stop_site_2_mid_download))
+            # The round waits for site-2 longer than communication_timeout: only silence can end it.
+            job = _job(tmp_path, rounds=1, min_clients=1, array_bytes=4 * 2**20, wait_after_min_s=60)
+            job_id, final = asyncio.run(_run_job(workspace, job, stop_site_2_mid_download))
         finally:
             os.kill(pids["site-2"], signal.SIGCONT)
             poc.stop(workspace)

@@ -32,7 +32,14 @@ from hauler.security import (
     server_ssl_context,
     tls_failure,
 )
-from hauler.security.ca import Issued, cert_pem, create_authority, issue, write_file, write_issued
+from hauler.security.ca import (
+    Issued,
+    cert_pem,
+    create_authority,
+    issue,
+    write_file,
+    write_issued,
+)
 
 HOST = "127.0.0.1"
 SITE = Identity("site-1", "hospital-a", Role.SITE)

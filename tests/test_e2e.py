@@ -1,0 +1,153 @@
+"""End to end on real processes: one local federation (a server and two sites) per module,
+driven only through the `hauler` command, as a user would."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import tomli_w
+from helpers import (
+    assert_models_equal,
+    edit_configs,
+    federation,
+    hauler,
+    hello_expected,
+    hello_job,
+    ok,
+    read_jsonl,
+    submitted_job_id,
+    wait_until,
+)
+from safetensors.numpy import load_file
+
+ROUND_KEYS = {"download_s", "train_s", "upload_s", "aggregate_s"}
+
+
+@pytest.fixture(scope="module")
+def poc(tmp_path_factory):
+    """A running federation with small chunks, so every tensor travels as several."""
+    workspace = tmp_path_factory.mktemp("e2e") / "poc"
+
+    def configure(workspace):
+        edit_configs(workspace, "dataplane", {"chunk_bytes": 256 << 10, "window_chunks": 4})
+
+    with federation(workspace, sites=2, configure=configure):
+        yield workspace
+
+
+def job_dir_on_server(poc, job_id):
+    return poc / "server" / "jobs" / job_id
+
+
+def job_status(poc, job_id) -> str:
+    return ok(hauler("jobs", "status", job_id, "--workspace", poc)).stdout
+
+
+def test_hello_numpy_two_sites_two_rounds_gives_initial_plus_rounds_times_increment(poc, tmp_path):
+    job = hello_job(tmp_path, rounds=2, min_clients=2, arrays=4, array_bytes=1_000_004)
+    submitted = ok(hauler("submit", job, "--workspace", poc, "--wait"))
+    job_id = submitted_job_id(submitted.stdout)
+    assert "job.finished" in submitted.stdout
+
+    downloaded = ok(hauler("jobs", "download", job_id, "-o", tmp_path / "out", "--workspace", poc))
+    assert "after round 2" in downloaded.stdout
+    assert_models_equal(load_file(str(tmp_path / "out" / "global.safetensors")), hello_expected(job, rounds=2))
+
+    listed = ok(hauler("jobs", "list", "--workspace", poc)).stdout
+    assert re.search(rf"{job_id}\s.*hello-numpy.*finished.*2/2", listed), listed
+    status = job_status(poc, job_id)
+    assert f"job {job_id} (hello-numpy): finished, rounds 2/2" in status
+    assert re.search(r"^\W*0\W", status, re.M) and re.search(r"^\W*1\W", status, re.M), status  # a row per round
+
+    server_job = job_dir_on_server(poc, job_id)
+    rounds = [row for row in read_jsonl(server_job / "metrics.jsonl") if row["kind"] == "round"]
+    assert [row["round"] for row in rounds] == [0, 1]
+    for row in rounds:
+        assert ROUND_KEYS <= set(row) and all(row[key] >= 0 for key in ROUND_KEYS)
+        assert sorted(row["sites"]) == ["site-1", "site-2"]
+    for row in read_jsonl(server_job / "metrics.jsonl"):
+        if row["kind"] == "site":  # a clean link: every byte moved once, on every lane
+            for direction in ("download", "upload"):
+                assert (row[direction]["reconnects"], row[direction]["bytes_resent"]) == (0, 0), (direction, row)
+    events = [event["event"] for event in read_jsonl(server_job / "events.jsonl")]
+    assert events[0] == "job.started" and events[-1] == "job.finished"
+    assert events.count("round.complete") == 2 and events.count("site.result") == 4
+    assert "round.refold" not in events  # nobody failed, nothing folded twice
+    assert (server_job / "global" / "round-2.safetensors").exists()
+
+
+def test_jobs_abort_marks_a_running_job_aborted(poc, tmp_path):
+    job = hello_job(tmp_path, rounds=1, min_clients=3, name="waits-for-a-third-site")
+    job_id = submitted_job_id(ok(hauler("submit", job, "--workspace", poc)).stdout)
+    try:
+        wait_until(lambda: "running" in job_status(poc, job_id), timeout_s=60, what="job running")
+        wait_until(lambda: any(e["event"] == "sites.waiting"
+                               for e in read_jsonl(job_dir_on_server(poc, job_id) / "events.jsonl")),
+                   timeout_s=30, what="job waiting for sites")
+        assert f"aborted job {job_id}" in ok(hauler("jobs", "abort", job_id, "--workspace", poc)).stdout
+        wait_until(lambda: "aborted" in job_status(poc, job_id), timeout_s=30, what="job aborted")
+    finally:
+        hauler("jobs", "abort", job_id, "--workspace", poc)  # never leave it blocking the queue
+    events = [event["event"] for event in read_jsonl(job_dir_on_server(poc, job_id) / "events.jsonl")]
+    assert events[-1] == "job.aborted"
+    listed = ok(hauler("jobs", "list", "--workspace", poc)).stdout
+    assert re.search(rf"{job_id}\s.*aborted", listed), listed
+    again = hauler("jobs", "abort", job_id, "--workspace", poc)
+    assert again.returncode != 0 and "already aborted" in again.stderr
+
+
+def test_unknown_job_is_a_clear_error(poc):
+    result = hauler("jobs", "status", "0123456789ab", "--workspace", poc)
+    assert result.returncode != 0 and "no job '0123456789ab'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def server_jobs(poc) -> list:
+    jobs = poc / "server" / "jobs"
+    return sorted(jobs.iterdir()) if jobs.exists() else []
+
+
+def write_job_toml(job, content: str | bytes | None) -> None:
+    path = job / "job.toml"
+    if content is None:
+        path.unlink()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+
+
+MALFORMED = {
+    "unknown_key": ('name = "x"\n[workflow]\nnm_rounds = 3\n[model]\nmodule = "model"\n[executor]\nmodule = "train"\n',
+                    ["job.toml: workflow.nm_rounds: unknown key"]),
+    "invalid_toml": ('name = "x\n[workflow]\n', ["job.toml: not valid TOML"]),
+    "wrong_type": ('name = "x"\n[workflow]\nnum_rounds = "two"\n[model]\nmodule = "model"\n'
+                   '[executor]\nmodule = "train"\n', ["job.toml: workflow.num_rounds:"]),
+    "missing_section": ('name = "x"\n[model]\nmodule = "model"\n', ["job.toml: executor:"]),
+    "not_utf8": (b'name = "caf\xe9"\n', ["job.toml: "]),
+    "missing_job_toml": (None, ["no job.toml"]),
+}
+
+
+@pytest.mark.parametrize("content, expected", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_job_is_refused_with_the_file_and_key(poc, tmp_path, content, expected):
+    job = hello_job(tmp_path)
+    write_job_toml(job, content)
+    jobs_before = server_jobs(poc)
+    result = hauler("submit", job, "--workspace", poc)
+    assert result.returncode == 2, result.stderr
+    assert str(job) in result.stderr
+    for text in expected:
+        assert text in result.stderr
+    assert "Traceback" not in result.stderr
+    assert server_jobs(poc) == jobs_before  # nothing reached the server
+
+
+def test_malformed_job_is_refused_even_when_the_server_is_down(tmp_path):
+    admin = tmp_path / "admin.toml"
+    admin.write_text(tomli_w.dumps({"control_port": 9, "data_port": 9, "timeouts": {"communication_timeout": 2}}))
+    job = hello_job(tmp_path)
+    write_job_toml(job, MALFORMED["unknown_key"][0])
+    result = hauler("submit", job, "--kit", admin)
+    assert result.returncode == 2 and "workflow.nm_rounds: unknown key" in result.stderr

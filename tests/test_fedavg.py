@@ -1,0 +1,198 @@
+"""FedAvg as a fold: exact weighted averages over every dtype and awkward layouts, chunk by
+chunk in any interleaving, and a contribution that stops part-way leaves no trace."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import (
+    MIXED_LAYOUT,
+    create_model,
+    expected_average,
+    fill_exact_values,
+    manifest_of,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hauler.aggregate import FedAvg
+from hauler.aggregate.fedavg import BLOCK_ELEMENTS
+from hauler.core.errors import LocalProtocolError
+from hauler.model import ModelFile
+
+BUDGETS = {"in_memory": 1 << 30, "file_backed": 0}
+LARGE_LAYOUT = [*MIXED_LAYOUT, ("crosses_blocks", "F32", (BLOCK_ELEMENTS + 5,)),
+                ("half_crosses_blocks", "F16", (BLOCK_ELEMENTS + 3,))]
+
+
+def sites(folder: Path, layout, count: int, seed: int = 0) -> list[ModelFile]:
+    return [create_model(folder / f"site-{k}.safetensors", layout, fill=fill_exact_values, seed=seed + k)
+            for k in range(count)]
+
+
+def aggregate(folder: Path, layout, budget: int = 1 << 30) -> tuple[FedAvg, ModelFile]:
+    manifest = manifest_of(layout)
+    fedavg = FedAvg(manifest, workdir=folder, memory_budget_bytes=budget)
+    output = ModelFile.create(folder / "round-1.safetensors", manifest)
+    fedavg.begin(output)
+    return fedavg, output
+
+
+def assert_result(output: ModelFile, expected: dict[str, np.ndarray]) -> None:
+    arrays = output.arrays()
+    for name, array in expected.items():
+        assert arrays[name].dtype == array.dtype and arrays[name].shape == array.shape, name
+        assert np.array_equal(arrays[name], array), f"{name}: {arrays[name]} != {array}"
+
+
+@pytest.mark.parametrize("budget", BUDGETS.values(), ids=BUDGETS.keys())
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 3.0], [2.0, 2.0, 4.0], [0.5, 0.25, 0.25]])
+def test_weighted_average_is_exact_for_every_dtype(tmp_path, budget, weights):
+    models = sites(tmp_path, LARGE_LAYOUT, len(weights))
+    fedavg, output = aggregate(tmp_path, LARGE_LAYOUT, budget)
+    for model, weight in zip(models, weights):
+        fedavg.fold_model(model, weight)
+    manifest = fedavg.finish()
+    assert_result(output, expected_average(models, weights))
+    assert manifest == output.manifest and all(t.digest for t in manifest.tensors if t.length)
+    statistics = fedavg.statistics()
+    assert (statistics.contributions, statistics.total_weight) == (len(weights), sum(weights))
+    assert statistics.file_backed == (budget == 0)
+    assert (tmp_path / "accumulator.bin").exists() == (budget == 0)
+
+
+def test_integers_are_rounded_half_to_even(tmp_path):
+    layout = [("steps", "I64", (4,)), ("count", "U8", (2,)), ("flag", "BOOL", (2,))]
+    models = [ModelFile.create(tmp_path / f"{k}.safetensors", manifest_of(layout)) for k in range(2)]
+    values = [([1, 2, 3, -3], [0, 255], [False, True]), ([2, 2, 4, -4], [1, 255], [True, True])]
+    for model, (steps, count, flag) in zip(models, values):
+        model.arrays()["steps"][:], model.arrays()["count"][:], model.arrays()["flag"][:] = steps, count, flag
+    fedavg, output = aggregate(tmp_path, layout)
+    for model in models:
+        fedavg.fold_model(model, 1.0)
+    fedavg.finish()
+    assert output.arrays()["steps"].tolist() == [2, 2, 4, -4]  # 1.5, 2, 3.5, -3.5 rounded half to even
+    assert output.arrays()["count"].tolist() == [0, 255]
+    assert output.arrays()["flag"].tolist() == [False, True]  # 0.5 rounds to 0 as well
+
+
+@given(values=st.lists(st.lists(st.integers(-(10**6), 10**6), min_size=3, max_size=3), min_size=1, max_size=4),
+       weights=st.lists(st.integers(1, 1000), min_size=4, max_size=4))
+def test_integer_average_matches_exact_arithmetic(values, weights):
+    weights = weights[: len(values)]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        layout = [("n", "I64", (3,))]
+        models = [ModelFile.create(folder / f"{k}.safetensors", manifest_of(layout)) for k in range(len(values))]
+        for model, row in zip(models, values):
+            model.arrays()["n"][:] = row
+        fedavg, output = aggregate(folder, layout)
+        for model, weight in zip(models, weights):
+            fedavg.fold_model(model, float(weight))
+        fedavg.finish()
+        expected = expected_average(models, [float(w) for w in weights])["n"]
+        assert output.arrays()["n"].tolist() == expected.tolist()
+        for model in [*models, output]:
+            model.close()
+
+
+@given(st.data())
+def test_chunks_folded_in_any_interleaving_give_the_same_average(data):
+    layout = [("w", "F32", (3000,)), ("h", "F16", (2100,)), ("s", "F32", ()), ("n", "I64", (700,))]
+    weights = [1.0, 2.0, 1.0]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        models = sites(folder, layout, len(weights), seed=data.draw(st.integers(0, 1000)))
+        fedavg, output = aggregate(folder, layout)
+        streams = [(fedavg.contribution(w), m, list(fedavg.manifest.chunks())) for m, w in zip(models, weights)]
+        while any(chunks for _, _, chunks in streams):
+            contribution, model, chunks = data.draw(st.sampled_from([s for s in streams if s[2]]))
+            chunk = chunks.pop(0)
+            contribution.fold(chunk, model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
+        for contribution, _, _ in streams:
+            contribution.complete()
+        fedavg.finish()
+        assert_result(output, expected_average(models, weights))
+        for model in [*models, output]:
+            model.close()
+
+
+@pytest.mark.parametrize("folded_before_failure", [1, 5, 11])
+def test_a_contribution_abandoned_part_way_taints_the_round_until_restart(tmp_path, folded_before_failure):
+    good = sites(tmp_path, MIXED_LAYOUT, 2)
+    garbage = create_model(tmp_path / "garbage.safetensors", MIXED_LAYOUT, fill=fill_exact_values, seed=99)
+    for array in garbage.arrays().values():
+        array[...] = 100 if array.dtype.kind in "iuf" else True
+    fedavg, output = aggregate(tmp_path, MIXED_LAYOUT)
+    fedavg.fold_model(good[0], 2.0)
+    failing = fedavg.contribution(1000.0)
+    for chunk in list(fedavg.manifest.chunks())[:folded_before_failure]:
+        failing.fold(chunk, garbage.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
+    fedavg.fold_model(good[1], 2.0)  # a site uploading at the same time finishes after the failure
+    failing.abandon()
+    assert fedavg.tainted
+    with pytest.raises(LocalProtocolError):
+        fedavg.finish()
+    fedavg.restart()  # the federation re-collects the completed sites
+    for model in good:
+        fedavg.fold_model(model, 2.0)
+    fedavg.finish()
+    assert_result(output, expected_average(good, [2.0, 2.0]))
+
+
+def test_a_contribution_abandoned_before_any_chunk_leaves_the_round_clean(tmp_path):
+    models = sites(tmp_path, MIXED_LAYOUT, 1)
+    fedavg, output = aggregate(tmp_path, MIXED_LAYOUT)
+    fedavg.contribution(5.0).abandon()
+    fedavg.fold_model(models[0], 3.0)
+    assert not fedavg.tainted
+    fedavg.finish()
+    assert_result(output, expected_average(models, [3.0]))
+
+
+def test_each_round_starts_from_nothing(tmp_path):
+    models = sites(tmp_path, MIXED_LAYOUT, 2)
+    manifest = manifest_of(MIXED_LAYOUT)
+    fedavg = FedAvg(manifest, workdir=tmp_path, memory_budget_bytes=0)
+    for round, model in enumerate(models):
+        with ModelFile.create(tmp_path / f"round-{round + 1}.safetensors", manifest) as output:
+            fedavg.begin(output)
+            fedavg.fold_model(model, 1.0)
+            fedavg.finish()
+            assert_result(output, expected_average([model], [1.0]))
+
+
+def test_misuse_is_refused(tmp_path):
+    models = sites(tmp_path, MIXED_LAYOUT, 1)
+    fedavg, _ = aggregate(tmp_path, MIXED_LAYOUT)
+    with pytest.raises(LocalProtocolError):
+        fedavg.finish()  # nothing folded yet
+    for weight in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError):
+            fedavg.contribution(weight)
+    partial = fedavg.contribution(1.0)
+    chunk = next(fedavg.manifest.chunks())
+    partial.fold(chunk, models[0].chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
+    with pytest.raises(LocalProtocolError):
+        partial.complete()  # not every chunk arrived
+    other_layout = ModelFile.create(tmp_path / "other.safetensors", manifest_of([("x", "F32", (3,))]))
+    with pytest.raises(LocalProtocolError):
+        fedavg.begin(other_layout)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("value, weight", [(1000.0, 100.0), (-600.0, 5000.0)])
+def test_f16_is_weighted_in_the_accumulator_dtype(tmp_path, value, weight):
+    layout = [("x", "F16", (4,))]
+    models = [ModelFile.create(tmp_path / f"{k}.safetensors", manifest_of(layout)) for k in range(2)]
+    for model in models:
+        model.arrays()["x"][:] = value
+    fedavg, output = aggregate(tmp_path, layout)
+    fedavg.fold_model(models[0], weight)
+    fedavg.fold_model(models[1], 1.0)
+    fedavg.finish()
+    assert np.isfinite(output.arrays()["x"].astype(np.float32)).all()
+    assert output.arrays()["x"].astype(np.float64).tolist() == [value] * 4  # the average of equal values

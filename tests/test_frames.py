@@ -1,0 +1,185 @@
+"""The data-plane frame codec and the incremental FrameReader: round trips, bounds
+checked before any buffer is handed out, and garbage refused with protocol errors only."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import feed, manifest_of
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hauler.core.errors import IntegrityError, RemoteProtocolError
+from hauler.model import ChunkPlan, chunk_checksum
+from hauler.model.manifest import MAX_CHUNK_BYTES
+from hauler.transfer import (
+    FrameHeader,
+    FrameReader,
+    Kind,
+    ReceiveLedger,
+    ack_frame,
+    control_frame,
+)
+from hauler.transfer.frames import HEADER, MAGIC, MAX_CONTROL_PAYLOAD
+
+U32, U64 = (1 << 32) - 1, (1 << 64) - 1
+
+
+@st.composite
+def headers(draw: st.DrawFn) -> FrameHeader:
+    kind = draw(st.sampled_from(Kind))
+    limit = {Kind.DATA: MAX_CHUNK_BYTES, Kind.ACK: 0}.get(kind, MAX_CONTROL_PAYLOAD)
+    return FrameHeader(kind, draw(st.integers(0, U32)), draw(st.integers(0, U64)),
+                       draw(st.integers(0, limit)), draw(st.integers(0, U64)))
+
+
+def data_frame(tensor: int, offset: int, payload: bytes) -> bytes:
+    return FrameHeader(Kind.DATA, tensor, offset, len(payload), chunk_checksum(memoryview(payload))).encode() + payload
+
+
+def raw_header(kind: int, *, tensor: int = 0, offset: int = 0, length: int = 0, checksum: int = 0,
+               magic: bytes = MAGIC, flags: int = 0, spare: int = 0) -> bytes:
+    return HEADER.pack(magic, kind, flags, spare, tensor, offset, length, checksum)
+
+
+class Recorder:
+    """A destination that records what it was asked for and lands payloads in one buffer."""
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self.sink = bytearray(size)
+        self.asked: list[FrameHeader] = []
+
+    def __call__(self, header: FrameHeader) -> memoryview:
+        self.asked.append(header)
+        return memoryview(self.sink)[header.offset : header.offset + header.length]
+
+
+@given(headers())
+def test_header_round_trip(header):
+    encoded = header.encode()
+    assert len(encoded) == HEADER.size == 32
+    assert FrameHeader.decode(encoded) == header
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_random_header_decodes_or_is_refused_as_remote_protocol_error(data):
+    try:
+        header = FrameHeader.decode(data)
+    except RemoteProtocolError:
+        return
+    assert header.encode() == data
+
+
+@given(st.binary(max_size=64).filter(lambda data: len(data) != HEADER.size))
+def test_header_of_the_wrong_size_is_a_remote_protocol_error(data):
+    with pytest.raises(RemoteProtocolError):
+        FrameHeader.decode(data)
+
+
+@pytest.mark.parametrize("header", [
+    raw_header(Kind.DATA, length=MAX_CHUNK_BYTES + 1),
+    raw_header(Kind.DATA, length=U32),
+    raw_header(Kind.HELLO, length=MAX_CONTROL_PAYLOAD + 1),
+    raw_header(Kind.ERROR, length=U32),
+    raw_header(Kind.ACK, length=1),
+    raw_header(Kind.DATA, length=8, magic=b"HTTP"),
+    raw_header(Kind.DATA, length=8, flags=1),
+    raw_header(Kind.DATA, length=8, spare=7),
+    raw_header(0, length=8),
+    raw_header(9, length=8),
+], ids=["data>max", "data=2**32-1", "hello>max", "error=2**32-1", "ack-with-payload", "magic", "flags",
+        "spare", "kind0", "kind9"])
+def test_bad_header_is_refused_before_any_payload_buffer_is_handed_out(header):
+    destination = Recorder()
+    reader = FrameReader(destination)
+    handed_out = []
+    with pytest.raises(RemoteProtocolError):
+        for byte in header:  # one byte at a time, recording every buffer the reader offers
+            buffer = reader.get_buffer()
+            handed_out.append(len(buffer))
+            buffer[0] = byte
+            reader.buffer_updated(1)
+    assert destination.asked == []
+    assert max(handed_out) <= HEADER.size
+
+
+@given(st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=6), st.integers(1, 80))
+def test_data_payloads_land_in_their_destination_however_the_stream_is_split(payloads, piece_bytes):
+    destination = Recorder()
+    stream, offset, placed = b"", 0, []
+    for payload in payloads:
+        stream += data_frame(1, offset, payload)
+        placed.append((offset, payload))
+        offset += len(payload)
+    frames = feed(FrameReader(destination), stream, piece_bytes)
+    assert [f.header.kind for f in frames] == [Kind.DATA] * len(payloads)
+    assert all(f.payload == b"" for f in frames)  # DATA payloads are never copied into the frame
+    for start, payload in placed:
+        assert bytes(destination.sink[start : start + len(payload)]) == payload
+    assert [h.length for h in destination.asked] == [len(p) for p in payloads]
+
+
+@given(st.sampled_from([Kind.HELLO, Kind.ERROR]), st.binary(max_size=2000), st.integers(1, 64))
+def test_control_frames_carry_their_payload(kind, payload, piece_bytes):
+    frames = feed(FrameReader(), control_frame(kind, payload) + ack_frame(7), piece_bytes)
+    assert [(f.header.kind, f.payload) for f in frames] == [(kind, payload), (Kind.ACK, b"")]
+    assert frames[1].header.offset == 7
+
+
+def test_control_payload_above_the_limit_cannot_be_built():
+    with pytest.raises(ValueError):
+        control_frame(Kind.ERROR, b"x" * (MAX_CONTROL_PAYLOAD + 1))
+
+
+@pytest.mark.parametrize("kind", [Kind.DATA, Kind.HELLO])
+def test_payload_that_does_not_match_its_checksum_is_an_integrity_error(kind):
+    payload = b"model bytes" * 10
+    header = FrameHeader(kind, 0, 0, len(payload), chunk_checksum(memoryview(payload)))
+    with pytest.raises(IntegrityError):
+        feed(FrameReader(Recorder()), header.encode() + payload[:-1] + b"!")
+
+
+def test_data_frame_on_a_connection_that_is_not_receiving_is_refused():
+    with pytest.raises(RemoteProtocolError):
+        feed(FrameReader(destination=None), data_frame(0, 0, b"12345678"))
+
+
+@st.composite
+def frame_like(draw: st.DrawFn) -> bytes:
+    """Bytes that often get past the magic: headers with small random fields, random payloads."""
+    length = draw(st.integers(0, 600))
+    header = raw_header(draw(st.integers(0, 5)), tensor=draw(st.integers(0, 4)),
+                        offset=draw(st.sampled_from([0, 8, 64, 4096, U64])), length=length,
+                        checksum=draw(st.integers(0, U64)), flags=draw(st.sampled_from([0, 0, 0, 1])))
+    payload = draw(st.binary(min_size=length, max_size=length))
+    if draw(st.booleans()):  # a correct checksum, so the frame gets as far as the ledger
+        header = header[:24] + chunk_checksum(memoryview(payload)).to_bytes(8, "little")
+    return header + payload
+
+
+GARBLED = manifest_of([("a", "F32", (40,)), ("b", "U8", (9,))], chunk_bytes=64)
+planned_frames = st.sampled_from(list(GARBLED.chunks())).flatmap(  # frames the ledger expects
+    lambda c: st.binary(min_size=c.length, max_size=c.length).map(lambda p: data_frame(c.tensor, c.offset, p)))
+
+
+@given(st.lists(st.one_of(st.binary(max_size=64), frame_like(), planned_frames), max_size=8), st.integers(1, 700),
+       st.booleans())
+def test_garbage_on_the_wire_raises_only_protocol_or_integrity_errors(pieces, piece_bytes, with_digests):
+    manifest = GARBLED.with_digests(["0" * 16, "1" * 16]) if with_digests else GARBLED
+    ledger = ReceiveLedger(ChunkPlan(manifest))
+    sink = bytearray(manifest.total_bytes)
+    pending = []
+
+    def destination(header: FrameHeader) -> memoryview:  # as receive_model does
+        chunk = ledger.expect(header)
+        pending.append(chunk)
+        start = manifest.tensors[chunk.tensor].offset + chunk.offset
+        return memoryview(sink)[start : start + chunk.length]
+
+    def on_frame(frame):
+        if frame.header.kind is Kind.DATA:
+            ledger.commit(pending.pop(), frame.header.checksum)
+
+    try:
+        feed(FrameReader(destination), b"".join(pieces), piece_bytes, on_frame)
+    except (RemoteProtocolError, IntegrityError):
+        pass

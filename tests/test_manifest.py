@@ -1,0 +1,185 @@
+"""Manifests: layout arithmetic, the JSON round trip, and refusal of hostile manifests
+before anything is allocated (DESIGN.md invariant 6, STYLE.md habit 5)."""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import pytest
+from helpers import MIXED_LAYOUT, manifest_of
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hauler.core.errors import RemoteProtocolError
+from hauler.model import DTYPES, ChunkPlan, Manifest
+from hauler.model.manifest import (
+    MAX_CHUNK_BYTES,
+    MAX_DIMS,
+    MAX_MODEL_BYTES,
+    MAX_NAME_BYTES,
+    MAX_TENSORS,
+)
+
+names = st.text(st.characters(codec="utf-8", categories=("L", "N", "Pc", "Pd")), min_size=1, max_size=20)
+layouts = st.lists(
+    st.tuples(names, st.sampled_from(sorted(DTYPES)), st.lists(st.integers(0, 40), max_size=3).map(tuple)),
+    max_size=8, unique_by=lambda t: t[0],
+)
+chunk_sizes = st.integers(1, 64).map(lambda k: 8 * k)
+
+
+def valid_json(**changes: object) -> dict:
+    """A valid two-tensor manifest's JSON, with `changes` applied to its second row."""
+    rows = [["a", "F32", [4], 0, 16, ""], ["b", "I64", [2, 3], 16, 48, ""]]
+    fields = ["name", "dtype", "shape", "offset", "length", "digest"]
+    for key, value in changes.items():
+        rows[1][fields.index(key)] = value
+    return {"chunk_bytes": 4096, "tensors": rows}
+
+
+@given(layouts, chunk_sizes)
+def test_json_round_trip_keeps_every_field(layout, chunk_bytes):
+    manifest = Manifest.build(layout, chunk_bytes)
+    digests = [f"{index:016x}" for index in range(len(manifest.tensors))]
+    manifest = manifest.with_digests(digests)
+    assert Manifest.from_json(manifest.to_json()) == manifest
+
+
+@given(layouts, chunk_sizes)
+def test_tensors_tile_the_data_region_in_order(layout, chunk_bytes):
+    manifest = Manifest.build(layout, chunk_bytes)
+    position = 0
+    for tensor, (name, dtype, shape) in zip(manifest.tensors, layout):
+        assert (tensor.name, tensor.offset) == (name, position)
+        assert tensor.length == DTYPES[dtype].itemsize * int(math.prod(shape))
+        position += tensor.length
+    assert manifest.total_bytes == position
+
+
+@given(layouts, chunk_sizes, st.integers(0, 200))
+def test_chunks_cover_every_byte_once_and_agree_with_the_plan(layout, chunk_bytes, start_seq):
+    manifest = Manifest.build(layout, chunk_bytes)
+    chunks = list(manifest.chunks())
+    plan = ChunkPlan(manifest)
+    assert plan.total == len(chunks) == manifest.chunk_count()
+    assert [plan.chunk(seq) for seq in range(plan.total)] == chunks
+    assert list(manifest.chunks(start_seq)) == chunks[start_seq:]
+    for index, tensor in enumerate(manifest.tensors):
+        mine = [c for c in chunks if c.tensor == index]
+        assert sum(c.length for c in mine) == tensor.length
+        assert [c.offset for c in mine] == list(range(0, tensor.length, chunk_bytes))
+        assert all(0 < c.length <= chunk_bytes for c in mine)
+    assert plan.bytes_between(0, plan.total) == manifest.total_bytes
+
+
+def test_same_layout_ignores_digests_but_not_shapes():
+    manifest = manifest_of(MIXED_LAYOUT)
+    assert manifest.same_layout(manifest.with_digests(["x"] * len(manifest.tensors)))
+    other = list(MIXED_LAYOUT)
+    other[1] = ("weights", "F32", (10_000,))
+    assert not manifest.same_layout(manifest_of(other))
+    assert not manifest.same_layout(manifest_of(MIXED_LAYOUT, chunk_bytes=8192))
+
+
+HOSTILE = {
+    "shape_times_dtype_is_not_length": valid_json(length=40),
+    "length_claims_more_than_shape": valid_json(length=1 << 40),
+    "offset_leaves_a_hole": valid_json(offset=24),
+    "offset_overlaps": valid_json(offset=8),
+    "negative_offset": valid_json(offset=-16),
+    "float_offset": valid_json(offset=16.0),
+    "2**50_elements": valid_json(shape=[1 << 50], length=8 << 50),
+    "product_of_dims_overflows_int64": valid_json(shape=[1 << 32, 1 << 32, 1 << 32], length=8 << 96),
+    "negative_dimension": valid_json(shape=[-2, -3], length=48),
+    "float_dimension": valid_json(shape=[2.0, 3], length=48),
+    "too_many_dims": valid_json(shape=[1] * (MAX_DIMS + 1), length=8),
+    "unknown_dtype": valid_json(dtype="F128"),
+    "lowercase_dtype": valid_json(dtype="f32"),
+    "object_dtype": valid_json(dtype="O"),
+    "name_with_newline": valid_json(name="b\nc"),
+    "name_with_nul": valid_json(name="b\x00"),
+    "name_with_escape": valid_json(name="\x1b[31mred"),
+    "empty_name": valid_json(name=""),
+    "name_too_long": valid_json(name="n" * (MAX_NAME_BYTES + 1)),
+    "metadata_name": valid_json(name="__metadata__"),
+    "duplicate_name": valid_json(name="a"),
+    "row_too_short": {"chunk_bytes": 4096, "tensors": [["a", "F32", [4], 0, 16]]},
+    "row_is_an_object": {"chunk_bytes": 4096, "tensors": [{"name": "a"}]},
+    "shape_not_a_list": valid_json(shape=6),
+    "tensors_not_a_list": {"chunk_bytes": 4096, "tensors": {"a": 1}},
+    "no_tensors_key": {"chunk_bytes": 4096},
+    "no_chunk_bytes": {"tensors": []},
+    "chunk_bytes_not_multiple_of_8": {"chunk_bytes": 4100, "tensors": []},
+    "chunk_bytes_zero": {"chunk_bytes": 0, "tensors": []},
+    "chunk_bytes_too_large": {"chunk_bytes": MAX_CHUNK_BYTES + 8, "tensors": []},
+    "chunk_bytes_string": {"chunk_bytes": "4096", "tensors": []},
+    "not_an_object": ["chunk_bytes", 4096],
+    "null": None,
+    "model_larger_than_the_limit": {"chunk_bytes": 4096, "tensors": [
+        ["a", "U8", [MAX_MODEL_BYTES], 0, MAX_MODEL_BYTES, ""], ["b", "U8", [1], MAX_MODEL_BYTES, 1, ""]]},
+}
+
+
+@pytest.mark.parametrize("data", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_manifest_is_refused(data):
+    with pytest.raises(RemoteProtocolError):
+        Manifest.from_json(data)
+
+
+def test_too_many_tensors_are_refused_before_they_are_parsed():
+    rows = [["t", "U8", [0], 0, 0, ""]] * (MAX_TENSORS + 1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RemoteProtocolError):
+            Manifest.from_json({"chunk_bytes": 4096, "tensors": rows})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # refused on the count: not one TensorEntry per row was built
+
+
+@pytest.mark.parametrize("data", [HOSTILE["2**50_elements"], HOSTILE["length_claims_more_than_shape"],
+                                  HOSTILE["model_larger_than_the_limit"]], ids=["2**50", "length", "total"])
+def test_refusal_allocates_nothing_model_sized(data):
+    tracemalloc.start()
+    try:
+        with pytest.raises(RemoteProtocolError):
+            Manifest.from_json(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_error_names_the_tensor_at_fault():
+    with pytest.raises(RemoteProtocolError, match="'b'"):
+        Manifest.from_json(valid_json(offset=24))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    max_leaves=40,
+)
+
+
+@given(json_values)
+def test_random_json_is_refused_only_with_remote_protocol_error(data):
+    try:
+        manifest = Manifest.from_json(data)
+    except RemoteProtocolError:
+        return
+    assert Manifest.from_json(manifest.to_json()) == manifest
+
+
+@given(st.integers(0, 1), st.integers(0, 5), json_values)
+def test_one_corrupted_field_is_refused_only_with_remote_protocol_error(row, field, value):
+    data = valid_json()
+    data["tensors"][row][field] = value
+    try:
+        manifest = Manifest.from_json(data)
+    except RemoteProtocolError:
+        return
+    manifest.validate()
+    assert manifest.total_bytes == 64

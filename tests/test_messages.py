@@ -1,0 +1,72 @@
+"""Control-plane messages: whatever a peer sends is validated before use, and anything
+malformed is the peer's RemoteProtocolError."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hauler.core.errors import RemoteProtocolError
+from hauler.core.messages import (
+    Hello,
+    ResultReady,
+    Task,
+    UploadReady,
+    dump,
+    parse_server_message,
+    parse_site_message,
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+message_like = st.dictionaries(st.sampled_from(["type", "site", "task_id", "weight", "manifest", "error", "job_id",
+                                                "upload", "download", "round"]) | st.text(max_size=8),
+                               json_values | st.sampled_from(["hello", "result_ready", "task", "upload_ready"]),
+                               max_size=8)
+
+
+@given(message_like)
+def test_garbage_from_a_site_is_refused_as_remote_protocol_error(data):
+    try:
+        message = parse_site_message(data)
+    except RemoteProtocolError:
+        return
+    assert parse_site_message(dump(message)) == message
+
+
+@given(message_like)
+def test_garbage_from_the_server_is_refused_as_remote_protocol_error(data):
+    try:
+        message = parse_server_message(data)
+    except RemoteProtocolError:
+        return
+    assert parse_server_message(dump(message)) == message
+
+
+@pytest.mark.parametrize("data", [
+    {"type": "hello", "site": "../../etc"},
+    {"type": "hello", "site": ""},
+    {"type": "hello", "site": "s" * 65},
+    {"type": "hello", "site": "site-1", "admin": True},
+    {"type": "result_ready", "task_id": "t", "weight": 0, "manifest": {}},
+    {"type": "result_ready", "task_id": "t", "weight": -1, "manifest": {}},
+    {"type": "task_failed", "task_id": "t", "error": "x" * 5000},
+    {"type": "welcome", "site": "site-1"},  # a server message, not a site's
+], ids=["path_in_name", "empty_name", "long_name", "extra_field", "zero_weight", "negative_weight",
+        "long_error", "wrong_direction"])
+def test_invalid_site_message_is_refused(data):
+    with pytest.raises(RemoteProtocolError):
+        parse_site_message(data)
+
+
+def test_messages_round_trip_through_json():
+    messages = [Hello(site="site-1"), ResultReady(task_id="t", weight=8.0, manifest={"chunk_bytes": 8}),
+                Task(task_id="t", job_id="j", round=1, manifest={}, download="d"),
+                UploadReady(task_id="t", upload="u")]
+    for message in messages:
+        parse = parse_site_message if isinstance(message, (Hello, ResultReady)) else parse_server_message
+        assert parse(dump(message)) == message
