@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workspace", type=Path, help="federation folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the workspace afterwards")
     parser.add_argument("--plaintext", action="store_true", help="no TLS (to measure its cost)")
+    parser.add_argument("--connections", type=int, help="parallel connections per transfer (server default if absent)")
     return parser.parse_args(argv)
 
 
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     model_bytes = array_bytes * args.arrays
     workspace = (args.workspace or Path(tempfile.mkdtemp(prefix="hauler-e2e-"))).resolve()
     job_dir = write_job(workspace, arrays=args.arrays, array_bytes=array_bytes, rounds=args.rounds, sites=args.sites)
-    poc.prepare(workspace, args.sites, plaintext=args.plaintext)
+    dataplane = {"connections": args.connections} if args.connections else None
+    poc.prepare(workspace, args.sites, plaintext=args.plaintext, dataplane=dataplane)
     console.print(f"starting a server and {args.sites} sites in {workspace}")
     pids = poc.start(workspace)
     try:

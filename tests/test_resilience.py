@@ -24,7 +24,7 @@ from hauler.admin import Admin, poc
 from hauler.core.events import read_json_lines
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
-FAST_RETRIES = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.5, "max_retries": 50}
+FAST_RETRIES = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.5, "max_retries": 50, "connections": 4}
 
 
 def _job(folder: Path, *, rounds: int, min_clients: int, array_bytes: int = 2 * 2**20 + 4,

@@ -56,9 +56,11 @@ def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: in
     project_file.write_text(yaml.safe_dump(project, sort_keys=False))
     kits = provision(project_file, workspace, overwrite=True)
     extra = {"timeouts": timeouts} if timeouts else {}
+    # On loopback one connection per transfer is fastest (1 GiB, 2 sites, TLS: efficiency 0.51
+    # with 1, 0.45 with 4); the parallel lanes real deployments default to are for long links.
+    dataplane = {"connections": 1, **(dataplane or {})}
     for config in [*workspace.glob("server/server.toml"), *workspace.glob("site-*/site.toml")]:
-        _amend(config, {"workspace": ".", **extra, **({"dataplane": dataplane} if dataplane else {})},
-               drop_tls=plaintext)
+        _amend(config, {"workspace": ".", **extra, "dataplane": dataplane}, drop_tls=plaintext)
     _amend(workspace / "admin" / "admin.toml", extra, drop_tls=plaintext)
     return kits
 
