@@ -176,11 +176,7 @@ async def _kill_server_in_round(workspace: Path, job: Path, round: int, pids: di
 
 
 def _restart_server(workspace: Path) -> None:
-    with open(workspace / "run" / "server.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "hauler", "server", "--config",
-                                    str(workspace / "server" / "server.toml")], stdout=log, stderr=log,
-                                   start_new_session=True)
-    (workspace / "run" / "server.pid").write_text(str(process.pid))
+    _restart(workspace, "server", ["server", "--config", str(workspace / "server" / "server.toml")])
 
 
 async def _wait_until_ended(workspace: Path, job_id: str, limit_s: float = 90.0) -> dict:
@@ -203,3 +199,37 @@ def _sync_download(workspace: Path, job_id: str, out: Path) -> Path:
             return (await admin.download(job_id, out))[0]
 
     return asyncio.run(fetch())
+
+
+def test_a_killed_site_restarted_rejoins_the_job(tmp_path):
+    workspace = tmp_path / "poc"
+    poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES)
+    with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=2e6) as proxy:
+        _route_sites_through(workspace, proxy.port)
+        pids = poc.start(workspace)
+        killed = []
+
+        def kill_and_restart_site_2(event: dict) -> None:
+            if (not killed and event["event"] == "transfer.progress" and event["site"] == "site-2"
+                    and event["round"] == 0 and event["bytes"] < event["total"]):
+                os.kill(pids["site-2"], signal.SIGKILL)
+                killed.append(_restart(workspace, "site-2", ["client", "--config", str(workspace / "site-2" / "site.toml")]))
+
+        try:
+            job = _job(tmp_path, rounds=3, min_clients=1, wait_after_min_s=2)
+            job_id, final = asyncio.run(_run_job(workspace, job, kill_and_restart_site_2))
+        finally:
+            poc.stop(workspace)
+    assert killed and final == "job.finished"
+    events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
+    assert "site-2" in [e["site"] for e in events if e["event"] == "site.failed" and e["round"] == 0]
+    assert "site-2" in [e["site"] for e in events if e["event"] == "site.result" and e["round"] == 2]
+
+
+def _restart(workspace: Path, role: str, arguments: list[str]) -> int:
+    """Start `hauler ARGUMENTS` again as `role`, recording its PID so `poc stop` stops it."""
+    with open(workspace / "run" / f"{role}.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "hauler", *arguments], stdout=log, stderr=log,
+                                   start_new_session=True)
+    (workspace / "run" / f"{role}.pid").write_text(str(process.pid))
+    return process.pid
