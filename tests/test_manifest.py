@@ -70,7 +70,7 @@ def test_chunks_cover_every_byte_once_and_agree_with_the_plan(layout, chunk_byte
         assert sum(c.length for c in mine) == tensor.length
         assert [c.offset for c in mine] == list(range(0, tensor.length, chunk_bytes))
         assert all(0 < c.length <= chunk_bytes for c in mine)
-    assert plan.bytes_between(0, plan.total) == manifest.total_bytes
+    assert sum(plan.chunk(seq).length for seq in range(plan.total)) == manifest.total_bytes
 
 
 def test_same_layout_ignores_digests_but_not_shapes():

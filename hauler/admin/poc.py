@@ -22,7 +22,7 @@ import tomli_w
 import yaml
 
 from hauler.admin.client import Admin
-from hauler.core.config import AdminConfig, ServerConfig, SiteConfig, load_toml
+from hauler.core.config import AdminConfig, load_toml
 from hauler.core.errors import ConfigError, ConnectionLost, HaulerError
 from hauler.security import provision
 
@@ -189,11 +189,3 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         return probe.getsockname()[1]
-
-
-def check_configs(workspace: Path) -> None:
-    """Validate every config of the workspace (errors name file and key)."""
-    load_toml(ServerConfig, workspace / "server" / "server.toml")
-    for config in workspace.glob("site-*/site.toml"):
-        load_toml(SiteConfig, config)
-    admin_config(workspace)

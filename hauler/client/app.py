@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import time
 from collections.abc import Coroutine
 from types import ModuleType
 from typing import Any
@@ -168,13 +167,12 @@ class Site:
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
         await fetch_model(self._data_address, task.download, ReceiveLedger(ChunkPlan(manifest), task.lanes), model,
                           timeouts=self.config.timeouts)
-        started = time.perf_counter()
         context = TrainContext(self.name, task.job_id, task.round, config, self.jobs_dir / task.job_id)
         output = await asyncio.to_thread(run_train, module, model.arrays(), context)
         trained = await asyncio.to_thread(model.compute_digests)
         self._results[task.task_id] = (task.job_id, trained)
         await stream.send(dump(ResultReady(task_id=task.task_id, weight=output.weight, metrics=output.metrics,
-                                           manifest=trained.to_json(), train_s=time.perf_counter() - started)))
+                                           manifest=trained.to_json())))
 
     async def _upload(self, message: UploadReady) -> None:
         """Send a task's trained model from the site's file (the server may ask more than once)."""

@@ -36,7 +36,6 @@ class ResultReady(_Message):
     weight: float = Field(gt=0)
     metrics: dict[str, float] = {}
     manifest: dict[str, Any]
-    train_s: float = 0.0
 
 
 class TaskFailed(_Message):

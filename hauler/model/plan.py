@@ -24,11 +24,16 @@ class ChunkPlan:
         length = min(self.manifest.chunk_bytes, self.manifest.tensors[tensor].length - offset)
         return Chunk(seq, tensor, offset, length)
 
+    def seq_of(self, tensor: int, offset: int) -> int:
+        """The sequence number of the chunk of `tensor` that starts at `offset`."""
+        return self.first_seq[tensor] + offset // self.manifest.chunk_bytes
+
     def lanes(self, count: int) -> list[range]:
         """Split the chunks into `count` contiguous runs (fewer if there are fewer chunks)."""
         count = max(1, min(count, self.total))
         return [range(self.total * i // count, self.total * (i + 1) // count) for i in range(count)]
 
-    def bytes_between(self, start_seq: int, end_seq: int) -> int:
-        """Payload bytes of chunks start_seq .. end_seq-1."""
-        return sum(self.chunk(seq).length for seq in range(start_seq, end_seq))
+
+def lane_of(lanes: list[range], seq: int) -> int:
+    """Which of `lanes` (contiguous, in order, from `ChunkPlan.lanes`) holds chunk `seq`."""
+    return bisect.bisect_right([lane.start for lane in lanes], seq) - 1

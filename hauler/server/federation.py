@@ -21,6 +21,7 @@ from hauler.core.config import JobConfig, ServerConfig
 from hauler.core.errors import ConnectionLost, HaulerError, JobError, TransferTimeout
 from hauler.core.messages import AbortTask, DeployJob, ResultReady, Task, UploadReady
 from hauler.model import ChunkPlan, Manifest, ModelFile
+from hauler.model.plan import lane_of
 from hauler.server.rounds import RoundStore
 from hauler.server.sites import SiteRegistry, SiteSession
 from hauler.server.transfers import TransferRegistry
@@ -39,8 +40,7 @@ class UploadBuffers:
         self._buffers = [memoryview(bytearray(plan.manifest.chunk_bytes)) for _ in self.lanes]
 
     def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview:
-        seq = self.plan.first_seq[tensor] + offset // self.plan.manifest.chunk_bytes
-        return self._buffers[next(i for i, lane in enumerate(self.lanes) if seq in lane)][:length]
+        return self._buffers[lane_of(self.lanes, self.plan.seq_of(tensor, offset))][:length]
 
 
 class JobFederation:

@@ -18,7 +18,6 @@ class SiteSession:
         self._stream = stream
         self._send_lock = asyncio.Lock()
         self.connected_s = time.time()
-        self.last_seen_s = self.connected_s
         self.deployed_jobs: set[str] = set()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._results: dict[str, asyncio.Future[ResultReady]] = {}

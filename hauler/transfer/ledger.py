@@ -14,7 +14,7 @@ from array import array
 
 from hauler.core.errors import DigestError, RemoteProtocolError
 from hauler.model.manifest import Chunk, digest_of_checksums
-from hauler.model.plan import ChunkPlan
+from hauler.model.plan import ChunkPlan, lane_of
 from hauler.transfer.frames import FrameHeader, Kind
 
 
@@ -27,7 +27,6 @@ class ReceiveLedger:
         self._positions = [lane.start for lane in self.lanes]
         self._checksums = array("Q", bytes(8 * plan.total))
         self._missing = [plan.first_seq[i + 1] - plan.first_seq[i] for i in range(len(plan.manifest.tensors))]
-        self.tensors_done = 0
         self.bytes_received = 0
         self._begun = False
 
@@ -61,21 +60,17 @@ class ReceiveLedger:
         if self._begun:
             return []
         self._begun = True
-        empty = [index for index, missing in enumerate(self._missing) if missing == 0]
-        self.tensors_done += len(empty)
-        return empty
+        return [index for index, missing in enumerate(self._missing) if missing == 0]
 
     def commit(self, chunk: Chunk, checksum: int) -> list[int]:
         """Record a landed chunk; returns the tensors it completed, each checked against its digest."""
-        lane = next(i for i, seqs in enumerate(self.lanes) if chunk.seq in seqs)
         self._checksums[chunk.seq] = checksum
-        self._positions[lane] = chunk.seq + 1
+        self._positions[lane_of(self.lanes, chunk.seq)] = chunk.seq + 1
         self.bytes_received += chunk.length
         self._missing[chunk.tensor] -= 1
         if self._missing[chunk.tensor]:
             return []
         self._verify(chunk.tensor)
-        self.tensors_done += 1
         return [chunk.tensor]
 
     def _verify(self, index: int) -> None:

@@ -94,7 +94,6 @@ class Connection:
         self._inbox: asyncio.Queue[Frame] = asyncio.Queue()
         self._handler: FrameHandler = self._inbox.put_nowait
         self.on_bytes: Callable[[int], None] | None = None  # told of every read, even mid-frame
-        self.peer_address = transport.get_extra_info("peername")
         self._ssl_object = transport.get_extra_info("ssl_object")
 
     @functools.cached_property
