@@ -18,13 +18,21 @@ class SilenceTimer:
         self._scope: asyncio.Timeout | None = None
 
     def touch(self, *_: object) -> None:
-        if self._scope is not None and self.seconds is not None and not self._scope.expired():
-            self._scope.reschedule(asyncio.get_running_loop().time() + self.seconds)
+        """Progress: push the deadline to `seconds` from now. Called on every socket read, so the
+        timer is moved only once it has fallen a tenth of `seconds` (at most 1 s) behind: expiry
+        then comes after between 0.9 x `seconds` and `seconds` of silence, without a new timer
+        handle per read."""
+        if self._scope is None or self.seconds is None or self._scope.expired():
+            return
+        now, deadline = asyncio.get_running_loop().time(), self._scope.when()
+        if deadline is None or deadline - now < self.seconds - min(1.0, self.seconds / 10):
+            self._scope.reschedule(now + self.seconds)
 
     def switch(self, seconds: float | None, name: str) -> None:
         """Measure a different silence from now on (the next stage of an exchange)."""
         self.seconds, self.name = seconds, name
-        self.touch()
+        if self._scope is not None and not self._scope.expired():
+            self._scope.reschedule(None if seconds is None else asyncio.get_running_loop().time() + seconds)
 
     async def __aenter__(self) -> SilenceTimer:
         deadline = None if self.seconds is None else asyncio.get_running_loop().time() + self.seconds
