@@ -8,7 +8,8 @@
 first with the default timeouts, then with every silence timeout divided by 10, to show that
 transfer time never counts against them (the default model is sized so that site-2's transfers
 outlast the shortened timeouts). `path`: one 50 ms, 1 Gbit/s path with 0.1 % loss; one
-TCP stream across it per congestion control, then a one-site Hauler job over it. Utilisation is
+TCP stream across it per congestion control and 8 parallel BBR streams (what this machine and
+the emulator can carry at all), then a one-site Hauler job over it, with both timeout settings. Utilisation is
 model bytes / (transfer seconds x link rate): goodput, so TCP, IP and TLS headers count as lost
 capacity. Run as root (namespaces, TUN devices); see bench/netem.py.
 """
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from dataclasses import asdict, dataclass
@@ -53,6 +55,7 @@ SILENCE_TIMEOUTS = ("streaming_read_timeout", "streaming_ack_wait", "communicati
 CONTROL_PORT, DATA_PORT, TCP_PORT = 18102, 18103, 18104
 ADMIN = "admin"
 STREAM_BUFFER = 4 << 20
+PARALLEL_STREAMS = 8  # as many as Hauler's lanes on long paths
 SAMPLE = 1 << 16  # elements checked at each end of every array of the final model
 START_WAIT_S = 30.0
 STOP_GRACE_S = 20.0
@@ -277,44 +280,64 @@ def federated_run(links: dict[str, LinkSpec], settings: Settings, label: str, ti
     return result
 
 
-def tcp_stream(topology: Topology, site: str, seconds: float, congestion_control: str) -> dict[str, Any]:
-    """One TCP stream from SITE to the server for SECONDS with default buffers; receiver-side goodput."""
+def tcp_streams(topology: Topology, site: str, seconds: float, congestion_control: str,
+                streams: int = 1) -> dict[str, Any]:
+    """STREAMS parallel TCP streams from SITE to the server for SECONDS, default buffers; receiver-side goodput."""
     listener = netem.socket_in(topology.server)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((netem.SERVER_ADDRESS, TCP_PORT))
-    listener.listen(1)
+    listener.listen(streams)
     results, sink_end = multiprocessing.Pipe(duplex=False)
-    receiver = multiprocessing.get_context("fork").Process(target=_sink, args=(listener, sink_end))
+    receiver = multiprocessing.get_context("fork").Process(target=_sink, args=(listener, streams, sink_end))
     receiver.start()
-    sender = netem.socket_in(topology.sites[site])
+    senders = [netem.socket_in(topology.sites[site]) for _ in range(streams)]
     try:
-        sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion_control.encode())
         started = time.perf_counter()
-        sender.connect((netem.SERVER_ADDRESS, TCP_PORT))
-        connect_s = time.perf_counter() - started
-        payload = memoryview(bytearray(STREAM_BUFFER))
+        for sender in senders:
+            sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion_control.encode())
+            sender.connect((netem.SERVER_ADDRESS, TCP_PORT))
+        connect_s = (time.perf_counter() - started) / streams
         deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            sender.sendall(payload)
+        threads = [threading.Thread(target=_source, args=(sender, deadline)) for sender in senders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     finally:
-        sender.close()
+        for sender in senders:
+            sender.close()
         listener.close()
     received = results.recv()
     receiver.join()
     rate = topology.links[site].spec.rate_bytes_per_s
-    return {"congestion_control": congestion_control, "connect_ms": round(connect_s * 1e3, 2), **received,
-            "utilisation": received["bytes"] / received["seconds"] / rate,
+    return {"congestion_control": congestion_control, "streams": streams, "connect_ms": round(connect_s * 1e3, 2),
+            **received, "utilisation": received["bytes"] / received["seconds"] / rate,
             "steady_utilisation": received["steady_bytes_per_s"] / rate}
 
 
-def _sink(listener: socket.socket, out: Connection) -> None:
-    """Receive one connection into a reused buffer; send back bytes, seconds, and the second half's rate."""
-    connection, _ = listener.accept()
-    buffer = memoryview(bytearray(STREAM_BUFFER))
-    arrivals: list[tuple[float, int]] = []
-    while received := connection.recv_into(buffer):
-        arrivals.append((time.perf_counter(), received))
-    connection.close()
+def _source(sender: socket.socket, deadline: float) -> None:
+    """Send one reused buffer over and over until DEADLINE (the GIL is released inside sendall)."""
+    payload = memoryview(bytearray(STREAM_BUFFER))
+    while time.perf_counter() < deadline:
+        sender.sendall(payload)
+
+
+def _sink(listener: socket.socket, streams: int, out: Connection) -> None:
+    """Receive STREAMS connections in threads; send back bytes, seconds, and the second half's rate."""
+    arrivals: list[tuple[float, int]] = []  # list.append is atomic: the threads share it
+
+    def drain(connection: socket.socket) -> None:
+        buffer = memoryview(bytearray(STREAM_BUFFER))
+        while received := connection.recv_into(buffer):
+            arrivals.append((time.perf_counter(), received))
+        connection.close()
+
+    threads = [threading.Thread(target=drain, args=(listener.accept()[0],)) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    arrivals.sort()
     first, last = arrivals[0][0], arrivals[-1][0]
     middle = (first + last) / 2
     total = sum(n for _, n in arrivals)
@@ -331,13 +354,16 @@ def seed(settings: Settings) -> dict[str, Any]:
 
 
 def path(settings: Settings, seconds: float, congestion_controls: list[str]) -> dict[str, Any]:
-    """One TCP stream per congestion control across the long fat lossy path, then Hauler over it."""
+    """TCP streams across the long fat lossy path, then Hauler over it with both timeout settings."""
     with netem.wan(PATH_LINKS) as topology:
         streams = []
         for congestion_control in congestion_controls:
             console.print(f"one {congestion_control} TCP stream for {seconds:g} s ...")
-            streams.append(tcp_stream(topology, "site-1", seconds, congestion_control))
-    runs = [federated_run(PATH_LINKS, settings, "default timeouts", 1.0)]
+            streams.append(tcp_streams(topology, "site-1", seconds, congestion_control))
+        console.print(f"{PARALLEL_STREAMS} parallel bbr TCP streams for {seconds:g} s (this machine's ceiling) ...")
+        streams.append(tcp_streams(topology, "site-1", seconds, "bbr", PARALLEL_STREAMS))
+    runs = [federated_run(PATH_LINKS, settings, "default timeouts", 1.0),
+            federated_run(PATH_LINKS, settings, "timeouts / 10", 0.1)]
     return {"links": PATH_LINKS, "tcp_streams": streams, "runs": runs}
 
 
@@ -379,11 +405,11 @@ def _cells(direction: dict[str, Any]) -> list[str]:
 
 
 def show_streams(streams: list[dict[str, Any]], link: LinkSpec) -> None:
-    table = Table("congestion control", "connect ms", "Mbit/s", "utilisation", "2nd half utilisation",
-                  title=f"one TCP stream, default buffers, {link.describe()}")
+    table = Table("congestion control", "streams", "connect ms", "Mbit/s", "utilisation", "2nd half utilisation",
+                  title=f"TCP streams, default buffers, {link.describe()}")
     for stream in streams:
-        table.add_row(stream["congestion_control"], f"{stream['connect_ms']:.1f}", f"{stream['mbit_per_s']:.0f}",
-                      f"{stream['utilisation']:.1%}", f"{stream['steady_utilisation']:.1%}")
+        table.add_row(stream["congestion_control"], str(stream["streams"]), f"{stream['connect_ms']:.1f}",
+                      f"{stream['mbit_per_s']:.0f}", f"{stream['utilisation']:.1%}", f"{stream['steady_utilisation']:.1%}")
     console.print(table)
 
 
