@@ -1,11 +1,12 @@
 """Models as named tensors plus a manifest: safetensors files, memory-mapped views, chunks."""
 
+from hauler.model.arrays import ArraySource, check_layout
 from hauler.model.dtypes import DTYPES, accumulator_dtype, dtype_name, numpy_dtype
 from hauler.model.file import ModelFile, read_manifest
 from hauler.model.manifest import Chunk, Manifest, TensorEntry, chunk_checksum
 from hauler.model.plan import ChunkPlan
 
 __all__ = [
-    "DTYPES", "Chunk", "ChunkPlan", "Manifest", "ModelFile", "TensorEntry", "accumulator_dtype",
-    "chunk_checksum", "dtype_name", "numpy_dtype", "read_manifest",
+    "DTYPES", "ArraySource", "Chunk", "ChunkPlan", "Manifest", "ModelFile", "TensorEntry", "accumulator_dtype",
+    "check_layout", "chunk_checksum", "dtype_name", "numpy_dtype", "read_manifest",
 ]

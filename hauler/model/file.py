@@ -18,12 +18,7 @@ import numpy as np
 
 from hauler.core.errors import ConfigError, RemoteProtocolError
 from hauler.model.dtypes import numpy_dtype
-from hauler.model.manifest import (
-    MAX_HEADER_BYTES,
-    Manifest,
-    chunk_checksum,
-    digest_of_checksums,
-)
+from hauler.model.manifest import MAX_HEADER_BYTES, Manifest
 
 _U64 = struct.Struct("<Q")
 
@@ -101,12 +96,7 @@ class ModelFile:
 
     def compute_digests(self) -> Manifest:
         """Hash every chunk (about 25 GB/s) and return the manifest with tensor digests."""
-        digests = []
-        for index, tensor in enumerate(self.manifest.tensors):
-            view = self.tensor_bytes(index)
-            step = self.manifest.chunk_bytes
-            digests.append(digest_of_checksums([chunk_checksum(view[o : o + step]) for o in range(0, tensor.length, step)]))
-        self.manifest = self.manifest.with_digests(digests)
+        self.manifest = self.manifest.digested(self.tensor_bytes)
         return self.manifest
 
     def flush(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import xxhash
@@ -89,6 +89,13 @@ class Manifest:
     def same_layout(self, other: Manifest) -> bool:
         """True when both describe the same names, dtypes and shapes (digests may differ)."""
         return self.layout() == other.layout() and self.chunk_bytes == other.chunk_bytes
+
+    def digested(self, tensor_bytes: Callable[[int], memoryview]) -> Manifest:
+        """This manifest with every tensor's digest computed from `tensor_bytes(index)` (about 25 GB/s)."""
+        step = self.chunk_bytes
+        return self.with_digests([
+            digest_of_checksums([chunk_checksum(view[o : o + step]) for o in range(0, t.length, step)])
+            for t, view in ((t, tensor_bytes(i)) for i, t in enumerate(self.tensors))])
 
     def with_digests(self, digests: Sequence[str]) -> Manifest:
         if len(digests) != len(self.tensors):
