@@ -196,3 +196,34 @@ def test_f16_is_weighted_in_the_accumulator_dtype(tmp_path, value, weight):
     fedavg.finish()
     assert np.isfinite(output.arrays()["x"].astype(np.float32)).all()
     assert output.arrays()["x"].astype(np.float64).tolist() == [value] * 4  # the average of equal values
+
+
+FLOAT_LAYOUT = [("weights", "F32", (10_001,)), ("double", "F64", (513,)), ("brain", "BF16", (2049,))]
+
+
+@pytest.mark.parametrize("budget", BUDGETS.values(), ids=BUDGETS.keys())
+def test_deltas_and_full_models_average_to_what_full_models_give(tmp_path, budget):
+    """Site 0 sends its model, site 1 its model minus the base: the result is the plain average."""
+    base, full, trained = sites(tmp_path, FLOAT_LAYOUT, 3)
+    delta = create_model(tmp_path / "delta.safetensors", FLOAT_LAYOUT)
+    for name, array in delta.arrays().items():
+        array[...] = trained.arrays()[name] - base.arrays()[name]
+    fedavg, output = aggregate(tmp_path, FLOAT_LAYOUT, budget)
+    fedavg.begin(output, base=base)
+    fedavg.fold_model(full, 1.0)
+    contribution = fedavg.contribution(3.0, delta=True)
+    for chunk in delta.manifest.chunks():
+        contribution.fold(chunk, delta.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
+    contribution.complete()
+    fedavg.finish()
+    expected = expected_average([full, trained], [1.0, 3.0])
+    for name, array in output.arrays().items():  # base + (trained - base) rounds once: close, not exact
+        np.testing.assert_allclose(array.astype(np.float64), expected[name].astype(np.float64), rtol=1e-2, atol=1e-2,
+                                   err_msg=name)
+    assert not np.array_equal(output.arrays()["weights"], full.arrays()["weights"])
+
+
+def test_a_delta_needs_the_base_model(tmp_path):
+    fedavg, _ = aggregate(tmp_path, FLOAT_LAYOUT)
+    with pytest.raises(LocalProtocolError, match="base model"):
+        fedavg.contribution(1.0, delta=True)

@@ -9,6 +9,10 @@ Exactness: floating-point folds cannot be undone exactly, so a contribution that
 stops part-way (its site died mid-upload) marks the aggregate `tainted`; the caller
 then `restart`s it and folds the completed contributions again from their sites.
 Nothing of a failed site can reach a finished model (docs/design.md, "Aggregation").
+
+Deltas: a site may send its update minus the global model it received. The fold is the
+same; `finish` then adds (total weight of the deltas) x the base model once, so
+sum(w x model) = sum(w x (base + delta)) and sites may mix both forms.
 """
 
 from __future__ import annotations
@@ -56,22 +60,26 @@ class FedAvg:
         self._touched = bytearray(self.plan.total)  # 1 once a chunk holds a partial sum
         self._accumulators: list[np.ndarray] = []
         self._output: ModelFile | None = None
+        self._base: ModelFile | None = None
         self.total_weight = 0.0
+        self.delta_weight = 0.0
         self.contributions = 0
         self.tainted = False
 
-    def begin(self, output: ModelFile) -> None:
-        """Start a round whose result will be written into `output` (same layout, writable)."""
-        if not output.manifest.same_layout(self.manifest):
-            raise LocalProtocolError("output file's layout differs from the aggregate's")
-        self._output = output
+    def begin(self, output: ModelFile, base: ModelFile | None = None) -> None:
+        """Start a round whose result will be written into `output` (same layout, writable);
+        `base` is the model the round started from, which deltas are relative to."""
+        for model in (output, base):
+            if model is not None and not model.manifest.same_layout(self.manifest):
+                raise LocalProtocolError("output or base file's layout differs from the aggregate's")
+        self._output, self._base = output, base
         self._accumulators = [self._accumulator(index) for index in range(len(self.manifest.tensors))]
         self.restart()
 
     def restart(self) -> None:
         """Forget every fold of this round (after a taint); the memory is kept."""
         self._touched[:] = bytes(len(self._touched))
-        self.total_weight, self.contributions, self.tainted = 0.0, 0, False
+        self.total_weight, self.delta_weight, self.contributions, self.tainted = 0.0, 0.0, 0, False
 
     def _accumulator(self, index: int) -> np.ndarray:
         assert self._output is not None
@@ -80,10 +88,12 @@ class FedAvg:
         tensor, dtype = self.manifest.tensors[index], self._dtypes[index]
         return np.frombuffer(self._side, dtype, tensor.length // tensor.itemsize, self._side_offsets[index])
 
-    def contribution(self, weight: float) -> Contribution:
+    def contribution(self, weight: float, *, delta: bool = False) -> Contribution:
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        return Contribution(self, weight)
+        if delta and self._base is None:
+            raise LocalProtocolError("a delta needs the round's base model: begin(output, base)")
+        return Contribution(self, weight, delta)
 
     def fold(self, chunk: Chunk, data: memoryview, weight: float) -> None:
         """Add `weight` x the chunk's values into the sum (the first fold of a chunk just writes)."""
@@ -116,9 +126,15 @@ class FedAvg:
         scale = 1.0 / self.total_weight
         for index, tensor in enumerate(self.manifest.tensors):
             accumulator, target = self._accumulators[index], self._output.array(index).reshape(-1)
+            base = self._base.array(index).reshape(-1) if self.delta_weight and self._base is not None else None
             integral = numpy_dtype(tensor.dtype).kind in "iub"
             for start in range(0, accumulator.size, BLOCK_ELEMENTS):
                 block = accumulator[start : start + BLOCK_ELEMENTS]
+                if base is not None:
+                    scratch = self._scratch[block.dtype][: block.size]
+                    np.multiply(base[start : start + BLOCK_ELEMENTS], self.delta_weight, out=scratch,
+                                dtype=scratch.dtype, casting="unsafe")
+                    np.add(block, scratch, out=block)
                 np.multiply(block, scale, out=block)
                 if integral:
                     np.rint(block, out=block)
@@ -133,8 +149,8 @@ class FedAvg:
 class Contribution:
     """One site's update being folded; `complete` it, or `abandon` it (which taints if it folded)."""
 
-    def __init__(self, aggregate: FedAvg, weight: float) -> None:
-        self.aggregate, self.weight = aggregate, weight
+    def __init__(self, aggregate: FedAvg, weight: float, delta: bool = False) -> None:
+        self.aggregate, self.weight, self.delta = aggregate, weight, delta
         self.folded_chunks = 0
         self.finished = False
 
@@ -149,6 +165,7 @@ class Contribution:
             raise LocalProtocolError(f"{self.folded_chunks} of {self.aggregate.plan.total} chunks folded")
         self.finished = True
         self.aggregate.total_weight += self.weight
+        self.aggregate.delta_weight += self.weight if self.delta else 0.0
         self.aggregate.contributions += 1
 
     def abandon(self) -> None:

@@ -36,6 +36,7 @@ class ResultReady(_Message):
     weight: float = Field(gt=0)
     metrics: dict[str, float] = {}
     manifest: dict[str, Any]
+    delta: bool = False  # the model is the update minus the global model the site received
 
 
 class TaskFailed(_Message):
@@ -56,8 +57,7 @@ class DeployJob(_Message):
     type: Literal["deploy_job"] = "deploy_job"
     job_id: str
     package_b64: str
-    executor_module: str
-    executor_config: dict[str, Any] = {}
+    executor: dict[str, Any]  # the job's [executor] table, validated by the site as ExecutorConfig
 
 
 class Task(_Message):

@@ -72,7 +72,7 @@ class JobFederation:
         if self._aggregate is None:
             self._aggregate = FedAvg(manifest, workdir=self.job_dir, memory_budget_bytes=self.server.memory_budget_mib << 20)
         self._output = self.rounds.create(round + 1, manifest)
-        self._aggregate.begin(self._output)
+        self._aggregate.begin(self._output, base=self._global)
         self._round_started = time.perf_counter()
         self._site_timings, self._results = [], {}
 
@@ -118,7 +118,7 @@ class JobFederation:
         """Receive a site's update and fold each chunk into the aggregate as it lands."""
         assert self._aggregate is not None
         manifest = self._check_result(result, session.name)
-        contribution = self._aggregate.contribution(result.weight)
+        contribution = self._aggregate.contribution(result.weight, delta=result.delta)
         buffers = self._buffers.get(session.name)
         if buffers is None:
             buffers = self._buffers[session.name] = UploadBuffers(ChunkPlan(manifest), self.server.dataplane.connections)
@@ -155,8 +155,7 @@ class JobFederation:
         if self.job_id in session.deployed_jobs:
             return
         await session.send(DeployJob(job_id=self.job_id, package_b64=self._package_b64,
-                                     executor_module=self.job.executor.module,
-                                     executor_config=self.job.executor.config))
+                                     executor=self.job.executor.model_dump()))
         session.deployed_jobs.add(self.job_id)
 
     async def _unless_lost(self, session: SiteSession, work: Awaitable[T],
