@@ -169,6 +169,15 @@ def _status(error: HaulerError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _unless_we_were_cancelled() -> None:
+    """Re-raise a CancelledError meant for this task. grpc.aio also raises CancelledError when
+    it cancels a call itself (seen here, rarely, once a site's child process has exited): that is
+    a lost connection, to reconnect from, not a reason for the whole site to stop."""
+    task = asyncio.current_task()
+    if task is None or task.cancelling():
+        raise asyncio.CancelledError
+
+
 class _ClientStream:
     def __init__(self, call: Any) -> None:
         self._call = call
@@ -186,6 +195,9 @@ class _ClientStream:
             message = await self._call.read()
         except grpc.RpcError as error:
             raise map_rpc_error(error, "control stream") from None
+        except asyncio.CancelledError:
+            _unless_we_were_cancelled()
+            raise ConnectionLost("the control stream was cancelled under us; reconnecting") from None
         return None if message is aio.EOF else message
 
     def cancel(self) -> None:
