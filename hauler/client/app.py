@@ -11,11 +11,10 @@ import asyncio
 import logging
 import shutil
 from collections.abc import Coroutine
-from types import ModuleType
 from typing import Any
 
-from hauler.client.executor import TrainContext, run_train
-from hauler.core.config import SiteConfig
+from hauler.client.trainer import Trainer, trainer_for
+from hauler.core.config import ExecutorConfig, SiteConfig, parse
 from hauler.core.errors import ConnectionLost, HaulerError, JobError, SecurityError
 from hauler.core.messages import (
     AbortTask,
@@ -31,9 +30,9 @@ from hauler.core.messages import (
     dump,
     parse_server_message,
 )
-from hauler.core.package import load_job_module, unpack
+from hauler.core.package import unpack
 from hauler.core.retry import backoff_s
-from hauler.model import ChunkPlan, Manifest, ModelFile
+from hauler.model import ArraySource, ChunkPlan, Manifest, ModelFile
 from hauler.transfer import ReceiveLedger
 from hauler.transport import (
     ControlChannel,
@@ -52,11 +51,11 @@ class Site:
         self.config = config
         self.name = config.name
         self.jobs_dir = config.workspace / "jobs"
-        self._executors: dict[str, tuple[ModuleType, dict]] = {}
+        self._trainers: dict[str, Trainer] = {}
         self._refused: dict[str, str] = {}  # job id -> why this site will not run it
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._models: dict[str, ModelFile] = {}
-        self._results: dict[str, tuple[str, Manifest]] = {}  # task id -> (job id, trained manifest)
+        self._results: dict[str, tuple[str, Manifest, ModelFile | ArraySource]] = {}  # task id -> (job, what, where)
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -105,10 +104,11 @@ class Site:
         while (raw := await stream.receive()) is not None:
             message = parse_server_message(raw)
             if isinstance(message, DeployJob):
+                await self._stop_trainer(message.job_id)
                 try:
                     await asyncio.to_thread(self._deploy, message)
-                except Exception as error:  # the job's code may raise anything; reported with its first task
-                    self._refused[message.job_id] = _describe(error)
+                except HaulerError as error:  # reported with the job's first task
+                    self._refused[message.job_id] = str(error)
             elif isinstance(message, Task):
                 self._forget_results(message.job_id)
                 self._start(group, message.task_id, self._guarded(stream, message.task_id, self._train(stream, message)))
@@ -118,7 +118,7 @@ class Site:
                 if message.task_id in self._tasks:
                     self._tasks[message.task_id].cancel()
             elif isinstance(message, EndJob):
-                self._end_job(message.job_id)
+                group.create_task(self._end_job(message.job_id))
 
     def _start(self, group: asyncio.TaskGroup, task_id: str, work: Coroutine[Any, Any, None]) -> None:
         task = group.create_task(work)
@@ -126,26 +126,33 @@ class Site:
         task.add_done_callback(lambda _: self._tasks.pop(task_id, None))
 
     def _forget_results(self, job_id: str) -> None:
-        for task_id in [t for t, (job, _) in self._results.items() if job == job_id]:
+        for task_id in [t for t, (job, *_) in self._results.items() if job == job_id]:
             del self._results[task_id]
 
     def _deploy(self, message: DeployJob) -> None:
-        app_dir = self.jobs_dir / message.job_id / "app"
+        executor = parse(ExecutorConfig, message.executor, f"job {message.job_id} [executor]")
+        workdir = self.jobs_dir / message.job_id
+        app_dir = workdir / "app"
         shutil.rmtree(app_dir, ignore_errors=True)
         unpack(message.package_b64, app_dir, MAX_PACKAGE_BYTES)
         if not self.config.allow_custom_code and any(app_dir.rglob("*.py")):
             shutil.rmtree(app_dir, ignore_errors=True)
             raise JobError(f"site {self.name} refuses jobs that carry custom code (allow_custom_code = false)")
-        module = load_job_module(app_dir, message.job_id, message.executor_module)
-        self._executors[message.job_id] = (module, message.executor_config)
+        self._refused.pop(message.job_id, None)
+        self._trainers[message.job_id] = trainer_for(executor, app_dir, message.job_id, workdir)
 
-    def _end_job(self, job_id: str) -> None:
-        self._executors.pop(job_id, None)
+    async def _end_job(self, job_id: str) -> None:
         self._refused.pop(job_id, None)
         self._forget_results(job_id)
+        await self._stop_trainer(job_id)
         model = self._models.pop(job_id, None)
         if model is not None:
             model.close()
+
+    async def _stop_trainer(self, job_id: str) -> None:
+        trainer = self._trainers.pop(job_id, None)
+        if trainer is not None:
+            await trainer.stop()
 
     async def _guarded(self, stream: MessageStream, task_id: str, work: Coroutine[Any, Any, None]) -> None:
         """Run one step of a task; a failure is reported to the server instead of ending the session."""
@@ -156,10 +163,10 @@ class Site:
             await stream.send(dump(TaskFailed(task_id=task_id, error=_describe(error)[:4000])))
 
     async def _train(self, stream: MessageStream, task: Task) -> None:
-        """Receive the global model into the site's file, train in place, hash, announce the result."""
-        if task.job_id not in self._executors:
+        """Receive the global model into the site's file, have the job's code train it, hash, announce."""
+        if task.job_id not in self._trainers:
             raise JobError(self._refused.get(task.job_id, f"job {task.job_id} was not deployed to this site"))
-        module, config = self._executors[task.job_id]
+        trainer = self._trainers[task.job_id]
         manifest = Manifest.from_json(task.manifest)
         if manifest.total_bytes > self.config.max_model_gib * 2**30:
             raise JobError(f"model of {manifest.total_bytes / 2**30:.1f} GiB exceeds this site's "
@@ -167,19 +174,21 @@ class Site:
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
         await fetch_model(self._data_address, task.download, ReceiveLedger(ChunkPlan(manifest), task.lanes), model,
                           timeouts=self.config.timeouts)
-        context = TrainContext(self.name, task.job_id, task.round, config, self.jobs_dir / task.job_id)
-        output = await asyncio.to_thread(run_train, module, model.arrays(), context)
-        trained = await asyncio.to_thread(model.compute_digests)
-        self._results[task.task_id] = (task.job_id, trained)
+        output = await trainer.train({"type": "task", "task_id": task.task_id, "job_id": task.job_id,
+                                      "site": self.name, "round": task.round, "config": trainer.executor.config,
+                                      "workdir": str(trainer.workdir)}, model)
+        source = output.source or model
+        trained = await asyncio.to_thread(source.compute_digests)
+        self._results[task.task_id] = (task.job_id, trained, source)
         await stream.send(dump(ResultReady(task_id=task.task_id, weight=output.weight, metrics=output.metrics,
-                                           manifest=trained.to_json())))
+                                           manifest=trained.to_json(), delta=output.delta)))
 
     async def _upload(self, message: UploadReady) -> None:
         """Send a task's trained model from the site's file (the server may ask more than once)."""
         if message.task_id not in self._results:
             raise JobError(f"no result of task {message.task_id} to upload")
-        job_id, manifest = self._results[message.task_id]
-        await push_model(self._data_address, message.upload, manifest, self._models[job_id], message.lanes,
+        _, manifest, source = self._results[message.task_id]
+        await push_model(self._data_address, message.upload, manifest, source, message.lanes,
                          timeouts=self.config.timeouts)
 
     @property

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hauler.core.errors import ConfigError
 
@@ -134,13 +134,35 @@ class CodeEntry(Strict):
     config: dict[str, Any] = {}
 
 
+class ExecutorConfig(Strict):
+    """How a site trains: a module's `train(model, context)`, or a script that calls
+    `hauler.receive()` / `hauler.send()`; in the site process, or in a subprocess of it."""
+
+    module: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                               description="Module of the job folder with train(model, context).")
+    script: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./-]*\.py$",
+                               description="Python file of the job folder that uses hauler.receive()/send().")
+    mode: Literal["in_process", "subprocess"] = Field(
+        "in_process", description="Run the training code in a thread of the site process, or in a child "
+        "process that reaches the model through the site's memory-mapped model file.")
+    config: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _one_entry_point(self) -> ExecutorConfig:
+        if (self.module is None) == (self.script is None):
+            raise ValueError("give exactly one of `module` (with train(model, context)) or `script`")
+        if self.script is not None and ".." in self.script.split("/"):
+            raise ValueError(f"script {self.script!r} must stay inside the job folder")
+        return self
+
+
 class JobConfig(Strict):
     """A job folder's `job.toml`."""
 
     name: str = Field(min_length=1, max_length=128)
     workflow: WorkflowConfig = WorkflowConfig()
     model: CodeEntry = Field(description="Module with layout(config) and fill(name, out, config).")
-    executor: CodeEntry = Field(description="Module with train(model, context) run on every site.")
+    executor: ExecutorConfig = Field(description="What every site runs to train: a module or a script.")
     sites: list[str] | None = Field(None, description="Sites that take part; all connected sites if absent.")
 
 

@@ -1,0 +1,217 @@
+"""The API a training script calls: `hauler.is_running()`, `receive()`, `send()`, `context()`.
+
+    import hauler
+    while hauler.is_running():
+        model = hauler.receive("torch")            # the global model, viewing the site's file
+        net.load_state_dict(model); n = train(net)
+        hauler.send(net.state_dict(), weight=n, metrics={"loss": loss})
+
+The site runs the script in a thread of its own process or as a child process; either way
+the script talks to the site through a `TrainerLink` carrying only small messages. The model
+stays in the site's memory-mapped model file: a child process maps the same file. Sent
+in-process, a model is streamed straight from the script's own tensor memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from hauler.client.executor import TrainContext
+from hauler.client.tensors import to_numpy, to_torch
+from hauler.core.errors import JobError
+from hauler.model import ArraySource, Manifest, ModelFile, check_layout
+
+TRAINER_FD_VARIABLE = "HAULER_TRAINER_FD"  # set by the site for a training script run as a child process
+BLOCK_ELEMENTS = 1 << 20
+
+
+class Channel(Protocol):
+    """Small messages between a site and its training code."""
+
+    def get(self) -> dict[str, Any]: ...
+    def put(self, message: dict[str, Any]) -> None: ...
+
+
+class QueueChannel:
+    """In-process: the site puts tasks in `inbox`; `deliver` hands messages back to its event loop."""
+
+    def __init__(self, inbox: queue.Queue[dict[str, Any]], deliver: Callable[[dict[str, Any]], None]) -> None:
+        self.inbox, self.deliver = inbox, deliver
+
+    def get(self) -> dict[str, Any]:
+        return self.inbox.get()
+
+    def put(self, message: dict[str, Any]) -> None:
+        self.deliver(message)
+
+
+class SocketChannel:
+    """Child process: JSON lines on a socket inherited from the site; EOF means the job ended."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._file = sock.makefile("rwb")
+
+    def get(self) -> dict[str, Any]:
+        line = self._file.readline()
+        return json.loads(line) if line else {"type": "end"}
+
+    def put(self, message: dict[str, Any]) -> None:
+        self._file.write(json.dumps(message).encode() + b"\n")
+        self._file.flush()
+
+
+class TrainerLink:
+    """The training code's end: one task at a time, received, trained, sent."""
+
+    def __init__(self, channel: Channel, *, in_process: bool) -> None:
+        self.channel, self.in_process = channel, in_process
+        self._task: dict[str, Any] | None = None
+        self._model: ModelFile | None = None
+        self._ended = False
+        self.tasks_taken = 0
+
+    @property
+    def pending_round(self) -> int | None:
+        """The round received but not yet sent, if any."""
+        return None if self._task is None else int(self._task["round"])
+
+    def is_running(self) -> bool:
+        """Wait for the next task: True when one came, False once the job has ended."""
+        if self._task is None and not self._ended:
+            message = self.channel.get()
+            if message["type"] == "end":
+                self._ended = True
+            else:
+                self._task, self._model = message, self._open(message)
+                self.tasks_taken += 1
+        return self._task is not None
+
+    def receive(self, framework: Literal["numpy", "torch"] = "numpy") -> dict[str, Any]:
+        """This round's global model as numpy arrays or torch tensors viewing the site's model file."""
+        if not self.is_running():
+            raise JobError("the job has ended: loop on hauler.is_running() before hauler.receive()")
+        assert self._model is not None
+        arrays = self._model.arrays()
+        return to_torch(arrays) if framework == "torch" else arrays
+
+    def context(self) -> TrainContext:
+        """Who and where this round is: site, job, round number, the job's executor config, a work folder."""
+        if not self.is_running():
+            raise JobError("the job has ended; there is no current round")
+        task = self._task
+        assert task is not None
+        return TrainContext(task["site"], task["job_id"], task["round"], task["config"], Path(task["workdir"]))
+
+    def send(self, model: Mapping[str, Any], *, weight: float = 1.0, metrics: Mapping[str, float] | None = None,
+             delta: bool = False) -> None:
+        """Hand the trained model to the site; `delta=True` sends it minus the received global model."""
+        if self._task is None or self._model is None:
+            raise JobError("hauler.send() needs a model from hauler.receive() first")
+        if not weight > 0:
+            raise JobError(f"weight must be positive, got {weight}")
+        arrays = to_numpy(model)
+        check_layout(self._model.manifest, arrays)
+        reported = {str(name): float(value) for name, value in (metrics or {}).items()}
+        source = self._place(arrays, delta)
+        self.channel.put({"type": "result", "task_id": self._task["task_id"], "weight": float(weight),
+                          "metrics": reported, "delta": delta, "source": source})
+        self._task = None
+
+    def fail(self, error: str) -> None:
+        """Tell the site that the current task failed (the training code raised)."""
+        if self._task is not None:
+            self.channel.put({"type": "failed", "task_id": self._task["task_id"], "error": error})
+            self._task = None
+
+    def _place(self, arrays: dict[str, np.ndarray], delta: bool) -> ArraySource | None:
+        """Where the site sends from: the arrays themselves (in-process), else the model file."""
+        assert self._model is not None
+        views = self._model.arrays()
+        if delta:
+            for name, array in arrays.items():
+                _subtract_into(name, array, views[name])
+            return None
+        if self.in_process:
+            return ArraySource(self._model.manifest, arrays)
+        for name, array in arrays.items():
+            if not np.shares_memory(array, views[name]):
+                np.copyto(views[name], array)
+        return None
+
+    def _open(self, task: dict[str, Any]) -> ModelFile:
+        model = task.get("model")
+        if isinstance(model, ModelFile):
+            return model
+        if self._model is not None:  # a child process maps the site's file anew each round
+            self._model.close()
+        manifest = Manifest.from_json(task["manifest"])
+        return ModelFile.open(Path(task["model_path"]), writable=True, chunk_bytes=manifest.chunk_bytes)
+
+
+def _subtract_into(name: str, array: np.ndarray, received: np.ndarray) -> None:
+    """received <- array - received, in blocks, in the model file: the delta needs no new memory."""
+    if np.shares_memory(array, received):
+        raise JobError(f"delta=True: {name!r} was trained in place in the received model, so the received "
+                       "values are gone; train on a copy (e.g. load_state_dict) or send the full model")
+    if array.dtype.kind == "b":
+        raise JobError(f"delta=True: {name!r} is boolean, which has no difference; send the full model")
+    flat, out = array.reshape(-1), received.reshape(-1)
+    for start in range(0, flat.size, BLOCK_ELEMENTS):
+        np.subtract(flat[start : start + BLOCK_ELEMENTS], out[start : start + BLOCK_ELEMENTS],
+                    out=out[start : start + BLOCK_ELEMENTS])
+
+
+_current: ContextVar[TrainerLink | None] = ContextVar("hauler_trainer_link", default=None)
+_process_wide: list[TrainerLink] = []  # a child process's one link, seen from any of its threads
+
+
+@contextlib.contextmanager
+def bound(link: TrainerLink, *, process_wide: bool = False) -> Iterator[TrainerLink]:
+    """Make `link` the one the module-level functions use: in this context, or in the whole process."""
+    token = _current.set(link)
+    if process_wide:
+        _process_wide.append(link)
+    try:
+        yield link
+    finally:
+        _current.reset(token)
+        if process_wide:
+            _process_wide.remove(link)
+
+
+def current_link() -> TrainerLink:
+    """The link of the training code running here, bound by the site that runs it."""
+    link = _current.get() or (_process_wide[0] if _process_wide else None)
+    if link is None:
+        raise JobError("no Hauler site is running this code: make it a job's [executor] script and submit the job")
+    return link
+
+
+def is_running() -> bool:
+    """Wait for the next round: True when it came, False once the job has ended."""
+    return current_link().is_running()
+
+
+def receive(framework: Literal["numpy", "torch"] = "numpy") -> dict[str, Any]:
+    """The global model of this round, as numpy arrays or torch tensors viewing the site's model file."""
+    return current_link().receive(framework)
+
+
+def send(model: Mapping[str, Any], *, weight: float = 1.0, metrics: Mapping[str, float] | None = None,
+         delta: bool = False) -> None:
+    """Return the trained model (numpy arrays or torch tensors), weighted for FedAvg, with metrics."""
+    current_link().send(model, weight=weight, metrics=metrics, delta=delta)
+
+
+def context() -> TrainContext:
+    """Site, job id, round, the job's executor config and a work folder."""
+    return current_link().context()
