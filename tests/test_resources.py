@@ -1,0 +1,49 @@
+"""A process's own CPU and memory readings: RssAnon follows anonymous memory that is touched,
+CPU follows work, and the meter samples on its own pace."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import time
+
+from hauler.core.resources import ProcessMeter, ResourceSample, rss_anon_bytes
+
+MIB = 1 << 20
+
+
+def test_rss_anon_grows_when_anonymous_memory_is_touched_and_shrinks_when_freed():
+    before = rss_anon_bytes()
+    block = mmap.mmap(-1, 64 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # not resident until touched
+    assert rss_anon_bytes() - before < 16 * MIB
+    for offset in range(0, 64 * MIB, mmap.PAGESIZE):
+        block[offset] = 1
+    touched = rss_anon_bytes()
+    assert touched - before >= 60 * MIB
+    block.close()
+    assert touched - rss_anon_bytes() >= 60 * MIB
+
+
+def test_meter_reads_this_process():
+    meter = ProcessMeter()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn CPU so the next reading sees it
+        pass
+    sample = meter.read()
+    assert abs(sample.t - time.time()) < 5
+    assert sample.cpu_percent > 10
+    assert sample.rss_bytes >= sample.rss_anon_bytes > 0
+    assert sample.record("site-1") == {"kind": "resources", "process": "site-1", **sample.model_dump()}
+
+
+def test_collect_samples_every_interval_across_calls():
+    meter = ProcessMeter(interval_s=0.1)
+
+    async def collect() -> list[list[ResourceSample]]:
+        return [await meter.collect(0.25) for _ in range(4)]  # 1 s in all, in pieces off the tick
+
+    batches = asyncio.run(collect())
+    times = [sample.t for batch in batches for sample in batch]
+    assert 8 <= len(times) <= 10, times
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert all(0.05 < gap < 0.2 for gap in gaps), gaps
