@@ -21,6 +21,7 @@ from hauler.core.messages import (
     AbortTask,
     DeployJob,
     EndJob,
+    MAX_HEARTBEAT_SAMPLES,
     Heartbeat,
     Hello,
     ResultReady,
@@ -32,6 +33,7 @@ from hauler.core.messages import (
     parse_server_message,
 )
 from hauler.core.package import load_job_module, unpack
+from hauler.core.resources import ProcessMeter
 from hauler.core.retry import backoff_s
 from hauler.model import ChunkPlan, Manifest, ModelFile
 from hauler.transfer import ReceiveLedger
@@ -97,9 +99,10 @@ class Site:
             await channel.close()
 
     async def _heartbeats(self, stream: MessageStream) -> None:
+        meter = ProcessMeter()  # the site's CPU and memory, sampled every second, travel with its heartbeats
         while True:
-            await asyncio.sleep(self.config.timeouts.heartbeat_interval)
-            await stream.send(dump(Heartbeat()))
+            samples = await meter.collect(self.config.timeouts.heartbeat_interval)
+            await stream.send(dump(Heartbeat(resources=samples[-MAX_HEARTBEAT_SAMPLES:])))
 
     async def _dispatch(self, stream: MessageStream, group: asyncio.TaskGroup) -> None:
         while (raw := await stream.receive()) is not None:

@@ -62,6 +62,7 @@ class Server:
             async with asyncio.TaskGroup() as group:
                 self._background = group
                 group.create_task(self.runner.run_forever())
+                group.create_task(self.runner.resources.sample_server())
                 self.ready.set()
         finally:
             await self._data.close()
@@ -91,7 +92,9 @@ class Server:
                 if message is None:
                     break
                 parsed = parse_site_message(message)
-                if not isinstance(parsed, (Hello, Heartbeat)):
+                if isinstance(parsed, Heartbeat):
+                    self.runner.resources.record(hello.site, parsed.resources)
+                elif not isinstance(parsed, Hello):
                     session.deliver(parsed)
         except HaulerError as error:
             reason = str(error)
