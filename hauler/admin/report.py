@@ -141,6 +141,7 @@ def _memory_figure(report: Report) -> plt.Figure:
 
 
 def _finish(axes: plt.Axes, report: Report) -> None:
+    axes.set_xlim(left=0)
     axes.grid(alpha=0.3)
     if report.processes:
         axes.legend(loc="upper left", fontsize="small")
@@ -160,6 +161,7 @@ def _timeline_figure(report: Report) -> plt.Figure:
     axes.set_yticks(range(len(rows)), rows)
     axes.invert_yaxis()
     axes.set(title=_title(report, "Rounds"), xlabel="seconds from job start")
+    axes.set_xlim(left=0)
     axes.grid(axis="x", alpha=0.3)
     figure.legend(handles=[Patch(color=color, label=phase) for phase, color in PHASES.items()],
                   loc="outside lower center", fontsize="small", ncols=len(PHASES))
