@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.table import Column, Table  # noqa: E402
 
 MIB = 1 << 20
 SERVER = "server"
@@ -170,12 +170,13 @@ def _timeline_figure(report: Report) -> plt.Figure:
 
 def round_table(report: Report) -> Table:
     """Per round and site: phase seconds, transfer rates, re-sent bytes and the site's training metrics."""
-    table = Table("round", "site", "download s", "train s", "upload s", "down MB/s", "up MB/s", "re-sent MiB",
-                  "training metrics", title="rounds")
+    numbers = [Column(name, justify="right") for name in
+               ("down s", "train s", "up s", "down MB/s", "up MB/s", "re-sent MiB")]
+    table = Table("round", "site", *numbers, "metrics", title="rounds (per site)")
     for record in report.sites:
         down, up = record.get("download", {}), record.get("upload", {})
         resent = down.get("bytes_resent", 0) + up.get("bytes_resent", 0)
-        metrics = " ".join(f"{key}={value:.4g}" for key, value in record.get("metrics", {}).items())
+        metrics = "\n".join(f"{key}={value:.4g}" for key, value in record.get("metrics", {}).items())
         table.add_row(str(record["round"]), record["site"], f"{record['download_s']:.2f}", f"{record['train_s']:.2f}",
                       f"{record['upload_s']:.2f}", f"{down.get('mb_per_s', 0):.0f}", f"{up.get('mb_per_s', 0):.0f}",
                       f"{resent / MIB:.1f}", metrics)

@@ -66,6 +66,7 @@ class Server:
                 group.create_task(self.runner.resources.sample_server())
                 self.ready.set()
         finally:
+            self.runner.resources.close_all()
             await self._data.close()
             await control.stop()
             self.store.close()

@@ -51,6 +51,11 @@ class ResourceRecorder:
         else:
             self._forget(job_id, window)
 
+    def close_all(self) -> None:
+        """The server stops: close every job's metrics now, late samples or not."""
+        for job_id, window in list(self._jobs.items()):
+            self._forget(job_id, window)
+
     def _forget(self, job_id: str, window: _Window) -> None:
         if self._jobs.get(job_id) is window:
             del self._jobs[job_id]
