@@ -1,5 +1,6 @@
 """A process's own CPU and memory readings: RssAnon follows anonymous memory that is touched,
-CPU follows work, and the meter samples on its own pace."""
+CPU follows work, the meter samples on its own pace, and the server's recorder puts samples
+into the metrics of the jobs their processes take part in."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import asyncio
 import mmap
 import time
 
+from hauler.core.events import read_json_lines
 from hauler.core.resources import ProcessMeter, ResourceSample, rss_anon_bytes
+from hauler.server.resources import ResourceRecorder
+from hauler.server.sites import SiteRegistry, SiteSession
 
 MIB = 1 << 20
 
@@ -47,3 +51,30 @@ def test_collect_samples_every_interval_across_calls():
     assert 8 <= len(times) <= 10, times
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert all(0.05 < gap < 0.2 for gap in gaps), gaps
+
+
+def sample_at(t: float) -> ResourceSample:
+    return ResourceSample(t=t, cpu_percent=1.0, rss_bytes=2048, rss_anon_bytes=1024)
+
+
+async def test_recorder_keeps_the_job_s_processes_within_its_span_and_late_samples_within_grace(tmp_path):
+    sites = SiteRegistry()
+    in_job, other = SiteSession("site-1", stream=None), SiteSession("site-2", stream=None)
+    await sites.join(in_job)
+    await sites.join(other)
+    recorder = ResourceRecorder(sites, grace_s=0.3)
+    metrics = tmp_path / "metrics.jsonl"
+    recorder.open("job", metrics)
+    in_job.deployed_jobs.add("job")
+    during = time.time()
+    recorder.record("site-1", [sample_at(during - 60), sample_at(during)])  # the first is from before the job
+    recorder.record("site-2", [sample_at(during)])  # not part of the job
+    recorder.record("server", [sample_at(during)])
+    before_end = time.time()
+    recorder.close("job")
+    in_job.deployed_jobs.discard("job")  # the job ended on the site too
+    recorder.record("site-1", [sample_at(before_end), sample_at(time.time() + 1)])  # late; the second after the end
+    await asyncio.sleep(0.5)
+    recorder.record("site-1", [sample_at(before_end)])  # later than the grace: the metrics are closed
+    assert [(r["process"], r["t"]) for r in read_json_lines(metrics)] == [
+        ("site-1", during), ("server", during), ("site-1", before_end)]
