@@ -2,7 +2,8 @@
 
 `build_report` arranges the records: CPU and memory series per process, a timeline of every
 site's download, train and upload and the server's aggregation per round. `write_figures`
-draws them as PNGs (matplotlib, Agg); `round_table` and `process_table` summarise them.
+draws them as PNGs (matplotlib's Agg renderer, through Figure objects: no pyplot, no display,
+no global state); `round_table` and `process_table` summarise them.
 Times are seconds from the job's start.
 """
 
@@ -12,12 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display needed, none opened
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from rich.table import Column, Table  # noqa: E402
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from rich.table import Column, Table
 
 MIB = 1 << 20
 SERVER = "server"
@@ -102,11 +101,7 @@ def write_figures(report: Report, out_dir: Path) -> list[Path]:
     drawings = (_cpu_figure, _memory_figure, _timeline_figure)
     paths = []
     for name, draw in zip(FIGURES, drawings):
-        figure = draw(report)
-        try:
-            figure.savefig(out_dir / name, dpi=100)
-        finally:
-            plt.close(figure)
+        draw(report).savefig(out_dir / name, dpi=100)
         paths.append(out_dir / name)
     return paths
 
@@ -115,8 +110,9 @@ def _title(report: Report, what: str) -> str:
     return f"{what} - job {report.job.get('id', '?')} ({report.job.get('name', '?')})"
 
 
-def _cpu_figure(report: Report) -> plt.Figure:
-    figure, axes = plt.subplots(figsize=(9, 4), layout="constrained")
+def _cpu_figure(report: Report) -> Figure:
+    figure = Figure(figsize=(9, 4), layout="constrained")
+    axes = figure.subplots()
     for process, series in report.processes.items():
         # each reading covers the second before it: steps, not slopes
         axes.plot(series.t_s, series.cpu_percent, label=process, linewidth=1.2, drawstyle="steps-pre")
@@ -127,8 +123,9 @@ def _cpu_figure(report: Report) -> plt.Figure:
     return figure
 
 
-def _memory_figure(report: Report) -> plt.Figure:
-    figure, (rss, anon) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, layout="constrained")
+def _memory_figure(report: Report) -> Figure:
+    figure = Figure(figsize=(9, 6), layout="constrained")
+    rss, anon = figure.subplots(2, 1, sharex=True)
     for process, series in report.processes.items():
         rss.plot(series.t_s, series.rss_mib, label=process, linewidth=1.2, marker=".", markersize=3)
         anon.plot(series.t_s, series.rss_anon_mib, label=process, linewidth=1.2, marker=".", markersize=3)
@@ -140,16 +137,17 @@ def _memory_figure(report: Report) -> plt.Figure:
     return figure
 
 
-def _finish(axes: plt.Axes, report: Report) -> None:
+def _finish(axes: Axes, report: Report) -> None:
     axes.set_xlim(left=0)
     axes.grid(alpha=0.3)
     if report.processes:
         axes.legend(loc="upper left", fontsize="small")
 
 
-def _timeline_figure(report: Report) -> plt.Figure:
+def _timeline_figure(report: Report) -> Figure:
     rows = sorted({SERVER, *(bar.row for bar in report.bars)}, key=lambda n: (n == SERVER, n))  # sites, server
-    figure, axes = plt.subplots(figsize=(9, 1.2 + 0.6 * len(rows)), layout="constrained")
+    figure = Figure(figsize=(9, 1.2 + 0.6 * len(rows)), layout="constrained")
+    axes = figure.subplots()
     for bar in report.bars:
         axes.barh(rows.index(bar.row), bar.duration_s, left=bar.start_s, height=0.6, color=PHASES[bar.phase])
     for record in report.rounds:
