@@ -57,7 +57,7 @@ def sample_at(t: float) -> ResourceSample:
     return ResourceSample(t=t, cpu_percent=1.0, rss_bytes=2048, rss_anon_bytes=1024)
 
 
-async def test_recorder_keeps_the_job_s_processes_within_its_span_and_late_samples_within_grace(tmp_path):
+async def test_recorder_keeps_the_job_s_processes_within_its_span_once_and_late_samples_within_grace(tmp_path):
     sites = SiteRegistry()
     in_job, other = SiteSession("site-1", stream=None), SiteSession("site-2", stream=None)
     await sites.join(in_job)
@@ -70,6 +70,8 @@ async def test_recorder_keeps_the_job_s_processes_within_its_span_and_late_sampl
     recorder.record("site-1", [sample_at(during - 60), sample_at(during)])  # the first is from before the job
     recorder.record("site-2", [sample_at(during)])  # not part of the job
     recorder.record("server", [sample_at(during)])
+    recorder.record("server", [sample_at(during), *(sample_at(during + k / 1000) for k in range(100))])  # replayed
+    await asyncio.sleep(0.6)  # a second sample of site-1 comes at least MIN_SPACING_S after its first
     before_end = time.time()
     recorder.close("job")
     in_job.deployed_jobs.discard("job")  # the job ended on the site too

@@ -2,7 +2,9 @@
 
 The server samples itself every second. A site's samples arrive with its heartbeats, up to one
 heartbeat interval late, so a job that has ended keeps taking the samples taken before its end
-for `grace_s` more, then its metrics file is closed.
+for `grace_s` more, then its metrics file is closed. A site's clock and samples are its word:
+a sample is kept only within the job's span and at least MIN_SPACING_S after the process's
+previous one, so a site cannot flood a job's metrics.
 """
 
 from __future__ import annotations
@@ -18,19 +20,23 @@ from hauler.core.resources import ProcessMeter, ResourceSample
 from hauler.server.sites import SiteRegistry
 
 SERVER = "server"
+MIN_SPACING_S = 0.5  # samples are a second apart; replays and floods are not
 
 
 @dataclass
 class _Window:
-    """A job's time span and the sites that took part in it."""
+    """A job's time span, the sites that took part in it, and each process's last sample time."""
 
     metrics: JsonLines
     started_s: float
     ended_s: float = math.inf
     sites: set[str] = field(default_factory=set)
+    last_t: dict[str, float] = field(default_factory=dict)
 
 
 class ResourceRecorder:
+    """Writes each process's samples into the metrics of the running (or just ended) jobs it is part of."""
+
     def __init__(self, sites: SiteRegistry, grace_s: float) -> None:
         self.sites, self.grace_s = sites, grace_s
         self._jobs: dict[str, _Window] = {}
@@ -67,7 +73,9 @@ class ResourceRecorder:
             if process != SERVER and not self._takes_part(job_id, window, process):
                 continue
             for sample in samples:
-                if window.started_s <= sample.t <= window.ended_s:
+                earliest = max(window.started_s, window.last_t.get(process, -math.inf) + MIN_SPACING_S)
+                if earliest <= sample.t <= window.ended_s:
+                    window.last_t[process] = sample.t
                     window.metrics.write(sample.record(process))
 
     def _takes_part(self, job_id: str, window: _Window, site: str) -> bool:
