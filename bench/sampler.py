@@ -8,14 +8,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-
-def rss_anon_bytes(pid: int) -> int:
-    """Anonymous resident memory of one process: what makes a machine swap, unlike file pages."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+from hauler.core.resources import rss_anon_bytes
 
 
 @dataclass

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from hauler.core.errors import RemoteProtocolError
 from hauler.core.messages import (
+    MAX_HEARTBEAT_SAMPLES,
+    Heartbeat,
     Hello,
     ResultReady,
     Task,
@@ -27,6 +29,16 @@ message_like = st.dictionaries(st.sampled_from(["type", "site", "task_id", "weig
                                                 "upload", "download", "round"]) | st.text(max_size=8),
                                json_values | st.sampled_from(["hello", "result_ready", "task", "upload_ready"]),
                                max_size=8)
+
+
+def test_a_heartbeat_carries_a_bounded_list_of_valid_samples():
+    sample = {"t": 1.5, "cpu_percent": 12.0, "rss_bytes": 2048, "rss_anon_bytes": 1024}
+    beat = parse_site_message({"type": "heartbeat", "resources": [sample] * 3})
+    assert isinstance(beat, Heartbeat) and beat.resources[2].rss_anon_bytes == 1024
+    assert parse_site_message({"type": "heartbeat"}) == Heartbeat()  # a site that samples nothing
+    for bad in ([sample] * (MAX_HEARTBEAT_SAMPLES + 1), [{**sample, "rss_bytes": -1}], [{**sample, "pid": 1}]):
+        with pytest.raises(RemoteProtocolError):
+            parse_site_message({"type": "heartbeat", "resources": bad})
 
 
 @given(message_like)

@@ -41,6 +41,17 @@ class Admin:
     async def status(self, job_id: str) -> dict[str, Any]:
         return await self._channel.call("status", job_id=job_id)
 
+    async def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        """Every metrics record of the job (rounds, sites, resource samples), fetched page by page."""
+        records: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            page = await self._channel.call("metrics", job_id=job_id, offset=offset)
+            if not page["records"]:
+                return records
+            records.extend(page["records"])
+            offset = page["next_offset"]
+
     async def abort(self, job_id: str) -> None:
         await self._channel.call("abort", job_id=job_id)
 

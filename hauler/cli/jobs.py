@@ -22,7 +22,7 @@ from hauler.cli.progress import follow
 from hauler.core.errors import HaulerError
 from hauler.core.package import load_job
 
-app = typer.Typer(help="List, inspect, abort and download jobs.", no_args_is_help=True)
+app = typer.Typer(help="List, inspect, report on, abort and download jobs.", no_args_is_help=True)
 
 
 def submit(
@@ -89,6 +89,40 @@ def status(job_id: str, workspace: WorkspaceOption = None, admin_config: AdminCo
             table.add_row(str(row["round"]), *(f"{row[k]:.2f}" for k in
                                                ("download_s", "train_s", "upload_s", "aggregate_s", "round_s")))
     console.print(table)
+
+
+@app.command()
+def report(
+    job_id: str,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the figures into.")],
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files "
+                                              "to OUT/tensorboard/<process>/ (needs hauler[tensorboard]).")] = False,
+    workspace: WorkspaceOption = None,
+    admin_config: AdminConfigOption = None,
+) -> None:
+    """Figures of a job (CPU, memory, round timeline) and a summary of its rounds and processes."""
+    from hauler.admin.report import build_report, process_table, round_table, write_figures
+
+    config = resolve_admin(workspace, admin_config)
+
+    async def go() -> tuple[dict, list[dict]]:
+        async with Admin(config) as admin:
+            return (await admin.status(job_id))["job"], await admin.metrics(job_id)
+
+    job, records = run(go())
+    summary = build_report(job, records)
+    console.print(round_table(summary))
+    console.print(process_table(summary))
+    for path in write_figures(summary, out):
+        console.print(f"wrote {path}")
+    if tensorboard:
+        from hauler.admin.tensorboard import write_tensorboard
+
+        try:
+            runs = write_tensorboard(summary, out / "tensorboard")
+        except HaulerError as error:
+            fail(error)
+        console.print(f"wrote TensorBoard runs {', '.join(run.name for run in runs)} to {out / 'tensorboard'}")
 
 
 @app.command()

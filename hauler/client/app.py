@@ -20,6 +20,7 @@ from hauler.core.messages import (
     AbortTask,
     DeployJob,
     EndJob,
+    MAX_HEARTBEAT_SAMPLES,
     Heartbeat,
     Hello,
     ResultReady,
@@ -31,6 +32,7 @@ from hauler.core.messages import (
     parse_server_message,
 )
 from hauler.core.package import unpack
+from hauler.core.resources import ProcessMeter
 from hauler.core.retry import backoff_s
 from hauler.model import ArraySource, ChunkPlan, Manifest, ModelFile
 from hauler.transfer import ReceiveLedger
@@ -96,9 +98,10 @@ class Site:
             await channel.close()
 
     async def _heartbeats(self, stream: MessageStream) -> None:
+        meter = ProcessMeter()  # the site's CPU and memory, sampled every second, travel with its heartbeats
         while True:
-            await asyncio.sleep(self.config.timeouts.heartbeat_interval)
-            await stream.send(dump(Heartbeat()))
+            samples = await meter.collect(self.config.timeouts.heartbeat_interval)
+            await stream.send(dump(Heartbeat(resources=samples[-MAX_HEARTBEAT_SAMPLES:])))
 
     async def _dispatch(self, stream: MessageStream, group: asyncio.TaskGroup) -> None:
         while (raw := await stream.receive()) is not None:

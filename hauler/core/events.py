@@ -76,3 +76,15 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_json_lines_page(path: Path, offset: int, max_bytes: int) -> tuple[list[dict[str, Any]], int]:
+    """The whole records in about `max_bytes` from byte `offset`, and the offset after the last of them,
+    so a growing file can be read in pages of bounded size (a line still being written waits)."""
+    if not path.exists():
+        return [], offset
+    with path.open("rb") as file:
+        file.seek(offset)
+        data = file.read(max_bytes)
+    end = data.rfind(b"\n") + 1
+    return [json.loads(line) for line in data[:end].splitlines() if line.strip()], offset + end

@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from hauler.core.errors import RemoteProtocolError
+from hauler.core.resources import ResourceSample
+
+MAX_HEARTBEAT_SAMPLES = 600  # ten minutes of one-second samples
 
 
 class _Message(BaseModel):
@@ -25,7 +28,10 @@ class Hello(_Message):
 
 
 class Heartbeat(_Message):
+    """The site is alive; `resources` are its own CPU and memory readings since its last heartbeat."""
+
     type: Literal["heartbeat"] = "heartbeat"
+    resources: list[ResourceSample] = Field([], max_length=MAX_HEARTBEAT_SAMPLES)
 
 
 class ResultReady(_Message):

@@ -2,7 +2,7 @@
 
 Sites may only run their own session and transfers. Admins act by role:
 `project_admin` everything; `org_admin` submits, and manages its own organisation's
-jobs; `member` reads (list, status, sites, watch). Revoked names are refused at connect.
+jobs; `member` reads (list, status, metrics, sites, watch). Revoked names are refused at connect.
 On a plaintext server (local trials only) there are no identities and no checks.
 """
 
@@ -13,7 +13,7 @@ from hauler.security import Identity, Role
 from hauler.transport import Peer
 
 ADMIN_ROLES = {Role.PROJECT_ADMIN, Role.ORG_ADMIN, Role.MEMBER}
-READ_OPERATIONS = {"list_jobs", "status", "sites", "watch"}
+READ_OPERATIONS = {"list_jobs", "status", "metrics", "sites", "watch"}
 JOB_OPERATIONS = {"abort", "download"}  # on one existing job
 
 

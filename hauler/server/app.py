@@ -13,7 +13,7 @@ from typing import Any
 
 from hauler.core.config import ServerConfig
 from hauler.core.errors import ConfigError, HaulerError, RemoteProtocolError
-from hauler.core.events import read_json_lines
+from hauler.core.events import read_json_lines, read_json_lines_page
 from hauler.core.messages import Heartbeat, Hello, Welcome, parse_site_message
 from hauler.server.access import AccessPolicy, submitter
 from hauler.server.jobstore import JobStore
@@ -31,6 +31,7 @@ from hauler.transport import (
 )
 
 log = logging.getLogger("hauler.server")
+METRICS_PAGE_BYTES = 4 << 20  # well under the control plane's message limit
 
 
 class Server:
@@ -62,8 +63,10 @@ class Server:
             async with asyncio.TaskGroup() as group:
                 self._background = group
                 group.create_task(self.runner.run_forever())
+                group.create_task(self.runner.resources.sample_server())
                 self.ready.set()
         finally:
+            self.runner.resources.close_all()
             await self._data.close()
             await control.stop()
             self.store.close()
@@ -91,7 +94,9 @@ class Server:
                 if message is None:
                     break
                 parsed = parse_site_message(message)
-                if not isinstance(parsed, (Hello, Heartbeat)):
+                if isinstance(parsed, Heartbeat):
+                    self.runner.resources.record(hello.site, parsed.resources)
+                elif not isinstance(parsed, Hello):
                     session.deliver(parsed)
         except HaulerError as error:
             reason = str(error)
@@ -101,7 +106,7 @@ class Server:
 
     async def _call(self, request: Message, peer: Peer) -> Message:
         op = str(request.get("op"))
-        if op in ("status", "abort", "download"):
+        if op in ("status", "metrics", "abort", "download"):
             job_id = _job_id(request)
             self.access.check_admin(peer, op, self.store.get(job_id).submitter_org)
         else:
@@ -112,6 +117,8 @@ class Server:
             return {"jobs": [record.to_json() for record in self.store.list()]}
         if op == "status":
             return self._status(job_id)
+        if op == "metrics":
+            return self._metrics(job_id, request.get("offset", 0))
         if op == "abort":
             self.runner.abort(job_id)
             return {"ok": True}
@@ -122,9 +129,18 @@ class Server:
         raise ConfigError(f"unknown admin operation {op!r}")
 
     def _status(self, job_id: str) -> Message:
-        job_dir = self.runner.job_dir(job_id)
+        """The job and its round and site records (its resource samples come with `metrics`)."""
+        records = read_json_lines(self.runner.job_dir(job_id) / "metrics.jsonl")
         return {"job": self.store.get(job_id).to_json(),
-                "metrics": read_json_lines(job_dir / "metrics.jsonl")}
+                "metrics": [record for record in records if record.get("kind") != "resources"]}
+
+    def _metrics(self, job_id: str, offset: Any) -> Message:
+        """One page of the job's metrics records from byte `offset`; an empty page means all were read."""
+        if not isinstance(offset, int) or offset < 0:
+            raise ConfigError("offset must be the next_offset of the previous metrics page")
+        records, next_offset = read_json_lines_page(self.runner.job_dir(job_id) / "metrics.jsonl", offset,
+                                                    METRICS_PAGE_BYTES)
+        return {"records": records, "next_offset": next_offset}
 
     def _offer_download(self, job_id: str, peer: str) -> Message:
         self.store.get(job_id)

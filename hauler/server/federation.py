@@ -57,7 +57,7 @@ class JobFederation:
         self._aggregate: FedAvg | None = None
         self._buffers: dict[str, UploadBuffers] = {}
         self._results: dict[str, tuple[str, ResultReady]] = {}  # site -> (task id, result), this round
-        self._round_started = self._last_upload_done = 0.0
+        self._round_started = self._last_upload_done = self._round_started_s = 0.0
         self._site_timings: list[dict[str, float]] = []
         self._upload_statistics: dict[str, dict[str, int]] = {}
 
@@ -73,7 +73,7 @@ class JobFederation:
             self._aggregate = FedAvg(manifest, workdir=self.job_dir, memory_budget_bytes=self.server.memory_budget_mib << 20)
         self._output = self.rounds.create(round + 1, manifest)
         self._aggregate.begin(self._output, base=self._global)
-        self._round_started = time.perf_counter()
+        self._round_started, self._round_started_s = time.perf_counter(), time.time()
         self._site_timings, self._results = [], {}
 
     async def train(self, site: str, round: int) -> TrainResult:
@@ -86,7 +86,7 @@ class JobFederation:
         result_future = session.expect_result(task_id)
         clock = time.perf_counter
         try:
-            start = clock()
+            start, started_s = clock(), time.time()
             await session.send(Task(task_id=task_id, job_id=self.job_id, round=round,
                                     manifest=manifest.to_json(), download=download.id, lanes=download.lanes))
             await self._unless_lost(session, download.wait(self.server.timeouts.communication_timeout,
@@ -107,7 +107,8 @@ class JobFederation:
         timings = {"download_s": arrived - start, "train_s": trained - arrived, "upload_s": uploaded - trained}
         self._site_timings.append(timings)
         upload = self._upload_statistics.pop(site, {})
-        self.record({"kind": "site", "round": round, "site": site, "weight": result.weight, **timings,
+        self.record({"kind": "site", "round": round, "site": site, "started_s": started_s,
+                     "weight": result.weight, **timings,
                      "download": {**download.statistics(), "mb_per_s": _rate(manifest.total_bytes, timings["download_s"])},
                      "upload": {**upload, "mb_per_s": _rate(manifest.total_bytes, timings["upload_s"])},
                      "metrics": result.metrics})
@@ -199,7 +200,8 @@ class JobFederation:
         done = time.perf_counter()
         summary: dict[str, Any] = {key: max(t[key] for t in self._site_timings) for key in self._site_timings[0]}
         summary["aggregate_s"] = done - self._last_upload_done
-        self.record({"kind": "round", "round": round, "sites": [r.site for r in results],
+        self.record({"kind": "round", "round": round, "started_s": self._round_started_s,
+                     "sites": [r.site for r in results],
                      "round_s": done - self._round_started, **summary})
 
     async def _refold(self, round: int, results: list[TrainResult]) -> list[TrainResult]:

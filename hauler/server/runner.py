@@ -1,7 +1,8 @@
 """Runs submitted jobs one at a time: unpack, build the initial model, run the workflow.
 
 Each job's events go to `jobs/<id>/events.jsonl` and to live watchers; its
-round and site timings go to `jobs/<id>/metrics.jsonl`.
+round and site timings, and the CPU and memory samples of its processes, go to
+`jobs/<id>/metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hauler.core.package import load_job, load_job_module, unpack
 from hauler.model import Manifest
 from hauler.server.federation import JobFederation
 from hauler.server.jobstore import JobStatus, JobStore
+from hauler.server.resources import ResourceRecorder
 from hauler.server.rounds import RoundStore
 from hauler.server.sites import SiteRegistry
 from hauler.server.transfers import TransferRegistry
@@ -39,6 +41,8 @@ class JobRunner:
         self._buses: dict[str, EventBus] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._aborting: set[str] = set()
+        # a site's samples come with its heartbeats: wait two of them for the last ones of a job
+        self.resources = ResourceRecorder(sites, grace_s=2 * config.timeouts.heartbeat_interval + 1)
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -100,6 +104,7 @@ class JobRunner:
         so a restart resumes it; only an admin's abort marks it aborted."""
         bus, metrics = self.events(job_id), JsonLines(self.job_dir(job_id) / "metrics.jsonl")
         self.store.update(job_id, status=JobStatus.RUNNING, started_s=time.time(), error="")
+        self.resources.open(job_id, metrics.path)
         status, error = JobStatus.FINISHED, ""
         try:
             await self._execute(job_id, bus, metrics)
@@ -108,6 +113,7 @@ class JobRunner:
         except asyncio.CancelledError:
             if job_id not in self._aborting:
                 metrics.close()
+                self.resources.close(job_id, late=False)
                 raise
             self._aborting.discard(job_id)
             status, error = JobStatus.ABORTED, "aborted by an admin"
@@ -118,6 +124,7 @@ class JobRunner:
         rounds = RoundStore(self.job_dir(job_id), self.config.keep_rounds).latest() or 0
         self.store.update(job_id, status=status, finished_s=time.time(), error=error, rounds_done=rounds)
         bus.emit(f"job.{status.value}", job=job_id, error=error, rounds_done=rounds)
+        self.resources.close(job_id)
         await self._end_on_sites(job_id)
 
     async def _execute(self, job_id: str, bus: EventBus, metrics: JsonLines) -> None:

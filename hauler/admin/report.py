@@ -1,0 +1,190 @@
+"""A job's figures and summary, from its metrics records (`Admin.metrics`).
+
+`build_report` arranges the records: CPU and memory series per process, a timeline of every
+site's download, train and upload and the server's aggregation per round. `write_figures`
+draws them as PNGs (matplotlib's Agg renderer, through Figure objects: no pyplot, no display,
+no global state); `round_table` and `process_table` summarise them.
+Times are seconds from the job's start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from rich.table import Column, Table
+
+MIB = 1 << 20
+SERVER = "server"
+PHASES = {"download": "tab:blue", "train": "tab:green", "upload": "tab:orange", "aggregate": "tab:purple"}
+FIGURES = ("cpu.png", "memory.png", "timeline.png")
+
+
+@dataclass
+class Series:
+    """One process's samples: seconds from the job's start, CPU percent (100 = one core), MiB."""
+
+    t_s: list[float] = field(default_factory=list)
+    cpu_percent: list[float] = field(default_factory=list)
+    rss_mib: list[float] = field(default_factory=list)
+    rss_anon_mib: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One phase of one round on one row of the timeline (a site, or the server for aggregate)."""
+
+    row: str
+    round: int
+    phase: str
+    start_s: float
+    duration_s: float
+
+
+@dataclass
+class Report:
+    job: dict[str, Any]
+    origin_s: float  # unix time of the job's start: 0 on every time axis
+    processes: dict[str, Series]  # the server first, then sites by name
+    bars: list[Bar]
+    sites: list[dict[str, Any]]  # the `site` records: one per site and round
+    rounds: list[dict[str, Any]]  # the `round` records
+
+
+def build_report(job: dict[str, Any], records: list[dict[str, Any]]) -> Report:
+    """Arrange a job's record (from `status`) and metrics records for figures and tables."""
+    by_kind: dict[str, list[dict[str, Any]]] = {"resources": [], "site": [], "round": []}
+    for record in records:
+        by_kind.setdefault(record.get("kind", ""), []).append(record)
+    starts = [r["t"] for r in by_kind["resources"]] + [r["started_s"] for r in by_kind["site"] if "started_s" in r]
+    origin = min([job["started_s"], *starts] if job.get("started_s") else starts or [0.0])
+    return Report(job, origin, _series(by_kind["resources"], origin), _bars(by_kind, origin),
+                  sorted(by_kind["site"], key=lambda r: (r["round"], r["site"])),
+                  sorted(by_kind["round"], key=lambda r: r["round"]))
+
+
+def _series(samples: list[dict[str, Any]], origin: float) -> dict[str, Series]:
+    processes: dict[str, Series] = {}
+    for sample in sorted(samples, key=lambda s: s["t"]):
+        series = processes.setdefault(sample["process"], Series())
+        series.t_s.append(sample["t"] - origin)
+        series.cpu_percent.append(sample["cpu_percent"])
+        series.rss_mib.append(sample["rss_bytes"] / MIB)
+        series.rss_anon_mib.append(sample["rss_anon_bytes"] / MIB)
+    return {name: processes[name] for name in sorted(processes, key=lambda n: (n != SERVER, n))}
+
+
+def _bars(by_kind: dict[str, list[dict[str, Any]]], origin: float) -> list[Bar]:
+    """Bars placed by the records' start times (records written before they had one are left out)."""
+    bars = []
+    for record in by_kind["site"]:
+        if "started_s" not in record:
+            continue
+        start = record["started_s"] - origin
+        for phase in ("download", "train", "upload"):
+            bars.append(Bar(record["site"], record["round"], phase, start, record[f"{phase}_s"]))
+            start += record[f"{phase}_s"]
+    for record in by_kind["round"]:
+        if "started_s" in record:
+            start = record["started_s"] - origin + record["round_s"] - record["aggregate_s"]
+            bars.append(Bar(SERVER, record["round"], "aggregate", start, record["aggregate_s"]))
+    return bars
+
+
+def write_figures(report: Report, out_dir: Path) -> list[Path]:
+    """Draw cpu.png, memory.png and timeline.png into `out_dir`; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawings = (_cpu_figure, _memory_figure, _timeline_figure)
+    paths = []
+    for name, draw in zip(FIGURES, drawings):
+        draw(report).savefig(out_dir / name, dpi=100)
+        paths.append(out_dir / name)
+    return paths
+
+
+def _title(report: Report, what: str) -> str:
+    return f"{what} - job {report.job.get('id', '?')} ({report.job.get('name', '?')})"
+
+
+def _cpu_figure(report: Report) -> Figure:
+    figure = Figure(figsize=(9, 4), layout="constrained")
+    axes = figure.subplots()
+    for process, series in report.processes.items():
+        # each reading covers the second before it: steps, not slopes
+        axes.plot(series.t_s, series.cpu_percent, label=process, linewidth=1.2, drawstyle="steps-pre")
+    axes.set(title=_title(report, "CPU per process"), xlabel="seconds from job start",
+             ylabel="CPU % (100 = one core)")
+    axes.set_ylim(bottom=0)
+    _finish(axes, report)
+    return figure
+
+
+def _memory_figure(report: Report) -> Figure:
+    figure = Figure(figsize=(9, 6), layout="constrained")
+    rss, anon = figure.subplots(2, 1, sharex=True)
+    for process, series in report.processes.items():
+        rss.plot(series.t_s, series.rss_mib, label=process, linewidth=1.2, marker=".", markersize=3)
+        anon.plot(series.t_s, series.rss_anon_mib, label=process, linewidth=1.2, marker=".", markersize=3)
+    rss.set(title=_title(report, "Memory per process"), ylabel="RSS MiB (with mapped model pages)")
+    anon.set(xlabel="seconds from job start", ylabel="RssAnon MiB (anonymous)")
+    for axes in (rss, anon):
+        axes.set_ylim(bottom=0)
+        _finish(axes, report)
+    return figure
+
+
+def _finish(axes: Axes, report: Report) -> None:
+    axes.set_xlim(left=0)
+    axes.grid(alpha=0.3)
+    if report.processes:
+        axes.legend(loc="upper left", fontsize="small")
+
+
+def _timeline_figure(report: Report) -> Figure:
+    rows = sorted({SERVER, *(bar.row for bar in report.bars)}, key=lambda n: (n == SERVER, n))  # sites, server
+    figure = Figure(figsize=(9, 1.2 + 0.6 * len(rows)), layout="constrained")
+    axes = figure.subplots()
+    for bar in report.bars:
+        axes.barh(rows.index(bar.row), bar.duration_s, left=bar.start_s, height=0.6, color=PHASES[bar.phase])
+    for record in report.rounds:
+        if "started_s" in record:
+            start = record["started_s"] - report.origin_s
+            axes.axvline(start, color="grey", linestyle=":", linewidth=1)
+            axes.annotate(f"round {record['round']}", (start, 0), xycoords=("data", "axes fraction"),
+                          xytext=(2, 2), textcoords="offset points", fontsize="small", color="grey")
+    axes.set_yticks(range(len(rows)), rows)
+    axes.invert_yaxis()
+    axes.set(title=_title(report, "Rounds"), xlabel="seconds from job start")
+    axes.set_xlim(left=0)
+    axes.grid(axis="x", alpha=0.3)
+    figure.legend(handles=[Patch(color=color, label=phase) for phase, color in PHASES.items()],
+                  loc="outside lower center", fontsize="small", ncols=len(PHASES))
+    return figure
+
+
+def round_table(report: Report) -> Table:
+    """Per round and site: phase seconds, transfer rates, re-sent bytes and the site's training metrics."""
+    numbers = [Column(name, justify="right") for name in
+               ("down s", "train s", "up s", "down MB/s", "up MB/s", "re-sent MiB")]
+    table = Table("round", "site", *numbers, "metrics", title="rounds (per site)")
+    for record in report.sites:
+        down, up = record.get("download", {}), record.get("upload", {})
+        resent = down.get("bytes_resent", 0) + up.get("bytes_resent", 0)
+        metrics = "\n".join(f"{key}={value:.4g}" for key, value in record.get("metrics", {}).items())
+        table.add_row(str(record["round"]), record["site"], f"{record['download_s']:.2f}", f"{record['train_s']:.2f}",
+                      f"{record['upload_s']:.2f}", f"{down.get('mb_per_s', 0):.0f}", f"{up.get('mb_per_s', 0):.0f}",
+                      f"{resent / MIB:.1f}", metrics)
+    return table
+
+
+def process_table(report: Report) -> Table:
+    """Per process: samples, mean CPU, peak RSS and peak RssAnon."""
+    table = Table("process", "samples", "mean CPU %", "peak RSS MiB", "peak RssAnon MiB", title="processes")
+    for process, series in report.processes.items():
+        table.add_row(process, str(len(series.t_s)), f"{sum(series.cpu_percent) / len(series.cpu_percent):.0f}",
+                      f"{max(series.rss_mib):.0f}", f"{max(series.rss_anon_mib):.0f}")
+    return table

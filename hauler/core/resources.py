@@ -1,0 +1,69 @@
+"""A process's CPU and memory, read one way everywhere: psutil for CPU and RSS, /proc for RssAnon.
+
+RssAnon (anonymous resident memory) is what makes a machine swap; RSS also counts the
+file pages of memory-mapped models, which the kernel may drop and re-read at will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import psutil
+from pydantic import BaseModel, ConfigDict, Field
+
+SAMPLE_INTERVAL_S = 1.0
+
+
+def rss_anon_bytes(pid: int | None = None) -> int:
+    """Anonymous resident memory of a process (this one if `pid` is None), from /proc/PID/status."""
+    with open(f"/proc/{'self' if pid is None else pid}/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class ResourceSample(BaseModel):
+    """One reading of a process: unix time, CPU percent since the previous reading (100 = one core),
+    resident and anonymous resident bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    t: float
+    cpu_percent: float = Field(ge=0)
+    rss_bytes: int = Field(ge=0)
+    rss_anon_bytes: int = Field(ge=0)
+
+    def record(self, process: str) -> dict[str, object]:
+        """The job metrics record of this sample, taken in `process` (`server` or a site's name)."""
+        return {"kind": "resources", "process": process, **self.model_dump()}
+
+
+class ProcessMeter:
+    """Reads this process every SAMPLE_INTERVAL_S; its CPU percent covers the time since the last reading."""
+
+    def __init__(self, interval_s: float = SAMPLE_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # the first call only starts the CPU clock
+        self._next = time.monotonic() + interval_s
+
+    def read(self) -> ResourceSample:
+        return ResourceSample(t=round(time.time(), 3), cpu_percent=self._process.cpu_percent(None),
+                              rss_bytes=self._process.memory_info().rss, rss_anon_bytes=rss_anon_bytes())
+
+    async def collect(self, duration_s: float) -> list[ResourceSample]:
+        """Read on every interval tick falling in the next `duration_s` seconds; returns those readings.
+
+        Ticks keep their pace across calls, so sampling stays every interval whatever `duration_s` is."""
+        end = time.monotonic() + duration_s
+        samples = []
+        while (now := time.monotonic()) < end:
+            if now >= self._next:
+                samples.append(self.read())
+                self._next += self.interval_s
+                if self._next <= now:  # fell behind (a busy loop): the next tick is one interval away
+                    self._next = now + self.interval_s
+            await asyncio.sleep(max(0.0, min(self._next, end) - now))
+        return samples

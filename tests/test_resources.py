@@ -1,0 +1,82 @@
+"""A process's own CPU and memory readings: RssAnon follows anonymous memory that is touched,
+CPU follows work, the meter samples on its own pace, and the server's recorder puts samples
+into the metrics of the jobs their processes take part in."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import time
+
+from hauler.core.events import read_json_lines
+from hauler.core.resources import ProcessMeter, ResourceSample, rss_anon_bytes
+from hauler.server.resources import ResourceRecorder
+from hauler.server.sites import SiteRegistry, SiteSession
+
+MIB = 1 << 20
+
+
+def test_rss_anon_grows_when_anonymous_memory_is_touched_and_shrinks_when_freed():
+    before = rss_anon_bytes()
+    block = mmap.mmap(-1, 64 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # not resident until touched
+    assert rss_anon_bytes() - before < 16 * MIB
+    for offset in range(0, 64 * MIB, mmap.PAGESIZE):
+        block[offset] = 1
+    touched = rss_anon_bytes()
+    assert touched - before >= 60 * MIB
+    block.close()
+    assert touched - rss_anon_bytes() >= 60 * MIB
+
+
+def test_meter_reads_this_process():
+    meter = ProcessMeter()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn CPU so the next reading sees it
+        pass
+    sample = meter.read()
+    assert abs(sample.t - time.time()) < 5
+    assert sample.cpu_percent > 10
+    assert sample.rss_bytes >= sample.rss_anon_bytes > 0
+    assert sample.record("site-1") == {"kind": "resources", "process": "site-1", **sample.model_dump()}
+
+
+def test_collect_samples_every_interval_across_calls():
+    meter = ProcessMeter(interval_s=0.1)
+
+    async def collect() -> list[list[ResourceSample]]:
+        return [await meter.collect(0.25) for _ in range(4)]  # 1 s in all, in pieces off the tick
+
+    batches = asyncio.run(collect())
+    times = [sample.t for batch in batches for sample in batch]
+    assert 8 <= len(times) <= 10, times
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert all(0.05 < gap < 0.2 for gap in gaps), gaps
+
+
+def sample_at(t: float) -> ResourceSample:
+    return ResourceSample(t=t, cpu_percent=1.0, rss_bytes=2048, rss_anon_bytes=1024)
+
+
+async def test_recorder_keeps_the_job_s_processes_within_its_span_once_and_late_samples_within_grace(tmp_path):
+    sites = SiteRegistry()
+    in_job, other = SiteSession("site-1", stream=None), SiteSession("site-2", stream=None)
+    await sites.join(in_job)
+    await sites.join(other)
+    recorder = ResourceRecorder(sites, grace_s=0.3)
+    metrics = tmp_path / "metrics.jsonl"
+    recorder.open("job", metrics)
+    in_job.deployed_jobs.add("job")
+    during = time.time()
+    recorder.record("site-1", [sample_at(during - 60), sample_at(during)])  # the first is from before the job
+    recorder.record("site-2", [sample_at(during)])  # not part of the job
+    recorder.record("server", [sample_at(during)])
+    recorder.record("server", [sample_at(during), *(sample_at(during + k / 1000) for k in range(100))])  # replayed
+    await asyncio.sleep(0.6)  # a second sample of site-1 comes at least MIN_SPACING_S after its first
+    before_end = time.time()
+    recorder.close("job")
+    in_job.deployed_jobs.discard("job")  # the job ended on the site too
+    recorder.record("site-1", [sample_at(before_end), sample_at(time.time() + 1)])  # late; the second after the end
+    await asyncio.sleep(0.5)
+    recorder.record("site-1", [sample_at(before_end)])  # later than the grace: the metrics are closed
+    assert [(r["process"], r["t"]) for r in read_json_lines(metrics)] == [
+        ("site-1", during), ("server", during), ("site-1", before_end)]
