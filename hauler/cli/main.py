@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from hauler.cli import jobs, poc, provision
 from hauler.cli.common import DEBUG, fail
@@ -48,11 +49,17 @@ def server(config: Config) -> None:
 @app.command()
 def client(config: Config) -> None:
     """Run a site in the foreground."""
+    from hauler.cli.progress import TransferBars
     from hauler.client import Site
 
     try:
         settings = load_toml(SiteConfig, config)
-        _run_until_signal(Site(settings).run())
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            _run_until_signal(Site(settings).run())
+            return
+        with TransferBars(console) as bars:
+            _run_until_signal(Site(settings, track=bars.track).run())
     except HaulerError as error:
         fail(error)
 

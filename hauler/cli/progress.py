@@ -1,8 +1,9 @@
-"""Live job progress from the job's events: rich bars on a terminal, plain lines elsewhere."""
+"""Live progress: a job's events for `submit --wait` (rich bars on a terminal, plain lines
+elsewhere), and a site's own transfers in its console (bars on a terminal, nothing elsewhere)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from rich.console import Console
@@ -16,6 +17,33 @@ from rich.progress import (
 )
 
 
+COLUMNS = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+           TimeRemainingColumn())
+KEPT_BARS = 4  # finished bars a site's console keeps on screen
+
+
+class TransferBars:
+    """A site's downloads and uploads as progress bars (bytes, MB/s, ETA); use as a context manager."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(*COLUMNS, console=console)
+
+    def __enter__(self) -> TransferBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def track(self, what: str, total: int) -> Callable[[int], None]:
+        """A new bar; the returned function advances it by the bytes it is given."""
+        finished = [task.id for task in self.progress.tasks if task.finished]
+        for task_id in finished[:-KEPT_BARS] if len(finished) > KEPT_BARS else []:
+            self.progress.remove_task(task_id)
+        task_id = self.progress.add_task(what, total=total)
+        return lambda nbytes: self.progress.advance(task_id, nbytes)
+
+
 async def follow(events: AsyncIterator[dict[str, Any]], console: Console) -> dict[str, Any]:
     """Show events until the job ends; returns the final event."""
     last: dict[str, Any] = {}
@@ -25,9 +53,7 @@ async def follow(events: AsyncIterator[dict[str, Any]], console: Console) -> dic
             if event["event"] != "transfer.progress":
                 console.print(_describe(event), highlight=False)
         return last
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*COLUMNS, console=console, transient=False) as progress:
         bars: dict[tuple, Any] = {}
         async for event in events:
             last = event

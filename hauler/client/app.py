@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from hauler.client.trainer import Trainer, trainer_for
@@ -47,10 +47,18 @@ from hauler.transport import (
 log = logging.getLogger("hauler.client")
 MAX_PACKAGE_BYTES = 64 << 20
 
+TrackTransfer = Callable[[str, int], Callable[[int], None]]  # (what, total bytes) -> called with bytes moved
+
+
+def untracked(what: str, total: int) -> Callable[[int], None]:
+    return lambda nbytes: None
+
 
 class Site:
-    def __init__(self, config: SiteConfig) -> None:
+    def __init__(self, config: SiteConfig, *, track: TrackTransfer = untracked) -> None:
+        """`track` is told about every download and upload, e.g. to draw progress bars."""
         self.config = config
+        self.track = track
         self.name = config.name
         self.jobs_dir = config.workspace / "jobs"
         self._trainers: dict[str, Trainer] = {}
@@ -176,7 +184,8 @@ class Site:
                            f"max_model_gib = {self.config.max_model_gib:g}")
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
         await fetch_model(self._data_address, task.download, ReceiveLedger(ChunkPlan(manifest), task.lanes), model,
-                          timeouts=self.config.timeouts)
+                          timeouts=self.config.timeouts,
+                          on_progress=self.track(f"job {task.job_id} round {task.round} download", manifest.total_bytes))
         output = await trainer.train({"type": "task", "task_id": task.task_id, "job_id": task.job_id,
                                       "site": self.name, "round": task.round, "config": trainer.executor.config,
                                       "workdir": str(trainer.workdir)}, model)
@@ -190,9 +199,9 @@ class Site:
         """Send a task's trained model from the site's file (the server may ask more than once)."""
         if message.task_id not in self._results:
             raise JobError(f"no result of task {message.task_id} to upload")
-        _, manifest, source = self._results[message.task_id]
+        job_id, manifest, source = self._results[message.task_id]
         await push_model(self._data_address, message.upload, manifest, source, message.lanes,
-                         timeouts=self.config.timeouts)
+                         timeouts=self.config.timeouts, on_progress=self.track(f"job {job_id} upload", manifest.total_bytes))
 
     @property
     def _data_address(self) -> DataAddress:

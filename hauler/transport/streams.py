@@ -238,7 +238,7 @@ async def fetch_model(address: DataAddress, transfer_id: str, ledger: ReceiveLed
 
 
 async def push_model(address: DataAddress, transfer_id: str, manifest: Manifest, source: ChunkSource, lanes: int, *,
-                     timeouts: Timeouts) -> list[WindowStatistics]:
+                     timeouts: Timeouts, on_progress: Progress = _no_progress) -> list[WindowStatistics]:
     """Send a transfer on `lanes` connections, each reconnecting and resuming from its acknowledgements."""
     plan = ChunkPlan(manifest)
     windows = [SendWindow(plan, address.policy.window_chunks, seqs) for seqs in plan.lanes(lanes)]
@@ -246,7 +246,7 @@ async def push_model(address: DataAddress, transfer_id: str, manifest: Manifest,
     async def lane(index: int) -> None:
         async with _lane_connection(address, transfer_id, index) as connection:
             await send_model(connection, manifest, source, window=windows[index],
-                             window_chunks=address.policy.window_chunks, timeouts=timeouts)
+                             window_chunks=address.policy.window_chunks, timeouts=timeouts, on_progress=on_progress)
 
     await _all_lanes(lane, len(windows), address.policy, f"sending transfer {transfer_id[:8]}")
     return [window.statistics() for window in windows]
