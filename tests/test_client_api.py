@@ -4,7 +4,12 @@ scripts that fail."""
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +150,26 @@ def test_failing_script_fails_the_job_with_its_reason_and_the_site_lives(poc, tm
     errors = [event["error"] for event in read_jsonl(server_job / "events.jsonl") if event["event"] == "site.failed"]
     assert errors and all(reason in error for error in errors), errors
     assert [role for role, pid in poc[1].items() if process_gone(pid)] == []
+
+
+PYTORCH_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-pytorch"
+
+
+def test_hello_pytorch_learns_in_two_rounds(poc, tmp_path):
+    """The example on two sites for two short rounds: the global model gets better, and the
+    downloaded final model is better still (checked by the example's own baseline.py)."""
+    job = tmp_path / "hello-pytorch"
+    shutil.copytree(PYTORCH_EXAMPLE, job, ignore=shutil.ignore_patterns("__pycache__"))
+    config = tomllib.loads((job / "job.toml").read_text())
+    config["workflow"].update(num_rounds=2, min_clients=2)
+    config["executor"]["config"].update(sites=2, epochs=1)
+    (job / "job.toml").write_text(tomli_w.dumps(config))
+    job_id, server_job = run(poc, job)
+    sites = [row for row in read_jsonl(server_job / "metrics.jsonl") if row["kind"] == "site"]
+    start = {row["round"]: row["metrics"]["global_accuracy"] for row in sites}  # the same model on every site
+    assert start[0] < 0.3 and start[1] > start[0] + 0.3, start
+    ok(hauler("jobs", "download", job_id, "-o", tmp_path / "out", "--workspace", poc[0]))
+    evaluated = subprocess.run([sys.executable, "baseline.py", str(tmp_path / "out" / "global.safetensors")],
+                               cwd=job, capture_output=True, text=True, timeout=120, check=True)
+    final = float(re.search(r"test accuracy ([0-9.]+)", evaluated.stdout).group(1))
+    assert final > start[1], (final, start)
