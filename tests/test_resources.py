@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+import subprocess
+import sys
 import time
 
 from hauler.core.events import read_json_lines
@@ -80,3 +82,18 @@ async def test_recorder_keeps_the_job_s_processes_within_its_span_once_and_late_
     recorder.record("site-1", [sample_at(before_end)])  # later than the grace: the metrics are closed
     assert [(r["process"], r["t"]) for r in read_json_lines(metrics)] == [
         ("site-1", during), ("server", during), ("site-1", before_end)]
+
+
+def test_a_meter_of_children_adds_up_the_processes_it_started():
+    """A site's samples include its training code run as child processes."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nblock = bytearray(200 << 20)\n"
+                              "block[::4096] = b'x' * len(block[::4096])\nprint('ready', flush=True)\ntime.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        with_children, alone = ProcessMeter(children=True).read(), ProcessMeter().read()
+        assert with_children.rss_anon_bytes - alone.rss_anon_bytes > 150 << 20
+    finally:
+        child.kill()
+        child.wait()
+    assert ProcessMeter(children=True).read().rss_anon_bytes < alone.rss_anon_bytes + (50 << 20)  # gone with it

@@ -106,7 +106,7 @@ class Site:
             await channel.close()
 
     async def _heartbeats(self, stream: MessageStream) -> None:
-        meter = ProcessMeter()  # the site's CPU and memory, sampled every second, travel with its heartbeats
+        meter = ProcessMeter(children=True)  # the site and its training children, every second, sent with heartbeats
         while True:
             samples = await meter.collect(self.config.timeouts.heartbeat_interval)
             await stream.send(dump(Heartbeat(resources=samples[-MAX_HEARTBEAT_SAMPLES:])))
@@ -185,7 +185,8 @@ class Site:
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
         await fetch_model(self._data_address, task.download, ReceiveLedger(ChunkPlan(manifest), task.lanes), model,
                           timeouts=self.config.timeouts,
-                          on_progress=self.track(f"job {task.job_id} round {task.round} download", manifest.total_bytes))
+                          on_progress=self.track(f"job {task.job_id} round {task.round} download",
+                                                 manifest.total_bytes))
         output = await trainer.train({"type": "task", "task_id": task.task_id, "job_id": task.job_id,
                                       "site": self.name, "round": task.round, "config": trainer.executor.config,
                                       "workdir": str(trainer.workdir)}, model)
@@ -201,7 +202,8 @@ class Site:
             raise JobError(f"no result of task {message.task_id} to upload")
         job_id, manifest, source = self._results[message.task_id]
         await push_model(self._data_address, message.upload, manifest, source, message.lanes,
-                         timeouts=self.config.timeouts, on_progress=self.track(f"job {job_id} upload", manifest.total_bytes))
+                         timeouts=self.config.timeouts,
+                         on_progress=self.track(f"job {job_id} upload", manifest.total_bytes))
 
     @property
     def _data_address(self) -> DataAddress:

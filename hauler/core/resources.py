@@ -41,17 +41,42 @@ class ResourceSample(BaseModel):
 
 
 class ProcessMeter:
-    """Reads this process every SAMPLE_INTERVAL_S; its CPU percent covers the time since the last reading."""
+    """Reads this process every SAMPLE_INTERVAL_S; its CPU percent covers the time since the last reading.
 
-    def __init__(self, interval_s: float = SAMPLE_INTERVAL_S) -> None:
+    With `children`, a reading also adds up the processes this one started (a site's training
+    code run as child processes), so a site's figures show everything it runs."""
+
+    def __init__(self, interval_s: float = SAMPLE_INTERVAL_S, *, children: bool = False) -> None:
         self.interval_s = interval_s
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # the first call only starts the CPU clock
+        self._children: dict[int, psutil.Process] | None = {} if children else None
         self._next = time.monotonic() + interval_s
 
     def read(self) -> ResourceSample:
-        return ResourceSample(t=round(time.time(), 3), cpu_percent=self._process.cpu_percent(None),
-                              rss_bytes=self._process.memory_info().rss, rss_anon_bytes=rss_anon_bytes())
+        processes = [self._process, *self._current_children()]
+        cpu = rss = anon = 0.0
+        for process in processes:
+            try:
+                cpu += process.cpu_percent(None)
+                rss += process.memory_info().rss
+                anon += rss_anon_bytes(process.pid)
+            except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
+                continue  # a child that just ended
+        return ResourceSample(t=round(time.time(), 3), cpu_percent=cpu, rss_bytes=int(rss), rss_anon_bytes=int(anon))
+
+    def _current_children(self) -> list[psutil.Process]:
+        """Children alive now; one kept Process object each, so their CPU clocks run between readings."""
+        if self._children is None:
+            return []
+        alive = {child.pid: child for child in self._process.children(recursive=True)}
+        for pid in set(self._children) - set(alive):
+            del self._children[pid]
+        for pid, child in alive.items():
+            if pid not in self._children:
+                child.cpu_percent(None)  # starts its clock: its first reading counts from now
+                self._children[pid] = child
+        return list(self._children.values())
 
     async def collect(self, duration_s: float) -> list[ResourceSample]:
         """Read on every interval tick falling in the next `duration_s` seconds; returns those readings.
