@@ -16,15 +16,13 @@ class SiteSession:
     def __init__(self, name: str, stream: MessageStream) -> None:
         self.name = name
         self._stream = stream
-        self._send_lock = asyncio.Lock()
         self.connected_s = time.time()
         self.deployed_jobs: set[str] = set()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._results: dict[str, asyncio.Future[ResultReady]] = {}
 
     async def send(self, message: object) -> None:
-        async with self._send_lock:
-            await self._stream.send(dump(message))  # type: ignore[arg-type]
+        await self._stream.send(dump(message))  # type: ignore[arg-type]
 
     def expect_result(self, task_id: str) -> asyncio.Future[ResultReady]:
         future = asyncio.get_running_loop().create_future()

@@ -94,12 +94,37 @@ class MessageStream(Protocol):
     async def receive(self) -> Message | None: ...
 
 
+class _Writes:
+    """A stream's writes, one at a time, each run to its end even if the task that asked for it
+    is cancelled meanwhile. grpc.aio cancels the whole call when a write is interrupted, so a
+    site task aborted while reporting its result used to end the site's session."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    async def run(self, write: Callable[[], Awaitable[None]]) -> None:
+        async def one_at_a_time() -> None:
+            async with self._lock:
+                await write()
+
+        done = asyncio.ensure_future(one_at_a_time())
+        done.add_done_callback(_retrieve)
+        await asyncio.shield(done)
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark a write's failure as seen: it matters only to a caller still waiting, which gets it."""
+    if not task.cancelled():
+        task.exception()
+
+
 class _ServerStream:
     def __init__(self, context: aio.ServicerContext) -> None:
         self._context = context
+        self._writes = _Writes()
 
     async def send(self, message: Message) -> None:
-        await self._context.write(message)
+        await self._writes.run(lambda: self._context.write(message))
 
     async def receive(self) -> Message | None:
         message = await self._context.read()
@@ -169,22 +194,14 @@ def _status(error: HaulerError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _unless_we_were_cancelled() -> None:
-    """Re-raise a CancelledError meant for this task. grpc.aio also raises CancelledError when
-    it cancels a call itself (seen here, rarely, once a site's child process has exited): that is
-    a lost connection, to reconnect from, not a reason for the whole site to stop."""
-    task = asyncio.current_task()
-    if task is None or task.cancelling():
-        raise asyncio.CancelledError
-
-
 class _ClientStream:
     def __init__(self, call: Any) -> None:
         self._call = call
+        self._writes = _Writes()
 
     async def send(self, message: Message) -> None:
         try:
-            await self._call.write(message)
+            await self._writes.run(lambda: self._call.write(message))
         except grpc.RpcError as error:
             raise map_rpc_error(error, "control stream") from None
         except aio.UsageError:
@@ -195,9 +212,6 @@ class _ClientStream:
             message = await self._call.read()
         except grpc.RpcError as error:
             raise map_rpc_error(error, "control stream") from None
-        except asyncio.CancelledError:
-            _unless_we_were_cancelled()
-            raise ConnectionLost("the control stream was cancelled under us; reconnecting") from None
         return None if message is aio.EOF else message
 
     def cancel(self) -> None:
