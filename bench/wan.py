@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomli_w
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -44,6 +43,7 @@ from bench.e2e import INCREMENT, write_job
 from bench.netem import LinkSpec, Topology
 from hauler.core.config import DataPlane, Timeouts, parse
 from hauler.core.events import read_json_lines
+from hauler.admin.poc import amend_config
 from hauler.core.package import load_job_module
 from hauler.security import provision
 from hauler.server.rounds import RoundStore
@@ -73,6 +73,7 @@ class Settings:
     dataplane: dict[str, Any]
     job_timeout_s: float
     keep: bool
+    plaintext: bool = False
 
     @property
     def array_bytes(self) -> int:
@@ -92,6 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--job-timeout", type=float, default=900.0, help="give up on a job after this many s")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep kits, workspaces and logs afterwards")
+    parser.add_argument("--plaintext", action="store_true", help="no TLS, to measure what it costs")
     return parser.parse_args(argv)
 
 
@@ -114,8 +116,10 @@ def scaled_timeouts(scale: float) -> dict[str, float]:
     return {name: getattr(defaults, name) * scale for name in SILENCE_TIMEOUTS}
 
 
-def write_kits(folder: Path, sites: list[str], timeouts: dict[str, float], dataplane: dict[str, Any]) -> Path:
-    """Provision a project served at netem.SERVER_ADDRESS; every config gets TIMEOUTS, roles DATAPLANE."""
+def write_kits(folder: Path, sites: list[str], timeouts: dict[str, float], dataplane: dict[str, Any],
+               plaintext: bool = False) -> Path:
+    """Provision a project served at netem.SERVER_ADDRESS; every config gets TIMEOUTS, roles DATAPLANE
+    (`plaintext` drops TLS, to measure what it costs)."""
     project = {"name": "wan",
                "server": {"host": netem.SERVER_ADDRESS, "control_port": CONTROL_PORT, "data_port": DATA_PORT},
                "sites": [{"name": site, "org": "wan"} for site in sites],
@@ -124,13 +128,10 @@ def write_kits(folder: Path, sites: list[str], timeouts: dict[str, float], datap
     kits = folder / "kits"
     provision(folder / "project.yml", kits)
     for config in [kits / "server" / "server.toml", *(kits / site / "site.toml" for site in sites)]:
-        _amend(config, {"timeouts": timeouts, **({"dataplane": dataplane} if dataplane else {})})
-    _amend(kits / ADMIN / "admin.toml", {"timeouts": timeouts})
+        amend_config(config, {"timeouts": timeouts, **({"dataplane": dataplane} if dataplane else {})},
+                     drop_tls=plaintext)
+    amend_config(kits / ADMIN / "admin.toml", {"timeouts": timeouts}, drop_tls=plaintext)
     return kits
-
-
-def _amend(config: Path, values: dict[str, Any]) -> None:
-    config.write_text(tomli_w.dumps({**tomllib.loads(config.read_text()), **values}))
 
 
 def hauler(*arguments: str) -> list[str]:
@@ -247,7 +248,7 @@ def federated_run(links: dict[str, LinkSpec], settings: Settings, label: str, ti
     """Provision, start a server and one site per link in namespaces, run hello-numpy, read its metrics."""
     folder = Path(tempfile.mkdtemp(prefix="hauler-wan-"))
     timeouts = scaled_timeouts(timeout_scale)
-    kits = write_kits(folder, list(links), timeouts, settings.dataplane)
+    kits = write_kits(folder, list(links), timeouts, settings.dataplane, settings.plaintext)
     job_dir = write_job(folder, arrays=settings.arrays, array_bytes=settings.array_bytes, rounds=settings.rounds,
                         sites=len(links))
     console.print(f"[bold]{label}[/]: {settings.array_bytes * settings.arrays / 2**20:.0f} MiB model, "
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = Settings(model_mib=args.model_mib or DEFAULT_MODEL_MIB[args.scenario], arrays=args.arrays,
                         rounds=args.rounds,
-                        dataplane=dataplane_settings(args.dataplane), job_timeout_s=args.job_timeout, keep=args.keep)
+                        dataplane=dataplane_settings(args.dataplane), job_timeout_s=args.job_timeout, keep=args.keep, plaintext=args.plaintext)
     if args.scenario == "seed":
         result = seed(settings)
     else:

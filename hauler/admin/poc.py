@@ -60,12 +60,13 @@ def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: in
     # with 1, 0.45 with 4); the parallel lanes real deployments default to are for long links.
     dataplane = {"connections": 1, **(dataplane or {})}
     for config in [*workspace.glob("server/server.toml"), *workspace.glob("site-*/site.toml")]:
-        _amend(config, {"workspace": ".", **extra, "dataplane": dataplane}, drop_tls=plaintext)
-    _amend(workspace / "admin" / "admin.toml", extra, drop_tls=plaintext)
+        amend_config(config, {"workspace": ".", **extra, "dataplane": dataplane}, drop_tls=plaintext)
+    amend_config(workspace / "admin" / "admin.toml", extra, drop_tls=plaintext)
     return kits
 
 
-def _amend(config: Path, values: dict, *, drop_tls: bool) -> None:
+def amend_config(config: Path, values: dict, *, drop_tls: bool = False) -> None:
+    """Merge top-level `values` into a TOML config; `drop_tls` removes its [tls] (measuring only)."""
     data = {**tomllib.loads(config.read_text()), **values}
     if drop_tls:
         data.pop("tls", None)
