@@ -167,17 +167,29 @@ def _timeline_figure(report: Report) -> Figure:
 
 
 def round_table(report: Report) -> Table:
-    """Per round and site: phase seconds, transfer rates, re-sent bytes and the site's training metrics."""
+    """Per round and site: phase seconds, transfer rates and re-sent bytes."""
     numbers = [Column(name, justify="right") for name in
                ("down s", "train s", "up s", "down MB/s", "up MB/s", "re-sent MiB")]
-    table = Table("round", "site", *numbers, "metrics", title="rounds (per site)")
+    table = Table("round", "site", *numbers, title="rounds (per site)")
     for record in report.sites:
         down, up = record.get("download", {}), record.get("upload", {})
         resent = down.get("bytes_resent", 0) + up.get("bytes_resent", 0)
-        metrics = "\n".join(f"{key}={value:.4g}" for key, value in record.get("metrics", {}).items())
         table.add_row(str(record["round"]), record["site"], f"{record['download_s']:.2f}", f"{record['train_s']:.2f}",
                       f"{record['upload_s']:.2f}", f"{down.get('mb_per_s', 0):.0f}", f"{up.get('mb_per_s', 0):.0f}",
-                      f"{resent / MIB:.1f}", metrics)
+                      f"{resent / MIB:.1f}")
+    return table
+
+
+def metrics_table(report: Report) -> Table | None:
+    """Per round and site, the training metrics the site reported (a column each); None if there are none."""
+    names = sorted({name for record in report.sites for name in record.get("metrics", {})})
+    if not names:
+        return None
+    table = Table("round", "site", *(Column(name, justify="right") for name in names), title="training metrics")
+    for record in report.sites:
+        values = record.get("metrics", {})
+        table.add_row(str(record["round"]), record["site"],
+                      *(f"{values[name]:.4g}" if name in values else "" for name in names))
     return table
 
 

@@ -101,7 +101,7 @@ def report(
     admin_config: AdminConfigOption = None,
 ) -> None:
     """Figures of a job (CPU, memory, round timeline) and a summary of its rounds and processes."""
-    from hauler.admin.report import build_report, process_table, round_table, write_figures
+    from hauler.admin.report import build_report, metrics_table, process_table, round_table, write_figures
 
     config = resolve_admin(workspace, admin_config)
 
@@ -111,8 +111,9 @@ def report(
 
     job, records = run(go())
     summary = build_report(job, records)
-    console.print(round_table(summary))
-    console.print(process_table(summary))
+    for table in (round_table(summary), metrics_table(summary), process_table(summary)):
+        if table is not None:
+            console.print(table)
     for path in write_figures(summary, out):
         console.print(f"wrote {path}")
     if tensorboard:
