@@ -132,6 +132,7 @@ class ProcessTrainer(Trainer):
 
     _process: asyncio.subprocess.Process
     _writer: asyncio.StreamWriter
+    _relay: asyncio.Task[None]
 
     @property
     def log_path(self) -> Path:
@@ -150,9 +151,9 @@ class ProcessTrainer(Trainer):
                 stdout=log, stderr=log, pass_fds=(theirs.fileno(),),
                 env={**os.environ, TRAINER_FD_VARIABLE: str(theirs.fileno())})
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
-        asyncio.get_running_loop().create_task(self._relay(reader, self._process, self._deliver(generation)))
+        self._relay = asyncio.create_task(self._pass_on(reader, self._process, self._deliver(generation)))
 
-    async def _relay(self, reader: asyncio.StreamReader, process: asyncio.subprocess.Process,
+    async def _pass_on(self, reader: asyncio.StreamReader, process: asyncio.subprocess.Process,
                      deliver: Callable[[dict[str, Any]], None]) -> None:
         """Pass the child's messages on; when it goes, say how it ended (the child says, or its exit code)."""
         exited = False
