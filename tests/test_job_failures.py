@@ -9,6 +9,7 @@ from helpers import (
     federation,
     hauler,
     hello_job,
+    ok,
     process_gone,
     read_jsonl,
     submitted_job_id,
@@ -58,3 +59,27 @@ def test_site_that_refuses_custom_code_fails_the_job_with_its_reason(tmp_path):
     _, events, site_alive = run_failing_job(tmp_path, job, site_settings={"allow_custom_code": False})
     assert any("refuses jobs that carry custom code" in error for error in site_failures(events)), site_failures(events)
     assert site_alive
+
+
+def test_broken_model_code_fails_the_job_and_the_server_lives(tmp_path):
+    job = hello_job(tmp_path, rounds=1, min_clients=1, arrays=1, array_bytes=4000)
+    with open(job / "model.py", "a") as source:
+        source.write('\n\ndef layout(config):\n    raise RuntimeError("bug in the model code")\n')
+    with federation(tmp_path / "poc", sites=1) as pids:
+        result = hauler("submit", job, "--workspace", tmp_path / "poc", "--wait")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "building the initial model with model.py failed: RuntimeError: bug in the model code" in result.stdout
+        assert not process_gone(pids["server"])
+
+
+def test_the_server_builds_round_zero_in_a_child_process(tmp_path):
+    """The job's model code never runs in the server (its imports and memory stay out of it)."""
+    job = hello_job(tmp_path, rounds=1, min_clients=1, arrays=1, array_bytes=4000)
+    with open(job / "model.py", "a") as source:
+        source.write("\n\nimport os as _os, pathlib as _pathlib\n"
+                     "_pathlib.Path(__file__).with_name(f'imported-by-{_os.getpid()}').touch()\n")
+    with federation(tmp_path / "poc", sites=1) as pids:
+        result = ok(hauler("submit", job, "--workspace", tmp_path / "poc", "--wait"))
+        app = tmp_path / "poc" / "server" / "jobs" / submitted_job_id(result.stdout) / "app"
+        builders = [int(path.name.rsplit("-", 1)[1]) for path in app.glob("imported-by-*")]
+        assert builders and pids["server"] not in builders

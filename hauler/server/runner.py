@@ -8,8 +8,11 @@ round and site timings, and the CPU and memory samples of its processes, go to
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,8 +23,7 @@ from hauler.core.config import JobConfig, ServerConfig
 from hauler.core.errors import HaulerError, JobError
 from hauler.core.events import Event, EventBus, JsonLines, read_json_lines
 from hauler.core.messages import EndJob
-from hauler.core.package import load_job, load_job_module, unpack
-from hauler.model import Manifest
+from hauler.core.package import load_job, unpack
 from hauler.server.federation import JobFederation
 from hauler.server.jobstore import JobStatus, JobStore
 from hauler.server.resources import ResourceRecorder
@@ -137,24 +139,24 @@ class JobRunner:
         )
         try:
             bus.emit("job.started", job=job_id, name=job.name)
-            first_round = await asyncio.to_thread(self._initial_model, job_id, job, federation.rounds)
+            first_round = await self._initial_model(job_id, job, federation.rounds)
             await ScatterAndGather(job.workflow, job.sites).run(federation, first_round=first_round)
         finally:
             federation.close()
 
-    def _initial_model(self, job_id: str, job: JobConfig, rounds: RoundStore) -> int:
-        """Build round 0 from the job's model module, unless a restart finds intact rounds already."""
-        latest = rounds.latest_intact()
+    async def _initial_model(self, job_id: str, job: JobConfig, rounds: RoundStore) -> int:
+        """Build round 0 from the job's model module in a child process (`server/initial.py`),
+        unless a restart finds intact rounds already."""
+        latest = await asyncio.to_thread(rounds.latest_intact)
         if latest is not None:
             return latest
-        module = load_job_module(self.job_dir(job_id) / "app", job_id, job.model.module)
-        layout = module.layout(job.model.config)
-        manifest = Manifest.build([(name, dtype, tuple(shape)) for name, dtype, shape in layout],
-                                  self.config.dataplane.chunk_bytes)
-        with rounds.create(0, manifest) as model:
-            for name, array in model.arrays().items():
-                module.fill(name, array, job.model.config)
-            rounds.commit(0, model.compute_digests())
+        child = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "hauler.server.initial", str(self.job_dir(job_id)), job_id, job.model.module,
+            json.dumps(job.model.config), str(self.config.dataplane.chunk_bytes), str(self.config.keep_rounds)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if child.returncode != 0:
+            reason = child.stderr.decode(errors="replace").strip()[-2000:] or f"exit status {child.returncode}"
+            raise JobError(f"building the initial model with {job.model.module}.py failed: {reason}")
         return 0
 
     async def _end_on_sites(self, job_id: str) -> None:
