@@ -22,6 +22,7 @@ MIB = 1 << 20
 SERVER = "server"
 PHASES = {"download": "tab:blue", "train": "tab:green", "upload": "tab:orange", "aggregate": "tab:purple"}
 FIGURES = ("cpu.png", "memory.png", "timeline.png")
+LABEL_GAP = 0.08  # round labels on the timeline stay this share of its width apart
 
 
 @dataclass
@@ -150,11 +151,15 @@ def _timeline_figure(report: Report) -> Figure:
     axes = figure.subplots()
     for bar in report.bars:
         axes.barh(rows.index(bar.row), bar.duration_s, left=bar.start_s, height=0.6, color=PHASES[bar.phase])
-    for record in report.rounds:
-        if "started_s" in record:
-            start = record["started_s"] - report.origin_s
-            axes.axvline(start, color="grey", linestyle=":", linewidth=1)
-            axes.annotate(f"round {record['round']}", (start, 0), xycoords=("data", "axes fraction"),
+    starts = [(record["round"], record["started_s"] - report.origin_s) for record in report.rounds
+              if "started_s" in record]
+    span = max([bar.start_s + bar.duration_s for bar in report.bars] + [start for _, start in starts] + [1e-9])
+    labelled = -span
+    for round, start in starts:
+        axes.axvline(start, color="grey", linestyle=":", linewidth=1)
+        if start - labelled >= LABEL_GAP * span:  # a label only where it does not overprint the last one
+            labelled = start
+            axes.annotate(f"round {round}", (start, 0), xycoords=("data", "axes fraction"),
                           xytext=(2, 2), textcoords="offset points", fontsize="small", color="grey")
     axes.set_yticks(range(len(rows)), rows)
     axes.invert_yaxis()
