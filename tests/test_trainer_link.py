@@ -127,3 +127,21 @@ def test_torch_and_numpy_share_memory_for_every_dtype(tmp_path, name, dtype, sha
     assert (tensors[name].dtype == torch.bfloat16) == (arrays[name].dtype == ml_dtypes.bfloat16)
     del tensors, back, arrays
     model.close()
+
+
+def test_a_refused_delta_leaves_the_received_model_untouched(site):
+    site.offer(0)
+    received = site.link.receive()
+    before = {name: array.copy() for name, array in received.items()}
+    trained = {name: array + np.array(1).astype(array.dtype) for name, array in received.items()}
+    trained["steps"] = received["steps"]  # the last tensor was trained in place: refused, before any write
+    with pytest.raises(JobError, match="'steps' was trained in place"):
+        site.link.send(trained, delta=True)
+    for name, array in site.model.arrays().items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
+
+
+def test_metrics_must_be_numbers(site):
+    site.offer(0)
+    with pytest.raises(JobError, match="metrics must be numbers"):
+        site.link.send(site.link.receive(), metrics={"note": "fine"})

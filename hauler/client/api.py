@@ -120,7 +120,7 @@ class TrainerLink:
             raise JobError(f"weight must be positive, got {weight}")
         arrays = to_numpy(model)
         check_layout(self._model.manifest, arrays)
-        reported = {str(name): float(value) for name, value in (metrics or {}).items()}
+        reported = _numbers(metrics or {})
         source = self._place(arrays, delta)
         self.channel.put({"type": "result", "task_id": self._task["task_id"], "weight": float(weight),
                           "metrics": reported, "delta": delta, "source": source})
@@ -137,8 +137,10 @@ class TrainerLink:
         assert self._model is not None
         views = self._model.arrays()
         if delta:
+            for name, array in arrays.items():  # every check before the first write: all or nothing
+                _check_delta(name, array, views[name])
             for name, array in arrays.items():
-                _subtract_into(name, array, views[name])
+                _subtract_into(array, views[name])
             return None
         if self.in_process:
             return ArraySource(self._model.manifest, arrays)
@@ -157,13 +159,24 @@ class TrainerLink:
         return ModelFile.open(Path(task["model_path"]), writable=True, chunk_bytes=manifest.chunk_bytes)
 
 
-def _subtract_into(name: str, array: np.ndarray, received: np.ndarray) -> None:
-    """received <- array - received, in blocks, in the model file: the delta needs no new memory."""
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics as plain floats (numpy and torch scalars included); anything else is refused by name."""
+    try:
+        return {str(name): float(value) for name, value in metrics.items()}
+    except (TypeError, ValueError) as error:
+        raise JobError(f"metrics must be numbers: {error}") from None
+
+
+def _check_delta(name: str, array: np.ndarray, received: np.ndarray) -> None:
     if np.shares_memory(array, received):
         raise JobError(f"delta=True: {name!r} was trained in place in the received model, so the received "
                        "values are gone; train on a copy (e.g. load_state_dict) or send the full model")
     if array.dtype.kind == "b":
         raise JobError(f"delta=True: {name!r} is boolean, which has no difference; send the full model")
+
+
+def _subtract_into(array: np.ndarray, received: np.ndarray) -> None:
+    """received <- array - received, in blocks, in the model file: the delta needs no new memory."""
     flat, out = array.reshape(-1), received.reshape(-1)
     for start in range(0, flat.size, BLOCK_ELEMENTS):
         np.subtract(flat[start : start + BLOCK_ELEMENTS], out[start : start + BLOCK_ELEMENTS],
