@@ -9,6 +9,7 @@ again for the next task, so a script may also handle a single round and return.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import os
@@ -40,7 +41,7 @@ class TrainerResult:
     source: ArraySource | None  # None: send from the site's model file
 
 
-class Trainer:
+class Trainer(abc.ABC):
     """Runs a job's training code and hands it one task at a time."""
 
     def __init__(self, executor: ExecutorConfig, app_dir: Path, job_id: str, workdir: Path) -> None:
@@ -82,18 +83,21 @@ class Trainer:
     def _deliver(self, generation: int) -> Callable[[dict[str, Any]], None]:
         return lambda message: self._messages.put_nowait((generation, message))
 
+    @abc.abstractmethod
     def _task_message(self, task: dict[str, Any], model: ModelFile) -> dict[str, Any]:
-        raise NotImplementedError
+        """The task as the code receives it: where its model is."""
 
+    @abc.abstractmethod
     async def _start(self, generation: int) -> None:
-        raise NotImplementedError
+        """Start the code; its messages are delivered tagged with `generation`."""
 
+    @abc.abstractmethod
     async def _post(self, message: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Hand the running code a message."""
 
+    @abc.abstractmethod
     async def stop(self) -> None:
         """Tell the code the job has ended and let it finish."""
-        raise NotImplementedError
 
 
 class ThreadTrainer(Trainer):
