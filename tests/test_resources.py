@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from hauler.core.events import read_json_lines
+from hauler.core.events import JsonLines, read_json_lines
 from hauler.core.resources import ProcessMeter, ResourceSample, rss_anon_bytes
 from hauler.server.resources import ResourceRecorder
 from hauler.server.sites import SiteRegistry, SiteSession
@@ -66,7 +66,7 @@ async def test_recorder_keeps_the_job_s_processes_within_its_span_once_and_late_
     await sites.join(other)
     recorder = ResourceRecorder(sites, grace_s=0.3)
     metrics = tmp_path / "metrics.jsonl"
-    recorder.open("job", metrics)
+    recorder.open("job", JsonLines(metrics))
     in_job.deployed_jobs.add("job")
     during = time.time()
     recorder.record("site-1", [sample_at(during - 60), sample_at(during)])  # the first is from before the job

@@ -13,7 +13,6 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hauler.core.events import JsonLines
 from hauler.core.resources import ProcessMeter, ResourceSample
@@ -41,9 +40,10 @@ class ResourceRecorder:
         self.sites, self.grace_s = sites, grace_s
         self._jobs: dict[str, _Window] = {}
 
-    def open(self, job_id: str, metrics_path: Path) -> None:
-        """A job started: from now on, samples of the server and of the job's sites go to `metrics_path`."""
-        self._jobs[job_id] = _Window(JsonLines(metrics_path), time.time())
+    def open(self, job_id: str, metrics: JsonLines) -> None:
+        """A job started: from now on, samples of the server and of the job's sites go to `metrics`,
+        the job's one writer of its metrics file, which this recorder closes once the job is over."""
+        self._jobs[job_id] = _Window(metrics, time.time())
 
     def close(self, job_id: str, *, late: bool = True) -> None:
         """The job ended: samples taken until now are still written for `grace_s` if `late`."""

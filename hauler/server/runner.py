@@ -106,7 +106,7 @@ class JobRunner:
         so a restart resumes it; only an admin's abort marks it aborted."""
         bus, metrics = self.events(job_id), JsonLines(self.job_dir(job_id) / "metrics.jsonl")
         self.store.update(job_id, status=JobStatus.RUNNING, started_s=time.time(), error="")
-        self.resources.open(job_id, metrics.path)
+        self.resources.open(job_id, metrics)  # it closes the metrics when the job's last samples are in
         status, error = JobStatus.FINISHED, ""
         try:
             await self._execute(job_id, bus, metrics)
@@ -114,7 +114,6 @@ class JobRunner:
             status, error = JobStatus.FAILED, str(failure)
         except asyncio.CancelledError:
             if job_id not in self._aborting:
-                metrics.close()
                 self.resources.close(job_id, late=False)
                 raise
             self._aborting.discard(job_id)
@@ -122,7 +121,6 @@ class JobRunner:
         except Exception as failure:  # the job's own code, or a bug: the job fails, the server lives
             log.exception("job failed unexpectedly", extra={"job": job_id})
             status, error = JobStatus.FAILED, f"{type(failure).__name__}: {failure}"
-        metrics.close()
         rounds = RoundStore(self.job_dir(job_id), self.config.keep_rounds).latest() or 0
         self.store.update(job_id, status=status, finished_s=time.time(), error=error, rounds_done=rounds)
         bus.emit(f"job.{status.value}", job=job_id, error=error, rounds_done=rounds)
