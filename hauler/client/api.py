@@ -135,6 +135,8 @@ class TrainerLink:
     def _place(self, arrays: dict[str, np.ndarray], delta: bool) -> ArraySource | None:
         """Where the site sends from: the arrays themselves (in-process), else the model file."""
         assert self._model is not None
+        if self.in_process and not delta:
+            return ArraySource(self._model.manifest, arrays)
         views = self._model.arrays()
         if delta:
             for name, array in arrays.items():  # every check before the first write: all or nothing
@@ -142,8 +144,6 @@ class TrainerLink:
             for name, array in arrays.items():
                 _subtract_into(array, views[name])
             return None
-        if self.in_process:
-            return ArraySource(self._model.manifest, arrays)
         for name, array in arrays.items():
             if not np.shares_memory(array, views[name]):
                 np.copyto(views[name], array)

@@ -30,13 +30,13 @@ def to_numpy(model: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """torch tensors viewing the arrays' memory (writes go through to it)."""
-    torch = import_torch()
+    torch = _import_torch()
     return {name: (torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
                    if array.dtype == ml_dtypes.bfloat16 else torch.from_numpy(array))
             for name, array in arrays.items()}
 
 
-def import_torch() -> Any:
+def _import_torch() -> Any:
     try:
         import torch
     except ImportError:
@@ -45,7 +45,7 @@ def import_torch() -> Any:
 
 
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
-    torch = import_torch()
+    torch = _import_torch()
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()

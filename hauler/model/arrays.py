@@ -16,10 +16,10 @@ from hauler.model.manifest import Manifest
 
 
 class ArraySource:
-    """Arrays laid out as `manifest` says, viewed as bytes; they must not change until sent."""
+    """Arrays laid out as `manifest` says (the caller has run `check_layout`), viewed as bytes;
+    they must not change until sent."""
 
     def __init__(self, manifest: Manifest, arrays: Mapping[str, np.ndarray]) -> None:
-        check_layout(manifest, arrays)
         self.manifest = manifest
         self._bytes = [_as_bytes(arrays[t.name]) for t in manifest.tensors]
 
