@@ -43,7 +43,7 @@ from hauler.core.messages import (
     parse_server_message,
 )
 from hauler.model import ChunkPlan, Manifest, ModelFile, chunk_checksum
-from hauler.transfer import FrameHeader, Kind, ReceiveLedger
+from hauler.transfer import FrameHeader, Kind, ReceiveLedger, control_frame
 from hauler.transport import (
     Connection,
     ControlChannel,
@@ -150,8 +150,7 @@ class FaultySite:
     async def upload(self, message: UploadReady) -> None:
         self.upload_requests += 1
         model, manifest = self.results[message.task_id]
-        lanes = [[ChunkPlan(manifest).chunk(seq) for seq in lane] for lane in ChunkPlan(manifest).lanes(message.lanes)]
-        lane = lanes[0]  # every break happens on lane 0
+        lane = list(manifest.chunks())  # lane 0 carries every chunk, in plan order; the other lanes stay idle
         connection, _ = await self.dial(message.upload, 0)
         try:
             if self.mode in ("drop_connection", "cancel_session"):
@@ -171,16 +170,16 @@ class FaultySite:
             self.broken_uploads += 1
         finally:
             connection.abort()
-        if self.mode == "bad_digest_then_resume":  # come back and finish every lane, as if nothing happened
-            for index, chunks in enumerate(lanes):
-                connection, start = await self.dial(message.upload, index)
-                try:
-                    await send_and_wait_for_acks(connection, model, [c for c in chunks if c.seq >= start])
-                finally:
-                    connection.close()
+        if self.mode == "bad_digest_then_resume":  # come back and finish, as if nothing happened
+            connection, held = await self.dial(message.upload, 0)
+            try:
+                await send_and_wait_for_acks(connection, model, lane[held:])
+                connection.write(control_frame(Kind.END))
+            finally:
+                connection.close()
 
     async def dial(self, transfer_id: str, lane: int) -> tuple[Connection, int]:
-        """A connection to one lane of a transfer, and the chunk the server says to start from."""
+        """A connection to one lane of a transfer, and how many of its chunks the server holds."""
         connection = await open_transfer(self.host, self.data_port, transfer_id, lane=lane, tls=self.tls)
         start = await connection.next_frame()
         assert start.header.kind is Kind.ACK
@@ -189,12 +188,13 @@ class FaultySite:
 
 def frame(model: ModelFile, chunk) -> tuple[bytes, bytes]:
     payload = bytes(model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-    header = FrameHeader(Kind.DATA, chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload)))
+    header = FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload)))
     return header.encode(), payload
 
 
 async def send_and_wait_for_acks(connection: Connection, model: ModelFile, chunks) -> None:
-    """Send `chunks` and wait until the server acknowledged (so folded) every one."""
+    """Send `chunks` and wait until the server acknowledged (so folded) every one (lane 0 carries
+    the chunks in plan order, so the count it acknowledges is the next chunk's seq)."""
     if not chunks:
         return
     for chunk in chunks:

@@ -27,13 +27,13 @@ U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 @st.composite
 def headers(draw: st.DrawFn) -> FrameHeader:
     kind = draw(st.sampled_from(Kind))
-    limit = {Kind.DATA: MAX_CHUNK_BYTES, Kind.ACK: 0}.get(kind, MAX_CONTROL_PAYLOAD)
+    limit = {Kind.DATA: MAX_CHUNK_BYTES, Kind.ACK: 0, Kind.END: 0}.get(kind, MAX_CONTROL_PAYLOAD)
     return FrameHeader(kind, draw(st.integers(0, U32)), draw(st.integers(0, U64)),
                        draw(st.integers(0, limit)), draw(st.integers(0, U64)))
 
 
 def data_frame(tensor: int, offset: int, payload: bytes) -> bytes:
-    return FrameHeader(Kind.DATA, tensor, offset, len(payload), chunk_checksum(memoryview(payload))).encode() + payload
+    return FrameHeader.data(tensor, offset, len(payload), chunk_checksum(memoryview(payload))).encode() + payload
 
 
 def raw_header(kind: int, *, tensor: int = 0, offset: int = 0, length: int = 0, checksum: int = 0,

@@ -35,7 +35,7 @@ from hauler.transfer import (
     FrameHeader,
     Kind,
     ReceiveLedger,
-    SendWindow,
+    SendSchedule,
     ack_frame,
     control_frame,
 )
@@ -96,8 +96,7 @@ def sink(tmp_path, source):
 
 def data_frame(model: ModelFile, chunk) -> bytes:
     payload = bytes(model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-    return FrameHeader(Kind.DATA, chunk.tensor, chunk.offset, chunk.length,
-                       chunk_checksum(memoryview(payload))).encode() + payload
+    return FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload))).encode() + payload
 
 
 class Recorder:
@@ -184,35 +183,58 @@ async def test_registry_serves_a_download_and_takes_an_upload_chunk_by_chunk(sch
     assert sorted(chunk.seq for chunk, _ in landed) == [chunk.seq for chunk in source.manifest.chunks()]
     for chunk, payload in landed:  # each chunk was whole when it was handed on, exactly once
         assert payload == bytes(source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-    assert sum(s.bytes_resent for s in statistics) == 0  # a clean link: nothing sent twice
+    assert statistics.bytes_resent == 0  # a clean link: nothing sent twice
 
 
 async def test_a_chunk_half_landed_on_one_lane_survives_a_chunk_on_another(source):
     transfers = registry(lanes=2)
     listener = await listen(HOST, 0, transfers.handle)
     plan = ChunkPlan(source.manifest)
-    buffer = UploadBuffers(plan, 2)  # where the server lands a site's upload chunks before folding them
+    buffers = UploadBuffers(source.manifest.chunk_bytes, 2)  # where the server lands upload chunks before folding
     landed = []
     try:
-        upload = transfers.expect("site-1", source.manifest, buffer, on_chunk=landed.append)
-        first = [plan.chunk(lane.start) for lane in plan.lanes(2)]  # the first chunk of each lane
+        upload = transfers.expect("site-1", source.manifest, buffers, on_chunk=landed.append)
+        first = [plan.chunk(0), plan.chunk(1)]  # lane 0 carries chunk 0, lane 1 chunk 1
         connections = [await open_transfer(HOST, listener.port, upload.id, lane=k) for k in range(2)]
         for connection in connections:
             await connection.next_frame()  # each lane's receiver says where to start
         frames = [data_frame(source, chunk) for chunk in first]
         half = len(frames[0]) // 2
         connections[0].write(frames[0][:half])  # lane 0: header and part of its chunk...
-        landing = buffer.chunk_bytes(first[0].tensor, first[0].offset, first[0].length)
+        landing = buffers.chunk_bytes(first[0].tensor, first[0].offset, first[0].length)
         while bytes(landing[: half - 32]) != frames[0][32:half]:
             await asyncio.sleep(0.001)  # ...until those bytes have landed at the server
         connections[1].write(frames[1])  # lane 1: a whole chunk
         assert (await connections[1].next_frame()).header.kind is Kind.ACK
         connections[0].write(frames[0][half:])  # lane 0: the rest of its chunk
         ack = await connections[0].next_frame()
-        assert ack.header.kind is Kind.ACK and ack.header.offset == first[0].seq + 1
+        assert ack.header.kind is Kind.ACK and ack.header.offset == 1  # one chunk of lane 0 held
     finally:
         await listener.close()
-    assert sorted(chunk.seq for chunk in landed) == sorted(chunk.seq for chunk in first)
+    assert sorted(chunk.seq for chunk in landed) == [0, 1]
+
+
+async def test_a_chunk_arriving_on_one_lane_is_refused_on_another(source):
+    transfers = registry(lanes=2)
+    listener = await listen(HOST, 0, transfers.handle)
+    landed = []
+    try:
+        upload = transfers.expect("site-1", source.manifest, Recorder(source.manifest), on_chunk=landed.append)
+        connections = [await open_transfer(HOST, listener.port, upload.id, lane=k) for k in range(2)]
+        for connection in connections:
+            await connection.next_frame()
+        frame = data_frame(source, ChunkPlan(source.manifest).chunk(0))
+        connections[0].write(frame[:40])  # chunk 0 begins on lane 0
+        await asyncio.sleep(0.05)
+        connections[1].write(frame)  # and again, whole, on lane 1
+        with pytest.raises((RemoteProtocolError, ConnectionLost)):
+            await connections[1].next_frame()
+        connections[0].write(frame[40:])
+        ack = await connections[0].next_frame()
+        assert ack.header.kind is Kind.ACK and ack.header.offset == 1
+    finally:
+        await listener.close()
+    assert [chunk.seq for chunk in landed] == [0]
 
 
 async def test_unknown_transfer_is_refused_with_a_reason():
@@ -236,7 +258,7 @@ def bad_frames(manifest: Manifest) -> dict[str, tuple[bytes, str]]:
     def header(tensor: int, offset: int, length: int, check: int = checksum) -> bytes:
         return FrameHeader(Kind.DATA, tensor, offset, length, check).encode()
 
-    off_plan = "is not the expected"
+    off_plan = "is not one of the manifest's"
     return {
         "wrong_tensor": (header(first.tensor + 1, first.offset, first.length) + payload, off_plan),
         "wrong_offset": (header(first.tensor, first.offset + 8, first.length) + payload, off_plan),
@@ -297,7 +319,7 @@ async def test_corrupt_chunk_is_never_consumed_and_is_resent_on_reconnect(source
         await connection.next_frame()
         chunk = next(source.manifest.chunks())
         payload = bytes(source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-        header = FrameHeader(Kind.DATA, chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload)))
+        header = FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload)))
         connection.write(header.encode() + payload[:-1] + bytes([payload[-1] ^ 1]))
         with pytest.raises((IntegrityError, ConnectionLost)):  # the server hangs up on us
             await connection.next_frame()
@@ -342,7 +364,7 @@ async def test_silent_peer_times_out(source, sink, side):
 
 async def test_transfer_resumes_on_a_new_connection_resending_at_most_one_window(source, sink):
     ledger = ReceiveLedger(ChunkPlan(source.manifest))
-    window = SendWindow(ChunkPlan(source.manifest), window_chunks=2)  # the sender's, kept across connections
+    window = SendSchedule(ChunkPlan(source.manifest), window_chunks=2).windows[0]  # the sender's, kept across connections
 
     async def send(connection):
         await send_model(connection, source.manifest, source, window=window, window_chunks=2, timeouts=TIMEOUTS)
@@ -359,7 +381,7 @@ async def test_transfer_resumes_on_a_new_connection_resending_at_most_one_window
 
         with pytest.raises((RemoteProtocolError, ConnectionLost)):
             await receive_model(first, ledger, sink, timeouts=TIMEOUTS, on_progress=drop_after_five)
-        assert ledger.next_seq == 5
+        assert ledger.held(0) == 5
         second = await connect(HOST, listener.port)
         await receive_model(second, ledger, sink, timeouts=TIMEOUTS)
         second.close()

@@ -27,13 +27,3 @@ class ChunkPlan:
     def seq_of(self, tensor: int, offset: int) -> int:
         """The sequence number of the chunk of `tensor` that starts at `offset`."""
         return self.first_seq[tensor] + offset // self.manifest.chunk_bytes
-
-    def lanes(self, count: int) -> list[range]:
-        """Split the chunks into `count` contiguous runs (fewer if there are fewer chunks)."""
-        count = max(1, min(count, self.total))
-        return [range(self.total * i // count, self.total * (i + 1) // count) for i in range(count)]
-
-
-def lane_of(lanes: list[range], seq: int) -> int:
-    """Which of `lanes` (contiguous, in order, from `ChunkPlan.lanes`) holds chunk `seq`."""
-    return bisect.bisect_right([lane.start for lane in lanes], seq) - 1

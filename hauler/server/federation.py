@@ -16,12 +16,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hauler.aggregate import FedAvg
+from hauler.aggregate import Contribution, FedAvg
 from hauler.core.config import JobConfig, ServerConfig
-from hauler.core.errors import ConnectionLost, HaulerError, JobError, TransferTimeout
+from hauler.core.errors import ConnectionLost, HaulerError, JobError, RemoteProtocolError, TransferTimeout
 from hauler.core.messages import AbortTask, DeployJob, ResultReady, Task, UploadReady
-from hauler.model import ChunkPlan, Manifest, ModelFile
-from hauler.model.plan import lane_of
+from hauler.model import Chunk, Manifest, ModelFile
 from hauler.server.rounds import RoundStore
 from hauler.server.sites import SiteRegistry, SiteSession
 from hauler.server.transfers import TransferRegistry
@@ -32,15 +31,34 @@ PROGRESS_EVERY_S = 0.5
 
 
 class UploadBuffers:
-    """Where a site's upload chunks land before they are folded: one chunk-sized buffer per
-    lane (lanes arrive concurrently), reused all job long."""
+    """Where a site's upload chunks land before they are folded: a chunk-sized buffer for each
+    chunk arriving (one per lane at most), reused all job long. A chunk cut off by a dropped
+    connection keeps its buffer: its lane sends it again first."""
 
-    def __init__(self, plan: ChunkPlan, lanes: int) -> None:
-        self.plan, self.lanes = plan, plan.lanes(lanes)
-        self._buffers = [memoryview(bytearray(plan.manifest.chunk_bytes)) for _ in self.lanes]
+    def __init__(self, chunk_bytes: int, lanes: int) -> None:
+        self._free = [memoryview(bytearray(chunk_bytes)) for _ in range(lanes)]
+        self._landing: dict[tuple[int, int], memoryview] = {}
+
+    def reset(self) -> None:
+        """A new upload: chunks an abandoned one left half-landed will not come."""
+        self._free += self._landing.values()
+        self._landing.clear()
 
     def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview:
-        return self._buffers[lane_of(self.lanes, self.plan.seq_of(tensor, offset))][:length]
+        key = (tensor, offset)
+        if key not in self._landing:
+            if not self._free:  # an honest sender re-sends a cut-off chunk before any other
+                raise RemoteProtocolError("more chunks started than the upload has lanes")
+            self._landing[key] = self._free.pop()
+        return self._landing[key][:length]
+
+    def fold(self, chunk: Chunk, contribution: Contribution) -> None:
+        """Fold a landed chunk into `contribution` and free its buffer."""
+        buffer = self._landing.pop((chunk.tensor, chunk.offset))
+        try:
+            contribution.fold(chunk, buffer[: chunk.length])
+        finally:
+            self._free.append(buffer)
 
 
 class JobFederation:
@@ -122,10 +140,10 @@ class JobFederation:
         contribution = self._aggregate.contribution(result.weight, delta=result.delta)
         buffers = self._buffers.get(session.name)
         if buffers is None:
-            buffers = self._buffers[session.name] = UploadBuffers(ChunkPlan(manifest), self.server.dataplane.connections)
-        upload = self.transfers.expect(
-            session.name, manifest, buffers,
-            on_chunk=lambda chunk: contribution.fold(chunk, buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)))
+            buffers = self._buffers[session.name] = UploadBuffers(manifest.chunk_bytes, self.server.dataplane.connections)
+        buffers.reset()
+        upload = self.transfers.expect(session.name, manifest, buffers,
+                                       on_chunk=lambda chunk: buffers.fold(chunk, contribution))
         upload.listeners.append(self._progress(session.name, round, "upload", manifest.total_bytes))
         try:
             await session.send(UploadReady(task_id=task_id, upload=upload.id, lanes=upload.lanes))

@@ -25,7 +25,7 @@ from hauler.core.errors import (
 from hauler.core.timeouts import SilenceTimer
 from hauler.model import Chunk, ChunkPlan, Manifest
 from hauler.server.access import AccessPolicy
-from hauler.transfer import ReceiveLedger, SendWindow
+from hauler.transfer import ReceiveLedger, SendSchedule
 from hauler.transport import Connection, read_hello, receive_model, refuse, send_model
 from hauler.transport.streams import ChunkSink, ChunkSource
 
@@ -40,9 +40,9 @@ class Transfer:
     manifest: Manifest
     file: ChunkSource
     done: asyncio.Future[None]
-    lanes: int = 1  # parallel connections, each carrying one contiguous run of the chunks
+    lanes: int = 1  # parallel connections, sharing out the chunks
     ledger: ReceiveLedger | None = None  # uploads: what has landed, across lanes and reconnects
-    windows: list[SendWindow] = field(default_factory=list)  # downloads: one per lane, across reconnects
+    schedule: SendSchedule | None = None  # downloads: what each lane sent, across reconnects
     on_chunk: Callable[[Chunk], None] | None = None
     bytes_done: int = 0
     bytes_discarded: int = 0
@@ -54,13 +54,18 @@ class Transfer:
 
     @property
     def complete(self) -> bool:
-        return self.ledger.done if self.ledger is not None else all(window.done for window in self.windows)
+        return self.ledger.done if self.ledger is not None else self.schedule is not None and self.schedule.done
+
+    @property
+    def failed(self) -> bool:
+        """Ended without its model (discarded, or data that contradicts its manifest)."""
+        return self.done.done() and self.done.exception() is not None
 
     def statistics(self) -> dict[str, int]:
         """Bytes moved and re-sent, and reconnections, for the job's metrics."""
         # A sender knows what it sent twice; a receiver, the part-chunks a dropped link wasted
         # (chunks it acknowledged are never re-sent).
-        resent = sum(w.statistics().bytes_resent for w in self.windows) if self.windows else self.bytes_discarded
+        resent = self.schedule.statistics().bytes_resent if self.schedule is not None else self.bytes_discarded
         return {"bytes": self.bytes_done, "bytes_resent": resent, "lanes": self.lanes,
                 "reconnects": max(0, self.connections - self.lanes)}
 
@@ -96,16 +101,15 @@ class TransferRegistry:
 
     def offer(self, peer: str, manifest: Manifest, source: ChunkSource) -> Transfer:
         """A model the server will send to `peer` when it connects, on one connection per lane."""
-        plan = ChunkPlan(manifest)
-        windows = [SendWindow(plan, self.dataplane.window_chunks, seqs) for seqs in plan.lanes(self.dataplane.connections)]
+        schedule = SendSchedule(ChunkPlan(manifest), self.dataplane.window_chunks, self.dataplane.connections)
         return self._add(Transfer(secrets.token_hex(16), peer, "download", manifest, source, _future(),
-                                  lanes=len(windows), windows=windows))
+                                  lanes=len(schedule.windows), schedule=schedule))
 
     def expect(self, peer: str, manifest: Manifest, sink: ChunkSink, on_chunk: Callable[[Chunk], None]) -> Transfer:
         """A model the server will receive from `peer`: chunks land in `sink`, then go to `on_chunk`."""
         ledger = ReceiveLedger(ChunkPlan(manifest), self.dataplane.connections)
         return self._add(Transfer(secrets.token_hex(16), peer, "upload", manifest, sink, _future(),
-                                  lanes=len(ledger.lanes), ledger=ledger, on_chunk=on_chunk))
+                                  lanes=ledger.lanes, ledger=ledger, on_chunk=on_chunk))
 
     def _add(self, transfer: Transfer) -> Transfer:
         self._transfers[transfer.id] = transfer
@@ -126,13 +130,16 @@ class TransferRegistry:
         """Data-plane entry point: bind the connection to its transfer and run it.
 
         A connection that drops leaves the transfer open: the peer reconnects and resumes
-        where the acknowledgements say. A newer connection to the same transfer replaces
-        an older one the server has not yet seen die. Only silence (the waiter's
-        communication_timeout) or a discard ends a transfer unfinished."""
+        where the acknowledgements say. A newer connection to the same lane replaces an
+        older one the server has not yet seen die. A transfer is done once every chunk is
+        acknowledged (downloads) or has landed (uploads) and no lane is still being served, so
+        a discard never cuts a lane's END; until the discard it is still served (a lane whose
+        END or last ACK was lost ends at once). Only silence
+        (the waiter's communication_timeout) or a discard ends a transfer unfinished."""
         transfer_id, lane = await read_hello(connection, self.timeouts)
         transfer = self._transfers.get(transfer_id)
-        if transfer is None or transfer.done.done() or lane >= transfer.lanes:
-            refuse(connection, "unknown or finished transfer, or no such lane")
+        if transfer is None or transfer.failed or lane >= transfer.lanes:
+            refuse(connection, "unknown or failed transfer, or no such lane")
             return
         try:
             self.access.check_transfer(connection.identity, transfer.peer)
@@ -142,8 +149,8 @@ class TransferRegistry:
         if lane in transfer.serving:
             transfer.serving[lane].abort()
         async with transfer.locks[lane]:
-            if transfer.done.done():
-                refuse(connection, "finished transfer")
+            if transfer.failed:
+                refuse(connection, "failed transfer")
                 return
             transfer.serving[lane], transfer.connections = connection, transfer.connections + 1
             try:
@@ -156,13 +163,15 @@ class TransferRegistry:
             finally:
                 del transfer.serving[lane]
                 transfer.bytes_discarded += connection.reader.partial_payload_bytes
-            if transfer.complete and not transfer.done.done():
-                transfer.done.set_result(None)
+                if transfer.complete and not transfer.serving and not transfer.done.done():
+                    transfer.done.set_result(None)  # once no lane is still sending its END
 
     async def _run(self, connection: Connection, transfer: Transfer, lane: int) -> None:
         if transfer.direction == "download":
+            assert transfer.schedule is not None
             await send_model(connection, transfer.manifest, transfer.file, window_chunks=self.dataplane.window_chunks,
-                             timeouts=self.timeouts, on_progress=transfer.progressed, window=transfer.windows[lane])
+                             timeouts=self.timeouts, on_progress=transfer.progressed,
+                             window=transfer.schedule.windows[lane])
         else:
             assert transfer.ledger is not None and transfer.on_chunk is not None
             await receive_model(connection, transfer.ledger, transfer.file, timeouts=self.timeouts, lane=lane,

@@ -6,9 +6,9 @@ Nothing here imports asyncio, socket, ssl or grpc; `hauler.transport` moves the 
 from hauler.transfer.frames import FrameHeader, Kind, ack_frame, control_frame
 from hauler.transfer.ledger import ReceiveLedger
 from hauler.transfer.reader import Frame, FrameReader
-from hauler.transfer.window import SendWindow, WindowStatistics
+from hauler.transfer.window import SendSchedule, SendWindow, WindowStatistics
 
 __all__ = [
     "Frame", "FrameHeader", "FrameReader", "Kind", "ReceiveLedger",
-    "SendWindow", "WindowStatistics", "ack_frame", "control_frame",
+    "SendSchedule", "SendWindow", "WindowStatistics", "ack_frame", "control_frame",
 ]

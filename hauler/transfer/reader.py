@@ -13,15 +13,17 @@ from dataclasses import dataclass
 
 from hauler.core.errors import IntegrityError, RemoteProtocolError
 from hauler.model.manifest import chunk_checksum
-from hauler.transfer.frames import HEADER, FrameHeader, Kind, ack_checksum
+from hauler.transfer.frames import HEADER, FrameHeader, Kind
 
 
 @dataclass(frozen=True)
 class Frame:
-    """A complete frame: DATA payloads are already in their destination; others carry `payload`."""
+    """A complete frame: DATA payloads are already in their destination, with their `checksum`;
+    others carry `payload`."""
 
     header: FrameHeader
     payload: bytes = b""
+    checksum: int = 0
 
 
 Destination = Callable[[FrameHeader], memoryview]
@@ -71,12 +73,12 @@ class FrameReader:
     def _finish_frame(self) -> Frame:
         header, payload = self._current, self._target
         assert header is not None
-        expected = ack_checksum(header.offset) if header.kind is Kind.ACK else chunk_checksum(payload)
-        if expected != header.checksum:
+        checksum = chunk_checksum(payload)
+        if header.check_for(checksum) != header.checksum:
             raise IntegrityError(
                 f"{header.kind.name} frame for tensor {header.tensor} at offset {header.offset}: "
                 "checksum mismatch; the chunk must be re-sent"
             )
-        frame = Frame(header, b"" if header.kind is Kind.DATA else bytes(payload))
+        frame = Frame(header, checksum=checksum) if header.kind is Kind.DATA else Frame(header, bytes(payload))
         self._current, self._target, self._filled = None, memoryview(self._header), 0
         return frame

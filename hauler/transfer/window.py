@@ -1,8 +1,13 @@
-"""The sender's window: what to send next, what is in flight, where to resume.
+"""The sender's side of a transfer: which chunk goes next on which lane, what is in flight,
+where to resume.
 
-The window advances on acknowledgements, never on "written to the socket": an
-ack means the receiver holds the chunk durably. After a reconnect the receiver's
-first ACK names where to resume, and at most one window is sent again.
+A transfer's chunks are handed out in plan order to whichever lane (parallel connection)
+has room first, so a fast connection carries more and all of them finish together: fixed
+runs per connection left the slowest one sending alone at the end, on a path its peers had
+just given up. Each lane keeps its chunks in the order it sent them. The receiver
+acknowledges a lane by how many of them it holds durably, never by "written to the
+socket"; after a reconnect its first ACK says how many, and the lane sends again, in order,
+only what was not acknowledged: at most one window.
 """
 
 from __future__ import annotations
@@ -22,53 +27,92 @@ class WindowStatistics:
     bytes_resent: int
     resumes: int
 
+    def __add__(self, other: WindowStatistics) -> WindowStatistics:
+        return WindowStatistics(self.bytes_sent + other.bytes_sent, self.bytes_acked + other.bytes_acked,
+                                self.bytes_resent + other.bytes_resent, self.resumes + other.resumes)
+
+
+class SendSchedule:
+    """One transfer's chunks, in plan order, for `lanes` windows to take as they have room."""
+
+    def __init__(self, plan: ChunkPlan, window_chunks: int, lanes: int = 1) -> None:
+        self.plan = plan
+        self._next_seq = 0
+        self.windows = [SendWindow(self, window_chunks) for _ in range(max(1, min(lanes, plan.total)))]
+
+    @property
+    def exhausted(self) -> bool:
+        """Every chunk has been given to a lane."""
+        return self._next_seq == self.plan.total
+
+    @property
+    def done(self) -> bool:
+        """Every chunk has been given to a lane and acknowledged on it."""
+        return all(window.done for window in self.windows)
+
+    def next_chunk(self) -> Chunk:
+        """The first chunk no lane has taken; the caller checked `exhausted`."""
+        chunk = self.plan.chunk(self._next_seq)
+        self._next_seq += 1
+        return chunk
+
+    def statistics(self) -> WindowStatistics:
+        return sum((window.statistics() for window in self.windows), WindowStatistics(0, 0, 0, 0))
+
 
 class SendWindow:
-    """At most `window_chunks` unacknowledged chunks; `take` the next, `on_ack` frees room."""
+    """One lane: at most `window_chunks` unacknowledged chunks; `take` the next, `on_ack` frees room."""
 
-    def __init__(self, plan: ChunkPlan, window_chunks: int, lane: range | None = None) -> None:
-        self.plan = plan
+    def __init__(self, schedule: SendSchedule, window_chunks: int) -> None:
+        self.schedule = schedule
         self.window_chunks = window_chunks
-        self.lane = lane if lane is not None else range(plan.total)  # the chunks this window sends
-        self.next_seq = self.lane.start
-        self.acked_seq = self.lane.start
-        self._in_flight: deque[Chunk] = deque()
+        self.acked = 0  # chunks of this lane the receiver holds
+        self._in_flight: deque[Chunk] = deque()  # sent, not yet acknowledged, in sending order
+        self._resend: deque[Chunk] = deque()  # in flight when a connection dropped; they go first
+        self._started = False
         self._bytes_sent = self._bytes_acked = self._bytes_resent = self._resumes = 0
 
     @property
     def done(self) -> bool:
-        return self.acked_seq == self.lane.stop
+        """Nothing of this lane unacknowledged and nothing left for any lane."""
+        return not self._in_flight and not self._resend and self.schedule.exhausted
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     def has_room(self) -> bool:
-        return self.next_seq < self.lane.stop and len(self._in_flight) < self.window_chunks
+        more = bool(self._resend) or not self.schedule.exhausted
+        return more and len(self._in_flight) < self.window_chunks
 
     def take(self) -> Chunk:
-        """The next chunk to send; the caller checked `has_room()`."""
-        chunk = self.plan.chunk(self.next_seq)
+        """The next chunk to send on this lane; the caller checked `has_room()`."""
+        chunk = self._resend.popleft() if self._resend else self.schedule.next_chunk()
         self._in_flight.append(chunk)
-        self.next_seq += 1
         self._bytes_sent += chunk.length
         return chunk
 
-    def on_ack(self, seq: int) -> int:
-        """Every chunk before `seq` is durable at the receiver; returns bytes newly acknowledged."""
-        if not self.acked_seq <= seq <= self.next_seq:
-            raise RemoteProtocolError(f"ack for chunk {seq} outside the window {self.acked_seq}..{self.next_seq}")
+    def on_ack(self, held: int) -> int:
+        """The receiver holds the first `held` chunks of this lane; returns bytes newly acknowledged."""
+        if not self.acked <= held <= self.acked + len(self._in_flight):
+            raise RemoteProtocolError(f"ack of {held} chunks on a lane that sent {self.acked + len(self._in_flight)}, "
+                                      f"{self.acked} of them acknowledged before")
         freed = 0
-        while self._in_flight and self._in_flight[0].seq < seq:
+        for _ in range(held - self.acked):
             freed += self._in_flight.popleft().length
-        self.acked_seq = seq
+        self.acked = held
         self._bytes_acked += freed
         return freed
 
-    def resume(self, seq: int) -> None:
-        """Restart from the receiver's acknowledged position `seq` (its first ACK on a connection)."""
-        if self.next_seq == self.lane.start == seq:
+    def resume(self, held: int) -> None:
+        """A connection begins: the receiver's first ACK says it holds `held` of this lane's chunks."""
+        self.on_ack(held)
+        if not self._started:
+            self._started = True
             return
-        self.on_ack(seq)
         self._bytes_resent += sum(chunk.length for chunk in self._in_flight)
+        self._resend.extendleft(reversed(self._in_flight))
         self._in_flight.clear()
-        self.next_seq = seq
         self._resumes += 1
 
     def statistics(self) -> WindowStatistics:

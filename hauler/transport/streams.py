@@ -28,11 +28,12 @@ from hauler.transfer import (
     FrameHeader,
     Kind,
     ReceiveLedger,
+    SendSchedule,
     SendWindow,
+    WindowStatistics,
     ack_frame,
     control_frame,
 )
-from hauler.transfer.window import WindowStatistics
 from hauler.transport.connection import Connection, connect
 
 WRITE_SLICE = 1 << 20  # memoryview slices handed to the transport; bounds its copy of a remainder
@@ -68,11 +69,12 @@ async def send_model(
     on_progress: Progress = _no_progress,
     window: SendWindow | None = None,
 ) -> WindowStatistics:
-    """Send every chunk the receiver does not yet hold; returns when all are acknowledged.
+    """Send chunks on one lane as its window has room, until no chunk is left for any lane and
+    every one sent here is acknowledged; then END the lane.
 
-    Pass the same `window` to every connection of one transfer: the receiver's first ACK
-    on each says where to resume, and the window counts what had to be sent again."""
-    window = window or SendWindow(ChunkPlan(manifest), window_chunks)
+    Pass the same `window` to every connection of one lane: the receiver's first ACK on each
+    says how much of the lane it holds, and the window counts what had to be sent again."""
+    window = window or SendSchedule(ChunkPlan(manifest), window_chunks).windows[0]
     acked = asyncio.Event()
     started = False
     async with SilenceTimer(timeouts.communication_timeout, "communication_timeout", "sending a model") as silence:
@@ -100,12 +102,13 @@ async def send_model(
             if not window.done:
                 acked.clear()
                 await _wait(connection, acked)
+    connection.write(control_frame(Kind.END))
     return window.statistics()
 
 
 async def _write_chunk(connection: Connection, chunk: Chunk, source: ChunkSource) -> None:
     view = source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
-    header = FrameHeader(Kind.DATA, chunk.tensor, chunk.offset, chunk.length, chunk_checksum(view))
+    header = FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(view))
     connection.write(header.encode())
     for start in range(0, chunk.length, WRITE_SLICE):
         connection.write(view[start : start + WRITE_SLICE])
@@ -137,9 +140,10 @@ async def receive_model(
     on_tensor: Callable[[int], None] = lambda index: None,
     on_progress: Progress = _no_progress,
 ) -> None:
-    """Land every remaining chunk in `sink`, acknowledging each once `on_chunk` has consumed it;
-    `on_tensor` runs for each tensor whose chunks all arrived and matched its digest."""
-    finished = asyncio.Event()
+    """Land the chunks the sender puts on this lane in `sink`, acknowledging each once `on_chunk`
+    has consumed it, until the sender ENDs the lane; `on_tensor` runs for each tensor whose
+    chunks all arrived and matched its digest."""
+    ended = asyncio.Event()
     pending: list[Chunk] = []
 
     def destination(header: FrameHeader) -> memoryview:
@@ -152,19 +156,19 @@ async def receive_model(
         def on_frame(frame: Frame) -> None:
             if frame.header.kind is Kind.ERROR:
                 raise _peer_error(frame)
+            if frame.header.kind is Kind.END:
+                ended.set()
+                return
             if frame.header.kind is not Kind.DATA:
                 raise RemoteProtocolError(f"receiver got a {frame.header.kind.name} frame")
             chunk = pending.pop()
             on_chunk(chunk)
-            for index in ledger.commit(chunk, frame.header.checksum):
+            for index in ledger.commit(chunk, frame.checksum, lane):
                 on_tensor(index)
-            connection.write(ack_frame(ledger.position(lane)))
+            connection.write(ack_frame(ledger.held(lane)))
             on_progress(frame.header.length)
             silence.touch()
-            if ledger.position(lane) == end:
-                finished.set()
 
-        end = ledger.lanes[lane].stop
         last_ack = time.monotonic()
 
         def on_bytes(nbytes: int) -> None:
@@ -172,16 +176,15 @@ async def receive_model(
             silence.touch()
             if time.monotonic() - last_ack >= KEEPALIVE_ACK_S:  # a sign of life, for both ends' waiters
                 last_ack = time.monotonic()
-                connection.write(ack_frame(ledger.position(lane)))
+                connection.write(ack_frame(ledger.held(lane)))
                 on_progress(0)
 
         connection.on_bytes = on_bytes
         connection.set_handler(on_frame, destination)
         for index in ledger.begin():  # empty tensors complete at once
             on_tensor(index)
-        connection.write(ack_frame(ledger.position(lane)))  # where the sender should start
-        if ledger.position(lane) != end:
-            await _wait(connection, finished)
+        connection.write(ack_frame(ledger.held(lane)))  # where the sender should resume
+        await _wait(connection, ended)
 
 
 async def open_transfer(host: str, port: int, transfer_id: str, *, lane: int = 0, tls: TlsFiles | None = None,
@@ -234,22 +237,24 @@ async def fetch_model(address: DataAddress, transfer_id: str, ledger: ReceiveLed
         async with _lane_connection(address, transfer_id, index) as connection:
             await receive_model(connection, ledger, sink, timeouts=timeouts, lane=index, on_progress=on_progress)
 
-    await _all_lanes(lane, len(ledger.lanes), address.policy, f"receiving transfer {transfer_id[:8]}")
+    await _all_lanes(lane, ledger.lanes, address.policy, f"receiving transfer {transfer_id[:8]}")
+    if not ledger.done:
+        raise RemoteProtocolError(f"the sender ended transfer {transfer_id[:8]} with chunks missing")
 
 
 async def push_model(address: DataAddress, transfer_id: str, manifest: Manifest, source: ChunkSource, lanes: int, *,
-                     timeouts: Timeouts, on_progress: Progress = _no_progress) -> list[WindowStatistics]:
-    """Send a transfer on `lanes` connections, each reconnecting and resuming from its acknowledgements."""
-    plan = ChunkPlan(manifest)
-    windows = [SendWindow(plan, address.policy.window_chunks, seqs) for seqs in plan.lanes(lanes)]
+                     timeouts: Timeouts, on_progress: Progress = _no_progress) -> WindowStatistics:
+    """Send a transfer on `lanes` connections that share out its chunks, each reconnecting and
+    resuming from its acknowledgements."""
+    schedule = SendSchedule(ChunkPlan(manifest), address.policy.window_chunks, lanes)
 
     async def lane(index: int) -> None:
         async with _lane_connection(address, transfer_id, index) as connection:
-            await send_model(connection, manifest, source, window=windows[index],
+            await send_model(connection, manifest, source, window=schedule.windows[index],
                              window_chunks=address.policy.window_chunks, timeouts=timeouts, on_progress=on_progress)
 
-    await _all_lanes(lane, len(windows), address.policy, f"sending transfer {transfer_id[:8]}")
-    return [window.statistics() for window in windows]
+    await _all_lanes(lane, len(schedule.windows), address.policy, f"sending transfer {transfer_id[:8]}")
+    return schedule.statistics()
 
 
 async def _all_lanes(run: Callable[[int], Awaitable[None]], lanes: int, policy: DataPlane, what: str) -> None:
