@@ -1,7 +1,7 @@
 """Hauler over emulated wide-area links: transfer times, link utilisation, re-sent bytes.
 
     python -m bench.wan [--scenario seed] [--model-mib 512] [--json OUT]
-    python -m bench.wan --scenario path [--model-mib 1024] [--json OUT]
+    python -m bench.wan --scenario path [--model-mib 4096] [--rounds 2] [--json OUT]
 
 `seed`: the seed job across regions. site-1 is 30 ms one-way at 448 Mbit/s, site-2 120 ms at
 92.8 Mbit/s. A real server and real sites run in their own network namespaces over mutual TLS,
@@ -50,7 +50,11 @@ from hauler.server.rounds import RoundStore
 
 SEED_LINKS = {"site-1": LinkSpec(delay_ms=30, rate_mbit=448), "site-2": LinkSpec(delay_ms=120, rate_mbit=92.8)}
 PATH_LINKS = {"site-1": LinkSpec(delay_ms=50, rate_mbit=1000, loss=0.001)}
-DEFAULT_MODEL_MIB = {"seed": 512, "path": 1024}
+# path: 4 GiB, about 38 s a transfer, so 30 s timeouts are outlasted; two rounds, because the
+# first writes every model file into fresh pages (CPU this 2-core machine shares with the
+# emulator) while later rounds reuse them, as a federation does from its second round on.
+DEFAULT_MODEL_MIB = {"seed": 512, "path": 4096}
+DEFAULT_ROUNDS = {"seed": 1, "path": 2}
 SILENCE_TIMEOUTS = ("streaming_read_timeout", "streaming_ack_wait", "communication_timeout")
 CONTROL_PORT, DATA_PORT, TCP_PORT = 18102, 18103, 18104
 ADMIN = "admin"
@@ -83,9 +87,9 @@ class Settings:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.wan", description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=("seed", "path"), default="seed")
-    parser.add_argument("--model-mib", type=float, help="model size in MiB (seed: 512, path: 1024)")
+    parser.add_argument("--model-mib", type=float, help="model size in MiB (seed: 512, path: 4096)")
     parser.add_argument("--arrays", type=int, default=16, help="number of float32 arrays")
-    parser.add_argument("--rounds", type=int, default=1, help="FedAvg rounds")
+    parser.add_argument("--rounds", type=int, help="FedAvg rounds (seed: 1, path: 2)")
     parser.add_argument("--dataplane", action="append", default=[], metavar="KEY=VALUE",
                         help="a [dataplane] setting for the server and every site (repeatable)")
     parser.add_argument("--tcp-seconds", type=float, default=20.0, help="path: length of each TCP stream")
@@ -422,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"cannot emulate links here: {reason}")
         return 2
     settings = Settings(model_mib=args.model_mib or DEFAULT_MODEL_MIB[args.scenario], arrays=args.arrays,
-                        rounds=args.rounds,
+                        rounds=args.rounds or DEFAULT_ROUNDS[args.scenario],
                         dataplane=dataplane_settings(args.dataplane), job_timeout_s=args.job_timeout, keep=args.keep, plaintext=args.plaintext)
     if args.scenario == "seed":
         result = seed(settings)
