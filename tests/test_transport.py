@@ -186,6 +186,29 @@ async def test_registry_serves_a_download_and_takes_an_upload_chunk_by_chunk(sch
     assert statistics.bytes_resent == 0  # a clean link: nothing sent twice
 
 
+async def test_a_download_is_done_only_once_every_connected_lane_has_had_its_end(source, sink):
+    """Done is when the server may forget a transfer; a lane still owed its END would be cut
+    off and, reconnecting, find no transfer."""
+    transfers = registry(lanes=2)
+    listener = await listen(HOST, 0, transfers.handle)
+    ledger = ReceiveLedger(ChunkPlan(source.manifest), 2)
+    try:
+        download = transfers.offer("site-1", source.manifest, source)
+        late = await open_transfer(HOST, listener.port, download.id, lane=1)  # connected, silent for now
+        while download.connections < 1:
+            await asyncio.sleep(0.001)
+        first = await open_transfer(HOST, listener.port, download.id, lane=0)
+        await receive_model(first, ledger, sink, timeouts=TIMEOUTS, lane=0)  # every chunk, then END
+        assert ledger.done and ledger.held(0) == ChunkPlan(source.manifest).total
+        await asyncio.sleep(0.1)
+        assert not download.done.done()  # lane 1 has not been told yet
+        await receive_model(late, ledger, sink, timeouts=TIMEOUTS, lane=1)  # its first ACK, then END at once
+        await download.wait(5, "download")
+    finally:
+        await listener.close()
+    assert tensor_bytes(sink) == tensor_bytes(source)
+
+
 async def test_a_chunk_half_landed_on_one_lane_survives_a_chunk_on_another(source):
     transfers = registry(lanes=2)
     listener = await listen(HOST, 0, transfers.handle)
