@@ -16,14 +16,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hauler.aggregate import Contribution, FedAvg
+from hauler.aggregate import FedAvg
 from hauler.core.config import JobConfig, ServerConfig
-from hauler.core.errors import ConnectionLost, HaulerError, JobError, RemoteProtocolError, TransferTimeout
+from hauler.core.errors import ConnectionLost, HaulerError, JobError, TransferTimeout
 from hauler.core.messages import AbortTask, DeployJob, ResultReady, Task, UploadReady
-from hauler.model import Chunk, Manifest, ModelFile
+from hauler.model import Manifest, ModelFile
 from hauler.server.rounds import RoundStore
 from hauler.server.sites import SiteRegistry, SiteSession
 from hauler.server.transfers import TransferRegistry
+from hauler.transfer import ReceiveLedger
 from hauler.workflows import TrainResult
 
 T = TypeVar("T")
@@ -31,34 +32,17 @@ PROGRESS_EVERY_S = 0.5
 
 
 class UploadBuffers:
-    """Where a site's upload chunks land before they are folded: a chunk-sized buffer for each
-    chunk arriving (one per lane at most), reused all job long. A chunk cut off by a dropped
-    connection keeps its buffer: its lane sends it again first."""
+    """Where a site's upload chunks land before they are folded: one chunk-sized buffer per
+    lane (each lands one chunk at a time), reused all job long. Which lane a chunk is
+    arriving on is for the `ledger` of the upload in progress to say."""
 
     def __init__(self, chunk_bytes: int, lanes: int) -> None:
-        self._free = [memoryview(bytearray(chunk_bytes)) for _ in range(lanes)]
-        self._landing: dict[tuple[int, int], memoryview] = {}
-
-    def reset(self) -> None:
-        """A new upload: chunks an abandoned one left half-landed will not come."""
-        self._free += self._landing.values()
-        self._landing.clear()
+        self._buffers = [memoryview(bytearray(chunk_bytes)) for _ in range(lanes)]
+        self.ledger: ReceiveLedger | None = None
 
     def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview:
-        key = (tensor, offset)
-        if key not in self._landing:
-            if not self._free:  # an honest sender re-sends a cut-off chunk before any other
-                raise RemoteProtocolError("more chunks started than the upload has lanes")
-            self._landing[key] = self._free.pop()
-        return self._landing[key][:length]
-
-    def fold(self, chunk: Chunk, contribution: Contribution) -> None:
-        """Fold a landed chunk into `contribution` and free its buffer."""
-        buffer = self._landing.pop((chunk.tensor, chunk.offset))
-        try:
-            contribution.fold(chunk, buffer[: chunk.length])
-        finally:
-            self._free.append(buffer)
+        assert self.ledger is not None, "no upload in progress"
+        return self._buffers[self.ledger.lane_of(tensor, offset)][:length]
 
 
 class JobFederation:
@@ -141,9 +125,10 @@ class JobFederation:
         buffers = self._buffers.get(session.name)
         if buffers is None:
             buffers = self._buffers[session.name] = UploadBuffers(manifest.chunk_bytes, self.server.dataplane.connections)
-        buffers.reset()
-        upload = self.transfers.expect(session.name, manifest, buffers,
-                                       on_chunk=lambda chunk: buffers.fold(chunk, contribution))
+        upload = self.transfers.expect(
+            session.name, manifest, buffers,
+            on_chunk=lambda chunk: contribution.fold(chunk, buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)))
+        buffers.ledger = upload.ledger  # before the site hears of the upload: no chunk can come sooner
         upload.listeners.append(self._progress(session.name, round, "upload", manifest.total_bytes))
         try:
             await session.send(UploadReady(task_id=task_id, upload=upload.id, lanes=upload.lanes))

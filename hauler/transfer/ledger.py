@@ -28,7 +28,6 @@ class ReceiveLedger:
         self._landed = bytearray(plan.total)
         self._arriving: list[int | None] = [None] * self.lanes  # the chunk each lane is landing
         self._held = [0] * self.lanes
-        self._remaining = plan.total
         self._checksums = array("Q", bytes(8 * plan.total))
         self._missing = [plan.first_seq[i + 1] - plan.first_seq[i] for i in range(len(plan.manifest.tensors))]
         self.bytes_received = 0
@@ -40,7 +39,11 @@ class ReceiveLedger:
 
     @property
     def done(self) -> bool:
-        return self._remaining == 0
+        return sum(self._held) == self.plan.total
+
+    def lane_of(self, tensor: int, offset: int) -> int:
+        """The lane the chunk at (`tensor`, `offset`) is arriving on, between `expect` and `commit`."""
+        return self._arriving.index(self.plan.seq_of(tensor, offset))
 
     def expect(self, header: FrameHeader, lane: int = 0) -> Chunk:
         """Check a DATA header names a chunk of the plan that may land now, on `lane`; return it."""
@@ -78,7 +81,6 @@ class ReceiveLedger:
         self._landed[chunk.seq] = 1
         self._arriving[lane] = None
         self._held[lane] += 1
-        self._remaining -= 1
         self.bytes_received += chunk.length
         self._missing[chunk.tensor] -= 1
         if self._missing[chunk.tensor]:
