@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from helpers import (
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from hauler.aggregate import FedAvg
 from hauler.aggregate.fedavg import BLOCK_ELEMENTS
-from hauler.core.errors import LocalProtocolError
+from hauler.core.errors import JobError, LocalProtocolError, UpdateRefused
 from hauler.model import ModelFile
 
 BUDGETS = {"in_memory": 1 << 30, "file_backed": 0}
@@ -227,3 +228,120 @@ def test_a_delta_needs_the_base_model(tmp_path):
     fedavg, _ = aggregate(tmp_path, FLOAT_LAYOUT)
     with pytest.raises(LocalProtocolError, match="base model"):
         fedavg.contribution(1.0, delta=True)
+
+
+# ----- checked contributions: nothing non-finite is folded, norms within max_update_norm -------
+
+def fold_all(contribution, model: ModelFile) -> None:
+    for chunk in model.manifest.chunks():
+        contribution.fold(chunk, model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
+
+
+@pytest.mark.parametrize("poison, weight", [(np.nan, 1.0), (np.inf, 1.0), (-np.inf, 1.0), (1.0, 1e9)],
+                         ids=["nan", "inf", "-inf", "overflow_by_weight"])
+@pytest.mark.parametrize("tensor", ["weights", "double", "brain"])
+def test_a_non_finite_value_is_refused_naming_its_tensor_and_the_round_refolds_exactly(tmp_path, poison,
+                                                                                       weight, tensor):
+    honest = sites(tmp_path, FLOAT_LAYOUT, 2)
+    hostile = create_model(tmp_path / "hostile.safetensors", FLOAT_LAYOUT, fill=fill_exact_values, seed=7)
+    target = hostile.arrays()[tensor]
+    target[-1] = poison if np.isnan(poison) or np.isinf(poison) else float(ml_dtypes.finfo(target.dtype).max) / 2
+    fedavg, output = aggregate(tmp_path, FLOAT_LAYOUT)
+    fedavg.fold_model(honest[0], 1.0)
+    contribution = fedavg.contribution(weight)
+    with pytest.raises(UpdateRefused, match=f"non-finite values in tensor '{tensor}'"):
+        fold_all(contribution, hostile)
+    contribution.abandon()
+    assert fedavg.tainted  # its earlier chunks were folded: the round is refolded without it
+    fedavg.restart()
+    for model in honest:
+        fedavg.fold_model(model, 1.0)
+    fedavg.finish()
+    assert_result(output, expected_average(honest, [1.0, 1.0]))
+
+
+def norm_sites(folder: Path, scale: float) -> tuple[ModelFile, ModelFile, ModelFile]:
+    """A base model and two updates of it: one small (0.1 x the base's norm), one `scale` x."""
+    base, small, large = sites(folder, FLOAT_LAYOUT, 3)
+    for name, array in base.arrays().items():
+        small.arrays()[name][...] = array + (0.1 * array).astype(array.dtype)
+        large.arrays()[name][...] = array + (scale * array).astype(array.dtype)
+    return base, small, large
+
+
+def test_an_update_above_max_update_norm_is_refused_and_one_below_is_kept(tmp_path):
+    base, small, large = norm_sites(tmp_path, scale=5.0)
+    fedavg, output = aggregate(tmp_path, FLOAT_LAYOUT)
+    fedavg.begin(output, base=base)
+    kept = fedavg.contribution(1.0, max_update_norm=2.0)
+    fold_all(kept, small)
+    kept.complete()
+    assert 0.09 < np.sqrt(kept.update_squares) / fedavg.norms.base_norm < 0.11
+    refused = fedavg.contribution(1.0, max_update_norm=2.0)
+    with pytest.raises(UpdateRefused, match="update norm at least [0-9.]+ x the global model's is above "
+                                            "max_update_norm = 2"):
+        fold_all(refused, large)  # refused as soon as its partial norm is too large, before the end
+    assert refused.folded_chunks < len(list(large.manifest.chunks()))
+
+
+def test_the_first_update_of_a_round_is_checked_once_complete(tmp_path):
+    base, _, large = norm_sites(tmp_path, scale=3.0)
+    fedavg, output = aggregate(tmp_path, FLOAT_LAYOUT)
+    fedavg.begin(output, base=base)
+    first = fedavg.contribution(1.0, max_update_norm=2.0)
+    with pytest.raises(UpdateRefused, match="update norm (at least )?3 x"):
+        fold_all(first, large)  # the global model's norm is known with its last chunk
+        first.complete()
+    assert first.folded_chunks == len(list(large.manifest.chunks())) - 1
+    first.abandon()
+    assert fedavg.tainted
+
+
+def test_a_delta_s_norm_is_its_own(tmp_path):
+    base, _, _ = norm_sites(tmp_path, scale=1.0)
+    delta = create_model(tmp_path / "delta.safetensors", FLOAT_LAYOUT)
+    for name, array in base.arrays().items():
+        delta.arrays()[name][...] = (0.5 * array).astype(array.dtype)
+    fedavg, output = aggregate(tmp_path, FLOAT_LAYOUT)
+    fedavg.begin(output, base=base)
+    contribution = fedavg.contribution(1.0, delta=True, max_update_norm=1.0)
+    fold_all(contribution, delta)
+    contribution.complete()
+    assert 0.49 < np.sqrt(contribution.update_squares) / fedavg.norms.base_norm < 0.51
+
+
+def test_an_average_that_overflows_its_dtype_fails_the_round(tmp_path):
+    layout = [("x", "F16", (4,))]
+    base = ModelFile.create(tmp_path / "base.safetensors", manifest_of(layout))
+    base.arrays()["x"][:] = 60000.0
+    delta = ModelFile.create(tmp_path / "delta.safetensors", manifest_of(layout))
+    delta.arrays()["x"][:] = 60000.0  # finite, but base + delta is not a float16
+    fedavg, output = aggregate(tmp_path, layout)
+    fedavg.begin(output, base=base)
+    contribution = fedavg.contribution(1.0, delta=True)
+    fold_all(contribution, delta)
+    contribution.complete()
+    with pytest.raises(JobError, match="average of tensor 'x' overflows F16"):
+        fedavg.finish()
+
+
+@pytest.mark.parametrize("weight", [float("inf"), float("nan"), 0.0, -1.0])
+def test_a_weight_that_is_not_finite_and_positive_is_refused(tmp_path, weight):
+    fedavg, _ = aggregate(tmp_path, FLOAT_LAYOUT)
+    with pytest.raises(ValueError, match="finite and positive"):
+        fedavg.contribution(weight)
+
+
+def test_a_refusal_in_a_contribution_s_first_chunk_still_taints_the_round(tmp_path):
+    """The refused chunk was partly added into sums other sites had made: it must not stay."""
+    honest = sites(tmp_path, FLOAT_LAYOUT, 1)
+    hostile = create_model(tmp_path / "hostile.safetensors", FLOAT_LAYOUT, fill=fill_exact_values, seed=7)
+    hostile.arrays()["weights"][0] = np.nan
+    fedavg, _ = aggregate(tmp_path, FLOAT_LAYOUT)
+    fedavg.fold_model(honest[0], 1.0)
+    contribution = fedavg.contribution(1.0)
+    chunk = next(fedavg.manifest.chunks())
+    with pytest.raises(UpdateRefused):
+        contribution.fold(chunk, hostile.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
+    contribution.abandon()
+    assert fedavg.tainted

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from hauler.core.errors import LocalProtocolError
+from hauler.aggregate.screening import FiniteCheck, UpdateNorms, squares
+from hauler.core.errors import JobError, LocalProtocolError
 from hauler.model import (
     Chunk,
     ChunkPlan,
     Manifest,
     ModelFile,
+    TensorEntry,
     accumulator_dtype,
     numpy_dtype,
 )
@@ -57,6 +59,9 @@ class FedAvg:
         self.file_backed = side_bytes > memory_budget_bytes
         self._side = _allocate(side_bytes, workdir / "accumulator.bin" if self.file_backed else None)
         self._scratch = {dtype: np.empty(BLOCK_ELEMENTS, dtype) for dtype in set(self._dtypes)}
+        self._float = [numpy_dtype(t.dtype).kind == "f" or t.dtype == "BF16" for t in manifest.tensors]
+        self._finite = FiniteCheck(BLOCK_ELEMENTS)
+        self.norms = UpdateNorms(self.plan.total)
         self._touched = bytearray(self.plan.total)  # 1 once a chunk holds a partial sum
         self._accumulators: list[np.ndarray] = []
         self._output: ModelFile | None = None
@@ -74,6 +79,7 @@ class FedAvg:
                 raise LocalProtocolError("output or base file's layout differs from the aggregate's")
         self._output, self._base = output, base
         self._accumulators = [self._accumulator(index) for index in range(len(self.manifest.tensors))]
+        self.norms.restart()
         self.restart()
 
     def restart(self) -> None:
@@ -88,12 +94,14 @@ class FedAvg:
         tensor, dtype = self.manifest.tensors[index], self._dtypes[index]
         return np.frombuffer(self._side, dtype, tensor.length // tensor.itemsize, self._side_offsets[index])
 
-    def contribution(self, weight: float, *, delta: bool = False) -> Contribution:
-        if not weight > 0:
-            raise ValueError(f"weight must be positive, got {weight}")
-        if delta and self._base is None:
-            raise LocalProtocolError("a delta needs the round's base model: begin(output, base)")
-        return Contribution(self, weight, delta)
+    def contribution(self, weight: float, *, delta: bool = False,
+                     max_update_norm: float | None = None) -> Contribution:
+        """A site's update to fold; `max_update_norm` bounds its norm relative to the base model's."""
+        if not 0 < weight < float("inf"):
+            raise ValueError(f"weight must be finite and positive, got {weight}")
+        if (delta or max_update_norm is not None) and self._base is None:
+            raise LocalProtocolError("deltas and norms need the round's base model: begin(output, base)")
+        return Contribution(self, weight, delta, max_update_norm)
 
     def fold(self, chunk: Chunk, data: memoryview, weight: float) -> None:
         """Add `weight` x the chunk's values into the sum (the first fold of a chunk just writes)."""
@@ -102,6 +110,12 @@ class FedAvg:
         start = chunk.offset // tensor.itemsize
         target = self._accumulators[chunk.tensor][start : start + values.size]
         first = not self._touched[chunk.seq]
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+            self._fold_blocks(chunk, values, target, weight, first)
+        self._touched[chunk.seq] = 1
+
+    def _fold_blocks(self, chunk: Chunk, values: np.ndarray, target: np.ndarray, weight: float,
+                     first: bool) -> None:
         for block in range(0, values.size, BLOCK_ELEMENTS):
             into, source = target[block : block + BLOCK_ELEMENTS], values[block : block + BLOCK_ELEMENTS]
             if first:
@@ -110,7 +124,35 @@ class FedAvg:
                 scratch = self._scratch[into.dtype][: into.size]
                 np.multiply(source, weight, out=scratch, dtype=scratch.dtype, casting="unsafe")
                 np.add(into, scratch, out=into)
-        self._touched[chunk.seq] = 1
+            if self._float[chunk.tensor]:
+                self._finite.check_folded(into, self.manifest, chunk)
+
+    def update_squares(self, chunk: Chunk, data: memoryview, delta: bool) -> float:
+        """Sum of squares of a chunk's update (the chunk itself if `delta`, else it minus the
+        base model's), measuring the base model's chunk on the way if not done this round."""
+        if not self._float[chunk.tensor]:
+            return 0.0
+        assert self._base is not None
+        tensor = self.manifest.tensors[chunk.tensor]
+        values = np.frombuffer(data, numpy_dtype(tensor.dtype))
+        start = chunk.offset // tensor.itemsize
+        base = self._base.array(chunk.tensor).reshape(-1)[start : start + values.size]
+        measure = not self.norms.measured(chunk.seq)
+        total = base_total = 0.0
+        for block in range(0, values.size, BLOCK_ELEMENTS):
+            scratch = self._scratch[self._dtypes[chunk.tensor]][: min(BLOCK_ELEMENTS, values.size - block)]
+            source, reference = values[block : block + scratch.size], base[block : block + scratch.size]
+            if measure:
+                np.copyto(scratch, reference, casting="unsafe")
+                base_total += squares(scratch)
+            if delta:
+                np.copyto(scratch, source, casting="unsafe")
+            else:
+                np.subtract(source, reference, out=scratch, dtype=scratch.dtype, casting="unsafe")
+            total += squares(scratch)
+        if measure:
+            self.norms.add_base(chunk.seq, base_total)
+        return total
 
     def fold_model(self, model: ModelFile, weight: float) -> None:
         """Fold a whole local model file (every chunk in plan order)."""
@@ -119,6 +161,7 @@ class FedAvg:
             contribution.fold(chunk, model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
         contribution.complete()
 
+    @np.errstate(over="ignore", invalid="ignore")  # an overflow is refused by _check_average
     def finish(self) -> Manifest:
         """Divide by the total weight in place, fill `output`, hash it; returns its manifest."""
         if self._output is None or not self.contributions or self.tainted:
@@ -140,7 +183,15 @@ class FedAvg:
                     np.rint(block, out=block)
                 if not self._in_place[index]:
                     target[start : start + BLOCK_ELEMENTS] = block
+                if self._float[index]:
+                    self._check_average(target[start : start + BLOCK_ELEMENTS], tensor)
         return self._output.compute_digests()
+
+    def _check_average(self, values: np.ndarray, tensor: TensorEntry) -> None:
+        """Every fold was finite, yet the average may not be once cast back (float16) or rebased."""
+        if not self._finite.all_finite(values):
+            raise JobError(f"the average of tensor {tensor.name!r} overflows {tensor.dtype}; set "
+                           "[workflow] max_update_norm to bound what sites may send")
 
     def statistics(self) -> AggregateStatistics:
         return AggregateStatistics(self.contributions, self.total_weight, len(self._side), self.file_backed)
@@ -149,20 +200,34 @@ class FedAvg:
 class Contribution:
     """One site's update being folded; `complete` it, or `abandon` it (which taints if it folded)."""
 
-    def __init__(self, aggregate: FedAvg, weight: float, delta: bool = False) -> None:
+    def __init__(self, aggregate: FedAvg, weight: float, delta: bool = False,
+                 max_update_norm: float | None = None) -> None:
         self.aggregate, self.weight, self.delta = aggregate, weight, delta
+        self.max_update_norm = max_update_norm
+        self.update_squares = 0.0
         self.folded_chunks = 0
         self.finished = False
 
     def fold(self, chunk: Chunk, data: memoryview) -> None:
+        """Fold one chunk; raises UpdateRefused (nothing more may be folded) if it breaks a check."""
         if self.finished:
             raise LocalProtocolError("fold after the contribution ended")
-        self.aggregate.fold(chunk, data, self.weight)
+        if self.max_update_norm is not None:
+            self.update_squares += self.aggregate.update_squares(chunk, data, self.delta)
+            self.aggregate.norms.check(self.update_squares, self.max_update_norm, complete=False)
+        try:
+            self.aggregate.fold(chunk, data, self.weight)
+        except BaseException:
+            self.aggregate.tainted = True  # part of the chunk may be in the sum already
+            self.finished = True
+            raise
         self.folded_chunks += 1
 
     def complete(self) -> None:
         if self.folded_chunks != self.aggregate.plan.total:
             raise LocalProtocolError(f"{self.folded_chunks} of {self.aggregate.plan.total} chunks folded")
+        if self.max_update_norm is not None:
+            self.aggregate.norms.check(self.update_squares, self.max_update_norm, complete=True)
         self.finished = True
         self.aggregate.total_weight += self.weight
         self.aggregate.delta_weight += self.weight if self.delta else 0.0

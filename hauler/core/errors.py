@@ -3,6 +3,8 @@
     HaulerError
     ├── ConfigError            fix a file or flag; names the file and key
     ├── JobError               the job failed or was refused; read its message
+    │   ├── JobCodeError          the job's own code failed; shown to its submitter and project admins
+    │   └── UpdateRefused         a site's update broke a check: that site leaves the round
     ├── ProtocolError
     │   ├── RemoteProtocolError   the peer broke the protocol: close and report
     │   └── LocalProtocolError    our own bug: report it
@@ -33,6 +35,16 @@ class ConfigError(HaulerError):
 
 class JobError(HaulerError):
     """A job could not be accepted, or it failed while running."""
+
+
+class JobCodeError(JobError):
+    """The job's own code failed (building round 0, or training on a site). Its message may tell
+    what that code could see, so it is shown to the job's submitter and project admins only."""
+
+
+class UpdateRefused(JobError):
+    """A site's contribution broke a check (its weight, non-finite values, its norm): the site
+    is dropped from the round and the round goes on without it; nothing of it is aggregated."""
 
 
 class ProtocolError(HaulerError):
