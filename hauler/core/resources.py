@@ -7,6 +7,9 @@ file pages of memory-mapped models, which the kernel may drop and re-read at wil
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import time
 
 import psutil
@@ -22,6 +25,26 @@ def rss_anon_bytes(pid: int | None = None) -> int:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the kernel (glibc's malloc_trim; a no-op elsewhere).
+
+    A server's rounds allocate and free large transient buffers (a TLS record stream per
+    connection, megabytes each); glibc keeps what was freed mapped, fragmented by small
+    long-lived objects, so without this the anonymous memory creeps up with every round."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> ctypes._CFuncPtr | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 class ResourceSample(BaseModel):

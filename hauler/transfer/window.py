@@ -32,29 +32,39 @@ class WindowStatistics:
                                 self.bytes_resent + other.bytes_resent, self.resumes + other.resumes)
 
 
-class SendSchedule:
-    """One transfer's chunks, in plan order, for `lanes` windows to take as they have room."""
+class ChunkCursor:
+    """The next chunk of a transfer no lane has taken yet, shared by its lanes' windows."""
 
-    def __init__(self, plan: ChunkPlan, window_chunks: int, lanes: int = 1) -> None:
+    def __init__(self, plan: ChunkPlan) -> None:
         self.plan = plan
         self._next_seq = 0
-        self.windows = [SendWindow(self, window_chunks) for _ in range(max(1, min(lanes, plan.total)))]
 
     @property
     def exhausted(self) -> bool:
         """Every chunk has been given to a lane."""
         return self._next_seq == self.plan.total
 
-    @property
-    def done(self) -> bool:
-        """Every chunk has been given to a lane and acknowledged on it."""
-        return all(window.done for window in self.windows)
-
     def next_chunk(self) -> Chunk:
         """The first chunk no lane has taken; the caller checked `exhausted`."""
         chunk = self.plan.chunk(self._next_seq)
         self._next_seq += 1
         return chunk
+
+
+class SendSchedule:
+    """One transfer's chunks, in plan order, for `lanes` windows to take as they have room.
+    (The windows share a cursor rather than point back here: no reference cycle, so a finished
+    transfer's state is freed at once.)"""
+
+    def __init__(self, plan: ChunkPlan, window_chunks: int, lanes: int = 1) -> None:
+        self.plan = plan
+        self.cursor = ChunkCursor(plan)
+        self.windows = [SendWindow(self.cursor, window_chunks) for _ in range(max(1, min(lanes, plan.total)))]
+
+    @property
+    def done(self) -> bool:
+        """Every chunk has been given to a lane and acknowledged on it."""
+        return all(window.done for window in self.windows)
 
     def statistics(self) -> WindowStatistics:
         return sum((window.statistics() for window in self.windows), WindowStatistics(0, 0, 0, 0))
@@ -63,8 +73,8 @@ class SendSchedule:
 class SendWindow:
     """One lane: at most `window_chunks` unacknowledged chunks; `take` the next, `on_ack` frees room."""
 
-    def __init__(self, schedule: SendSchedule, window_chunks: int) -> None:
-        self.schedule = schedule
+    def __init__(self, cursor: ChunkCursor, window_chunks: int) -> None:
+        self.cursor = cursor
         self.window_chunks = window_chunks
         self.acked = 0  # chunks of this lane the receiver holds
         self._in_flight: deque[Chunk] = deque()  # sent, not yet acknowledged, in sending order
@@ -75,19 +85,19 @@ class SendWindow:
     @property
     def done(self) -> bool:
         """Nothing of this lane unacknowledged and nothing left for any lane."""
-        return not self._in_flight and not self._resend and self.schedule.exhausted
+        return not self._in_flight and not self._resend and self.cursor.exhausted
 
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 
     def has_room(self) -> bool:
-        more = bool(self._resend) or not self.schedule.exhausted
+        more = bool(self._resend) or not self.cursor.exhausted
         return more and len(self._in_flight) < self.window_chunks
 
     def take(self) -> Chunk:
         """The next chunk to send on this lane; the caller checked `has_room()`."""
-        chunk = self._resend.popleft() if self._resend else self.schedule.next_chunk()
+        chunk = self._resend.popleft() if self._resend else self.cursor.next_chunk()
         self._in_flight.append(chunk)
         self._bytes_sent += chunk.length
         return chunk

@@ -28,6 +28,10 @@ from hauler.transfer import Frame, FrameReader
 from hauler.transfer.reader import Destination
 
 FrameHandler = Callable[[Frame], None]
+
+
+def _discard(frame: Frame) -> None:
+    """The handler of a connection that has ended."""
 WRITE_HIGH_WATER = 2 << 20  # bytes queued in the transport before writers wait (per connection)
 
 
@@ -79,6 +83,10 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.connection is not None:
             self.connection.lost(exc)
+        # asyncio's TLS protocol keeps our bound methods after the end: hold nothing that leads
+        # back to it, or its buffers would wait for the cyclic GC.
+        self.connection = None
+        self.made = asyncio.get_running_loop().create_future()
 
 
 class Connection:
@@ -157,13 +165,22 @@ class Connection:
         self._transport.abort()
 
     def lost(self, exc: Exception | None) -> None:
+        """The transport is gone (asyncio's connection_lost): nothing more can arrive or leave."""
         self._end(ConnectionLost("connection closed by the peer" if exc is None else f"connection lost: {exc}"))
         self.can_write.set()
+        self._release()
 
     def _end(self, error: BaseException) -> None:
         if not self.closed.done():
-            self.closed.set_exception(error)
+            self.closed.set_exception(error.with_traceback(None))  # no frames kept alive through it
             self.closed.exception()  # mark it seen: nobody need be waiting on a closed connection
+
+    def _release(self) -> None:
+        """Drop what the drivers handed in: their closures refer back to this connection, and
+        such cycles would keep its TLS state (megabytes of buffers) until the cyclic GC runs."""
+        self._handler = _discard
+        self.on_bytes = None
+        self.reader.destination = None
 
     def close(self) -> None:
         """Close after queued bytes are sent."""
@@ -220,8 +237,9 @@ class Listener:
 
 
 async def listen(host: str, port: int, handler: ConnectionHandler, *, tls: TlsFiles | None = None,
-                 congestion_control: str = "") -> Listener:
-    """Accept data-plane connections on `host:port` (0 picks a free port); mutual TLS when `tls` is given."""
+                 congestion_control: str = "", handshake_timeout_s: float = 60.0) -> Listener:
+    """Accept data-plane connections on `host:port` (0 picks a free port); mutual TLS when `tls` is
+    given, its handshake done within `handshake_timeout_s` or the connection dropped."""
     tasks: set[asyncio.Task] = set()
 
     def factory() -> _FrameProtocol:
@@ -243,7 +261,8 @@ async def listen(host: str, port: int, handler: ConnectionHandler, *, tls: TlsFi
 
     try:
         server = await asyncio.get_running_loop().create_server(
-            factory, host, port, ssl=_server_context(tls) if tls else None)
+            factory, host, port, ssl=_server_context(tls) if tls else None,
+            ssl_handshake_timeout=handshake_timeout_s if tls else None)
     except OSError as error:
         raise HaulerError(f"cannot listen on {host}:{port}: {error.strerror}; pick another data_port") from None
     return Listener(server, tasks)
