@@ -21,6 +21,7 @@ class FaultProxy:
         self.rate_bytes_per_s = rate_bytes_per_s
         self.forwarded = self.cuts_done = self.flips_done = 0
         self.port = 0
+        self._open: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -37,6 +38,15 @@ class FaultProxy:
     def clear_faults(self) -> None:
         """Forward faithfully from now on."""
         self._loop.call_soon_threadsafe(self._clear)
+
+    def cut_all(self) -> None:
+        """Drop every connection open now, as a link that fails does; new ones are forwarded."""
+        def cut() -> None:
+            for writer in list(self._open):
+                writer.transport.abort()
+            self.cuts_done += 1
+
+        self._loop.call_soon_threadsafe(cut)
 
     def _clear(self) -> None:
         self.cuts, self.flips, self.rate_bytes_per_s = [], [], None
@@ -55,8 +65,10 @@ class FaultProxy:
             client_writer.transport.abort()
             return
         writers = (client_writer, server_writer)
+        self._open.update(writers)
         await asyncio.gather(self._pump(client_reader, server_writer, writers),
                              self._pump(server_reader, client_writer, writers), return_exceptions=True)
+        self._open.difference_update(writers)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     both: tuple[asyncio.StreamWriter, ...]) -> None:

@@ -3,6 +3,8 @@ checked before any buffer is handed out, and garbage refused with protocol error
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import feed, manifest_of
 from hypothesis import given
@@ -18,7 +20,11 @@ from hauler.transfer import (
     ReceiveLedger,
     ack_frame,
     control_frame,
+    hello_frame,
+    parse_hello,
 )
+from hauler.core import untrusted_json
+from hauler.core.untrusted_json import parse_object
 from hauler.transfer.frames import HEADER, MAGIC, MAX_CONTROL_PAYLOAD
 
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
@@ -183,3 +189,65 @@ def test_garbage_on_the_wire_raises_only_protocol_or_integrity_errors(pieces, pi
         feed(FrameReader(destination), b"".join(pieces), piece_bytes, on_frame)
     except (RemoteProtocolError, IntegrityError):
         pass
+
+
+# ----- HELLO: the first frame of a data connection, and JSON from peers in general -------------
+
+def test_hello_round_trips():
+    frame = feed(FrameReader(), hello_frame("a" * 32, 5))[0]
+    assert parse_hello(frame.header, frame.payload) == ("a" * 32, 5)
+
+
+HOSTILE_HELLOS = {
+    "nested_deep": b'{"transfer": "x", "lane": 0, "n": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+    "nested_a_little": b'{"transfer": "x", "lane": 0, "n": [[1]]}',
+    "not_an_object": b'["x", 0]',
+    "not_json": b"\xff\xfe",
+    "no_transfer": b'{"lane": 0}',
+    "long_transfer": b'{"transfer": "' + b"x" * 200 + b'", "lane": 0}',
+    "lane_too_high": b'{"transfer": "x", "lane": 64}',
+    "lane_not_an_int": b'{"transfer": "x", "lane": true}',
+    "lane_a_float": b'{"transfer": "x", "lane": 1.0}',
+}
+
+
+@pytest.mark.parametrize("payload", HOSTILE_HELLOS.values(), ids=HOSTILE_HELLOS.keys())
+def test_a_hostile_hello_is_a_remote_protocol_error_and_nothing_else(payload):
+    frame = feed(FrameReader(), control_frame(Kind.HELLO, payload))[0]
+    with pytest.raises(RemoteProtocolError):
+        parse_hello(frame.header, frame.payload)
+
+
+def test_a_first_frame_that_is_not_a_hello_is_refused():
+    frame = feed(FrameReader(), ack_frame(3))[0]
+    with pytest.raises(RemoteProtocolError, match="first frame must be HELLO"):
+        parse_hello(frame.header, frame.payload)
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3),
+                                                                                        children, max_size=3),
+                    max_leaves=30))
+def test_json_depth_is_measured_exactly(value):
+    text = json.dumps({"v": value})
+    expected = 1 + _depth(value)
+    if expected <= 32:
+        assert parse_object(text, what="test") == {"v": value}
+    else:
+        with pytest.raises(RemoteProtocolError):
+            parse_object(text, what="test")
+    assert untrusted_json.depth({"v": value}, limit=1000) == expected
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("levels", [33, 1000, 100_000])
+def test_json_nested_past_the_limit_is_refused_however_deep(levels):
+    with pytest.raises(RemoteProtocolError, match="nested"):
+        parse_object('{"a": ' + "[" * levels + "]" * levels + "}", what="control message")

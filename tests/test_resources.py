@@ -5,6 +5,7 @@ into the metrics of the jobs their processes take part in."""
 from __future__ import annotations
 
 import asyncio
+import math
 import mmap
 import subprocess
 import sys
@@ -12,8 +13,8 @@ import time
 
 from hauler.core.events import JsonLines, read_json_lines
 from hauler.core.resources import ProcessMeter, ResourceSample, rss_anon_bytes
-from hauler.server.resources import ResourceRecorder
-from hauler.server.sites import SiteRegistry, SiteSession
+from hauler.server.resources import MAX_CLOCK_SKEW_S, ResourceRecorder
+from hauler.server.sites import SiteRegistry
 
 MIB = 1 << 20
 
@@ -61,9 +62,7 @@ def sample_at(t: float) -> ResourceSample:
 
 async def test_recorder_keeps_the_job_s_processes_within_its_span_once_and_late_samples_within_grace(tmp_path):
     sites = SiteRegistry()
-    in_job, other = SiteSession("site-1", stream=None), SiteSession("site-2", stream=None)
-    await sites.join(in_job)
-    await sites.join(other)
+    in_job, _ = await sites.join("site-1", "", None), await sites.join("site-2", "", None)
     recorder = ResourceRecorder(sites, grace_s=0.3)
     metrics = tmp_path / "metrics.jsonl"
     recorder.open("job", JsonLines(metrics))
@@ -73,7 +72,8 @@ async def test_recorder_keeps_the_job_s_processes_within_its_span_once_and_late_
     recorder.record("site-2", [sample_at(during)])  # not part of the job
     recorder.record("server", [sample_at(during)])
     recorder.record("server", [sample_at(during), *(sample_at(during + k / 1000) for k in range(100))])  # replayed
-    await asyncio.sleep(0.6)  # a second sample of site-1 comes at least MIN_SPACING_S after its first
+    recorder.record("site-1", [sample_at(during + 60), sample_at(during + 3600)])  # dated in the future
+    await asyncio.sleep(math.floor(during) + 1.05 - time.time())  # one sample per second of the server's clock
     before_end = time.time()
     recorder.close("job")
     in_job.deployed_jobs.discard("job")  # the job ended on the site too
@@ -82,6 +82,24 @@ async def test_recorder_keeps_the_job_s_processes_within_its_span_once_and_late_
     recorder.record("site-1", [sample_at(before_end)])  # later than the grace: the metrics are closed
     assert [(r["process"], r["t"]) for r in read_json_lines(metrics)] == [
         ("site-1", during), ("server", during), ("site-1", before_end)]
+
+
+async def test_a_site_sending_samples_as_fast_as_it_can_gets_one_a_second_into_the_job(tmp_path):
+    """Future-dated samples and floods do not grow a job's metrics faster than real time."""
+    sites = SiteRegistry()
+    (await sites.join("site-1", "", None)).deployed_jobs.add("job")
+    recorder = ResourceRecorder(sites, grace_s=0)
+    recorder.open("job", JsonLines(tmp_path / "metrics.jsonl"))
+    started = time.time()
+    while time.time() - started < 2.0:
+        now = time.time()
+        recorder.record("site-1", [sample_at(now + k / 10) for k in range(-50, 100)])  # 15 s of samples
+        await asyncio.sleep(0.01)
+    recorder.close("job")
+    kept = [r["t"] for r in read_json_lines(tmp_path / "metrics.jsonl")]
+    assert 1 <= len(kept) <= 3 + MAX_CLOCK_SKEW_S  # seconds elapsed, plus the skew the server allows
+    assert all(t <= started + 2.0 + MAX_CLOCK_SKEW_S for t in kept)
+    assert len({math.floor(t) for t in kept}) == len(kept)
 
 
 def test_a_meter_of_children_adds_up_the_processes_it_started():

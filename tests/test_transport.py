@@ -78,7 +78,8 @@ def scheme(request, kits) -> tuple[TlsFiles | None, TlsFiles | None]:
 
 def registry(*, lanes: int = 1, timeouts: Timeouts = TIMEOUTS) -> TransferRegistry:
     """The server's transfers: chunks of SMALL_CHUNK, `lanes` parallel connections per transfer."""
-    dataplane = DataPlane(chunk_bytes=SMALL_CHUNK, window_chunks=4, connections=lanes, retry_backoff_s=0.05)
+    dataplane = DataPlane(chunk_bytes=SMALL_CHUNK, window_chunks=4, connections=lanes, retry_backoff_s=0.05,
+                          hello_timeout_s=1.0)
     return TransferRegistry(dataplane, timeouts, AccessPolicy([]))
 
 

@@ -22,6 +22,12 @@ RESUMABLE = (ConnectionLost, IntegrityError, RemoteProtocolError, TransferTimeou
 log = logging.getLogger("hauler.retry")
 
 
+def resumable(error: BaseException) -> bool:
+    """Whether trying again can help: a dropped, stalled or corrupted link, not data that
+    contradicts its manifest nor an update the receiver refused."""
+    return isinstance(error, RESUMABLE) and not isinstance(error, DigestError)
+
+
 def backoff_s(attempt: int, policy: DataPlane) -> float:
     """Wait before reconnection `attempt` (1, 2, ...): doubling from retry_backoff_s, capped, jittered."""
     ceiling = min(policy.retry_backoff_max_s, policy.retry_backoff_s * 2 ** (attempt - 1))
@@ -37,7 +43,7 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], policy: DataPlane, w
             return await attempt()
         except RESUMABLE as error:
             failures += 1
-            if failures > policy.max_retries or isinstance(error, DigestError):
+            if failures > policy.max_retries or not resumable(error):
                 raise
             log.info("retrying", extra={"what": what, "attempt": failures, "error": str(error)})
             await asyncio.sleep(backoff_s(failures, policy))

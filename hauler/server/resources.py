@@ -3,8 +3,9 @@
 The server samples itself every second. A site's samples arrive with its heartbeats, up to one
 heartbeat interval late, so a job that has ended keeps taking the samples taken before its end
 for `grace_s` more, then its metrics file is closed. A site's clock and samples are its word:
-a sample is kept only within the job's span and at least MIN_SPACING_S after the process's
-previous one, so a site cannot flood a job's metrics.
+a sample is kept only within the job's span, not later than the server's own clock (plus
+MAX_CLOCK_SKEW_S), and in a later second of that clock than the process's previous one, so a
+site cannot flood a job's metrics: at most one sample per second per process, in real time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hauler.core.resources import ProcessMeter, ResourceSample
 from hauler.server.sites import SiteRegistry
 
 SERVER = "server"
-MIN_SPACING_S = 0.5  # samples are a second apart; replays and floods are not
+MAX_CLOCK_SKEW_S = 5.0  # a site's clock may run this far ahead of the server's
 
 
 @dataclass
@@ -72,9 +73,11 @@ class ResourceRecorder:
         for job_id, window in self._jobs.items():
             if process != SERVER and not self._takes_part(job_id, window, process):
                 continue
+            latest = min(window.ended_s, time.time() + MAX_CLOCK_SKEW_S)
             for sample in samples:
-                earliest = max(window.started_s, window.last_t.get(process, -math.inf) + MIN_SPACING_S)
-                if earliest <= sample.t <= window.ended_s:
+                previous = window.last_t.get(process)
+                later = previous is None or math.floor(sample.t) > math.floor(previous)
+                if later and window.started_s <= sample.t <= latest:
                     window.last_t[process] = sample.t
                     window.metrics.write(sample.record(process))
 

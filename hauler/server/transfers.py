@@ -16,15 +16,16 @@ from typing import Literal
 
 from hauler.core.config import DataPlane, Timeouts
 from hauler.core.errors import (
-    DigestError,
     HaulerError,
     JobError,
     SecurityError,
     TransferTimeout,
 )
+from hauler.core.retry import resumable
 from hauler.core.timeouts import SilenceTimer
 from hauler.model import Chunk, ChunkPlan, Manifest
 from hauler.server.access import AccessPolicy
+from hauler.server.refusals import RefusalLog
 from hauler.transfer import ReceiveLedger, SendSchedule
 from hauler.transport import Connection, read_hello, receive_model, refuse, send_model
 from hauler.transport.streams import ChunkSink, ChunkSource
@@ -93,11 +94,14 @@ class Transfer:
 class TransferRegistry:
     """Creates transfers and serves them on the data plane."""
 
-    def __init__(self, dataplane: DataPlane, timeouts: Timeouts, access: AccessPolicy) -> None:
+    def __init__(self, dataplane: DataPlane, timeouts: Timeouts, access: AccessPolicy,
+                 refusals: RefusalLog | None = None) -> None:
         self.dataplane = dataplane
         self.timeouts = timeouts
         self.access = access
+        self.refusals = refusals or RefusalLog()
         self._transfers: dict[str, Transfer] = {}
+        self._open: defaultdict[str, int] = defaultdict(int)  # peer -> data connections open
 
     def offer(self, peer: str, manifest: Manifest, source: ChunkSource) -> Transfer:
         """A model the server will send to `peer` when it connects, on one connection per lane."""
@@ -135,17 +139,46 @@ class TransferRegistry:
         acknowledged (downloads) or has landed (uploads) and no lane is still being served, so
         a discard never cuts a lane's END; until the discard it is still served (a lane whose
         END or last ACK was lost ends at once). Only silence
-        (the waiter's communication_timeout) or a discard ends a transfer unfinished."""
-        transfer_id, lane = await read_hello(connection, self.timeouts)
+        (the waiter's communication_timeout) or a discard ends a transfer unfinished.
+        A peer holds at most `max_connections_per_peer` connections; refusals are logged."""
+        peer = _peer_name(connection)
+        if self._open[peer] >= self.dataplane.max_connections_per_peer:
+            self._refuse(connection, peer, "connections", f"more than {self.dataplane.max_connections_per_peer} "
+                         "data connections open at once (max_connections_per_peer)")
+            return
+        self._open[peer] += 1
+        try:
+            bound = await self._bind(connection, peer)
+            if bound is not None:
+                await self._serve(connection, *bound)
+        finally:
+            self._open[peer] -= 1
+            if not self._open[peer]:
+                del self._open[peer]
+
+    async def _bind(self, connection: Connection, peer: str) -> tuple[Transfer, int] | None:
+        """The transfer and lane a connection's HELLO names, if it may serve them."""
+        try:
+            transfer_id, lane = await read_hello(connection, self.dataplane.hello_timeout_s)
+        except HaulerError as error:
+            self.refusals.refused(peer, "hello", str(error))
+            raise
         transfer = self._transfers.get(transfer_id)
         if transfer is None or transfer.failed or lane >= transfer.lanes:
-            refuse(connection, "unknown or failed transfer, or no such lane")
-            return
+            self._refuse(connection, peer, "transfer", "unknown or failed transfer, or no such lane")
+            return None
         try:
             self.access.check_transfer(connection.identity, transfer.peer)
         except SecurityError as error:
-            refuse(connection, str(error))
+            self._refuse(connection, peer, "security", str(error))
             raise
+        return transfer, lane
+
+    def _refuse(self, connection: Connection, peer: str, kind: str, reason: str) -> None:
+        self.refusals.refused(peer, kind, reason)
+        refuse(connection, reason)
+
+    async def _serve(self, connection: Connection, transfer: Transfer, lane: int) -> None:
         if lane in transfer.serving:
             transfer.serving[lane].abort()
         async with transfer.locks[lane]:
@@ -157,8 +190,8 @@ class TransferRegistry:
                 await self._run(connection, transfer, lane)
             except HaulerError as error:
                 transfer.interruption = str(error)
-                if isinstance(error, DigestError) and not transfer.done.done():
-                    transfer.done.set_exception(error)  # data and manifest disagree: resuming cannot help
+                if not resumable(error) and not transfer.done.done():
+                    transfer.done.set_exception(error)  # a refused update, or data and manifest disagree
                 raise
             finally:
                 del transfer.serving[lane]
@@ -176,6 +209,15 @@ class TransferRegistry:
             assert transfer.ledger is not None and transfer.on_chunk is not None
             await receive_model(connection, transfer.ledger, transfer.file, timeouts=self.timeouts, lane=lane,
                                 on_chunk=transfer.on_chunk, on_progress=transfer.progressed)
+
+
+def _peer_name(connection: Connection) -> str:
+    """Whom a connection's limits and refusals are counted against: its certificate's name."""
+    try:
+        identity = connection.identity
+    except SecurityError:
+        return "(a certificate not issued by `hauler provision`)"
+    return "(plaintext peers)" if identity is None else identity.name
 
 
 def _future() -> asyncio.Future[None]:

@@ -19,16 +19,20 @@ left for any lane; only then does the receiver's side of that lane return.
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
 from hauler.core.errors import RemoteProtocolError
+from hauler.core.untrusted_json import parse_object
 from hauler.model.manifest import MAX_CHUNK_BYTES, chunk_checksum
 
 MAGIC = b"HLR1"
 HEADER = struct.Struct("<4sBBHIQIQ")
 MAX_CONTROL_PAYLOAD = 64 << 10  # a HELLO or ERROR is a few hundred bytes; refuse more
+MAX_TRANSFER_ID = 128  # ids are 32 hex digits
+MAX_LANES = 64  # as DataPlane.connections allows
 _U64 = struct.Struct("<Q")
 _PLACE = struct.Struct("<IQI")
 
@@ -88,6 +92,24 @@ def control_frame(kind: Kind, payload: bytes = b"") -> bytes:
     if len(payload) > MAX_CONTROL_PAYLOAD:
         raise ValueError("control payload too large")
     return FrameHeader(kind, length=len(payload), checksum=chunk_checksum(memoryview(payload))).encode() + payload
+
+
+def hello_frame(transfer_id: str, lane: int) -> bytes:
+    """The first frame of a data connection: which lane of which transfer it serves."""
+    return control_frame(Kind.HELLO, json.dumps({"transfer": transfer_id, "lane": lane}).encode())
+
+
+def parse_hello(frame_header: FrameHeader, payload: bytes) -> tuple[str, int]:
+    """The (transfer id, lane) of a connection's first frame, which must be a valid HELLO."""
+    if frame_header.kind is not Kind.HELLO:
+        raise RemoteProtocolError(f"first frame must be HELLO, got {frame_header.kind.name}")
+    hello = parse_object(payload, what="HELLO", max_depth=1)
+    transfer_id, lane = hello.get("transfer"), hello.get("lane", 0)
+    if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= MAX_TRANSFER_ID:
+        raise RemoteProtocolError("HELLO names no valid transfer id")
+    if type(lane) is not int or not 0 <= lane < MAX_LANES:
+        raise RemoteProtocolError("HELLO names no valid lane")
+    return transfer_id, lane
 
 
 def data_check(tensor: int, offset: int, length: int, payload_checksum: int) -> int:

@@ -18,6 +18,7 @@ import grpc
 from grpc import aio
 
 from hauler.core.config import TlsFiles
+from hauler.core.untrusted_json import parse_object
 from hauler.core.errors import (
     ConfigError,
     ConnectionLost,
@@ -67,13 +68,7 @@ def _encode(message: Message) -> bytes:
 
 
 def _decode(data: bytes) -> Message:
-    try:
-        message = json.loads(data)
-    except ValueError:
-        raise RemoteProtocolError("control message is not JSON") from None
-    if not isinstance(message, dict):
-        raise RemoteProtocolError("control message is not a JSON object")
-    return message
+    return parse_object(data, what="control message")
 
 
 def map_rpc_error(error: grpc.RpcError, where: str) -> HaulerError:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from hauler.core.config import DataPlane, Timeouts, TlsFiles
-from hauler.core.errors import HaulerError, RemoteProtocolError
+from hauler.core.errors import HaulerError, RemoteProtocolError, TransferTimeout
 from hauler.core.retry import with_retries
 from hauler.core.timeouts import SilenceTimer
 from hauler.model import ChunkPlan
@@ -33,6 +32,8 @@ from hauler.transfer import (
     WindowStatistics,
     ack_frame,
     control_frame,
+    hello_frame,
+    parse_hello,
 )
 from hauler.transport.connection import Connection, connect
 
@@ -191,26 +192,19 @@ async def open_transfer(host: str, port: int, transfer_id: str, *, lane: int = 0
                         congestion_control: str = "") -> Connection:
     """Dial the data plane and bind the connection to one lane of `transfer_id` with a HELLO frame."""
     connection = await connect(host, port, tls=tls, congestion_control=congestion_control)
-    connection.write(control_frame(Kind.HELLO, json.dumps({"transfer": transfer_id, "lane": lane}).encode()))
+    connection.write(hello_frame(transfer_id, lane))
     return connection
 
 
-async def read_hello(connection: Connection, timeouts: Timeouts) -> tuple[str, int]:
-    """The transfer id and lane a freshly accepted connection asks for (its first frame)."""
-    async with SilenceTimer(timeouts.communication_timeout, "communication_timeout", "waiting for a HELLO"):
-        frame = await connection.next_frame()
-    if frame.header.kind is not Kind.HELLO:
-        raise RemoteProtocolError(f"first frame must be HELLO, got {frame.header.kind.name}")
+async def read_hello(connection: Connection, seconds: float) -> tuple[str, int]:
+    """The transfer id and lane a freshly accepted connection asks for in its first frame, which
+    must come within `seconds` (a connection that says nothing is dropped, not kept)."""
     try:
-        hello = json.loads(frame.payload)
-        transfer_id, lane = hello["transfer"], hello.get("lane", 0)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise RemoteProtocolError("HELLO payload must be {\"transfer\": id, \"lane\": n}") from None
-    if not isinstance(transfer_id, str) or not 0 < len(transfer_id) <= 128:
-        raise RemoteProtocolError("HELLO names no valid transfer id")
-    if not isinstance(lane, int) or not 0 <= lane < 64:
-        raise RemoteProtocolError("HELLO names no valid lane")
-    return transfer_id, lane
+        async with asyncio.timeout(seconds):
+            frame = await connection.next_frame()
+    except TimeoutError:
+        raise TransferTimeout("hello_timeout_s", seconds, "waiting for a data connection's HELLO") from None
+    return parse_hello(frame.header, frame.payload)
 
 
 def refuse(connection: Connection, reason: str) -> None:
