@@ -23,6 +23,7 @@ from hauler.core.messages import (
     Hello,
     ResultReady,
     Task,
+    TaskFailed,
     UploadReady,
     Welcome,
     dump,
@@ -66,10 +67,10 @@ def kits(tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def serving(kits: Path, revoked: tuple[str, ...] = ()):
+async def serving(kits: Path, revoked: tuple[str, ...] = (), **settings: object):
     """A real TLS server from its kit, on free loopback ports, inside the test's event loop."""
     config = load_toml(ServerConfig, kits / "server" / "server.toml", control_port=0, data_port=0,
-                       timeouts=FAST, revoked=list(revoked))
+                       timeouts=FAST, revoked=list(revoked), **settings)
     server = Server(config)
     task = asyncio.create_task(server.serve())
     try:
@@ -239,3 +240,41 @@ async def test_a_revoked_site_is_refused_at_connect(kits):
         with pytest.raises(SecurityError, match="revoked"):
             await asyncio.wait_for(stream.receive(), 10)
         await channel.close()
+
+
+async def test_what_a_job_s_code_said_is_shown_to_its_submitter_and_project_admins_only(kits, tmp_path):
+    kits = kits[0]
+    async with serving(kits) as server:
+        channel_1, stream_1 = await _join(_site(kits, "site-1", server))
+        assert isinstance(parse_server_message(await stream_1.receive()), Welcome)
+        async with Admin(_admin(kits, "oscar", server)) as oscar:  # org b submits
+            job_id = await oscar.submit(_job(tmp_path))
+        task = await _next(stream_1, Task)
+        await stream_1.send(dump(TaskFailed(task_id=task.task_id, error="KeyError: the secret is 42")))
+        for name, sees in (("alice", True), ("oscar", True), ("mike", False)):  # mike: a member of org a
+            async with Admin(_admin(kits, name, server)) as admin:
+                events = [event async for event in admin.watch(job_id)]
+                failure = next(e["error"] for e in events if e["event"] == "site.failed")
+                assert ("the secret is 42" in failure) == sees, (name, failure)
+                assert sees or "shown to the job's submitter and project admins" in failure
+                assert (await admin.status(job_id))["job"]["status"] == "failed"
+        await channel_1.close()
+
+
+async def test_a_job_whose_own_code_failed_says_why_only_to_its_submitter_and_project_admins(kits, tmp_path):
+    kits = kits[0]
+    job = _job(tmp_path)
+    (job / "model.py").write_text((job / "model.py").read_text() + "\n\ndef fill(name, out, config):\n"
+                                  "    raise RuntimeError('the secret is 42')\n")
+    (job / "job.toml").write_text((job / "job.toml").read_text().replace("[model]\n", '[model]\nbuild = "server"\n'))
+    async with serving(kits, allow_custom_code=True) as server:
+        async with Admin(_admin(kits, "oscar", server)) as oscar:
+            job_id = await oscar.submit(job)
+            assert [e async for e in oscar.watch(job_id)][-1]["event"] == "job.failed"
+        for name, sees in (("alice", True), ("oscar", True), ("mike", False)):
+            async with Admin(_admin(kits, name, server)) as admin:
+                error = (await admin.status(job_id))["job"]["error"]
+                listed = next(j["error"] for j in await admin.list_jobs() if j["id"] == job_id)
+                ending = [e async for e in admin.watch(job_id)][-1]["error"]
+                for said in (error, listed, ending):
+                    assert ("the secret is 42" in said) == sees, (name, said)

@@ -28,6 +28,8 @@ from helpers import (
 )
 from safetensors.numpy import load_file
 
+pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
+
 MODES = ("in_process", "subprocess")
 
 NUMPY_SCRIPT = """

@@ -4,7 +4,9 @@ driven only through the `hauler` command, as a user would."""
 from __future__ import annotations
 
 import re
+import tomllib
 
+import numpy as np
 import pytest
 import tomli_w
 from helpers import (
@@ -19,7 +21,9 @@ from helpers import (
     submitted_job_id,
     wait_until,
 )
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
+
+pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
 
 ROUND_KEYS = {"download_s", "train_s", "upload_s", "aggregate_s"}
 
@@ -28,9 +32,11 @@ ROUND_KEYS = {"download_s", "train_s", "upload_s", "aggregate_s"}
 def poc(tmp_path_factory):
     """A running federation with small chunks, so every tensor travels as several."""
     workspace = tmp_path_factory.mktemp("e2e") / "poc"
+    (workspace.parent / "models").mkdir()
 
     def configure(workspace):
         edit_configs(workspace, "dataplane", {"chunk_bytes": 256 << 10, "window_chunks": 4})
+        edit_configs(workspace, None, {"model_dirs": [str(workspace.parent / "models")]}, roles="server")
 
     with federation(workspace, sites=2, configure=configure):
         yield workspace
@@ -71,7 +77,7 @@ def test_hello_numpy_two_sites_two_rounds_gives_initial_plus_rounds_times_increm
             for direction in ("download", "upload"):
                 assert (row[direction]["reconnects"], row[direction]["bytes_resent"]) == (0, 0), (direction, row)
     events = [event["event"] for event in read_jsonl(server_job / "events.jsonl")]
-    assert events[0] == "job.started" and events[-1] == "job.finished"
+    assert events[:2] == ["initial_model.received", "job.started"] and events[-1] == "job.finished"
     assert events.count("round.complete") == 2 and events.count("site.result") == 4
     assert "round.refold" not in events  # nobody failed, nothing folded twice
     assert (server_job / "global" / "round-2.safetensors").exists()
@@ -151,3 +157,64 @@ def test_malformed_job_is_refused_even_when_the_server_is_down(tmp_path):
     write_job_toml(job, MALFORMED["unknown_key"][0])
     result = hauler("submit", job, "--kit", admin)
     assert result.returncode == 2 and "workflow.nm_rounds: unknown key" in result.stderr
+
+
+# ----- starting from a checkpoint: uploaded with the job, or a file of the server's ---------------
+
+def pretrained(path, seed: int = 3) -> dict[str, np.ndarray]:
+    """A checkpoint as PyTorch users save one (metadata, tensors in name order); values that
+    stay exact when hello-numpy adds 0.125 to them."""
+    rng = np.random.default_rng(seed)
+    tensors = {"encoder.weight": (rng.integers(-64, 64, (300, 41)) / 8).astype(np.float32),
+               "encoder.bias": (rng.integers(-64, 64, (41,)) / 8).astype(np.float32),
+               "head.weight": (rng.integers(-64, 64, (41, 7)) / 8).astype(np.float64)}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return tensors
+
+
+def without_model_section(job):
+    config = tomllib.loads((job / "job.toml").read_text())
+    del config["model"]
+    (job / "job.toml").write_text(tomli_w.dumps(config))
+
+
+def trained_from(tensors: dict[str, np.ndarray], rounds: int) -> dict[str, np.ndarray]:
+    return {name: (array + array.dtype.type(0.125) * rounds).astype(array.dtype) for name, array in tensors.items()}
+
+
+def downloaded(poc, job_id, folder) -> dict[str, np.ndarray]:
+    ok(hauler("jobs", "download", job_id, "-o", folder, "--workspace", poc))
+    return load_file(str(folder / "global.safetensors"))
+
+
+def test_a_job_starts_from_a_checkpoint_uploaded_with_it(poc, tmp_path):
+    job = hello_job(tmp_path, rounds=2, min_clients=2)
+    without_model_section(job)
+    tensors = pretrained(tmp_path / "checkpoint.safetensors")
+    submitted = ok(hauler("submit", job, "--initial-model", tmp_path / "checkpoint.safetensors", "--workspace", poc,
+                          "--wait"))
+    assert_models_equal(downloaded(poc, submitted_job_id(submitted.stdout), tmp_path / "out"), trained_from(tensors, 2))
+
+
+def test_a_job_starts_from_a_checkpoint_in_the_server_s_model_dirs(poc, tmp_path):
+    tensors = pretrained(poc.parent / "models" / "pretrained.safetensors", seed=5)
+    job = hello_job(tmp_path, rounds=2, min_clients=2)
+    job_toml = job / "job.toml"
+    config = tomllib.loads(job_toml.read_text())
+    config["model"] = {"file": "pretrained.safetensors"}
+    job_toml.write_text(tomli_w.dumps(config))
+    submitted = ok(hauler("submit", job, "--workspace", poc, "--wait"))
+    assert_models_equal(downloaded(poc, submitted_job_id(submitted.stdout), tmp_path / "out"), trained_from(tensors, 2))
+    assert load_file(str(poc.parent / "models" / "pretrained.safetensors")).keys() == tensors.keys()  # untouched
+
+
+@pytest.mark.parametrize("name", ["missing.safetensors", "../poc/server/server.key", "/etc/hostname"])
+def test_a_file_outside_the_server_s_model_dirs_is_refused_at_submission(poc, tmp_path, name):
+    job = hello_job(tmp_path)
+    config = tomllib.loads((job / "job.toml").read_text())
+    config["model"] = {"file": name}
+    (job / "job.toml").write_text(tomli_w.dumps(config))
+    jobs_before = server_jobs(poc)
+    result = hauler("submit", job, "--workspace", poc)
+    assert result.returncode == 1 and "is not a file in the server's model_dirs" in result.stderr, result.stderr
+    assert server_jobs(poc) == jobs_before

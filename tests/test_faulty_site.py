@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 from helpers import (
     REPO,
     assert_models_equal,
@@ -52,6 +54,8 @@ from hauler.transport import (
     open_transfer,
 )
 
+pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
+
 # The server waits communication_timeout for a broken upload to resume before it gives up on it.
 FAST = {"communication_timeout": 2, "streaming_read_timeout": 5, "streaming_ack_wait": 5}
 CHUNK_BYTES = 16384
@@ -74,6 +78,14 @@ HOSTILE_MANIFESTS = {  # what a lying site may announce in ResultReady
     "another_layout": lambda m: Manifest.build([(t.name, t.dtype, (t.length // 4 + 1,)) for t in m.tensors],
                                               m.chunk_bytes).to_json(),
 }
+HOSTILE_WEIGHTS = {"weight_infinity": float("inf"), "weight_nan": float("nan"), "weight_1e300": 1e300,
+                   "weight_negative": -1.0}
+POISONED_VALUES = {  # tensor -> value; the other tensors hold GARBAGE, as in every mode
+    "nan_in_a_tensor": {"array_2": float("nan")},
+    "inf_in_a_tensor": {"array_1": float("-inf")},
+    "update_far_above_max_update_norm": {"array_0": 1e30, "array_3": 1e30},
+}
+MAX_UPDATE_NORM = 10.0  # set in the jobs of the poisoned modes: honest updates are far below it
 FAULTY_KIT = "faulty-site-2"  # not site-*: `hauler poc start` leaves it to the test
 
 
@@ -143,9 +155,14 @@ class FaultySite:
             announced = announced.with_digests([honest.tensors[0].digest] +
                                                [t.digest for t in announced.tensors[1:]])
         self.results[task.task_id] = (model, announced)
+        if self.mode in POISONED_VALUES:
+            for name, value in POISONED_VALUES[self.mode].items():
+                model.arrays()[name][...] = value
+            announced = model.compute_digests()
         lie = HOSTILE_MANIFESTS.get(self.mode)
         claim = announced.to_json() if lie is None else lie(announced)
-        await stream.send(dump(ResultReady(task_id=task.task_id, weight=1000.0, manifest=claim)))
+        result = dump(ResultReady(task_id=task.task_id, weight=1000.0, manifest=claim))
+        await stream.send({**result, "weight": HOSTILE_WEIGHTS.get(self.mode, 1000.0)})  # as JSON allows
 
     async def upload(self, message: UploadReady) -> None:
         self.upload_requests += 1
@@ -161,6 +178,9 @@ class FaultySite:
                 await send_and_wait_for_acks(connection, model, lane[:10])
                 header, payload = frame(model, lane[10])
                 connection.write(header + payload[:-1] + bytes([payload[-1] ^ 0xFF]))
+                await wait_for_hang_up(connection)
+            elif self.mode in POISONED_VALUES:  # every chunk, each with its right checksum
+                connection.write(b"".join(b"".join(frame(model, chunk)) for chunk in lane))
                 await wait_for_hang_up(connection)
             elif self.mode.startswith("bad_digest"):  # every chunk of the first tensor
                 first_tensor = [chunk for chunk in lane if chunk.tensor == 0]
@@ -248,8 +268,12 @@ def assert_site_2_left_no_trace(poc: Path, tmp_path: Path, job: Path, stdout: st
     return events
 
 
-def run_with(poc: Path, tmp_path: Path, mode: str) -> tuple[Path, FaultySite, str]:
+def run_with(poc: Path, tmp_path: Path, mode: str, **workflow: float) -> tuple[Path, FaultySite, str]:
     job = hello_job(tmp_path, rounds=2, min_clients=1, wait_s=30, arrays=4, array_bytes=100_004)
+    if workflow:
+        config = tomllib.loads((job / "job.toml").read_text())
+        config["workflow"].update(workflow)
+        (job / "job.toml").write_text(tomli_w.dumps(config))
     faulty = FaultySite(poc, tmp_path, mode)
     returncode, stdout, stderr = asyncio.run(run_job_with_faulty_site(poc, job, faulty))
     assert returncode == 0, f"{stdout}\n{stderr}"
@@ -276,3 +300,29 @@ def test_tensor_that_failed_its_digest_is_not_aggregated_when_the_site_resumes(p
     job, faulty, stdout = run_with(poc, tmp_path, "bad_digest_then_resume")
     assert faulty.broken_uploads >= 1
     assert_site_2_left_no_trace(poc, tmp_path, job, stdout)
+
+
+def site_2_failures(events: list[dict]) -> list[str]:
+    return [e["error"] for e in events if e["event"] == "site.failed" and e["site"] == "site-2"]
+
+
+@pytest.mark.parametrize("mode", HOSTILE_WEIGHTS)
+def test_a_weight_that_is_not_finite_positive_and_at_most_max_weight_fails_that_site(poc, tmp_path, mode):
+    job, faulty, stdout = run_with(poc, tmp_path, mode)
+    assert faulty.downloads >= 1 and faulty.upload_requests == 0  # refused before anything was folded
+    events = assert_site_2_left_no_trace(poc, tmp_path, job, stdout)
+    error = site_2_failures(events)[0]
+    assert f"site-2 announced weight {HOSTILE_WEIGHTS[mode]!r}" in error and "max_weight = 1e+09" in error, error
+
+
+@pytest.mark.parametrize("mode", POISONED_VALUES)
+def test_an_update_with_poisoned_values_is_dropped_from_the_round_exactly(poc, tmp_path, mode):
+    job, faulty, stdout = run_with(poc, tmp_path, mode, max_update_norm=MAX_UPDATE_NORM)
+    assert faulty.upload_requests >= 1
+    events = assert_site_2_left_no_trace(poc, tmp_path, job, stdout)
+    error = site_2_failures(events)[0]
+    if mode == "update_far_above_max_update_norm":
+        assert "x the global model's is above max_update_norm = 10" in error, error
+    else:
+        tensor = next(iter(POISONED_VALUES[mode]))
+        assert f"non-finite values in tensor '{tensor}'" in error, error

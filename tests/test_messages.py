@@ -64,11 +64,11 @@ def test_garbage_from_the_server_is_refused_as_remote_protocol_error(data):
     {"type": "hello", "site": ""},
     {"type": "hello", "site": "s" * 65},
     {"type": "hello", "site": "site-1", "admin": True},
-    {"type": "result_ready", "task_id": "t", "weight": 0, "manifest": {}},
-    {"type": "result_ready", "task_id": "t", "weight": -1, "manifest": {}},
+    {"type": "result_ready", "task_id": "t", "weight": 1, "manifest": {}, "metrics": {"m" * 200: 1.0}},
+    {"type": "result_ready", "task_id": "t", "weight": 1, "manifest": {}, "metrics": {f"m{k}": 1.0 for k in range(1000)}},
     {"type": "task_failed", "task_id": "t", "error": "x" * 5000},
     {"type": "welcome", "site": "site-1"},  # a server message, not a site's
-], ids=["path_in_name", "empty_name", "long_name", "extra_field", "zero_weight", "negative_weight",
+], ids=["path_in_name", "empty_name", "long_name", "extra_field", "long_metric_name", "too_many_metrics",
         "long_error", "wrong_direction"])
 def test_invalid_site_message_is_refused(data):
     with pytest.raises(RemoteProtocolError):
@@ -82,3 +82,10 @@ def test_messages_round_trip_through_json():
     for message in messages:
         parse = parse_site_message if isinstance(message, (Hello, ResultReady)) else parse_server_message
         assert parse(dump(message)) == message
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("inf"), float("nan"), 1e300])
+def test_a_result_s_weight_is_taken_as_sent_so_the_server_can_refuse_it_by_name(weight):
+    """Validation of the weight is the federation's (against max_weight), not a protocol error."""
+    message = parse_site_message({"type": "result_ready", "task_id": "t", "weight": weight, "manifest": {}})
+    assert message.weight == weight or (weight != weight and message.weight != message.weight)

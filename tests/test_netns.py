@@ -22,6 +22,8 @@ import yaml
 
 from hauler.security import provision
 
+pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
+
 SERVER_ADDRESS = "10.200.0.1"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
 

@@ -3,6 +3,8 @@ once every site is connected, stop ends every process it recorded (and only thos
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from helpers import edit_configs, hauler, ok, process_gone, wait_until
 from hauler.admin import Admin
 from hauler.admin.poc import admin_config
 from hauler.core.config import AdminConfig, ServerConfig, SiteConfig, load_toml
+
+pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
 
 
 def processes_of(workspace: Path) -> list[psutil.Process]:

@@ -3,6 +3,8 @@ in a log file. The site under test runs as a real process on a pseudo-terminal."
 
 from __future__ import annotations
 
+import pytest
+
 import io
 import os
 import pty
@@ -15,6 +17,8 @@ from helpers import REPO, hauler, hello_job, ok, submitted_job_id
 from rich.console import Console
 
 from hauler.cli.progress import KEPT_BARS, TransferBars
+
+pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
 
 
 def test_bars_advance_by_the_bytes_given_and_old_finished_bars_go():

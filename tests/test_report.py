@@ -17,6 +17,8 @@ from hauler.admin import Admin
 from hauler.admin.poc import admin_config
 from hauler.admin.report import FIGURES, SERVER, Report, build_report
 
+pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
+
 SITES = ["site-1", "site-2"]
 ROUNDS = 3
 PROCESSES = [SERVER, *SITES]

@@ -22,6 +22,9 @@ from faultproxy import FaultProxy
 
 from hauler.admin import Admin, poc
 from hauler.core.events import read_json_lines
+from hauler.server.rounds import RoundStore
+
+pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
 FAST_RETRIES = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.5, "max_retries": 50, "connections": 4}
@@ -140,7 +143,11 @@ def test_a_stopped_site_times_out_by_silence_and_the_job_goes_on(tmp_path):
     assert [e["site"] for e in events if e["event"] == "site.result"] == ["site-1"]
 
 
-def test_a_server_killed_mid_job_resumes_it_after_a_restart(tmp_path):
+TEARS = {"none": None, "newest_round_manifest_half_written": "manifest"}  # every kind: test_rounds.py
+
+
+@pytest.mark.parametrize("tear", TEARS.values(), ids=TEARS.keys())
+def test_a_server_killed_mid_job_resumes_it_after_a_restart(tmp_path, tear):
     workspace = tmp_path / "poc"
     poc.prepare(workspace, 2, dataplane=FAST_RETRIES)
     with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=20e6) as proxy:
@@ -148,6 +155,7 @@ def test_a_server_killed_mid_job_resumes_it_after_a_restart(tmp_path):
         pids = poc.start(workspace)
         try:
             job_id = asyncio.run(_kill_server_in_round(workspace, _job(tmp_path, rounds=3, min_clients=2), 1, pids))
+            torn = _tear_newest_round(workspace / "server" / "jobs" / job_id, tear)
             _restart_server(workspace)
             record = asyncio.run(_wait_until_ended(workspace, job_id))
             assert record["status"] == "finished", record
@@ -160,6 +168,20 @@ def test_a_server_killed_mid_job_resumes_it_after_a_restart(tmp_path):
         np.testing.assert_allclose(values, expected, atol=1e-5)
     events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
     assert [e["round"] for e in events if e["event"] == "round.complete"][-2:] == [1, 2]
+    skipped = {e["round"]: e["reason"] for e in events if e["event"] == "round.skipped"}
+    assert (torn in skipped) == (tear is not None), skipped  # a torn round is said, and run again
+
+
+def _tear_newest_round(job_dir: Path, tear: str | None) -> int | None:
+    """Damage the newest committed round as a crash or a full disk can; returns its number."""
+    if tear is None:
+        return None
+    rounds = RoundStore(job_dir, keep_rounds=2)
+    newest = rounds.latest()
+    assert newest is not None and newest >= 1
+    target = rounds.path(newest) if tear == "file" else rounds.manifest_path(newest)
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    return newest
 
 
 async def _kill_server_in_round(workspace: Path, job: Path, round: int, pids: dict[str, int]) -> str:
@@ -201,7 +223,7 @@ def _sync_download(workspace: Path, job_id: str, out: Path) -> Path:
     return asyncio.run(fetch())
 
 
-def test_a_killed_site_restarted_rejoins_the_job(tmp_path):
+def test_a_site_killed_mid_download_and_back_within_a_second_is_given_its_task_again(tmp_path):
     workspace = tmp_path / "poc"
     poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES)
     with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=2e6) as proxy:
@@ -211,19 +233,70 @@ def test_a_killed_site_restarted_rejoins_the_job(tmp_path):
 
         def kill_and_restart_site_2(event: dict) -> None:
             if (not killed and event["event"] == "transfer.progress" and event["site"] == "site-2"
-                    and event["round"] == 0 and event["bytes"] < event["total"]):
+                    and event["round"] == 0 and 0 < event["bytes"] < event["total"]):
                 os.kill(pids["site-2"], signal.SIGKILL)
                 killed.append(_restart(workspace, "site-2", ["client", "--config", str(workspace / "site-2" / "site.toml")]))
 
         try:
-            job = _job(tmp_path, rounds=3, min_clients=1, wait_after_min_s=2)
+            job = _job(tmp_path, rounds=2, min_clients=2, wait_after_min_s=2, array_bytes=512 * 1024 + 4)
             job_id, final = asyncio.run(_run_job(workspace, job, kill_and_restart_site_2))
+            model = safetensors.numpy.load_file(_sync_download(workspace, job_id, tmp_path / "out"))
         finally:
             poc.stop(workspace)
     assert killed and final == "job.finished"
     events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
-    assert "site-2" in [e["site"] for e in events if e["event"] == "site.failed" and e["round"] == 0]
-    assert "site-2" in [e["site"] for e in events if e["event"] == "site.result" and e["round"] == 2]
+    assert not [e for e in events if e["event"] == "site.failed"]
+    assert [(e["round"], e["site"]) for e in events if e["event"] == "site.restarted"] == [(0, "site-2")]
+    assert sorted((e["round"], e["site"]) for e in events if e["event"] == "site.result") == [
+        (0, "site-1"), (0, "site-2"), (1, "site-1"), (1, "site-2")]
+    assert_hello_numpy(model, rounds=2)
+
+
+def test_a_site_whose_control_stream_drops_keeps_its_task_and_its_transfers_go_on(tmp_path):
+    workspace = tmp_path / "poc"
+    poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES)
+    with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=2e6) as data, \
+            FaultProxy(_server_control_port(workspace)) as control:
+        _route_sites_through(workspace, data.port)
+        _route_control_of(workspace / "site-2", control.port)
+        poc.start(workspace)
+        dropped = []
+
+        def drop_site_2_s_control_stream(event: dict) -> None:
+            if (not dropped and event["event"] == "transfer.progress" and event["site"] == "site-2"
+                    and event["round"] == 0 and 0 < event["bytes"] < event["total"]):
+                control.cut_all()
+                dropped.append(event["bytes"])
+
+        try:
+            job = _job(tmp_path, rounds=2, min_clients=2, wait_after_min_s=2, array_bytes=512 * 1024 + 4)
+            job_id, final = asyncio.run(_run_job(workspace, job, drop_site_2_s_control_stream))
+            model = safetensors.numpy.load_file(_sync_download(workspace, job_id, tmp_path / "out"))
+        finally:
+            poc.stop(workspace)
+    assert dropped and final == "job.finished"
+    events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
+    assert not [e for e in events if e["event"] in ("site.failed", "site.restarted")], events
+    rows = [row for row in read_json_lines(workspace / "server" / "jobs" / job_id / "metrics.jsonl")
+            if row["kind"] == "site" and row["site"] == "site-2" and row["round"] == 0]
+    assert rows[0]["download"]["reconnects"] == 0  # the download went on while the control stream was down
+    assert_hello_numpy(model, rounds=2)
+
+
+def assert_hello_numpy(model: dict[str, np.ndarray], *, rounds: int) -> None:
+    for name, values in model.items():
+        k = int(name.split("_")[1])
+        expected = ((np.arange(values.size) % 1000 + k) / 1000).astype(np.float32) + np.float32(0.1 * rounds)
+        np.testing.assert_allclose(values, expected, atol=1e-5)
+
+
+def _server_control_port(workspace: Path) -> int:
+    return tomllib.loads((workspace / "server" / "server.toml").read_text())["control_port"]
+
+
+def _route_control_of(site: Path, port: int) -> None:
+    config = site / "site.toml"
+    config.write_text(tomli_w.dumps({**tomllib.loads(config.read_text()), "control_port": port}))
 
 
 def _restart(workspace: Path, role: str, arguments: list[str]) -> int:

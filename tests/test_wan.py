@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
+
 REPO = Path(__file__).resolve().parent.parent
 
 from helpers import (  # noqa: E402

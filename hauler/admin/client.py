@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
+import shutil
+import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from hauler.core.config import AdminConfig, DataPlane
-from hauler.core.package import pack
+from hauler.core.config import AdminConfig, DataPlane, JobConfig
+from hauler.core.errors import ConfigError, JobError
+from hauler.core.events import TrackTransfer, untracked
+from hauler.core.package import load_job, pack
 from hauler.model import ChunkPlan, Manifest, ModelFile
 from hauler.transfer import ReceiveLedger
-from hauler.transport import ControlChannel, DataAddress, fetch_model
+from hauler.transport import ControlChannel, DataAddress, fetch_model, push_model
 
 MAX_PACKAGE_BYTES = 16 << 20
+BUILD_ROOT = Path.home() / ".cache" / "hauler"  # a disk, not /tmp (often RAM): models are large
+ERROR_TAIL_BYTES = 4000
 
 
 class Admin:
@@ -30,10 +40,33 @@ class Admin:
     async def __aexit__(self, *exc: object) -> None:
         await self._channel.close()
 
-    async def submit(self, job_dir: Path) -> str:
-        """Package and submit a job folder; returns the job id."""
-        reply = await self._channel.call("submit", package_b64=pack(job_dir, MAX_PACKAGE_BYTES))
-        return str(reply["job_id"])
+    async def submit(self, job_dir: Path, *, initial_model: Path | None = None,
+                     track: TrackTransfer = untracked) -> str:
+        """Package and submit a job folder with its initial model; returns the job id.
+
+        The initial model is `initial_model` if given, else built here from the job's model
+        module (the author's code, run where its author runs it), unless the job names a file
+        of the server's or asks the server to build it. Either way it is uploaded on the data
+        plane, chunked and verified; `track` is told of the upload's progress."""
+        job = load_job(job_dir)
+        package = pack(job_dir, MAX_PACKAGE_BYTES)
+        chunk_bytes = int((await self._channel.call("info"))["chunk_bytes"])
+        async with initial_model_file(job_dir, job, chunk_bytes, initial_model) as path:
+            if path is None:
+                return str((await self._channel.call("submit", package_b64=package))["job_id"])
+            with ModelFile.open(path, chunk_bytes=chunk_bytes) as model:
+                manifest = await asyncio.to_thread(model.compute_digests)
+                reply = await self._channel.call("submit", package_b64=package,
+                                                 initial_manifest=manifest.to_json())
+                upload = reply["upload"]
+                await push_model(self._data_address, upload["transfer"], manifest, model, int(upload["lanes"]),
+                                 timeouts=self.config.timeouts,
+                                 on_progress=track("initial model upload", manifest.total_bytes))
+            return str(reply["job_id"])
+
+    @property
+    def _data_address(self) -> DataAddress:
+        return DataAddress(self.config.server_host, self.config.data_port, self.config.tls, DataPlane())
 
     async def list_jobs(self) -> list[dict[str, Any]]:
         return (await self._channel.call("list_jobs"))["jobs"]
@@ -69,10 +102,46 @@ class Admin:
         out_dir.mkdir(parents=True, exist_ok=True)
         final = out_dir / "global.safetensors"
         partial = out_dir / ".global.safetensors.partial"
-        address = DataAddress(self.config.server_host, self.config.data_port, self.config.tls, DataPlane())
         with ModelFile.create(partial, manifest) as model:
-            await fetch_model(address, offer["transfer"], ReceiveLedger(ChunkPlan(manifest), offer["lanes"]), model,
+            await fetch_model(self._data_address, offer["transfer"], ReceiveLedger(ChunkPlan(manifest), offer["lanes"]), model,
                               timeouts=self.config.timeouts)
             model.flush()
         os.replace(partial, final)
         return final, int(offer["round"])
+
+
+@contextlib.asynccontextmanager
+async def initial_model_file(job_dir: Path, job: JobConfig, chunk_bytes: int,
+                             given: Path | None) -> AsyncIterator[Path | None]:
+    """The file to upload as the job's round 0: `given`, or one built here from the job's model
+    module (removed afterwards); None when the server makes round 0 itself."""
+    if given is not None:
+        yield given
+        return
+    if job.model.file is not None or job.model.build == "server":
+        yield None
+        return
+    if job.model.module is None:
+        raise ConfigError(f"{job_dir}: job.toml names no [model] module or file; name one, or give "
+                          "the initial model with `hauler submit --initial-model FILE`")
+    BUILD_ROOT.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="initial-", dir=BUILD_ROOT))
+    try:
+        yield await build_initial_model(job_dir, job.model.module, job.model.config, chunk_bytes, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def build_initial_model(job_dir: Path, module: str, config: dict[str, Any], chunk_bytes: int,
+                              folder: Path) -> Path:
+    """Run the job's model module in a child process to write round 0 into `folder`."""
+    out = folder / "initial.safetensors"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hauler.model.initial", str(job_dir.resolve()), module, json.dumps(config),
+        str(chunk_bytes), str(out), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    _, stderr = await child.communicate()
+    if child.returncode != 0:
+        reason = stderr.decode(errors="replace").strip()[-ERROR_TAIL_BYTES:] or f"exit {child.returncode}"
+        raise JobError(f"building the initial model with {module}.py failed: {reason}")
+    return out

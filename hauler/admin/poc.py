@@ -129,7 +129,7 @@ async def _wait_for_sites(config: AdminConfig, pids: dict[str, int], wait_s: flo
         try:
             quick = config.timeouts.model_copy(update={"communication_timeout": 1.0})
             async with Admin(config.model_copy(update={"timeouts": quick})) as admin:
-                if len(await admin.sites()) >= expected:
+                if sum(site["attached"] for site in await admin.sites()) >= expected:
                     return
         except ConnectionLost:
             pass

@@ -18,9 +18,9 @@ from hauler.cli.common import (
     resolve_admin,
     run,
 )
-from hauler.cli.progress import follow
+from hauler.cli.progress import follow, transfer_display
 from hauler.core.errors import HaulerError
-from hauler.core.package import load_job
+from hauler.core.package import code_digest, load_job
 
 app = typer.Typer(help="List, inspect, report on, abort and download jobs.", no_args_is_help=True)
 
@@ -28,10 +28,14 @@ app = typer.Typer(help="List, inspect, report on, abort and download jobs.", no_
 def submit(
     job_dir: Annotated[Path, typer.Argument(help="Job folder with a job.toml.", exists=True, file_okay=False)],
     wait: Annotated[bool, typer.Option("--wait", help="Show progress; exit non-zero if the job fails.")] = False,
+    initial_model: Annotated[Path | None, typer.Option(
+        "--initial-model", help="A safetensors file to start from (e.g. a pretrained checkpoint), "
+        "uploaded with the job; by default round 0 is built here by the job's model module.",
+        exists=True, dir_okay=False)] = None,
     workspace: WorkspaceOption = None,
     admin_config: AdminConfigOption = None,
 ) -> None:
-    """Submit a job folder to the server."""
+    """Submit a job folder to the server, with its initial model."""
     config = resolve_admin(workspace, admin_config)
     try:
         load_job(job_dir)  # a broken job.toml is reported before anything is dialled
@@ -40,7 +44,8 @@ def submit(
 
     async def go() -> str:
         async with Admin(config) as admin:
-            job_id = await admin.submit(job_dir)
+            with transfer_display(errors) as track:
+                job_id = await admin.submit(job_dir, initial_model=initial_model, track=track)
             console.print(f"submitted job {job_id}")
             if not wait:
                 return "submitted"
@@ -155,3 +160,18 @@ def download(
 
     path, round = run(go())
     console.print(f"wrote {path} (global model after round {round})")
+
+
+@app.command()
+def digest(
+    job_dir: Annotated[Path, typer.Argument(help="Job folder with a job.toml.", exists=True, file_okay=False)],
+) -> None:
+    """Print the digest of a job's code (every file but job.toml), for a site's trusted_code."""
+    try:
+        load_job(job_dir)
+        value = code_digest(job_dir)
+    except HaulerError as error:
+        fail(error)
+    console.print(value, highlight=False)
+    errors.print(f"a site with allow_custom_code = false runs this job once its site.toml has\n"
+                 f"  trusted_code = [\"{value}\"]", highlight=False)

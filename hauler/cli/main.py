@@ -49,17 +49,13 @@ def server(config: Config) -> None:
 @app.command()
 def client(config: Config) -> None:
     """Run a site in the foreground."""
-    from hauler.cli.progress import TransferBars
+    from hauler.cli.progress import transfer_display
     from hauler.client import Site
 
     try:
         settings = load_toml(SiteConfig, config)
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            _run_until_signal(Site(settings).run())
-            return
-        with TransferBars(console) as bars:
-            _run_until_signal(Site(settings, track=bars.track).run())
+        with transfer_display(Console(stderr=True)) as track:
+            _run_until_signal(Site(settings, track=track).run())
     except HaulerError as error:
         fail(error)
 

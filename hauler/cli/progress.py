@@ -3,7 +3,8 @@ elsewhere), and a site's own transfers in its console (bars on a terminal, nothi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -16,6 +17,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from hauler.core.events import TrackTransfer, untracked
 
 COLUMNS = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
            TimeRemainingColumn())
@@ -42,6 +44,16 @@ class TransferBars:
             self.progress.remove_task(task_id)
         task_id = self.progress.add_task(what, total=total)
         return lambda nbytes: self.progress.advance(task_id, nbytes)
+
+
+@contextlib.contextmanager
+def transfer_display(console: Console) -> Iterator[TrackTransfer]:
+    """Progress bars for transfers on a terminal; nothing elsewhere (logs stay clean)."""
+    if not console.is_terminal:
+        yield untracked
+        return
+    with TransferBars(console) as bars:
+        yield bars.track
 
 
 async def follow(events: AsyncIterator[dict[str, Any]], console: Console) -> dict[str, Any]:

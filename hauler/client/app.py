@@ -8,9 +8,12 @@ result, then upload from the same file. The model never has to fit in memory.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import secrets
 import shutil
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from hauler.client.trainer import Trainer, trainer_for
@@ -31,7 +34,8 @@ from hauler.core.messages import (
     dump,
     parse_server_message,
 )
-from hauler.core.package import unpack
+from hauler.core.events import TrackTransfer, untracked
+from hauler.core.package import code_digest, unpack
 from hauler.core.resources import ProcessMeter
 from hauler.core.retry import backoff_s
 from hauler.model import ArraySource, ChunkPlan, Manifest, ModelFile
@@ -47,61 +51,63 @@ from hauler.transport import (
 log = logging.getLogger("hauler.client")
 MAX_PACKAGE_BYTES = 64 << 20
 
-TrackTransfer = Callable[[str, int], Callable[[int], None]]  # (what, total bytes) -> called with bytes moved
-
-
-def untracked(what: str, total: int) -> Callable[[int], None]:
-    return lambda nbytes: None
-
-
 class Site:
+    """A site: one process, many control sessions. Its tasks belong to the site, not to a
+    session, so a dropped control stream interrupts nothing: the work goes on, the server
+    re-sends what it still asks on the next stream, and the site answers it again."""
+
     def __init__(self, config: SiteConfig, *, track: TrackTransfer = untracked) -> None:
         """`track` is told about every download and upload, e.g. to draw progress bars."""
         self.config = config
         self.track = track
         self.name = config.name
+        self.instance = secrets.token_hex(8)  # tells the server a reconnection from a restart
         self.jobs_dir = config.workspace / "jobs"
         self._trainers: dict[str, Trainer] = {}
+        self._deployed: dict[str, str] = {}  # job id -> digest of the package it runs
         self._refused: dict[str, str] = {}  # job id -> why this site will not run it
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}  # (step, task id) -> running
         self._models: dict[str, ModelFile] = {}
         self._results: dict[str, tuple[str, Manifest, ModelFile | ArraySource]] = {}  # task id -> (job, what, where)
+        self._reports: dict[str, tuple[str, Any]] = {}  # task id -> (job, its last report), said again if asked
+        self._stream: MessageStream | None = None
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
         """Stay connected to the server, reconnecting with backoff, until cancelled."""
         failures = 0
-        while True:
-            try:
-                await self._session()
-                failures = 0
-            except SecurityError:
-                raise
-            except HaulerError as error:
-                failures += 1
-                log.warning("session ended", extra={"site": self.name, "error": str(error)})
-            self.connected.clear()
-            await asyncio.sleep(backoff_s(max(failures, 1), self.config.dataplane))
+        async with asyncio.TaskGroup() as work:
+            while True:
+                try:
+                    await self._session(work)
+                    failures = 0
+                except SecurityError:
+                    raise
+                except HaulerError as error:
+                    failures += 1
+                    log.warning("session ended", extra={"site": self.name, "error": str(error)})
+                self.connected.clear()
+                await asyncio.sleep(backoff_s(max(failures, 1), self.config.dataplane))
 
-    async def _session(self) -> None:
+    async def _session(self, work: asyncio.TaskGroup) -> None:
         channel = ControlChannel(self.config.server_host, self.config.control_port, self.config.tls)
         stream = channel.session()
         try:
-            await stream.send(dump(Hello(site=self.name)))
+            await stream.send(dump(Hello(site=self.name, instance=self.instance)))
             welcome = parse_server_message(await stream.receive() or {})
             if not isinstance(welcome, Welcome):
                 raise ConnectionLost("server did not welcome this site")
+            self._stream = stream
             self.connected.set()
             log.info("connected", extra={"site": self.name, "server": channel.target})
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._heartbeats(stream))
-                await self._dispatch(stream, group)
+                await self._dispatch(stream, work)
                 raise ConnectionLost("server closed the session")
         except* HaulerError as errors:
             raise errors.exceptions[0] from None
         finally:
-            for task in self._tasks.values():
-                task.cancel()
+            self._stream = None
             stream.cancel()
             await channel.close()
 
@@ -111,49 +117,97 @@ class Site:
             samples = await meter.collect(self.config.timeouts.heartbeat_interval)
             await stream.send(dump(Heartbeat(resources=samples[-MAX_HEARTBEAT_SAMPLES:])))
 
-    async def _dispatch(self, stream: MessageStream, group: asyncio.TaskGroup) -> None:
-        while (raw := await stream.receive()) is not None:
-            message = parse_server_message(raw)
-            if isinstance(message, DeployJob):
-                await self._stop_trainer(message.job_id)
-                try:
-                    await asyncio.to_thread(self._deploy, message)
-                except HaulerError as error:  # reported with the job's first task
-                    self._refused[message.job_id] = str(error)
-            elif isinstance(message, Task):
-                self._forget_results(message.job_id)
-                self._start(group, message.task_id, self._guarded(stream, message.task_id, self._train(stream, message)))
-            elif isinstance(message, UploadReady):
-                self._start(group, message.task_id, self._guarded(stream, message.task_id, self._upload(message)))
-            elif isinstance(message, AbortTask):
-                if message.task_id in self._tasks:
-                    self._tasks[message.task_id].cancel()
-            elif isinstance(message, EndJob):
-                group.create_task(self._end_job(message.job_id))
+    async def _report(self, job_id: str, message: ResultReady | TaskFailed) -> None:
+        """Tell the server how a task went, if connected; it asks again after a reconnection."""
+        self._reports[message.task_id] = (job_id, message)
+        if self._stream is not None:
+            try:
+                await self._stream.send(dump(message))
+            except HaulerError:
+                pass  # the session is ending; the next one is asked again
 
-    def _start(self, group: asyncio.TaskGroup, task_id: str, work: Coroutine[Any, Any, None]) -> None:
-        task = group.create_task(work)
-        self._tasks[task_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(task_id, None))
+    async def _dispatch(self, stream: MessageStream, work: asyncio.TaskGroup) -> None:
+        """Handle the server's messages; one that cannot be handled is refused and logged, and
+        the site goes on (a message of a task that fails is reported as that task's failure)."""
+        while (raw := await stream.receive()) is not None:
+            try:
+                await self._handle(parse_server_message(raw), work)
+            except Exception as error:  # a hostile or buggy server must not take the site down
+                log.warning("refused a message from the server", extra={"site": self.name,
+                                                                         "error": _describe(error)})
+
+    async def _handle(self, message: Any, work: asyncio.TaskGroup) -> None:
+        if isinstance(message, DeployJob):
+            await self._deploy_once(message)
+        elif isinstance(message, Task):
+            await self._begin(work, "train", message.task_id, message.job_id, self._train(message))
+        elif isinstance(message, UploadReady):
+            job_id = self._results[message.task_id][0] if message.task_id in self._results else ""
+            await self._begin(work, "upload", message.task_id, job_id, self._upload(message))
+        elif isinstance(message, AbortTask):
+            for step in ("train", "upload"):
+                if (step, message.task_id) in self._tasks:
+                    self._tasks[step, message.task_id].cancel()
+        elif isinstance(message, EndJob):
+            work.create_task(self._end_job(message.job_id))
+
+    async def _begin(self, work: asyncio.TaskGroup, step: str, task_id: str, job_id: str,
+                     coroutine: Coroutine[Any, Any, None]) -> None:
+        """Start a step of a task, unless it runs already or is done (then say again how it went)."""
+        key = (step, task_id)
+        if key in self._tasks or (step == "train" and task_id in self._reports):
+            coroutine.close()
+            if key not in self._tasks:
+                await self._report(*self._reports[task_id])
+            return
+        if step == "train":
+            self._forget_results(job_id)
+        task = work.create_task(self._guarded(job_id, task_id, coroutine))
+        self._tasks[key] = task
+        task.add_done_callback(lambda _: self._tasks.pop(key, None))
 
     def _forget_results(self, job_id: str) -> None:
         for task_id in [t for t, (job, *_) in self._results.items() if job == job_id]:
             del self._results[task_id]
+        for task_id in [t for t, (job, _) in self._reports.items() if job == job_id]:
+            del self._reports[task_id]
+
+    async def _deploy_once(self, message: DeployJob) -> None:
+        """Deploy a job's package, unless this very package is deployed already."""
+        digest = hashlib.sha256(message.package_b64.encode()).hexdigest()
+        if self._deployed.get(message.job_id) == digest and message.job_id in self._trainers:
+            return
+        await self._stop_trainer(message.job_id)
+        self._deployed.pop(message.job_id, None)
+        try:
+            await asyncio.to_thread(self._deploy, message)
+            self._deployed[message.job_id] = digest
+        except HaulerError as error:  # reported with the job's first task
+            self._refused[message.job_id] = str(error)
+            log.warning("refused a job", extra={"site": self.name, "job": message.job_id, "error": str(error)})
 
     def _deploy(self, message: DeployJob) -> None:
         executor = parse(ExecutorConfig, message.executor, f"job {message.job_id} [executor]")
         workdir = self.jobs_dir / message.job_id
         app_dir = workdir / "app"
-        shutil.rmtree(app_dir, ignore_errors=True)
         unpack(message.package_b64, app_dir, MAX_PACKAGE_BYTES)
-        if not self.config.allow_custom_code and any(app_dir.rglob("*.py")):
-            shutil.rmtree(app_dir, ignore_errors=True)
-            raise JobError(f"site {self.name} refuses jobs that carry custom code (allow_custom_code = false)")
+        if not self.config.allow_custom_code:
+            self._check_vetted(app_dir)
         self._refused.pop(message.job_id, None)
         self._trainers[message.job_id] = trainer_for(executor, app_dir, message.job_id, workdir)
 
+    def _check_vetted(self, app_dir: Path) -> None:
+        """A locked-down site runs only job code whose digest it lists in trusted_code."""
+        digest = code_digest(app_dir)
+        if digest not in self.config.trusted_code:
+            shutil.rmtree(app_dir, ignore_errors=True)
+            raise JobError(f"site {self.name} refuses this job's code: it runs only vetted code "
+                           f"(allow_custom_code = false) and {digest} is not in its trusted_code; "
+                           f"once the code is reviewed, add \"{digest}\" to trusted_code in site.toml")
+
     async def _end_job(self, job_id: str) -> None:
         self._refused.pop(job_id, None)
+        self._deployed.pop(job_id, None)
         self._forget_results(job_id)
         await self._stop_trainer(job_id)
         model = self._models.pop(job_id, None)
@@ -165,15 +219,15 @@ class Site:
         if trainer is not None:
             await trainer.stop()
 
-    async def _guarded(self, stream: MessageStream, task_id: str, work: Coroutine[Any, Any, None]) -> None:
-        """Run one step of a task; a failure is reported to the server instead of ending the session."""
+    async def _guarded(self, job_id: str, task_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run one step of a task; a failure is reported to the server instead of ending the site."""
         try:
             await work
         except Exception as error:  # the job's code may raise anything; the site lives on
             log.warning("task failed", extra={"site": self.name, "task": task_id, "error": _describe(error)})
-            await stream.send(dump(TaskFailed(task_id=task_id, error=_describe(error)[:4000])))
+            await self._report(job_id, TaskFailed(task_id=task_id, error=_describe(error)[:4000]))
 
-    async def _train(self, stream: MessageStream, task: Task) -> None:
+    async def _train(self, task: Task) -> None:
         """Receive the global model into the site's file, have the job's code train it, hash, announce."""
         if task.job_id not in self._trainers:
             raise JobError(self._refused.get(task.job_id, f"job {task.job_id} was not deployed to this site"))
@@ -193,8 +247,9 @@ class Site:
         source = output.source or model
         trained = await asyncio.to_thread(source.compute_digests)
         self._results[task.task_id] = (task.job_id, trained, source)
-        await stream.send(dump(ResultReady(task_id=task.task_id, weight=output.weight, metrics=output.metrics,
-                                           manifest=trained.to_json(), delta=output.delta)))
+        await self._report(task.job_id, ResultReady(task_id=task.task_id, weight=output.weight,
+                                                    metrics=output.metrics, manifest=trained.to_json(),
+                                                    delta=output.delta))
 
     async def _upload(self, message: UploadReady) -> None:
         """Send a task's trained model from the site's file (the server may ask more than once)."""

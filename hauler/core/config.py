@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -50,6 +50,10 @@ class DataPlane(Strict):
     connections: int = Field(8, ge=1, le=64, description="Parallel connections (lanes) per transfer, which long "
                              "fat links need (measured: 8 fill a 100 ms, 1 Gbit/s path where 4 are held back by "
                              "the kernel's 4 MiB send buffers); the server's value is used for every transfer.")
+    hello_timeout_s: float = Field(10.0, gt=0, description="Seconds a new data connection has to "
+                                   "finish its TLS handshake and send its HELLO before it is dropped.")
+    max_connections_per_peer: int = Field(256, ge=1, description="Data connections one participant may "
+                                          "hold open at once (a transfer uses `connections` of them).")
     congestion_control: str = Field("bbr", description="TCP congestion control for data connections where the "
                                     "kernel offers it; \"\" keeps the system default.")
     max_retries: int = Field(10, ge=0, le=1000, description="Reconnections per transfer before giving up; "
@@ -78,9 +82,16 @@ class ServerConfig(Strict):
         32, ge=0, description="Aggregator accumulators larger than this live in memory-mapped files."
     )
     keep_rounds: int = Field(
-        2, ge=2, description="Global round files kept per job (the served one and the one being built); "
-        "older ones lend their inode to new rounds.")
+        2, ge=2, description="Global round files kept per job besides round 0 (the initial model, "
+        "always kept): the served one and the one being built; older ones lend their inode to new rounds.")
     max_job_package_mib: int = Field(16, ge=1, description="Largest accepted job folder, zipped.")
+    max_model_gib: float = Field(1024.0, gt=0, description="Largest initial model a job may upload.")
+    allow_custom_code: bool = Field(
+        False, description="Let jobs ask the server to build their round 0 from their own model code "
+        "([model] build = \"server\"), in a confined child process. Off: no job code runs here.")
+    model_dirs: list[Path] = Field(
+        [], description="Folders whose safetensors files jobs may name as their initial model "
+        "([model] file = ...), e.g. pretrained checkpoints.")
     tls: TlsFiles | None = Field(None, description="Mutual TLS on both planes; None only for local trials.")
     revoked: list[str] = Field([], description="Names of participants refused at connect, whatever their certificate.")
     timeouts: Timeouts = Timeouts()
@@ -95,7 +106,11 @@ class SiteConfig(Strict):
     control_port: int = Field(8002, ge=1, le=65535)
     data_port: int = Field(8003, ge=1, le=65535)
     workspace: Path = Path("site-workspace")
-    allow_custom_code: bool = Field(True, description="Refuse jobs that carry their own Python code when false.")
+    allow_custom_code: bool = Field(True, description="Run any job's code; when false, run only the jobs "
+                                    "whose code digest is in `trusted_code`.")
+    trusted_code: list[Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]] = Field(
+        [], description="Digests of vetted job code this site runs even with allow_custom_code = false "
+        "(`hauler jobs digest JOB_DIR` prints a job's).")
     max_model_gib: float = Field(1024.0, gt=0, description="Largest model this site accepts to receive.")
     tls: TlsFiles | None = None
     timeouts: Timeouts = Timeouts()
@@ -125,13 +140,37 @@ class WorkflowConfig(Strict):
     wait_time_after_min_received: float = Field(
         10.0, ge=0, description="Seconds to wait for more results once min_clients are in."
     )
+    max_weight: float = Field(
+        1e9, gt=0, allow_inf_nan=False,
+        description="Largest weight a site may announce; a result above it fails that site's task.")
+    max_update_norm: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Largest norm of a site's update (its model minus the global model) relative "
+        "to the global model's; a site above it is dropped from the round. None: unchecked.")
 
 
-class CodeEntry(Strict):
-    """A module of the job folder and the settings passed to it."""
+class ModelConfig(Strict):
+    """Where a job's round 0 comes from: built from its model module (`layout(config)` and
+    `fill(name, out, config)`) where it is submitted, by default; built on the server, where the
+    server allows custom code; or a safetensors file in the server's model_dirs. `hauler submit
+    --initial-model FILE` uploads a file instead of all three."""
 
-    module: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    module: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                               description="Module of the job folder with layout(config) and fill().")
     config: dict[str, Any] = {}
+    build: Literal["submitter", "server"] = Field(
+        "submitter", description="Where `module` runs to build round 0: on the submitter's machine "
+        "(uploaded with the job) or, where allow_custom_code is set, confined on the server.")
+    file: str | None = Field(None, min_length=1, max_length=4096,
+                             description="A safetensors file in one of the server's model_dirs.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.module is not None and self.file is not None:
+            raise ValueError("give `module` (build round 0) or `file` (a server file), not both")
+        if self.build == "server" and self.module is None:
+            raise ValueError("build = \"server\" needs the `module` to build round 0 with")
+        return self
 
 
 class ExecutorConfig(Strict):
@@ -161,7 +200,7 @@ class JobConfig(Strict):
 
     name: str = Field(min_length=1, max_length=128)
     workflow: WorkflowConfig = WorkflowConfig()
-    model: CodeEntry = Field(description="Module with layout(config) and fill(name, out, config).")
+    model: ModelConfig = Field(ModelConfig(), description="Where round 0 comes from.")
     executor: ExecutorConfig = Field(description="What every site runs to train: a module or a script.")
     sites: list[str] | None = Field(None, description="Sites that take part; all connected sites if absent.")
 
@@ -208,6 +247,9 @@ def load_toml(model: type[Config], path: Path, **overrides: Any) -> Config:
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     if isinstance(data.get("workspace"), str):
         data["workspace"] = str(base / data["workspace"])
+    if isinstance(data.get("model_dirs"), list):
+        data["model_dirs"] = [str(base / value) if isinstance(value, str) else value
+                              for value in data["model_dirs"]]
     if isinstance(data.get("tls"), dict):
         data["tls"] = {key: str(base / value) if isinstance(value, str) else value
                        for key, value in data["tls"].items()}

@@ -28,6 +28,12 @@ class Event:
 
 
 Subscriber = Callable[[Event], None]
+TrackTransfer = Callable[[str, int], Callable[[int], None]]  # (what, total bytes) -> told bytes moved
+
+
+def untracked(what: str, total: int) -> Callable[[int], None]:
+    """A TrackTransfer that shows nothing."""
+    return lambda nbytes: None
 
 
 class EventBus:

@@ -15,6 +15,8 @@ from hauler.core.errors import RemoteProtocolError
 from hauler.core.resources import ResourceSample
 
 MAX_HEARTBEAT_SAMPLES = 600  # ten minutes of one-second samples
+MAX_METRICS = 256  # training metrics per result: a site cannot bloat every round's records
+MAX_METRIC_NAME = 128
 
 
 class _Message(BaseModel):
@@ -23,8 +25,12 @@ class _Message(BaseModel):
 
 # site -> server
 class Hello(_Message):
+    """A site's first message; `instance` is random per site process, so the server tells a site
+    that reconnects (its work goes on) from one that restarted (its work starts again)."""
+
     type: Literal["hello"] = "hello"
     site: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    instance: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9]*$")
 
 
 class Heartbeat(_Message):
@@ -39,8 +45,9 @@ class ResultReady(_Message):
 
     type: Literal["result_ready"] = "result_ready"
     task_id: str
-    weight: float = Field(gt=0)
-    metrics: dict[str, float] = {}
+    weight: float  # checked by the server against [workflow] max_weight, so a refusal names it
+    metrics: dict[Annotated[str, Field(max_length=MAX_METRIC_NAME)], float] = Field(
+        {}, max_length=MAX_METRICS)
     manifest: dict[str, Any]
     delta: bool = False  # the model is the update minus the global model the site received
 

@@ -13,7 +13,7 @@ from hauler.security import Identity, Role
 from hauler.transport import Peer
 
 ADMIN_ROLES = {Role.PROJECT_ADMIN, Role.ORG_ADMIN, Role.MEMBER}
-READ_OPERATIONS = {"list_jobs", "status", "metrics", "sites", "watch"}
+READ_OPERATIONS = {"info", "list_jobs", "status", "metrics", "sites", "watch"}
 JOB_OPERATIONS = {"abort", "download"}  # on one existing job
 
 
@@ -54,6 +54,11 @@ class AccessPolicy:
             return
         raise SecurityError(f"{peer.name} ({peer.role.value}, {peer.org}) may not {operation} "
                             f"{'this job' if operation in JOB_OPERATIONS else 'jobs'}; ask a project_admin")
+
+
+def sees_private(peer: Peer, submitter_name: str) -> bool:
+    """Whether `peer` may read what a job's own code said: its submitter and project admins."""
+    return peer is None or peer.role is Role.PROJECT_ADMIN or peer.name == submitter_name
 
 
 def submitter(peer: Peer) -> tuple[str, str]:

@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import time
+import tracemalloc
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from hauler.core.config import ServerConfig
 from hauler.core.errors import ConfigError, HaulerError, RemoteProtocolError
 from hauler.core.events import read_json_lines, read_json_lines_page
-from hauler.core.messages import Heartbeat, Hello, Welcome, parse_site_message
-from hauler.server.access import AccessPolicy, submitter
-from hauler.server.jobstore import JobStore
+from hauler.core.messages import Heartbeat, Hello, Welcome, dump, parse_site_message
+from hauler.model import Manifest
+from hauler.server.access import AccessPolicy, sees_private, submitter
+from hauler.server.jobstore import PRIVATE_ERROR, JobStore
+from hauler.server.lock import WorkspaceLock
+from hauler.server.refusals import RefusalLog
 from hauler.server.rounds import RoundStore
 from hauler.server.runner import JobRunner
-from hauler.server.sites import SiteRegistry, SiteSession
+from hauler.server.sites import SiteRegistry
 from hauler.server.transfers import TransferRegistry
 from hauler.transport import (
     ControlServer,
@@ -32,16 +40,19 @@ from hauler.transport import (
 
 log = logging.getLogger("hauler.server")
 METRICS_PAGE_BYTES = 4 << 20  # well under the control plane's message limit
+TRACEMALLOC_VARIABLE = "HAULER_TRACEMALLOC_DIR"
 
 
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         config.workspace.mkdir(parents=True, exist_ok=True)
+        self._lock = WorkspaceLock(config.workspace)  # before anything of the workspace is read
         self.store = JobStore(config.workspace / "jobs.sqlite")
-        self.sites = SiteRegistry()
+        self.sites = SiteRegistry(grace_s=config.timeouts.communication_timeout)
         self.access = AccessPolicy(config.revoked)
-        self.transfers = TransferRegistry(config.dataplane, config.timeouts, self.access)
+        self.refusals = RefusalLog()
+        self.transfers = TransferRegistry(config.dataplane, config.timeouts, self.access, self.refusals)
         self.runner = JobRunner(config, self.store, self.sites, self.transfers)
         self.control_port = self.data_port = 0
         self._data: Listener | None = None
@@ -55,9 +66,11 @@ class Server:
         control = ControlServer(session=self._session, call=self._call, watch=self._watch)
         self.control_port = await control.start(self.config.host, self.config.control_port, self.config.tls)
         self._data = await listen(self.config.host, self.config.data_port, self.transfers.handle, tls=self.config.tls,
-                                  congestion_control=self.config.dataplane.congestion_control)
+                                  congestion_control=self.config.dataplane.congestion_control,
+                                  handshake_timeout_s=self.config.dataplane.hello_timeout_s)
         self.data_port = self._data.port
         log.info("server listening", extra={"control_port": self.control_port, "data_port": self.data_port})
+        _trace_allocations()
         self.runner.requeue_unfinished()
         try:
             async with asyncio.TaskGroup() as group:
@@ -70,17 +83,13 @@ class Server:
             await self._data.close()
             await control.stop()
             self.store.close()
+            self._lock.release()
 
     async def _session(self, stream: MessageStream, peer: Peer) -> None:
-        first = await stream.receive()
-        hello = parse_site_message(first or {})
-        if not isinstance(hello, Hello):
-            raise RemoteProtocolError("a site's first message must be hello")
-        self.access.check_site(peer, hello.site)
-        session = SiteSession(hello.site, stream)
-        await self.sites.join(session)
-        await session.send(Welcome(site=hello.site))
-        log.info("site joined", extra={"site": hello.site})
+        hello = await self._hello(stream, peer)
+        await stream.send(dump(Welcome(site=hello.site)))  # first: a rejoin sends what waited
+        session = await self.sites.join(hello.site, hello.instance, stream)
+        log.info("site joined", extra={"site": hello.site, "instance": hello.instance})
         reason = "closed the stream"
         try:
             silence = self.config.timeouts.heartbeat_interval * 6
@@ -100,9 +109,27 @@ class Server:
                     session.deliver(parsed)
         except HaulerError as error:
             reason = str(error)
+            self.refusals.refused(hello.site, "message", reason)
         finally:
-            await self.sites.leave(session, reason)
+            self.sites.leave(session, stream, reason)
             log.info("site left", extra={"site": hello.site, "reason": reason})
+
+    async def _hello(self, stream: MessageStream, peer: Peer) -> Hello:
+        """A site's first message, due within hello_timeout_s, from the site its certificate names."""
+        who = "(plaintext peer)" if peer is None else peer.name
+        try:
+            async with asyncio.timeout(self.config.dataplane.hello_timeout_s):
+                hello = parse_site_message(await stream.receive() or {})
+            if not isinstance(hello, Hello):
+                raise RemoteProtocolError("a site's first message must be hello")
+            self.access.check_site(peer, hello.site)
+        except TimeoutError:
+            self.refusals.refused(who, "hello", "no hello in time")
+            raise RemoteProtocolError(f"no hello within {self.config.dataplane.hello_timeout_s:g} s") from None
+        except HaulerError as error:
+            self.refusals.refused(who, "hello", str(error))
+            raise
+        return hello
 
     async def _call(self, request: Message, peer: Peer) -> Message:
         op = str(request.get("op"))
@@ -112,26 +139,42 @@ class Server:
         else:
             self.access.check_admin(peer, op)
         if op == "submit":
-            return {"job_id": self.runner.submit(str(request.get("package_b64", "")), submitter(peer))}
+            return await self._submit(request, peer)
+        if op == "info":
+            return {"chunk_bytes": self.config.dataplane.chunk_bytes,
+                    "max_model_bytes": int(self.config.max_model_gib * 2**30)}
         if op == "list_jobs":
-            return {"jobs": [record.to_json() for record in self.store.list()]}
+            return {"jobs": [r.to_json(private=sees_private(peer, r.submitter)) for r in self.store.list()]}
         if op == "status":
-            return self._status(job_id)
+            return self._status(job_id, peer)
         if op == "metrics":
             return self._metrics(job_id, request.get("offset", 0))
         if op == "abort":
             self.runner.abort(job_id)
             return {"ok": True}
         if op == "sites":
-            return {"sites": [{"name": s.name, "connected_s": s.connected_s} for s in self.sites.sites.values()]}
+            return {"sites": [session.describe() for session in self.sites.sites.values()]}
         if op == "download":
             return self._offer_download(job_id, submitter(peer)[0])
         raise ConfigError(f"unknown admin operation {op!r}")
 
-    def _status(self, job_id: str) -> Message:
+    async def _submit(self, request: Message, peer: Peer) -> Message:
+        """Take a job; if it brings its initial model, offer the upload of it on the data plane."""
+        announced = request.get("initial_manifest")
+        manifest = None if announced is None else Manifest.from_json(announced)
+        job_id = await self.runner.submit(str(request.get("package_b64", "")), submitter(peer), manifest)
+        if manifest is None:
+            return {"job_id": job_id}
+        transfer, model = self.runner.expect_initial(job_id, manifest, submitter(peer)[0])
+        assert self._background is not None
+        self._background.create_task(self.runner.receive_initial(job_id, transfer, model))
+        return {"job_id": job_id, "upload": {"transfer": transfer.id, "lanes": transfer.lanes}}
+
+    def _status(self, job_id: str, peer: Peer) -> Message:
         """The job and its round and site records (its resource samples come with `metrics`)."""
         records = read_json_lines(self.runner.job_dir(job_id) / "metrics.jsonl")
-        return {"job": self.store.get(job_id).to_json(),
+        job = self.store.get(job_id)
+        return {"job": job.to_json(private=sees_private(peer, job.submitter)),
                 "metrics": [record for record in records if record.get("kind") != "resources"]}
 
     def _metrics(self, job_id: str, offset: Any) -> Message:
@@ -166,8 +209,24 @@ class Server:
 
     async def _watch(self, request: Message, peer: Peer) -> AsyncIterator[Message]:
         self.access.check_admin(peer, "watch")
-        async for event in self.runner.watch(_job_id(request)):
-            yield event
+        job_id = _job_id(request)
+        private = sees_private(peer, self.store.get(job_id).submitter)
+        async for event in self.runner.watch(job_id):
+            yield event if private or not event.get("private") else {**event, "error": PRIVATE_ERROR}
+
+
+def _trace_allocations() -> None:
+    """With HAULER_TRACEMALLOC_DIR set, record allocations; each SIGUSR1 then writes a snapshot
+    into that folder (`python -m bench.soak --tracemalloc DIR` finds what grows with them)."""
+    folder = os.environ.get(TRACEMALLOC_VARIABLE)
+    if not folder:
+        return
+    tracemalloc.start(25)
+
+    def dump() -> None:
+        tracemalloc.take_snapshot().dump(str(Path(folder) / f"server-{time.time():.3f}.tracemalloc"))
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
 
 def _job_id(request: dict[str, Any]) -> str:

@@ -1,34 +1,40 @@
 """The server side of one running job: `workflows.Federation` over real sites.
 
-For each site and round: offer the round's global model on the data plane, wait
-for the site's result, receive its upload into the site's staging file, and fold
-it into the aggregate only once complete and verified. Every wait measures
-silence (communication_timeout), except the site's own work (train_timeout),
-which starts when the model has fully arrived.
+For each site and round: offer the round's global model on the data plane, wait for the
+site's result (its weight checked before anything is folded), receive its upload chunk by
+chunk into one buffer per lane and fold each chunk as it lands (checked for non-finite values
+and, if set, max_update_norm). A site that stops or is refused part-way taints the round,
+which is refolded from the sites that completed. A site whose control stream drops keeps its
+task while it is away; one that comes back as a new process gets the task again. Every wait
+measures silence (communication_timeout), except the site's own work (train_timeout), which
+starts when the model has fully arrived.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hauler.aggregate import FedAvg
+from hauler.aggregate import Contribution, FedAvg
 from hauler.core.config import JobConfig, ServerConfig
-from hauler.core.errors import ConnectionLost, HaulerError, JobError, TransferTimeout
+from hauler.core.errors import ConnectionLost, HaulerError, JobError, TransferTimeout, UpdateRefused
+from hauler.core.resources import release_free_memory, rss_anon_bytes
 from hauler.core.messages import AbortTask, DeployJob, ResultReady, Task, UploadReady
-from hauler.model import Manifest, ModelFile
+from hauler.model import Chunk, Manifest, ModelFile
 from hauler.server.rounds import RoundStore
-from hauler.server.sites import SiteRegistry, SiteSession
+from hauler.server.sites import SiteRegistry, SiteRestarted, SiteSession
 from hauler.server.transfers import TransferRegistry
 from hauler.transfer import ReceiveLedger
 from hauler.workflows import TrainResult
 
 T = TypeVar("T")
 PROGRESS_EVERY_S = 0.5
+MAX_TASK_RESTARTS = 3  # a site restarting in a loop cannot hold a round open for ever
 
 
 class UploadBuffers:
@@ -79,8 +85,23 @@ class JobFederation:
         self._site_timings, self._results = [], {}
 
     async def train(self, site: str, round: int) -> TrainResult:
+        """Run the round's task on `site`. A site whose stream drops keeps its task while it is
+        away (up to communication_timeout); one that comes back as a new process is given the
+        task again from the start, at most MAX_TASK_RESTARTS times a round."""
+        restarts = 0
+        while True:
+            session = await self.sites.current(site, self.server.timeouts.communication_timeout)
+            try:
+                return await self._train_on(session, round)
+            except SiteRestarted as error:
+                restarts += 1
+                if restarts > MAX_TASK_RESTARTS:
+                    raise
+                self.emit("site.restarted", round=round, site=site, error=str(error))
+
+    async def _train_on(self, session: SiteSession, round: int) -> TrainResult:
         assert self._global is not None
-        session = self.sites.get(site)
+        site = session.name
         await self._deploy(session)
         task_id, manifest = secrets.token_hex(8), self._global.manifest
         download = self.transfers.offer(site, manifest, self._global)
@@ -89,8 +110,9 @@ class JobFederation:
         clock = time.perf_counter
         try:
             start, started_s = clock(), time.time()
-            await session.send(Task(task_id=task_id, job_id=self.job_id, round=round,
-                                    manifest=manifest.to_json(), download=download.id, lanes=download.lanes))
+            await session.request(task_id, Task(task_id=task_id, job_id=self.job_id, round=round,
+                                                manifest=manifest.to_json(), download=download.id,
+                                                lanes=download.lanes))
             await self._unless_lost(session, download.wait(self.server.timeouts.communication_timeout,
                                                            f"sending round {round} to {site}"),
                                     refusal=result_future)
@@ -100,8 +122,9 @@ class JobFederation:
             self._results[site] = (task_id, result)
             await self._collect(session, task_id, result, round)
             uploaded = self._last_upload_done = clock()
-        except BaseException:
-            await _quietly(session.send(AbortTask(task_id=task_id, reason="the server ended the task")))
+        except BaseException as error:
+            reason = str(error) if isinstance(error, HaulerError) else "the server ended the task"
+            await _quietly(session.send(AbortTask(task_id=task_id, reason=reason[:1000])))
             raise
         finally:
             session.forget(task_id)
@@ -121,23 +144,26 @@ class JobFederation:
         """Receive a site's update and fold each chunk into the aggregate as it lands."""
         assert self._aggregate is not None
         manifest = self._check_result(result, session.name)
-        contribution = self._aggregate.contribution(result.weight, delta=result.delta)
+        contribution = self._aggregate.contribution(result.weight, delta=result.delta,
+                                                    max_update_norm=self.job.workflow.max_update_norm)
         buffers = self._buffers.get(session.name)
         if buffers is None:
             buffers = self._buffers[session.name] = UploadBuffers(manifest.chunk_bytes, self.server.dataplane.connections)
-        upload = self.transfers.expect(
-            session.name, manifest, buffers,
-            on_chunk=lambda chunk: contribution.fold(chunk, buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)))
+        upload = self.transfers.expect(session.name, manifest, buffers,
+                                       on_chunk=_folding(contribution, buffers, session.name))
         buffers.ledger = upload.ledger  # before the site hears of the upload: no chunk can come sooner
         upload.listeners.append(self._progress(session.name, round, "upload", manifest.total_bytes))
+        failure = session.expect_result(task_id)  # the site's TaskFailed, should it fail to upload
         try:
-            await session.send(UploadReady(task_id=task_id, upload=upload.id, lanes=upload.lanes))
+            await session.request(task_id, UploadReady(task_id=task_id, upload=upload.id, lanes=upload.lanes))
             await self._unless_lost(session, upload.wait(self.server.timeouts.communication_timeout,
-                                                         f"receiving {session.name}'s update"))
+                                                         f"receiving {session.name}'s update"),
+                                    refusal=failure)
             contribution.complete()
             self._upload_statistics[session.name] = upload.statistics()
         finally:
             contribution.abandon()  # no-op once complete; taints the round if it stopped part-way
+            session.forget(task_id)
             self.transfers.discard(upload)
 
     async def _train_result(self, future: asyncio.Future[ResultReady], site: str) -> ResultReady:
@@ -149,6 +175,11 @@ class JobFederation:
             raise TransferTimeout("train_timeout", seconds or 0, f"waiting for {site} to train") from None
 
     def _check_result(self, result: ResultReady, site: str) -> Manifest:
+        """Refuse a result before any of it is folded: its weight, then its layout."""
+        limit = self.job.workflow.max_weight
+        if not (math.isfinite(result.weight) and 0 < result.weight <= limit):
+            raise UpdateRefused(f"{site} announced weight {result.weight!r}; a weight must be finite, "
+                                f"positive and at most max_weight = {limit:g} ([workflow] in job.toml)")
         manifest = Manifest.from_json(result.manifest)
         assert self._global is not None
         if not manifest.same_layout(self._global.manifest):
@@ -178,7 +209,7 @@ class JobFederation:
             if not task.done():
                 task.cancel()
         if not task.done() or task.cancelled():
-            raise ConnectionLost(f"site {session.name} disconnected")
+            raise session.closed.exception() or ConnectionLost(f"site {session.name} disconnected")
         return task.result()
 
     def _progress(self, site: str, round: int, direction: str, total: int) -> Callable[[int], None]:
@@ -200,12 +231,13 @@ class JobFederation:
             results = await self._refold(round, results)
         manifest = await asyncio.to_thread(self._aggregate.finish)
         self.rounds.commit(round + 1, manifest)
+        release_free_memory()  # what the round's transfers freed; else the heap creeps up
         done = time.perf_counter()
         summary: dict[str, Any] = {key: max(t[key] for t in self._site_timings) for key in self._site_timings[0]}
         summary["aggregate_s"] = done - self._last_upload_done
         self.record({"kind": "round", "round": round, "started_s": self._round_started_s,
-                     "sites": [r.site for r in results],
-                     "round_s": done - self._round_started, **summary})
+                     "sites": [r.site for r in results], "round_s": done - self._round_started,
+                     "server_rss_anon_bytes": rss_anon_bytes(), **summary})
 
     async def _refold(self, round: int, results: list[TrainResult]) -> list[TrainResult]:
         """A site died mid-upload and left partial folds: start the sum again from the completed sites."""
@@ -219,7 +251,7 @@ class JobFederation:
                 await self._collect(self.sites.get(result.site), task_id, ready, round)
                 kept.append(result)
             except HaulerError as error:
-                self.emit("site.failed", round=round, site=result.site, error=str(error))
+                self.emit("site.failed", round=round, site=result.site, error=error)
                 self._aggregate.restart()
                 return await self._refold(round, [r for r in results if r.site != result.site])
         if len(kept) < self.job.workflow.min_clients:
@@ -232,6 +264,18 @@ class JobFederation:
             if model is not None:
                 model.close()
         self._global = self._output = None
+
+
+def _folding(contribution: Contribution, buffers: UploadBuffers, site: str) -> Callable[[Chunk], None]:
+    """Fold each landed chunk of `site`'s upload; a refusal names the site."""
+
+    def fold(chunk: Chunk) -> None:
+        try:
+            contribution.fold(chunk, buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
+        except UpdateRefused as error:
+            raise UpdateRefused(f"{site}'s update: {error}") from None
+
+    return fold
 
 
 def _rate(nbytes: int, seconds: float) -> float:

@@ -36,9 +36,18 @@ class JobRecord:
     submitter: str
     submitter_org: str
     error: str
+    error_private: bool = False  # the error came from the job's own code
 
-    def to_json(self) -> dict:
-        return {**asdict(self), "status": self.status.value}
+    def to_json(self, *, private: bool = True) -> dict:
+        """The record as JSON; `private=False` hides an error that came from the job's code."""
+        record = {**asdict(self), "status": self.status.value}
+        if self.error_private and not private:
+            record["error"] = PRIVATE_ERROR
+        return record
+
+
+PRIVATE_ERROR = ("the job's own code failed; its message is shown to the job's submitter and "
+                 "project admins")
 
 
 _SCHEMA = """
@@ -47,9 +56,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     submitted_s REAL NOT NULL, started_s REAL, finished_s REAL,
     rounds_done INTEGER NOT NULL DEFAULT 0, num_rounds INTEGER NOT NULL,
     submitter TEXT NOT NULL DEFAULT '', submitter_org TEXT NOT NULL DEFAULT '',
-    error TEXT NOT NULL DEFAULT ''
+    error TEXT NOT NULL DEFAULT '', error_private INTEGER NOT NULL DEFAULT 0
 )
 """
+_ADDED_COLUMNS = {"error_private": "INTEGER NOT NULL DEFAULT 0"}  # stores made by earlier versions
 _FIELDS = set(JobRecord.__dataclass_fields__)
 
 
@@ -61,6 +71,10 @@ class JobStore:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, declaration in _ADDED_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
 
     def add(self, job_id: str, name: str, num_rounds: int, submitter: tuple[str, str]) -> JobRecord:
         """Record a new job; `submitter` is (name, organisation)."""
@@ -98,4 +112,5 @@ class JobStore:
 def _record(row: tuple) -> JobRecord:
     values = dict(zip(JobRecord.__dataclass_fields__, row))
     values["status"] = JobStatus(values["status"])
+    values["error_private"] = bool(values["error_private"])
     return JobRecord(**values)

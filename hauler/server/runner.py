@@ -1,4 +1,4 @@
-"""Runs submitted jobs one at a time: unpack, build the initial model, run the workflow.
+"""Runs submitted jobs one at a time: receive or make round 0, then run the workflow.
 
 Each job's events go to `jobs/<id>/events.jsonl` and to live watchers; its
 round and site timings, and the CPU and memory samples of its processes, go to
@@ -8,28 +8,28 @@ round and site timings, and the CPU and memory samples of its processes, go to
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from hauler.core.config import JobConfig, ServerConfig
-from hauler.core.errors import HaulerError, JobError
+from hauler.core.errors import HaulerError, JobCodeError, JobError
 from hauler.core.events import Event, EventBus, JsonLines, read_json_lines
 from hauler.core.messages import EndJob
 from hauler.core.package import load_job, unpack
 from hauler.server.federation import JobFederation
 from hauler.server.jobstore import JobStatus, JobStore
 from hauler.server.resources import ResourceRecorder
-from hauler.server.rounds import RoundStore
+from hauler.model import Manifest, ModelFile
+from hauler.server import initial
+from hauler.server.round_zero import check_initial_manifest, import_initial_model, resolve_model_file
+from hauler.server.rounds import INITIAL_ROUND, RoundStore
 from hauler.server.sites import SiteRegistry
-from hauler.server.transfers import TransferRegistry
+from hauler.server.transfers import Transfer, TransferRegistry
 from hauler.workflows import ScatterAndGather
 
 log = logging.getLogger("hauler.server")
@@ -49,19 +49,65 @@ class JobRunner:
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
-    def submit(self, package_b64: str, submitter: tuple[str, str]) -> str:
-        """Validate and store a job package, and queue the job."""
+    async def submit(self, package_b64: str, submitter: tuple[str, str], initial: Manifest | None) -> str:
+        """Validate and store a job package, and queue the job, unless its initial model is still
+        to be uploaded (`initial`: what the submitter announced)."""
         job_id = uuid.uuid4().hex[:12]
-        app_dir = self.job_dir(job_id) / "app"
+        job = await asyncio.to_thread(self._unpack, job_id, package_b64, initial)  # slow for big packages
+        self.store.add(job_id, job.name, job.workflow.num_rounds, submitter)
+        if initial is None:
+            self._queue.put_nowait(job_id)
+        return job_id
+
+    def _unpack(self, job_id: str, package_b64: str, initial: Manifest | None) -> JobConfig:
+        """The job's folder from its package, or nothing of it if the job is refused."""
         try:
-            job = unpack(package_b64, app_dir, self.config.max_job_package_mib << 20)
-        except HaulerError:
+            job = unpack(package_b64, self.job_dir(job_id) / "app", self.config.max_job_package_mib << 20)
+            self._check_initial_source(job, initial)
+            (self.job_dir(job_id) / "package.b64").write_text(package_b64)
+        except BaseException:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
             raise
-        (self.job_dir(job_id) / "package.b64").write_text(package_b64)
-        self.store.add(job_id, job.name, job.workflow.num_rounds, submitter)
+        return job
+
+    def _check_initial_source(self, job: JobConfig, initial: Manifest | None) -> None:
+        """Refuse, at submission, a job whose round 0 this server cannot have."""
+        if initial is not None:
+            check_initial_manifest(initial, chunk_bytes=self.config.dataplane.chunk_bytes,
+                                   max_bytes=int(self.config.max_model_gib * 2**30))
+        elif job.model.file is not None:
+            resolve_model_file(job.model.file, self.config.model_dirs)
+        elif job.model.build == "server":
+            if not self.config.allow_custom_code:
+                raise JobError("this server runs no job code (allow_custom_code = false in its config): "
+                               "drop [model] build = \"server\" to build round 0 where you submit, or "
+                               "upload it with `hauler submit --initial-model FILE`")
+        else:
+            raise JobError("the job brings no initial model: name a [model] module or file in job.toml, "
+                           "or upload one with `hauler submit --initial-model FILE`")
+
+    def expect_initial(self, job_id: str, manifest: Manifest, peer: str) -> tuple[Transfer, ModelFile]:
+        """Round 0's file, ready to receive the upload of the job's initial model from `peer`."""
+        model = RoundStore(self.job_dir(job_id), self.config.keep_rounds).create(INITIAL_ROUND, manifest)
+        return self.transfers.expect(peer, manifest, model, on_chunk=lambda chunk: None), model
+
+    async def receive_initial(self, job_id: str, transfer: Transfer, model: ModelFile) -> None:
+        """Wait for the initial model's upload (silence: communication_timeout), commit it as
+        round 0 and queue the job; a failed upload fails the job."""
+        try:
+            await transfer.wait(self.config.timeouts.communication_timeout, "receiving the initial model")
+            await asyncio.to_thread(model.flush)
+            RoundStore(self.job_dir(job_id), self.config.keep_rounds).commit(INITIAL_ROUND, model.manifest)
+        except HaulerError as error:
+            reason = f"the initial model's upload did not complete: {error}"
+            self.store.update(job_id, status=JobStatus.FAILED, finished_s=time.time(), error=reason)
+            self.events(job_id).emit("job.failed", job=job_id, error=reason, rounds_done=0)
+            return
+        finally:
+            self.transfers.discard(transfer)
+            model.close()
+        self.events(job_id).emit("initial_model.received", job=job_id, bytes=model.manifest.total_bytes)
         self._queue.put_nowait(job_id)
-        return job_id
 
     def requeue_unfinished(self) -> None:
         """After a restart, jobs that were running or waiting are queued again."""
@@ -105,13 +151,13 @@ class JobRunner:
         """Run a job and record how it ended. A server that stops mid-job leaves it running,
         so a restart resumes it; only an admin's abort marks it aborted."""
         bus, metrics = self.events(job_id), JsonLines(self.job_dir(job_id) / "metrics.jsonl")
-        self.store.update(job_id, status=JobStatus.RUNNING, started_s=time.time(), error="")
+        self.store.update(job_id, status=JobStatus.RUNNING, started_s=time.time(), error="", error_private=False)
         self.resources.open(job_id, metrics)  # it closes the metrics when the job's last samples are in
-        status, error = JobStatus.FINISHED, ""
+        status, error, private = JobStatus.FINISHED, "", False
         try:
             await self._execute(job_id, bus, metrics)
         except HaulerError as failure:
-            status, error = JobStatus.FAILED, str(failure)
+            status, error, private = JobStatus.FAILED, str(failure), isinstance(failure, JobCodeError)
         except asyncio.CancelledError:
             if job_id not in self._aborting:
                 self.resources.close(job_id, late=False)
@@ -122,8 +168,9 @@ class JobRunner:
             log.exception("job failed unexpectedly", extra={"job": job_id})
             status, error = JobStatus.FAILED, f"{type(failure).__name__}: {failure}"
         rounds = RoundStore(self.job_dir(job_id), self.config.keep_rounds).latest() or 0
-        self.store.update(job_id, status=status, finished_s=time.time(), error=error, rounds_done=rounds)
-        bus.emit(f"job.{status.value}", job=job_id, error=error, rounds_done=rounds)
+        self.store.update(job_id, status=status, finished_s=time.time(), error=error, error_private=private,
+                          rounds_done=rounds)
+        bus.emit(f"job.{status.value}", job=job_id, error=error, rounds_done=rounds, **_privacy(private))
         self.resources.close(job_id)
         await self._end_on_sites(job_id)
 
@@ -133,29 +180,40 @@ class JobRunner:
         federation = JobFederation(
             job_id=job_id, job_dir=job_dir, job=job, package_b64=(job_dir / "package.b64").read_text(),
             server=self.config, sites=self.sites, transfers=self.transfers,
-            emit=lambda name, **fields: bus.emit(name, job=job_id, **fields), record=metrics.write,
+            emit=_emitter(bus, job_id), record=metrics.write,
         )
         try:
             bus.emit("job.started", job=job_id, name=job.name)
-            first_round = await self._initial_model(job_id, job, federation.rounds)
+            first_round = await self._first_round(job_id, job, bus, federation.rounds)
             await ScatterAndGather(job.workflow, job.sites).run(federation, first_round=first_round)
         finally:
             federation.close()
 
-    async def _initial_model(self, job_id: str, job: JobConfig, rounds: RoundStore) -> int:
-        """Build round 0 from the job's model module in a child process (`server/initial.py`),
-        unless a restart finds intact rounds already."""
-        latest = await asyncio.to_thread(rounds.latest_intact)
-        if latest is not None:
-            return latest
-        child = await asyncio.to_thread(subprocess.run, [
-            sys.executable, "-m", "hauler.server.initial", str(self.job_dir(job_id)), job_id, job.model.module,
-            json.dumps(job.model.config), str(self.config.dataplane.chunk_bytes), str(self.config.keep_rounds)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if child.returncode != 0:
-            reason = child.stderr.decode(errors="replace").strip()[-2000:] or f"exit status {child.returncode}"
-            raise JobError(f"building the initial model with {job.model.module}.py failed: {reason}")
-        return 0
+    async def _first_round(self, job_id: str, job: JobConfig, bus: EventBus, rounds: RoundStore) -> int:
+        """The newest intact round (torn ones are skipped, and the events say why); round 0 is
+        made again where it can be."""
+        latest, skipped = await asyncio.to_thread(rounds.latest_intact)
+        for torn in skipped:
+            bus.emit("round.skipped", job=job_id, round=torn.round, reason=torn.reason)
+        if latest is None:
+            await self._initial_model(job_id, job, rounds)
+        return latest or INITIAL_ROUND
+
+    async def _initial_model(self, job_id: str, job: JobConfig, rounds: RoundStore) -> None:
+        """Round 0 from a file of the server's model_dirs, or built by the job's model module in a
+        confined child where the server allows it; an uploaded one cannot be made again here."""
+        chunk_bytes = self.config.dataplane.chunk_bytes
+        if job.model.file is not None:
+            source = resolve_model_file(job.model.file, self.config.model_dirs)
+            await asyncio.to_thread(import_initial_model, rounds, source, chunk_bytes, move=False)
+        elif job.model.build == "server" and job.model.module is not None:
+            self._check_initial_source(job, None)
+            built = await initial.build_on_server(self.job_dir(job_id) / "app", job.model.module, job.model.config,
+                                          chunk_bytes, self.job_dir(job_id) / "initial")
+            await asyncio.to_thread(import_initial_model, rounds, built, chunk_bytes, move=True)
+        else:
+            raise JobError("the job's initial model, uploaded with it, is missing or damaged on the "
+                           "server; submit the job again")
 
     async def _end_on_sites(self, job_id: str) -> None:
         for session in list(self.sites.sites.values()):
@@ -190,5 +248,23 @@ class JobRunner:
 
 
 _ENDINGS = {"job.finished", "job.failed", "job.aborted"}
+
+
+def _emitter(bus: EventBus, job_id: str) -> Callable[..., None]:
+    """The job's `emit`: an `error` given as an exception is said as text, and marked private
+    when it came from the job's own code (readers then show it to the job's submitter and
+    project admins only)."""
+
+    def emit(name: str, **fields: Any) -> None:
+        error = fields.get("error")
+        if isinstance(error, BaseException):
+            fields.update(error=str(error), **_privacy(isinstance(error, JobCodeError)))
+        bus.emit(name, job=job_id, **fields)
+
+    return emit
+
+
+def _privacy(private: bool) -> dict[str, bool]:
+    return {"private": True} if private else {}
 
 

@@ -38,5 +38,6 @@ class Federation(Protocol):
         ...
 
     def emit(self, name: str, **fields: Any) -> None:
-        """Report an event of the job."""
+        """Report an event of the job; an `error` field may be the exception itself, which the
+        federation renders (and keeps from readers who may not see the job's own errors)."""
         ...

@@ -44,7 +44,7 @@ class ScatterAndGather:
             try:
                 results.append(await federation.train(site, round))
             except HaulerError as error:
-                federation.emit("site.failed", round=round, site=site, error=str(error))
+                federation.emit("site.failed", round=round, site=site, error=error)
 
         async with asyncio.TaskGroup() as group:
             pending = {group.create_task(train_one(site)) for site in sites}
