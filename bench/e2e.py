@@ -52,16 +52,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the workspace afterwards")
     parser.add_argument("--plaintext", action="store_true", help="no TLS (to measure its cost)")
     parser.add_argument("--connections", type=int, help="parallel connections per transfer (server default if absent)")
+    parser.add_argument("--max-update-norm", type=float, help="[workflow] max_update_norm of the job (unchecked if absent)")
     return parser.parse_args(argv)
 
 
-def write_job(folder: Path, *, arrays: int, array_bytes: int, rounds: int, sites: int) -> Path:
+def write_job(folder: Path, *, arrays: int, array_bytes: int, rounds: int, sites: int,
+              max_update_norm: float | None = None) -> Path:
     """Copy hello-numpy and size it: `arrays` float32 arrays of `array_bytes` each."""
     job_dir = folder / "hello-numpy"
     shutil.copytree(EXAMPLE, job_dir, ignore=shutil.ignore_patterns("__pycache__"))
     config = {
         "name": "hello-numpy",
-        "workflow": {"num_rounds": rounds, "min_clients": sites, "wait_time_after_min_received": 10},
+        "workflow": {"num_rounds": rounds, "min_clients": sites, "wait_time_after_min_received": 10,
+                     **({"max_update_norm": max_update_norm} if max_update_norm else {})},
         "model": {"module": "model", "config": {"arrays": arrays, "array_bytes": array_bytes}},
         "executor": {"module": "train", "config": {"increment": INCREMENT, "steps": 10}},
     }
@@ -111,6 +114,7 @@ def summarize(args: argparse.Namespace, model_bytes: int, wall_s: float, outcome
               for row in metrics if row.get("kind") == "round"]
     return {
         "model_bytes": model_bytes, "arrays": args.arrays, "sites": args.sites, "tls": not args.plaintext,
+        "max_update_norm": args.max_update_norm,
         "wall_s": round(wall_s, 3), "outcome": outcome, "rounds": rounds,
         "peak_rss_bytes": {role: s.peak_rss_bytes for role, s in sampler.series.items()},
         "peak_rss_anon_bytes": {role: s.peak_rss_anon_bytes for role, s in sampler.series.items()},
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     array_bytes = int(args.model_mib * 2**20 / args.arrays) // 4 * 4
     model_bytes = array_bytes * args.arrays
     workspace = (args.workspace or Path(tempfile.mkdtemp(prefix="hauler-e2e-"))).resolve()
-    job_dir = write_job(workspace, arrays=args.arrays, array_bytes=array_bytes, rounds=args.rounds, sites=args.sites)
+    job_dir = write_job(workspace, arrays=args.arrays, array_bytes=array_bytes, rounds=args.rounds, sites=args.sites,
+                        max_update_norm=args.max_update_norm)
     dataplane = {"connections": args.connections} if args.connections else None
     poc.prepare(workspace, args.sites, plaintext=args.plaintext, dataplane=dataplane)
     console.print(f"starting a server and {args.sites} sites in {workspace}")
@@ -160,12 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     baseline_s = blocking_socket_seconds(2 * args.sites * args.rounds * model_bytes, **tls_contexts(workspace))
     result = summarize(args, model_bytes, wall_s, outcome, error, metrics, sampler, baseline_s)
     show(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    if not args.keep:
-        shutil.rmtree(workspace, ignore_errors=True)
+    save(result, args.json, workspace, keep=args.keep)
     return 0 if result["correct"] else 1
+
+
+def save(result: dict[str, Any], path: Path | None, workspace: Path, *, keep: bool) -> None:
+    """Write a benchmark's figures as JSON (if asked), and remove its workspace unless `keep`."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+    if not keep:
+        shutil.rmtree(workspace, ignore_errors=True)
 
 
 if __name__ == "__main__":
