@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import hauler
 from hauler.core.errors import JobCodeError, SecurityError
 from hauler.security import sandbox
 from hauler.server.initial import build_on_server
@@ -175,10 +176,11 @@ WRITER = '''
 
 
 @confined
-@pytest.mark.parametrize("where", ["app", "work"])
+@pytest.mark.parametrize("where", ["app", "hauler_package"])
 async def test_a_job_cannot_write_outside_its_output_folder(server: Server, where: str) -> None:
+    """Neither into its own code nor into the server's: both are seen read-only."""
     target = (server.app / "planted.py" if where == "app"
-              else Path("/work") / f"escaped-{uuid.uuid4().hex}")
+              else Path(hauler.__file__).parent / f"escaped-{uuid.uuid4().hex}.py")
     server.job(WRITER)
     try:
         with pytest.raises(JobCodeError, match="Read-only file system"):
