@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import fill_exact_values, manifest_of
 
-from hauler.server.rounds import RoundStore
+from hauler.model.rounds import RoundStore
 
 LAYOUT = [("a", "F32", (3000,)), ("b", "I64", (100,))]
 

@@ -18,6 +18,7 @@ sum(w x model) = sum(w x (base + delta)) and sites may mix both forms.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,10 @@ from hauler.model import (
 )
 
 BLOCK_ELEMENTS = 1 << 20  # multiply-add in blocks with reused scratch: no large temporaries
+
+
+class ChunkSource(Protocol):
+    def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview: ...
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,21 @@ class FedAvg:
                 np.add(into, scratch, out=into)
             if self._float[chunk.tensor]:
                 self._finite.check_folded(into, self.manifest, chunk)
+
+    def screen(self, source: ChunkSource, *, delta: bool, max_update_norm: float | None) -> None:
+        """Check a whole update before any of it is folded, where it is at hand (the simulator):
+        every value finite, and its norm within `max_update_norm`. Raises UpdateRefused."""
+        total = 0.0
+        for chunk in self.manifest.chunks():
+            data = source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
+            if self._float[chunk.tensor]:
+                values = np.frombuffer(data, numpy_dtype(self.manifest.tensors[chunk.tensor].dtype))
+                for block in range(0, values.size, BLOCK_ELEMENTS):
+                    self._finite.check_folded(values[block : block + BLOCK_ELEMENTS], self.manifest, chunk)
+            if max_update_norm is not None:
+                total += self.update_squares(chunk, data, delta)
+        if max_update_norm is not None:
+            self.norms.check(total, max_update_norm, complete=True)
 
     def update_squares(self, chunk: Chunk, data: memoryview, delta: bool) -> float:
         """Sum of squares of a chunk's update (the chunk itself if `delta`, else it minus the

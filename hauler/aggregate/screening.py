@@ -29,7 +29,7 @@ class FiniteCheck:
         return bool(flags.all())
 
     def check_folded(self, block: np.ndarray, manifest: Manifest, chunk: Chunk) -> None:
-        """Refuse a folded block holding NaN or infinity (sent by the site, or an overflow)."""
+        """Refuse a block holding NaN or infinity (sent by the site, or an overflow once folded)."""
         if not self.all_finite(block):
             tensor = manifest.tensors[chunk.tensor]
             raise UpdateRefused(f"non-finite values in tensor {tensor.name!r} (chunk at byte "
@@ -78,6 +78,13 @@ class UpdateNorms:
             measured = f"{ratio:.3g}" if complete else f"at least {ratio:.3g}"
             raise UpdateRefused(f"update norm {measured} x the global model's is above "
                                 f"max_update_norm = {limit:g}; the update is dropped from the round")
+
+
+def check_weight(weight: float, site: str, limit: float) -> None:
+    """A site's weight must be finite, positive and at most `limit`, or it outweighs the rest."""
+    if not (math.isfinite(weight) and 0 < weight <= limit):
+        raise UpdateRefused(f"{site} announced weight {weight!r}; a weight must be finite, "
+                            f"positive and at most max_weight = {limit:g} ([workflow] in job.toml)")
 
 
 def squares(block: np.ndarray) -> float:

@@ -12,19 +12,24 @@ OUT_FILE is complete; otherwise 1, with the error and its frames in the job's co
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
 
+from hauler.core.errors import HaulerError, JobError
 from hauler.core.package import load_job_module
 from hauler.model.file import ModelFile
 from hauler.model.manifest import Manifest
+from hauler.model.rounds import INITIAL_ROUND, RoundStore
 
 JOB_ID = "initial"  # the private package the module is imported into: hauler_job_initial
 _FRAMES = 4  # frames of the job's own code shown with its error
+ERROR_TAIL_BYTES = 4000  # what is kept of a child's reason
 
 
 def write_initial_model(app_dir: Path, module: str, config: dict, chunk_bytes: int,
@@ -56,6 +61,27 @@ def _fill(code: ModuleType, model: ModelFile, config: dict) -> None:
         code.fill(name, array, config)
 
 
+def import_initial_model(rounds: RoundStore, source: Path, chunk_bytes: int, *, move: bool) -> Manifest:
+    """Make `source` round 0 (moved, or copied so the original stays as it is), after checking it
+    as untrusted input; returns round 0's manifest, with digests."""
+    final = rounds.path(INITIAL_ROUND)
+    partial = final.with_suffix(".partial")
+    try:
+        ModelFile.open(source, chunk_bytes=chunk_bytes).close()  # refuses a malformed file first
+        if move:
+            os.replace(source, partial)
+        else:
+            shutil.copyfile(source, partial)
+        with ModelFile.open(partial, chunk_bytes=chunk_bytes) as model:
+            manifest = model.compute_digests()
+    except (HaulerError, OSError) as error:
+        partial.unlink(missing_ok=True)
+        raise JobError(f"the initial model {source.name} cannot be used: {error}") from None
+    os.replace(partial, final)
+    rounds.commit(INITIAL_ROUND, manifest)
+    return manifest
+
+
 def describe(error: BaseException, app_dir: Path) -> str:
     """`TypeName: message`, then the last frames of the traceback that are in the job's code."""
     root = os.path.join(os.path.realpath(app_dir), "")
@@ -63,6 +89,22 @@ def describe(error: BaseException, app_dir: Path) -> str:
               if os.path.realpath(frame.filename).startswith(root)][-_FRAMES:]
     text = f"{type(error).__name__}: {error}"
     return text + ("\n" + "".join(traceback.format_list(frames)).rstrip() if frames else "")
+
+
+async def build_in_child(app_dir: Path, module: str, config: dict, chunk_bytes: int,
+                         out_file: Path) -> Path:
+    """Run the entry point below in a child process, unconfined: where a job is submitted or
+    simulated, the job's code is its author's own. Raises JobError with the child's reason."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hauler.model.initial", str(Path(app_dir).resolve()), module,
+        json.dumps(config), str(chunk_bytes), str(out_file), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await child.communicate()
+    if child.returncode != 0:
+        reason = stderr.decode(errors="replace").strip()[-ERROR_TAIL_BYTES:]
+        raise JobError(f"building the initial model with {module}.py failed: "
+                       f"{reason or f'exit status {child.returncode}'}")
+    return Path(out_file)
 
 
 def main(argv: list[str]) -> int:

@@ -13,76 +13,64 @@ starts when the model has fully arrived.
 from __future__ import annotations
 
 import asyncio
-import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hauler.aggregate import Contribution, FedAvg
+from hauler.aggregate import RoundAggregate, UploadBuffers, check_weight, folding
 from hauler.core.config import JobConfig, ServerConfig
-from hauler.core.errors import ConnectionLost, HaulerError, JobError, TransferTimeout, UpdateRefused
-from hauler.core.resources import release_free_memory, rss_anon_bytes
+from hauler.core.errors import ConnectionLost, HaulerError, JobError, TransferTimeout
+from hauler.core.resources import rss_anon_bytes
 from hauler.core.messages import AbortTask, DeployJob, ResultReady, Task, UploadReady
-from hauler.model import Chunk, Manifest, ModelFile
-from hauler.server.rounds import RoundStore
+from hauler.model import Manifest
 from hauler.server.sites import SiteRegistry, SiteRestarted, SiteSession
 from hauler.server.transfers import TransferRegistry
-from hauler.transfer import ReceiveLedger
 from hauler.workflows import TrainResult
+from hauler.workflows.records import RoundRecords
 
 T = TypeVar("T")
 PROGRESS_EVERY_S = 0.5
 MAX_TASK_RESTARTS = 3  # a site restarting in a loop cannot hold a round open for ever
 
 
-class UploadBuffers:
-    """Where a site's upload chunks land before they are folded: one chunk-sized buffer per
-    lane (each lands one chunk at a time), reused all job long. Which lane a chunk is
-    arriving on is for the `ledger` of the upload in progress to say."""
-
-    def __init__(self, chunk_bytes: int, lanes: int) -> None:
-        self._buffers = [memoryview(bytearray(chunk_bytes)) for _ in range(lanes)]
-        self.ledger: ReceiveLedger | None = None
-
-    def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview:
-        assert self.ledger is not None, "no upload in progress"
-        return self._buffers[self.ledger.lane_of(tensor, offset)][:length]
-
-
 class JobFederation:
     def __init__(self, *, job_id: str, job_dir: Path, job: JobConfig, package_b64: str,
                  server: ServerConfig, sites: SiteRegistry, transfers: TransferRegistry,
-                 emit: Callable[..., None], record: Callable[[dict], None]) -> None:
+                 emit: Callable[..., None], record: Callable[[dict], None],
+                 note: Callable[[str], None] = lambda text: None) -> None:
         self.job_id, self.job_dir, self.job, self.server = job_id, job_dir, job, server
         self.sites, self.transfers = sites, transfers
-        self.emit, self.record = emit, record
-        self.rounds = RoundStore(job_dir, server.keep_rounds)
+        self.emit, self.note = emit, note
+        self.aggregate = RoundAggregate(job_dir, keep_rounds=server.keep_rounds,
+                                        memory_budget_bytes=server.memory_budget_mib << 20)
+        self.rounds = self.aggregate.rounds
+        self.records = RoundRecords(record)
         self._package_b64 = package_b64
-        self._global: ModelFile | None = None
-        self._output: ModelFile | None = None
-        self._aggregate: FedAvg | None = None
         self._buffers: dict[str, UploadBuffers] = {}
         self._results: dict[str, tuple[str, ResultReady]] = {}  # site -> (task id, result), this round
-        self._round_started = self._last_upload_done = self._round_started_s = 0.0
-        self._site_timings: list[dict[str, float]] = []
         self._upload_statistics: dict[str, dict[str, int]] = {}
 
     async def wait_for_sites(self, count: int, wanted: list[str] | None) -> list[str]:
-        self.emit("sites.waiting", count=count)
-        return await self.sites.wait_for(count, wanted)
+        """The connected sites (those the job names, if it names some), once `count` are there;
+        meanwhile the events and the job's note say who is there and who is missing."""
+
+        def waiting(connected: list[str]) -> None:
+            missing = sorted(set(wanted) - set(connected)) if wanted else []
+            note = (f"waiting: {len(connected)} of {count} sites connected ({', '.join(connected) or 'none'})"
+                    + (f"; not connected: {', '.join(missing)}" if missing else ""))
+            self.emit("sites.waiting", count=count, connected=connected, note=note)
+            self.note(note)
+
+        chosen = await self.sites.wait_for(count, wanted, waiting)
+        self.note("")
+        return chosen
 
     async def begin_round(self, round: int) -> None:
-        self.close()
-        self._global = self.rounds.open(round)
-        manifest = self._global.manifest
-        if self._aggregate is None:
-            self._aggregate = FedAvg(manifest, workdir=self.job_dir, memory_budget_bytes=self.server.memory_budget_mib << 20)
-        self._output = self.rounds.create(round + 1, manifest)
-        self._aggregate.begin(self._output, base=self._global)
-        self._round_started, self._round_started_s = time.perf_counter(), time.time()
-        self._site_timings, self._results = [], {}
+        self.aggregate.begin(round)
+        self.records.begin(round)
+        self._results = {}
 
     async def train(self, site: str, round: int) -> TrainResult:
         """Run the round's task on `site`. A site whose stream drops keeps its task while it is
@@ -100,11 +88,10 @@ class JobFederation:
                 self.emit("site.restarted", round=round, site=site, error=str(error))
 
     async def _train_on(self, session: SiteSession, round: int) -> TrainResult:
-        assert self._global is not None
-        site = session.name
+        site, served = session.name, self.aggregate.global_model
         await self._deploy(session)
-        task_id, manifest = secrets.token_hex(8), self._global.manifest
-        download = self.transfers.offer(site, manifest, self._global)
+        task_id, manifest = secrets.token_hex(8), served.manifest
+        download = self.transfers.offer(site, manifest, served)
         download.listeners.append(self._progress(site, round, "download", manifest.total_bytes))
         result_future = session.expect_result(task_id)
         clock = time.perf_counter
@@ -121,7 +108,7 @@ class JobFederation:
             trained = clock()
             self._results[site] = (task_id, result)
             await self._collect(session, task_id, result, round)
-            uploaded = self._last_upload_done = clock()
+            uploaded = clock()
         except BaseException as error:
             reason = str(error) if isinstance(error, HaulerError) else "the server ended the task"
             await _quietly(session.send(AbortTask(task_id=task_id, reason=reason[:1000])))
@@ -130,27 +117,22 @@ class JobFederation:
             session.forget(task_id)
             self.transfers.discard(download)
         timings = {"download_s": arrived - start, "train_s": trained - arrived, "upload_s": uploaded - trained}
-        self._site_timings.append(timings)
-        upload = self._upload_statistics.pop(site, {})
-        self.record({"kind": "site", "round": round, "site": site, "started_s": started_s,
-                     "weight": result.weight, **timings,
-                     "download": {**download.statistics(), "mb_per_s": _rate(manifest.total_bytes, timings["download_s"])},
-                     "upload": {**upload, "mb_per_s": _rate(manifest.total_bytes, timings["upload_s"])},
-                     "metrics": result.metrics})
+        accepted = TrainResult(site, result.weight, result.metrics, timings)
+        self.records.site(accepted, started_s=started_s, model_bytes=manifest.total_bytes,
+                          download=download.statistics(), upload=self._upload_statistics.pop(site, {}))
         self.emit("site.result", round=round, site=site, weight=result.weight, **timings)
-        return TrainResult(site, result.weight, result.metrics, timings)
+        return accepted
 
     async def _collect(self, session: SiteSession, task_id: str, result: ResultReady, round: int) -> None:
         """Receive a site's update and fold each chunk into the aggregate as it lands."""
-        assert self._aggregate is not None
         manifest = self._check_result(result, session.name)
-        contribution = self._aggregate.contribution(result.weight, delta=result.delta,
-                                                    max_update_norm=self.job.workflow.max_update_norm)
+        contribution = self.aggregate.contribution(result.weight, delta=result.delta,
+                                                   max_update_norm=self.job.workflow.max_update_norm)
         buffers = self._buffers.get(session.name)
         if buffers is None:
             buffers = self._buffers[session.name] = UploadBuffers(manifest.chunk_bytes, self.server.dataplane.connections)
         upload = self.transfers.expect(session.name, manifest, buffers,
-                                       on_chunk=_folding(contribution, buffers, session.name))
+                                       on_chunk=folding(contribution, buffers, session.name))
         buffers.ledger = upload.ledger  # before the site hears of the upload: no chunk can come sooner
         upload.listeners.append(self._progress(session.name, round, "upload", manifest.total_bytes))
         failure = session.expect_result(task_id)  # the site's TaskFailed, should it fail to upload
@@ -176,13 +158,9 @@ class JobFederation:
 
     def _check_result(self, result: ResultReady, site: str) -> Manifest:
         """Refuse a result before any of it is folded: its weight, then its layout."""
-        limit = self.job.workflow.max_weight
-        if not (math.isfinite(result.weight) and 0 < result.weight <= limit):
-            raise UpdateRefused(f"{site} announced weight {result.weight!r}; a weight must be finite, "
-                                f"positive and at most max_weight = {limit:g} ([workflow] in job.toml)")
+        check_weight(result.weight, site, self.job.workflow.max_weight)
         manifest = Manifest.from_json(result.manifest)
-        assert self._global is not None
-        if not manifest.same_layout(self._global.manifest):
+        if not manifest.same_layout(self.aggregate.global_model.manifest):
             raise JobError(f"{site} returned a model whose tensors differ from the global model's")
         return manifest
 
@@ -226,24 +204,15 @@ class JobFederation:
         return listener
 
     async def end_round(self, round: int, results: list[TrainResult]) -> None:
-        assert self._aggregate is not None
-        if self._aggregate.tainted:
+        if self.aggregate.fedavg.tainted:
             results = await self._refold(round, results)
-        manifest = await asyncio.to_thread(self._aggregate.finish)
-        self.rounds.commit(round + 1, manifest)
-        release_free_memory()  # what the round's transfers freed; else the heap creeps up
-        done = time.perf_counter()
-        summary: dict[str, Any] = {key: max(t[key] for t in self._site_timings) for key in self._site_timings[0]}
-        summary["aggregate_s"] = done - self._last_upload_done
-        self.record({"kind": "round", "round": round, "started_s": self._round_started_s,
-                     "sites": [r.site for r in results], "round_s": done - self._round_started,
-                     "server_rss_anon_bytes": rss_anon_bytes(), **summary})
+        await asyncio.to_thread(self.aggregate.finish, round)
+        self.records.end(results, server_rss_anon_bytes=rss_anon_bytes())
 
     async def _refold(self, round: int, results: list[TrainResult]) -> list[TrainResult]:
         """A site died mid-upload and left partial folds: start the sum again from the completed sites."""
-        assert self._aggregate is not None
         self.emit("round.refold", round=round, sites=[r.site for r in results])
-        self._aggregate.restart()
+        self.aggregate.fedavg.restart()
         kept = []
         for result in results:
             task_id, ready = self._results[result.site]
@@ -252,7 +221,7 @@ class JobFederation:
                 kept.append(result)
             except HaulerError as error:
                 self.emit("site.failed", round=round, site=result.site, error=error)
-                self._aggregate.restart()
+                self.aggregate.fedavg.restart()
                 return await self._refold(round, [r for r in results if r.site != result.site])
         if len(kept) < self.job.workflow.min_clients:
             raise JobError(f"round {round}: only {len(kept)} sites could re-send their update after a "
@@ -260,26 +229,7 @@ class JobFederation:
         return kept
 
     def close(self) -> None:
-        for model in (self._global, self._output):
-            if model is not None:
-                model.close()
-        self._global = self._output = None
-
-
-def _folding(contribution: Contribution, buffers: UploadBuffers, site: str) -> Callable[[Chunk], None]:
-    """Fold each landed chunk of `site`'s upload; a refusal names the site."""
-
-    def fold(chunk: Chunk) -> None:
-        try:
-            contribution.fold(chunk, buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-        except UpdateRefused as error:
-            raise UpdateRefused(f"{site}'s update: {error}") from None
-
-    return fold
-
-
-def _rate(nbytes: int, seconds: float) -> float:
-    return round(nbytes / seconds / 1e6, 1) if seconds > 0 else 0.0
+        self.aggregate.close()
 
 
 async def _quietly(work: Awaitable[Any]) -> None:

@@ -14,13 +14,10 @@ dtypes, sizes, layout tiling the data region) before it is hashed and committed.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-from hauler.core.errors import HaulerError, JobError
-from hauler.model import Manifest, ModelFile
-from hauler.server.rounds import INITIAL_ROUND, RoundStore
+from hauler.core.errors import JobError
+from hauler.model import Manifest
 
 
 def resolve_model_file(name: str, model_dirs: list[Path]) -> Path:
@@ -34,27 +31,6 @@ def resolve_model_file(name: str, model_dirs: list[Path]) -> Path:
     raise JobError(f"the job's initial model file {name!r} is not a file in the server's model_dirs; "
                    "ask the server's operator to add it, or upload it with "
                    "`hauler submit --initial-model FILE`")
-
-
-def import_initial_model(rounds: RoundStore, source: Path, chunk_bytes: int, *, move: bool) -> Manifest:
-    """Make `source` round 0 (moved, or copied so the original stays as it is), after checking it
-    as untrusted input; returns round 0's manifest, with digests."""
-    final = rounds.path(INITIAL_ROUND)
-    partial = final.with_suffix(".partial")
-    try:
-        ModelFile.open(source, chunk_bytes=chunk_bytes).close()  # refuses a malformed file first
-        if move:
-            os.replace(source, partial)
-        else:
-            shutil.copyfile(source, partial)
-        with ModelFile.open(partial, chunk_bytes=chunk_bytes) as model:
-            manifest = model.compute_digests()
-    except (HaulerError, OSError) as error:
-        partial.unlink(missing_ok=True)
-        raise JobError(f"the initial model {source.name} cannot be used: {error}") from None
-    os.replace(partial, final)
-    rounds.commit(INITIAL_ROUND, manifest)
-    return manifest
 
 
 def check_initial_manifest(manifest: Manifest, *, chunk_bytes: int, max_bytes: int) -> None:

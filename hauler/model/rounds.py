@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hauler.core.errors import HaulerError
-from hauler.model import Manifest, ModelFile
+from hauler.model.file import ModelFile
+from hauler.model.manifest import Manifest
 
 INITIAL_ROUND = 0
 
@@ -89,6 +90,11 @@ class RoundStore:
         if reuse is not None:
             self.manifest_path(retired).unlink(missing_ok=True)
         return ModelFile.create(self.path(round), manifest, reuse=reuse)
+
+    def remove_all(self) -> None:
+        """Every round's file and manifest: the job keeps no model any more."""
+        for path in [*self.directory.glob("round-*.safetensors"), *self.directory.glob("round-*.manifest.json")]:
+            path.unlink(missing_ok=True)
 
     def commit(self, round: int, manifest: Manifest) -> None:
         """Mark `round` complete by writing its manifest (with digests) atomically."""
