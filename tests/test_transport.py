@@ -1,11 +1,14 @@
-"""The data plane on real loopback sockets (plain TCP and mutual TLS): models arrive
-bit-identical whatever their layout, and a peer that breaks the protocol is refused
-before a byte of its payload is placed, and disconnected."""
+"""The data plane's contract, run over every backend (plain TCP and mutual TLS on loopback
+sockets, and the in-process pipe): models arrive bit-identical whatever their layout, and a
+peer that breaks the protocol is refused before a byte of its payload is placed, and
+disconnected. Then what only the in-process pipe promises: one copy per payload, bounded
+queues, and `close` / `abort` semantics a socket would have."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from dataclasses import dataclass
 
 import pytest
 from helpers import MIXED_LAYOUT, SMALL_CHUNK, create_model, tensor_bytes
@@ -38,18 +41,26 @@ from hauler.transfer import (
     SendSchedule,
     ack_frame,
     control_frame,
+    hello_frame,
 )
+from hauler.transfer.frames import HEADER
 from hauler.transport import (
     Connection,
     DataAddress,
+    InprocListener,
+    Listener,
     connect,
+    connect_inproc,
+    connection_pair,
     fetch_model,
     listen,
+    listen_inproc,
     open_transfer,
     push_model,
     receive_model,
     send_model,
 )
+from hauler.transport.connection import WRITE_HIGH_WATER, ConnectionHandler
 
 HOST = "127.0.0.1"
 TIMEOUTS = Timeouts(streaming_read_timeout=10, streaming_ack_wait=10, communication_timeout=10)
@@ -70,16 +81,48 @@ def kits(tmp_path_factory) -> dict[str, TlsFiles]:
     return kits
 
 
-@pytest.fixture(params=["tcp", "tls"])
-def scheme(request, kits) -> tuple[TlsFiles | None, TlsFiles | None]:
-    """(server kit, site kit) for each way the data plane runs: plaintext, or mutual TLS."""
-    return (None, None) if request.param == "tcp" else (kits["server"], kits["site-1"])
+@dataclass(frozen=True)
+class Backend:
+    """One way the data plane runs, as a test reaches it: `listen`, then `connect` to the listener."""
+
+    name: str
+    server_tls: TlsFiles | None = None
+    site_tls: TlsFiles | None = None
+
+    async def listen(self, handler: ConnectionHandler) -> Listener | InprocListener:
+        if self.name == "inproc":
+            return await listen_inproc("", handler)
+        return await listen(HOST, 0, handler, tls=self.server_tls)
+
+    async def connect(self, listener: Listener | InprocListener) -> Connection:
+        if self.name == "inproc":
+            return await connect_inproc(listener.name)
+        return await connect(HOST, listener.port, tls=self.site_tls)
+
+    async def open_transfer(self, listener: Listener | InprocListener, transfer_id: str, lane: int = 0) -> Connection:
+        """Dial and bind the connection to one lane of `transfer_id` (`open_transfer` on sockets)."""
+        if self.name == "inproc":
+            connection = await connect_inproc(listener.name)
+            connection.write(hello_frame(transfer_id, lane))
+            return connection
+        return await open_transfer(HOST, listener.port, transfer_id, lane=lane, tls=self.site_tls)
 
 
-def registry(*, lanes: int = 1, timeouts: Timeouts = TIMEOUTS) -> TransferRegistry:
+SOCKETS = ["tcp", "tls"]  # for tests of what only a socket has: `DataAddress` dials host and port
+
+
+@pytest.fixture(params=[*SOCKETS, "inproc"])
+def backend(request, kits) -> Backend:
+    """Every way the data plane runs: plaintext TCP, mutual TLS, in process."""
+    if request.param == "tls":
+        return Backend("tls", kits["server"], kits["site-1"])
+    return Backend(request.param)
+
+
+def registry(*, lanes: int = 1, timeouts: Timeouts = TIMEOUTS, hello_timeout_s: float = 1.0) -> TransferRegistry:
     """The server's transfers: chunks of SMALL_CHUNK, `lanes` parallel connections per transfer."""
     dataplane = DataPlane(chunk_bytes=SMALL_CHUNK, window_chunks=4, connections=lanes, retry_backoff_s=0.05,
-                          hello_timeout_s=1.0)
+                          hello_timeout_s=hello_timeout_s)
     return TransferRegistry(dataplane, timeouts, AccessPolicy([]))
 
 
@@ -112,7 +155,7 @@ class Recorder:
         return memoryview(self.buffer)[:length]
 
 
-async def serve_once(handler, *, tls=None):
+async def serve_once(backend: Backend, handler):
     """Listen for one connection; returns the listener and a future with the handler's result."""
     result = asyncio.get_running_loop().create_future()
 
@@ -126,13 +169,12 @@ async def serve_once(handler, *, tls=None):
             result.set_exception(error)
             raise
 
-    return await listen(HOST, 0, run, tls=tls), result
+    return await backend.listen(run), result
 
 
 @pytest.mark.parametrize("window_chunks", [1, 16])
 @pytest.mark.parametrize("direction", ["server_sends", "site_sends"])
-async def test_model_arrives_bit_identical(scheme, source, sink, direction, window_chunks):
-    server_tls, site_tls = scheme
+async def test_model_arrives_bit_identical(backend, source, sink, direction, window_chunks):
     ledger, completed = ReceiveLedger(ChunkPlan(source.manifest)), []
 
     async def send(connection):
@@ -141,8 +183,8 @@ async def test_model_arrives_bit_identical(scheme, source, sink, direction, wind
     async def receive(connection):
         await receive_model(connection, ledger, sink, timeouts=TIMEOUTS, on_tensor=completed.append)
 
-    listener, served = await serve_once(send if direction == "server_sends" else receive, tls=server_tls)
-    connection = await connect(HOST, listener.port, tls=site_tls)
+    listener, served = await serve_once(backend, send if direction == "server_sends" else receive)
+    connection = await backend.connect(listener)
     try:
         dialled = await (receive if direction == "server_sends" else send)(connection)
         statistics = await served if direction == "server_sends" else dialled
@@ -157,12 +199,12 @@ async def test_model_arrives_bit_identical(scheme, source, sink, direction, wind
     assert ledger.plan.total > 20  # many chunks, several per tensor
 
 
+@pytest.mark.parametrize("backend", SOCKETS, indirect=True)  # fetch_model and push_model dial a DataAddress
 @pytest.mark.parametrize("lanes", [1, 3])
-async def test_registry_serves_a_download_and_takes_an_upload_chunk_by_chunk(scheme, tmp_path, source, sink, lanes):
-    server_tls, site_tls = scheme
+async def test_registry_serves_a_download_and_takes_an_upload_chunk_by_chunk(backend, tmp_path, source, sink, lanes):
     transfers = registry(lanes=lanes)
-    listener = await listen(HOST, 0, transfers.handle, tls=server_tls)
-    address = DataAddress(HOST, listener.port, site_tls, transfers.dataplane)
+    listener = await backend.listen(transfers.handle)
+    address = DataAddress(HOST, listener.port, backend.site_tls, transfers.dataplane)
     landing = ModelFile.create(tmp_path / "landing.safetensors", source.manifest)
     landed = []
     try:
@@ -187,18 +229,18 @@ async def test_registry_serves_a_download_and_takes_an_upload_chunk_by_chunk(sch
     assert statistics.bytes_resent == 0  # a clean link: nothing sent twice
 
 
-async def test_a_download_is_done_only_once_every_connected_lane_has_had_its_end(source, sink):
+async def test_a_download_is_done_only_once_every_connected_lane_has_had_its_end(backend, source, sink):
     """Done is when the server may forget a transfer; a lane still owed its END would be cut
     off and, reconnecting, find no transfer."""
     transfers = registry(lanes=2)
-    listener = await listen(HOST, 0, transfers.handle)
+    listener = await backend.listen(transfers.handle)
     ledger = ReceiveLedger(ChunkPlan(source.manifest), 2)
     try:
         download = transfers.offer("site-1", source.manifest, source)
-        late = await open_transfer(HOST, listener.port, download.id, lane=1)  # connected, silent for now
+        late = await backend.open_transfer(listener, download.id, lane=1)  # connected, silent for now
         while download.connections < 1:
             await asyncio.sleep(0.001)
-        first = await open_transfer(HOST, listener.port, download.id, lane=0)
+        first = await backend.open_transfer(listener, download.id, lane=0)
         await receive_model(first, ledger, sink, timeouts=TIMEOUTS, lane=0)  # every chunk, then END
         assert ledger.done and ledger.held(0) == ChunkPlan(source.manifest).total
         await asyncio.sleep(0.1)
@@ -219,9 +261,9 @@ def landed_at_server(buffers: UploadBuffers, chunk, prefix: bytes) -> bool:
     return bytes(landing[: len(prefix)]) == prefix
 
 
-async def test_a_chunk_half_landed_on_one_lane_survives_a_chunk_on_another(source):
+async def test_a_chunk_half_landed_on_one_lane_survives_a_chunk_on_another(backend, source):
     transfers = registry(lanes=2)
-    listener = await listen(HOST, 0, transfers.handle)
+    listener = await backend.listen(transfers.handle)
     plan = ChunkPlan(source.manifest)
     buffers = UploadBuffers(source.manifest.chunk_bytes, 2)  # where the server lands upload chunks before folding
     landed = []
@@ -229,7 +271,7 @@ async def test_a_chunk_half_landed_on_one_lane_survives_a_chunk_on_another(sourc
         upload = transfers.expect("site-1", source.manifest, buffers, on_chunk=landed.append)
         buffers.ledger = upload.ledger
         first = [plan.chunk(0), plan.chunk(1)]  # lane 0 carries chunk 0, lane 1 chunk 1
-        connections = [await open_transfer(HOST, listener.port, upload.id, lane=k) for k in range(2)]
+        connections = [await backend.open_transfer(listener, upload.id, lane=k) for k in range(2)]
         for connection in connections:
             await connection.next_frame()  # each lane's receiver says where to start
         frames = [data_frame(source, chunk) for chunk in first]
@@ -247,13 +289,13 @@ async def test_a_chunk_half_landed_on_one_lane_survives_a_chunk_on_another(sourc
     assert sorted(chunk.seq for chunk in landed) == [0, 1]
 
 
-async def test_a_chunk_arriving_on_one_lane_is_refused_on_another(source):
+async def test_a_chunk_arriving_on_one_lane_is_refused_on_another(backend, source):
     transfers = registry(lanes=2)
-    listener = await listen(HOST, 0, transfers.handle)
+    listener = await backend.listen(transfers.handle)
     landed = []
     try:
         upload = transfers.expect("site-1", source.manifest, Recorder(source.manifest), on_chunk=landed.append)
-        connections = [await open_transfer(HOST, listener.port, upload.id, lane=k) for k in range(2)]
+        connections = [await backend.open_transfer(listener, upload.id, lane=k) for k in range(2)]
         for connection in connections:
             await connection.next_frame()
         frame = data_frame(source, ChunkPlan(source.manifest).chunk(0))
@@ -270,10 +312,10 @@ async def test_a_chunk_arriving_on_one_lane_is_refused_on_another(source):
     assert [chunk.seq for chunk in landed] == [0]
 
 
-async def test_unknown_transfer_is_refused_with_a_reason():
-    listener = await listen(HOST, 0, registry().handle)
+async def test_unknown_transfer_is_refused_with_a_reason(backend):
+    listener = await backend.listen(registry().handle)
     try:
-        connection = await open_transfer(HOST, listener.port, secrets.token_hex(16))
+        connection = await backend.open_transfer(listener, secrets.token_hex(16))
         frame = await connection.next_frame()
         assert frame.header.kind is Kind.ERROR and b"unknown" in frame.payload
         with pytest.raises(ConnectionLost):
@@ -305,14 +347,15 @@ def bad_frames(manifest: Manifest) -> dict[str, tuple[bytes, str]]:
 BAD = list(bad_frames(Manifest.build(MIXED_LAYOUT, SMALL_CHUNK)))
 
 
+@pytest.mark.parametrize("backend", ["tcp", "inproc"], indirect=True)  # TLS moves the same bytes: 6 x 0.2 s saved
 @pytest.mark.parametrize("bad", BAD)
-async def test_data_frame_off_the_plan_is_refused_and_the_connection_closed(source, bad):
+async def test_data_frame_off_the_plan_is_refused_and_the_connection_closed(backend, source, bad):
     transfers = registry()
-    listener = await listen(HOST, 0, transfers.handle)
+    listener = await backend.listen(transfers.handle)
     sink, landed = Recorder(source.manifest), []
     try:
         upload = transfers.expect("site-1", source.manifest, sink, on_chunk=landed.append)
-        connection = await open_transfer(HOST, listener.port, upload.id)
+        connection = await backend.open_transfer(listener, upload.id)
         first = await connection.next_frame()
         assert (first.header.kind, first.header.offset) == (Kind.ACK, 0)  # the receiver says where to start
         frame, reason = bad_frames(source.manifest)[bad]
@@ -320,7 +363,7 @@ async def test_data_frame_off_the_plan_is_refused_and_the_connection_closed(sour
         with pytest.raises((RemoteProtocolError, ConnectionLost)):  # the server hangs up on us
             await connection.next_frame()
         with pytest.raises(HaulerError) as raised:  # nobody comes back: the transfer fails, saying why
-            await upload.wait(0.5, "upload")
+            await upload.wait(0.2, "upload")  # the server has hung up already: it knows why
         assert reason in str(raised.value)
     finally:
         await listener.close()
@@ -328,10 +371,10 @@ async def test_data_frame_off_the_plan_is_refused_and_the_connection_closed(sour
 
 
 @pytest.mark.parametrize("frame", [ack_frame(0), control_frame(Kind.HELLO, b"{}")], ids=["ack", "hello"])
-async def test_control_frame_sent_to_a_receiver_is_a_remote_protocol_error(source, sink, frame):
-    listener, served = await serve_once(lambda connection: receive_model(
+async def test_control_frame_sent_to_a_receiver_is_a_remote_protocol_error(backend, source, sink, frame):
+    listener, served = await serve_once(backend, lambda connection: receive_model(
         connection, ReceiveLedger(ChunkPlan(source.manifest)), sink, timeouts=TIMEOUTS))
-    connection = await connect(HOST, listener.port)
+    connection = await backend.connect(listener)
     try:
         await connection.next_frame()
         connection.write(frame)
@@ -342,13 +385,13 @@ async def test_control_frame_sent_to_a_receiver_is_a_remote_protocol_error(sourc
         await listener.close()
 
 
-async def test_corrupt_chunk_is_never_consumed_and_is_resent_on_reconnect(source):
+async def test_corrupt_chunk_is_never_consumed_and_is_resent_on_reconnect(backend, source):
     transfers = registry()
-    listener = await listen(HOST, 0, transfers.handle)
+    listener = await backend.listen(transfers.handle)
     landed = []
     try:
         upload = transfers.expect("site-1", source.manifest, Recorder(source.manifest), on_chunk=landed.append)
-        connection = await open_transfer(HOST, listener.port, upload.id)
+        connection = await backend.open_transfer(listener, upload.id)
         await connection.next_frame()
         chunk = next(source.manifest.chunks())
         payload = bytes(source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
@@ -357,7 +400,7 @@ async def test_corrupt_chunk_is_never_consumed_and_is_resent_on_reconnect(source
         with pytest.raises((IntegrityError, ConnectionLost)):  # the server hangs up on us
             await connection.next_frame()
         assert landed == []  # the corrupt chunk reached nothing
-        again = await open_transfer(HOST, listener.port, upload.id)  # the site reconnects and resumes
+        again = await backend.open_transfer(listener, upload.id)  # the site reconnects and resumes
         await send_model(again, source.manifest, source, window_chunks=4, timeouts=TIMEOUTS)
         await upload.wait(10, "upload")
         again.close()
@@ -366,10 +409,10 @@ async def test_corrupt_chunk_is_never_consumed_and_is_resent_on_reconnect(source
     assert landed == list(source.manifest.chunks())  # every chunk consumed exactly once, in order
 
 
-async def test_connection_that_never_says_hello_is_dropped():
-    listener = await listen(HOST, 0, registry(timeouts=SHORT).handle)
+async def test_connection_that_never_says_hello_is_dropped(backend):
+    listener = await backend.listen(registry(timeouts=SHORT, hello_timeout_s=0.2).handle)
     try:
-        connection = await connect(HOST, listener.port)
+        connection = await backend.connect(listener)
         async with asyncio.timeout(10):
             with pytest.raises((ConnectionLost, TransferTimeout)):
                 await connection.next_frame()
@@ -378,9 +421,9 @@ async def test_connection_that_never_says_hello_is_dropped():
 
 
 @pytest.mark.parametrize("side", ["receiver", "sender"])
-async def test_silent_peer_times_out(source, sink, side):
-    listener, _ = await serve_once(lambda connection: asyncio.sleep(30))  # accepts, then says nothing
-    connection = await connect(HOST, listener.port)
+async def test_silent_peer_times_out(backend, source, sink, side):
+    listener, _ = await serve_once(backend, lambda connection: asyncio.sleep(30))  # accepts, then says nothing
+    connection = await backend.connect(listener)
     try:
         async with asyncio.timeout(3):  # 15 x the configured silence
             with pytest.raises(TransferTimeout) as raised:
@@ -395,16 +438,16 @@ async def test_silent_peer_times_out(source, sink, side):
         await listener.close()
 
 
-async def test_transfer_resumes_on_a_new_connection_resending_at_most_one_window(source, sink):
+async def test_transfer_resumes_on_a_new_connection_resending_at_most_one_window(backend, source, sink):
     ledger = ReceiveLedger(ChunkPlan(source.manifest))
     window = SendSchedule(ChunkPlan(source.manifest), window_chunks=2).windows[0]  # the sender's, kept across connections
 
     async def send(connection):
         await send_model(connection, source.manifest, source, window=window, window_chunks=2, timeouts=TIMEOUTS)
 
-    listener = await listen(HOST, 0, send)
+    listener = await backend.listen(send)
     try:
-        first = await connect(HOST, listener.port)
+        first = await backend.connect(listener)
         landed = []
 
         def drop_after_five(nbytes: int) -> None:
@@ -415,7 +458,7 @@ async def test_transfer_resumes_on_a_new_connection_resending_at_most_one_window
         with pytest.raises((RemoteProtocolError, ConnectionLost)):
             await receive_model(first, ledger, sink, timeouts=TIMEOUTS, on_progress=drop_after_five)
         assert ledger.held(0) == 5
-        second = await connect(HOST, listener.port)
+        second = await backend.connect(listener)
         await receive_model(second, ledger, sink, timeouts=TIMEOUTS)
         second.close()
     finally:
@@ -425,3 +468,105 @@ async def test_transfer_resumes_on_a_new_connection_resending_at_most_one_window
     assert statistics.resumes == 1 and statistics.bytes_resent <= 2 * source.manifest.chunk_bytes
     assert statistics.bytes_sent == source.manifest.total_bytes + statistics.bytes_resent
 
+
+async def test_each_end_knows_its_peer_by_certificate_or_not_at_all(backend):
+    listener, served = await serve_once(backend, lambda connection: asyncio.sleep(0, connection.identity))
+    connection = await backend.connect(listener)
+    try:
+        seen_by_server, seen_by_site = await served, connection.identity
+    finally:
+        connection.close()
+        await listener.close()
+    if backend.name == "tls":
+        assert (seen_by_server.name, seen_by_site.name) == ("site-1", "server")
+    else:
+        assert seen_by_server is seen_by_site is None  # plaintext and in-process: no certificate
+
+
+# What only the in-process pipe promises: it stands where a socket would, with one copy per payload.
+
+
+async def test_a_connection_pair_carries_a_model_without_a_listener(source, sink):
+    """How the simulator runs a transfer: two ends, a sender on one and a receiver on the other."""
+    sending, receiving = connection_pair()
+    ledger = ReceiveLedger(ChunkPlan(source.manifest))
+    async with asyncio.TaskGroup() as group:
+        sent = group.create_task(send_model(sending, source.manifest, source, window_chunks=4, timeouts=TIMEOUTS))
+        group.create_task(receive_model(receiving, ledger, sink, timeouts=TIMEOUTS))
+    assert tensor_bytes(sink) == tensor_bytes(source) and ledger.done
+    assert sent.result().bytes_resent == 0
+    assert sending.identity is receiving.identity is None
+    sending.close()
+
+
+async def test_inproc_payload_from_a_mapping_lands_in_a_mapping_in_one_copy(source, sink):
+    sending, receiving = connection_pair()
+    chunk = max(source.manifest.chunks(), key=lambda chunk: chunk.length)
+    frames, reads = [], []
+    receiving.on_bytes = reads.append
+    receiving.set_handler(frames.append, lambda header: sink.chunk_bytes(header.tensor, header.offset, header.length))
+    view = source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)  # a view of the source's mapping
+    sending.write(FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(view)).encode())
+    sending.write(view)
+    assert reads == []  # nothing is delivered inside `write`
+    while not frames:
+        await asyncio.sleep(0)
+    assert reads == [HEADER.size, chunk.length]  # the payload went in one piece, straight into the sink's mapping
+    assert bytes(sink.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)) == bytes(view)
+    sending.close()
+
+
+async def test_inproc_writer_pauses_past_the_high_water_mark_until_delivered():
+    sending, receiving = connection_pair()
+    payload = memoryview(secrets.token_bytes(WRITE_HIGH_WATER + (1 << 20)))
+    landing, frames = bytearray(len(payload)), []
+    receiving.set_handler(frames.append, lambda header: memoryview(landing))
+    sending.write(FrameHeader.data(0, 0, len(payload), chunk_checksum(payload)).encode())
+    sending.write(payload[: WRITE_HIGH_WATER - HEADER.size])
+    assert sending.can_write.is_set()  # exactly at the mark: still writable
+    sending.write(payload[WRITE_HIGH_WATER - HEADER.size :])
+    assert not sending.can_write.is_set()  # past it: `drain` waits
+    await sending.drain()
+    assert len(frames) == 1 and landing == payload  # resumed once all of it was delivered
+    sending.close()
+
+
+@pytest.mark.parametrize("side", ["writer", "reader"])
+async def test_inproc_abort_drops_undelivered_bytes_and_ends_both_sides(side):
+    writer, reader = connection_pair()
+    writer.write(control_frame(Kind.ERROR, b"never delivered"))
+    aborting, other = (writer, reader) if side == "writer" else (reader, writer)
+    aborting.abort()
+    with pytest.raises(ConnectionLost, match="aborted"):  # the other side sees a reset, as on a socket
+        await other.next_frame()
+    with pytest.raises(ConnectionLost):  # the reader has nothing: the frame was dropped
+        await reader.next_frame()
+    for end in (writer, reader):
+        with pytest.raises(ConnectionLost):
+            end.write(ack_frame(0))
+
+
+async def test_inproc_close_delivers_what_was_queued_first():
+    writer, reader = connection_pair()
+    for text in [b"first", b"second"]:
+        writer.write(control_frame(Kind.ERROR, text))
+    writer.close()
+    assert [(await reader.next_frame()).payload for _ in range(2)] == [b"first", b"second"]
+    with pytest.raises(ConnectionLost, match="closed by the peer"):
+        await reader.next_frame()
+
+
+async def test_inproc_listener_names_are_unique_while_they_listen():
+    async def handler(connection: Connection) -> None:
+        await connection.next_frame()
+
+    first, fresh = await listen_inproc("server", handler), await listen_inproc("", handler)
+    assert fresh.name not in ("", "server")
+    with pytest.raises(HaulerError, match="another listener holds"):
+        await listen_inproc("server", handler)
+    await first.close()
+    await fresh.close()
+    with pytest.raises(ConnectionLost, match="nothing listens"):
+        await connect_inproc("server")
+    again = await listen_inproc("server", handler)  # a closed listener's name is free
+    await again.close()

@@ -11,6 +11,12 @@ from hauler.transport.control import (
     MessageStream,
     Peer,
 )
+from hauler.transport.inproc import (
+    InprocListener,
+    connect_inproc,
+    connection_pair,
+    listen_inproc,
+)
 from hauler.transport.streams import (
     DataAddress,
     fetch_model,
@@ -25,5 +31,6 @@ from hauler.transport.streams import (
 __all__ = [
     "DataAddress", "fetch_model", "push_model",
     "Connection", "ControlChannel", "ControlServer", "Listener", "Message", "MessageStream", "Peer",
+    "InprocListener", "connect_inproc", "connection_pair", "listen_inproc",
     "connect", "listen", "open_transfer", "read_hello", "receive_model", "refuse", "send_model",
 ]
