@@ -164,7 +164,7 @@ def test_hello_pytorch_learns_in_two_rounds(poc, tmp_path):
     shutil.copytree(PYTORCH_EXAMPLE, job, ignore=shutil.ignore_patterns("__pycache__"))
     config = tomllib.loads((job / "job.toml").read_text())
     config["workflow"].update(num_rounds=2, min_clients=2)
-    config["executor"]["config"].update(sites=2, epochs=1)
+    config["executor"]["config"].update(epochs=1)
     (job / "job.toml").write_text(tomli_w.dumps(config))
     job_id, server_job = run(poc, job)
     sites = [row for row in read_jsonl(server_job / "metrics.jsonl") if row["kind"] == "site"]

@@ -51,7 +51,7 @@ def hostile_kit(workspace: Path) -> SiteConfig:
 
 
 def refusals_logged(workspace: Path, kind: str) -> list[dict]:
-    lines = (workspace / "run" / "server.log").read_text().splitlines()
+    lines = (workspace / "server" / "logs" / "server.log").read_text().splitlines()  # JSON lines
     records = [json.loads(line) for line in lines if line.startswith("{")]
     return [r for r in records if r.get("message") == "refused" and r.get("peer") == "site-2"
             and r.get("kind") == kind]

@@ -22,7 +22,7 @@ from faultproxy import FaultProxy
 
 from hauler.admin import Admin, poc
 from hauler.core.events import read_json_lines
-from hauler.server.rounds import RoundStore
+from hauler.model.rounds import RoundStore
 
 pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
 

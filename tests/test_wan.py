@@ -27,7 +27,7 @@ from bench import netem  # noqa: E402
 from bench.netem import LinkSpec  # noqa: E402
 from bench.wan import outcome, start_federation, stop, submit, write_kits  # noqa: E402
 from hauler.core.config import ServerConfig, load_toml  # noqa: E402
-from hauler.server.rounds import RoundStore  # noqa: E402
+from hauler.model.rounds import RoundStore  # noqa: E402
 
 LINK = LinkSpec(delay_ms=20, rate_mbit=200)
 PORT = 18199

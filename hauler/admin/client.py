@@ -4,37 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from hauler.core.config import AdminConfig, DataPlane, JobConfig
-from hauler.core.errors import ConfigError, JobError
+from hauler.core.errors import ConfigError
 from hauler.core.events import TrackTransfer, untracked
 from hauler.core.package import load_job, pack
 from hauler.model import ChunkPlan, Manifest, ModelFile
+from hauler.model.initial import build_in_child
 from hauler.transfer import ReceiveLedger
 from hauler.transport import ControlChannel, DataAddress, fetch_model, push_model
 
 MAX_PACKAGE_BYTES = 16 << 20
 BUILD_ROOT = Path.home() / ".cache" / "hauler"  # a disk, not /tmp (often RAM): models are large
-ERROR_TAIL_BYTES = 4000
 
 
 class Admin:
     """One admin's connection to the server; use as `async with Admin(config) as admin:`."""
 
-    def __init__(self, config: AdminConfig) -> None:
+    def __init__(self, config: AdminConfig, *, on_wait: Callable[[str], None] | None = None) -> None:
+        """`on_wait` is told when the server is there but slow to answer."""
         self.config = config
+        self.on_wait = on_wait
         self._channel = ControlChannel(config.server_host, config.control_port, config.tls)
 
     async def __aenter__(self) -> Admin:
-        await self._channel.wait_ready(self.config.timeouts.communication_timeout)
+        await self._channel.wait_ready(self.config.timeouts.communication_timeout, on_wait=self.on_wait)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -75,11 +75,23 @@ class Admin:
         return await self._channel.call("status", job_id=job_id)
 
     async def metrics(self, job_id: str) -> list[dict[str, Any]]:
-        """Every metrics record of the job (rounds, sites, resource samples), fetched page by page."""
+        """Every metrics record of the job (rounds, sites, resource samples)."""
+        return await self._pages("metrics", job_id)
+
+    async def events(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's events so far (`watch` follows them live)."""
+        return await self._pages("events", job_id)
+
+    async def logs(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's log lines: the server's, and its sites' (if this admin may read them)."""
+        return await self._pages("logs", job_id)
+
+    async def _pages(self, op: str, job_id: str) -> list[dict[str, Any]]:
+        """A job's file of records, fetched page by page (a page is at most a few MiB)."""
         records: list[dict[str, Any]] = []
         offset = 0
         while True:
-            page = await self._channel.call("metrics", job_id=job_id, offset=offset)
+            page = await self._channel.call(op, job_id=job_id, offset=offset)
             if not page["records"]:
                 return records
             records.extend(page["records"])
@@ -87,6 +99,10 @@ class Admin:
 
     async def abort(self, job_id: str) -> None:
         await self._channel.call("abort", job_id=job_id)
+
+    async def delete(self, job_id: str) -> None:
+        """Remove an ended job's files from the server and its sites, and its record."""
+        await self._channel.call("delete", job_id=job_id)
 
     async def sites(self) -> list[dict[str, Any]]:
         return (await self._channel.call("sites"))["sites"]
@@ -127,21 +143,7 @@ async def initial_model_file(job_dir: Path, job: JobConfig, chunk_bytes: int,
     BUILD_ROOT.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="initial-", dir=BUILD_ROOT))
     try:
-        yield await build_initial_model(job_dir, job.model.module, job.model.config, chunk_bytes, folder)
+        yield await build_in_child(job_dir, job.model.module, job.model.config, chunk_bytes,
+                                   folder / "initial.safetensors")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-async def build_initial_model(job_dir: Path, module: str, config: dict[str, Any], chunk_bytes: int,
-                              folder: Path) -> Path:
-    """Run the job's model module in a child process to write round 0 into `folder`."""
-    out = folder / "initial.safetensors"
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hauler.model.initial", str(job_dir.resolve()), module, json.dumps(config),
-        str(chunk_bytes), str(out), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
-    _, stderr = await child.communicate()
-    if child.returncode != 0:
-        reason = stderr.decode(errors="replace").strip()[-ERROR_TAIL_BYTES:] or f"exit {child.returncode}"
-        raise JobError(f"building the initial model with {module}.py failed: {reason}")
-    return out

@@ -61,6 +61,8 @@ def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: in
     dataplane = {"connections": 1, **(dataplane or {})}
     for config in [*workspace.glob("server/server.toml"), *workspace.glob("site-*/site.toml")]:
         amend_config(config, {"workspace": ".", **extra, "dataplane": dataplane}, drop_tls=plaintext)
+    for index, name in enumerate(site_names(sites)):  # which share of a data set each site holds
+        amend_config(workspace / name / "site.toml", {"job_settings": {"site_index": index, "num_sites": sites}})
     amend_config(workspace / "admin" / "admin.toml", extra, drop_tls=plaintext)
     return kits
 
@@ -149,20 +151,28 @@ def running(workspace: Path) -> dict[str, int]:
 
 
 def stop(workspace: Path, *, grace_s: float = 10.0) -> list[str]:
-    """Stop every process of the workspace by its recorded PID: SIGTERM, then SIGKILL after `grace_s`."""
+    """Stop every process of the workspace by its recorded PID, the server first (so its running
+    job stays running, to resume at the next start, rather than failing for want of sites), then
+    the sites: SIGTERM, then SIGKILL after `grace_s`."""
     workspace = workspace.resolve()
     alive = running(workspace)
-    for pid in alive.values():
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while any(_alive(pid) for pid in alive.values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in alive.values():
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    server = {role: pid for role, pid in alive.items() if role == "server"}
+    for group in (server, {role: pid for role, pid in alive.items() if role != "server"}):
+        _terminate(group, grace_s)
     for role in alive:
         (workspace / "run" / f"{role}.pid").unlink(missing_ok=True)
     return sorted(alive)
+
+
+def _terminate(processes: dict[str, int], grace_s: float) -> None:
+    for pid in processes.values():
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(_alive(pid) for pid in processes.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in processes.values():
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

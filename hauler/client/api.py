@@ -58,15 +58,20 @@ class SocketChannel:
     """Child process: JSON lines on a socket inherited from the site; EOF means the job ended."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self._file = sock.makefile("rwb")
+        self._sock = sock
+        self._lines = sock.makefile("rb")  # reads buffered; writes go out whole, unbuffered
 
     def get(self) -> dict[str, Any]:
-        line = self._file.readline()
+        line = self._lines.readline()
         return json.loads(line) if line else {"type": "end"}
 
     def put(self, message: dict[str, Any]) -> None:
-        self._file.write(json.dumps(message).encode() + b"\n")
-        self._file.flush()
+        try:
+            self._sock.sendall(json.dumps(message).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            if message.get("type") != "exited":
+                raise JobError("the site this training code reports to is gone") from None
+            # the site closed its end once the job ended: nobody is left to tell we exited
 
 
 class TrainerLink:
@@ -109,7 +114,8 @@ class TrainerLink:
             raise JobError("the job has ended; there is no current round")
         task = self._task
         assert task is not None
-        return TrainContext(task["site"], task["job_id"], task["round"], task["config"], Path(task["workdir"]))
+        return TrainContext(task["site"], task["job_id"], task["round"], task["config"], Path(task["workdir"]),
+                            task.get("settings", {}))
 
     def send(self, model: Mapping[str, Any], *, weight: float = 1.0, metrics: Mapping[str, float] | None = None,
              delta: bool = False) -> None:

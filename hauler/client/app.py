@@ -16,16 +16,22 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from hauler.client.trainer import Trainer, trainer_for
+from hauler.core import logs
 from hauler.core.config import ExecutorConfig, SiteConfig, parse
 from hauler.core.errors import ConnectionLost, HaulerError, JobError, SecurityError
 from hauler.core.messages import (
     AbortTask,
+    DeleteJob,
     DeployJob,
     EndJob,
+    MAX_HEARTBEAT_LINES,
     MAX_HEARTBEAT_SAMPLES,
     Heartbeat,
     Hello,
+    LogLine,
     ResultReady,
     Task,
     TaskFailed,
@@ -35,6 +41,7 @@ from hauler.core.messages import (
     parse_server_message,
 )
 from hauler.core.events import TrackTransfer, untracked
+from hauler.core.logs import JobLogs
 from hauler.core.package import code_digest, unpack
 from hauler.core.resources import ProcessMeter
 from hauler.core.retry import backoff_s
@@ -72,9 +79,17 @@ class Site:
         self._reports: dict[str, tuple[str, Any]] = {}  # task id -> (job, its last report), said again if asked
         self._stream: MessageStream | None = None
         self.connected = asyncio.Event()
+        self.job_lines = JobLogs()  # what this site logs about jobs, sent with its heartbeats
 
     async def run(self) -> None:
         """Stay connected to the server, reconnecting with backoff, until cancelled."""
+        logs.keep_job_lines(self.job_lines)
+        try:
+            await self._run()
+        finally:
+            logging.getLogger(logs.ROOT).removeHandler(self.job_lines)
+
+    async def _run(self) -> None:
         failures = 0
         async with asyncio.TaskGroup() as work:
             while True:
@@ -112,10 +127,26 @@ class Site:
             await channel.close()
 
     async def _heartbeats(self, stream: MessageStream) -> None:
-        meter = ProcessMeter(children=True)  # the site and its training children, every second, sent with heartbeats
+        """Every heartbeat_interval: the site and its training children's samples (one a second)
+        and its log lines about jobs, its training code's output among them."""
+        meter = ProcessMeter(children=True)
         while True:
             samples = await meter.collect(self.config.timeouts.heartbeat_interval)
-            await stream.send(dump(Heartbeat(resources=samples[-MAX_HEARTBEAT_SAMPLES:])))
+            for job_id, trainer in list(self._trainers.items()):
+                for text in trainer.output(MAX_HEARTBEAT_LINES):
+                    self.job_lines.add(job_id, "output", text)
+            await stream.send(dump(Heartbeat(resources=samples[-MAX_HEARTBEAT_SAMPLES:], logs=self._lines())))
+
+    def _lines(self) -> list[LogLine]:
+        """The job lines kept since the last heartbeat that make valid lines (a job id is the
+        server's word, and may be anything)."""
+        lines = []
+        for entry in self.job_lines.take(MAX_HEARTBEAT_LINES):
+            try:
+                lines.append(LogLine.model_validate(entry))
+            except ValidationError:
+                continue
+        return lines
 
     async def _report(self, job_id: str, message: ResultReady | TaskFailed) -> None:
         """Tell the server how a task went, if connected; it asks again after a reconnection."""
@@ -150,6 +181,8 @@ class Site:
                     self._tasks[step, message.task_id].cancel()
         elif isinstance(message, EndJob):
             work.create_task(self._end_job(message.job_id))
+        elif isinstance(message, DeleteJob):
+            work.create_task(self._delete_job(message.job_id))
 
     async def _begin(self, work: asyncio.TaskGroup, step: str, task_id: str, job_id: str,
                      coroutine: Coroutine[Any, Any, None]) -> None:
@@ -206,6 +239,7 @@ class Site:
                            f"once the code is reviewed, add \"{digest}\" to trusted_code in site.toml")
 
     async def _end_job(self, job_id: str) -> None:
+        """The job ended: stop its code and remove its model file, of no more use here."""
         self._refused.pop(job_id, None)
         self._deployed.pop(job_id, None)
         self._forget_results(job_id)
@@ -213,6 +247,12 @@ class Site:
         model = self._models.pop(job_id, None)
         if model is not None:
             model.close()
+            model.path.unlink(missing_ok=True)
+
+    async def _delete_job(self, job_id: str) -> None:
+        """Everything of the job this site still keeps (its logs, its code) goes too."""
+        await self._end_job(job_id)
+        await asyncio.to_thread(shutil.rmtree, self.jobs_dir / job_id, True)
 
     async def _stop_trainer(self, job_id: str) -> None:
         trainer = self._trainers.pop(job_id, None)
@@ -224,7 +264,8 @@ class Site:
         try:
             await work
         except Exception as error:  # the job's code may raise anything; the site lives on
-            log.warning("task failed", extra={"site": self.name, "task": task_id, "error": _describe(error)})
+            log.warning("task failed", extra={"site": self.name, "job": job_id, "task": task_id,
+                                              "error": _describe(error)})
             await self._report(job_id, TaskFailed(task_id=task_id, error=_describe(error)[:4000]))
 
     async def _train(self, task: Task) -> None:
@@ -243,7 +284,8 @@ class Site:
                                                  manifest.total_bytes))
         output = await trainer.train({"type": "task", "task_id": task.task_id, "job_id": task.job_id,
                                       "site": self.name, "round": task.round, "config": trainer.executor.config,
-                                      "workdir": str(trainer.workdir)}, model)
+                                      "workdir": str(trainer.workdir), "settings": self.config.job_settings},
+                                     model)
         source = output.source or model
         trained = await asyncio.to_thread(source.compute_digests)
         self._results[task.task_id] = (task.job_id, trained, source)

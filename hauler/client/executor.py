@@ -25,11 +25,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TrainContext:
+    """Who and where this round is. `config` is the job's [executor] config, the same on every
+    site; `settings` is the site's own (its config's [job_settings], e.g. where its data lives;
+    in the simulator `site_index` and `num_sites` unless a settings file says more)."""
+
     site: str
     job_id: str
     round: int
     config: dict[str, Any]
     workdir: Path
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from hauler.model import ArraySource, ModelFile
 
 STOP_GRACE_S = 10.0
 LOG_TAIL_LINES = 20
+OUTPUT_READ_BYTES = 256 << 10  # trainer.log read for the server at one heartbeat, at most
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ class Trainer(abc.ABC):
     async def stop(self) -> None:
         """Tell the code the job has ended and let it finish."""
 
+    def output(self, most: int) -> list[str]:
+        """Lines the code printed since the last call, at most `most` (a thread's go to the
+        site's own output, so there are none to give)."""
+        return []
+
 
 class ThreadTrainer(Trainer):
     """The code runs in a thread of the site process and sends straight from its own memory."""
@@ -138,9 +144,23 @@ class ProcessTrainer(Trainer):
     _writer: asyncio.StreamWriter
     _relay: asyncio.Task[None]
 
+    _read_to = 0  # how far trainer.log has been given out by `output`
+
     @property
     def log_path(self) -> Path:
         return self.workdir / "trainer.log"
+
+    def output(self, most: int) -> list[str]:
+        """Whole lines trainer.log got since the last call (a partial last line waits)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._read_to)
+                data = log.read(OUTPUT_READ_BYTES)
+        except FileNotFoundError:
+            return []
+        raw = data[: data.rfind(b"\n") + 1].split(b"\n")[:-1][:most]
+        self._read_to += sum(len(line) + 1 for line in raw)
+        return [line.decode(errors="replace") for line in raw]
 
     def _task_message(self, task: dict[str, Any], model: ModelFile) -> dict[str, Any]:
         return {**task, "model_path": str(model.path), "manifest": model.manifest.to_json()}

@@ -85,6 +85,9 @@ class ServerConfig(Strict):
         2, ge=2, description="Global round files kept per job besides round 0 (the initial model, "
         "always kept): the served one and the one being built; older ones lend their inode to new rounds.")
     max_job_package_mib: int = Field(16, ge=1, description="Largest accepted job folder, zipped.")
+    max_finished_jobs_gib: float | None = Field(
+        None, gt=0, description="Disk the model files of ended jobs may take; beyond it the oldest "
+        "jobs' model files are removed (their records, events and metrics stay). None: no cap.")
     max_model_gib: float = Field(1024.0, gt=0, description="Largest initial model a job may upload.")
     allow_custom_code: bool = Field(
         False, description="Let jobs ask the server to build their round 0 from their own model code "
@@ -94,6 +97,9 @@ class ServerConfig(Strict):
         "([model] file = ...), e.g. pretrained checkpoints.")
     tls: TlsFiles | None = Field(None, description="Mutual TLS on both planes; None only for local trials.")
     revoked: list[str] = Field([], description="Names of participants refused at connect, whatever their certificate.")
+    sites: list[str] | None = Field(
+        None, description="The project's sites (`hauler provision` writes them): a job naming another "
+        "is refused at submission. None: not checked.")
     timeouts: Timeouts = Timeouts()
     dataplane: DataPlane = DataPlane()
 
@@ -112,6 +118,9 @@ class SiteConfig(Strict):
         [], description="Digests of vetted job code this site runs even with allow_custom_code = false "
         "(`hauler jobs digest JOB_DIR` prints a job's).")
     max_model_gib: float = Field(1024.0, gt=0, description="Largest model this site accepts to receive.")
+    job_settings: dict[str, Any] = Field(
+        {}, description="Settings of this site that every job's code reads as context.settings, "
+        "e.g. data_dir = \"/data/digits\"; they stay on the site.")
     tls: TlsFiles | None = None
     timeouts: Timeouts = Timeouts()
     dataplane: DataPlane = DataPlane()

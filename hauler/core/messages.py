@@ -12,9 +12,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from hauler.core.errors import RemoteProtocolError
+from hauler.core.logs import MAX_MESSAGE_CHARS
 from hauler.core.resources import ResourceSample
 
 MAX_HEARTBEAT_SAMPLES = 600  # ten minutes of one-second samples
+MAX_HEARTBEAT_LINES = 200  # log lines a heartbeat carries; the rest wait for the next
 MAX_METRICS = 256  # training metrics per result: a site cannot bloat every round's records
 MAX_METRIC_NAME = 128
 
@@ -33,11 +35,22 @@ class Hello(_Message):
     instance: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9]*$")
 
 
+class LogLine(_Message):
+    """A line of a site's log about one job (its own records, or its training code's output)."""
+
+    t: float
+    job: str = Field(min_length=1, max_length=128)  # as the server named it; checked there
+    level: str = Field(max_length=16)
+    message: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+
 class Heartbeat(_Message):
-    """The site is alive; `resources` are its own CPU and memory readings since its last heartbeat."""
+    """The site is alive; `resources` are its own CPU and memory readings since its last heartbeat,
+    `logs` its log lines about jobs since then."""
 
     type: Literal["heartbeat"] = "heartbeat"
     resources: list[ResourceSample] = Field([], max_length=MAX_HEARTBEAT_SAMPLES)
+    logs: list[LogLine] = Field([], max_length=MAX_HEARTBEAT_LINES)
 
 
 class ResultReady(_Message):
@@ -101,12 +114,22 @@ class AbortTask(_Message):
 
 
 class EndJob(_Message):
+    """The job ended: stop its code; its model file is of no more use here."""
+
     type: Literal["end_job"] = "end_job"
     job_id: str
 
 
+class DeleteJob(_Message):
+    """Remove everything of the job this site still keeps (its folder)."""
+
+    type: Literal["delete_job"] = "delete_job"
+    job_id: str = Field(pattern=r"^[0-9a-f]{1,64}$")
+
+
 SiteMessage = Annotated[Hello | Heartbeat | ResultReady | TaskFailed, Field(discriminator="type")]
-ServerMessage = Annotated[Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob, Field(discriminator="type")]
+ServerMessage = Annotated[Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob | DeleteJob,
+                          Field(discriminator="type")]
 _SITE = TypeAdapter(SiteMessage)
 _SERVER = TypeAdapter(ServerMessage)
 
@@ -119,7 +142,7 @@ def parse_site_message(data: dict[str, Any]) -> Hello | Heartbeat | ResultReady 
         raise RemoteProtocolError(f"bad message from site: {error.errors()[0]['msg']}") from None
 
 
-def parse_server_message(data: dict[str, Any]) -> Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob:
+def parse_server_message(data: dict[str, Any]) -> Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob | DeleteJob:
     """Validate a message the server sent."""
     try:
         return _SERVER.validate_python(data)

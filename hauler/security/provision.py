@@ -16,6 +16,7 @@ when `overwrite` is asked for.
 from __future__ import annotations
 
 import datetime
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,18 @@ def provision(project_file: Path, out_dir: Path, add_sites: Sequence[str] | None
     kits = _select(_kits_of(project), add_sites, source=project_file)
     _refuse_existing(out_dir, kits, overwrite=overwrite)
     authority = _authority(project, out_dir, create=add_sites is None)
-    return [_write_kit(out_dir / kit.name, kit, authority) for kit in kits]
+    written = [_write_kit(out_dir / kit.name, kit, authority) for kit in kits]
+    if add_sites is not None:
+        _update_server_sites(out_dir / project.server.name / "server.toml", project)
+    return written
+
+
+def _update_server_sites(config: Path, project: Project) -> None:
+    """The server kit's list of the project's sites, with the new ones (copy it to the server)."""
+    if config.exists():
+        data = tomllib.loads(config.read_text())
+        data["sites"] = [site.name for site in project.sites]
+        write_file(config, tomli_w.dumps(data).encode(), mode=CERT_MODE)
 
 
 def load_project(path: Path) -> Project:
@@ -153,7 +165,8 @@ def _kits_of(project: Project) -> list[_Kit]:
     dial = {"server_host": server.host, "control_port": server.control_port, "data_port": server.data_port}
     kits = [_Kit(server.name, server.org or project.name, Role.SERVER, "server.toml",
                 {"name": server.name, "host": server.host, "control_port": server.control_port,
-                 "data_port": server.data_port, "workspace": "workspace"},
+                 "data_port": server.data_port, "workspace": "workspace",
+                 "sites": [site.name for site in project.sites]},
                 command="hauler server --config server.toml", hosts=(server.host,))]
     kits += [_Kit(site.name, site.org, Role.SITE, "site.toml",
                  {"name": site.name, **dial, "workspace": "workspace", "allow_custom_code": site.allow_custom_code},

@@ -2,7 +2,7 @@
 
 Sites may only run their own session and transfers. Admins act by role:
 `project_admin` everything; `org_admin` submits, and manages its own organisation's
-jobs; `member` reads (list, status, metrics, sites, watch). Revoked names are refused at connect.
+jobs; `member` reads (list, status, metrics, events, logs, sites, watch). Revoked names are refused at connect.
 On a plaintext server (local trials only) there are no identities and no checks.
 """
 
@@ -13,8 +13,8 @@ from hauler.security import Identity, Role
 from hauler.transport import Peer
 
 ADMIN_ROLES = {Role.PROJECT_ADMIN, Role.ORG_ADMIN, Role.MEMBER}
-READ_OPERATIONS = {"info", "list_jobs", "status", "metrics", "sites", "watch"}
-JOB_OPERATIONS = {"abort", "download"}  # on one existing job
+READ_OPERATIONS = {"info", "list_jobs", "status", "metrics", "events", "logs", "sites", "watch"}
+JOB_OPERATIONS = {"abort", "delete", "download"}  # on one existing job
 
 
 class AccessPolicy:

@@ -16,16 +16,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from hauler.core import logs
 from hauler.core.config import ServerConfig
 from hauler.core.errors import ConfigError, HaulerError, RemoteProtocolError
 from hauler.core.events import read_json_lines, read_json_lines_page
 from hauler.core.messages import Heartbeat, Hello, Welcome, dump, parse_site_message
 from hauler.model import Manifest
 from hauler.server.access import AccessPolicy, sees_private, submitter
+from hauler.server.joblogs import LOGS_FILE
 from hauler.server.jobstore import PRIVATE_ERROR, JobStore
 from hauler.server.lock import WorkspaceLock
 from hauler.server.refusals import RefusalLog
-from hauler.server.rounds import RoundStore
+from hauler.model.rounds import RoundStore
 from hauler.server.runner import JobRunner
 from hauler.server.sites import SiteRegistry
 from hauler.server.transfers import TransferRegistry
@@ -72,6 +74,7 @@ class Server:
         log.info("server listening", extra={"control_port": self.control_port, "data_port": self.data_port})
         _trace_allocations()
         self.runner.requeue_unfinished()
+        logging.getLogger(logs.ROOT).addHandler(self.runner.joblogs)
         try:
             async with asyncio.TaskGroup() as group:
                 self._background = group
@@ -79,6 +82,7 @@ class Server:
                 group.create_task(self.runner.resources.sample_server())
                 self.ready.set()
         finally:
+            logging.getLogger(logs.ROOT).removeHandler(self.runner.joblogs)
             self.runner.resources.close_all()
             await self._data.close()
             await control.stop()
@@ -88,7 +92,7 @@ class Server:
     async def _session(self, stream: MessageStream, peer: Peer) -> None:
         hello = await self._hello(stream, peer)
         await stream.send(dump(Welcome(site=hello.site)))  # first: a rejoin sends what waited
-        session = await self.sites.join(hello.site, hello.instance, stream)
+        session = await self.sites.join(hello.site, hello.instance, stream, org="" if peer is None else peer.org)
         log.info("site joined", extra={"site": hello.site, "instance": hello.instance})
         reason = "closed the stream"
         try:
@@ -103,8 +107,10 @@ class Server:
                 if message is None:
                     break
                 parsed = parse_site_message(message)
+                session.heartbeat_s = time.time()
                 if isinstance(parsed, Heartbeat):
                     self.runner.resources.record(hello.site, parsed.resources)
+                    self.runner.joblogs.record(hello.site, parsed.logs)
                 elif not isinstance(parsed, Hello):
                     session.deliver(parsed)
         except HaulerError as error:
@@ -133,7 +139,7 @@ class Server:
 
     async def _call(self, request: Message, peer: Peer) -> Message:
         op = str(request.get("op"))
-        if op in ("status", "metrics", "abort", "download"):
+        if op in ("status", "metrics", "events", "logs", "abort", "delete", "download"):
             job_id = _job_id(request)
             self.access.check_admin(peer, op, self.store.get(job_id).submitter_org)
         else:
@@ -148,7 +154,14 @@ class Server:
         if op == "status":
             return self._status(job_id, peer)
         if op == "metrics":
-            return self._metrics(job_id, request.get("offset", 0))
+            return self._page(job_id, "metrics.jsonl", request.get("offset", 0))
+        if op == "events":
+            return self._events(job_id, request.get("offset", 0), peer)
+        if op == "logs":
+            return self._logs(job_id, request.get("offset", 0), peer)
+        if op == "delete":
+            await self.runner.delete(job_id)
+            return {"ok": True}
         if op == "abort":
             self.runner.abort(job_id)
             return {"ok": True}
@@ -177,13 +190,25 @@ class Server:
         return {"job": job.to_json(private=sees_private(peer, job.submitter)),
                 "metrics": [record for record in records if record.get("kind") != "resources"]}
 
-    def _metrics(self, job_id: str, offset: Any) -> Message:
-        """One page of the job's metrics records from byte `offset`; an empty page means all were read."""
+    def _page(self, job_id: str, name: str, offset: Any) -> Message:
+        """One page of a job's file of records from byte `offset`; an empty page means all were read."""
         if not isinstance(offset, int) or offset < 0:
-            raise ConfigError("offset must be the next_offset of the previous metrics page")
-        records, next_offset = read_json_lines_page(self.runner.job_dir(job_id) / "metrics.jsonl", offset,
-                                                    METRICS_PAGE_BYTES)
+            raise ConfigError("offset must be the next_offset of the previous page")
+        records, next_offset = read_json_lines_page(self.runner.job_dir(job_id) / name, offset, METRICS_PAGE_BYTES)
         return {"records": records, "next_offset": next_offset}
+
+    def _logs(self, job_id: str, offset: Any, peer: Peer) -> Message:
+        """A page of the job's log lines; its sites' only for its submitter and project admins."""
+        page = self._page(job_id, LOGS_FILE, offset)
+        if not sees_private(peer, self.store.get(job_id).submitter):
+            page["records"] = [entry for entry in page["records"] if not entry.get("private")]
+        return page
+
+    def _events(self, job_id: str, offset: Any, peer: Peer) -> Message:
+        page = self._page(job_id, "events.jsonl", offset)
+        private = sees_private(peer, self.store.get(job_id).submitter)
+        page["records"] = [event if private else redacted(event) for event in page["records"]]
+        return page
 
     def _offer_download(self, job_id: str, peer: str) -> Message:
         self.store.get(job_id)
@@ -212,7 +237,12 @@ class Server:
         job_id = _job_id(request)
         private = sees_private(peer, self.store.get(job_id).submitter)
         async for event in self.runner.watch(job_id):
-            yield event if private or not event.get("private") else {**event, "error": PRIVATE_ERROR}
+            yield event if private else redacted(event)
+
+
+def redacted(event: Message) -> Message:
+    """An event as those who may not read what a job's own code said see it."""
+    return {**event, "error": PRIVATE_ERROR} if event.get("private") else event
 
 
 def _trace_allocations() -> None:

@@ -37,6 +37,7 @@ class JobRecord:
     submitter_org: str
     error: str
     error_private: bool = False  # the error came from the job's own code
+    note: str = ""  # what a running job waits for, e.g. which sites
 
     def to_json(self, *, private: bool = True) -> dict:
         """The record as JSON; `private=False` hides an error that came from the job's code."""
@@ -56,10 +57,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     submitted_s REAL NOT NULL, started_s REAL, finished_s REAL,
     rounds_done INTEGER NOT NULL DEFAULT 0, num_rounds INTEGER NOT NULL,
     submitter TEXT NOT NULL DEFAULT '', submitter_org TEXT NOT NULL DEFAULT '',
-    error TEXT NOT NULL DEFAULT '', error_private INTEGER NOT NULL DEFAULT 0
+    error TEXT NOT NULL DEFAULT '', error_private INTEGER NOT NULL DEFAULT 0,
+    note TEXT NOT NULL DEFAULT ''
 )
 """
-_ADDED_COLUMNS = {"error_private": "INTEGER NOT NULL DEFAULT 0"}  # stores made by earlier versions
+_ADDED_COLUMNS = {"error_private": "INTEGER NOT NULL DEFAULT 0",  # stores made by earlier versions
+                  "note": "TEXT NOT NULL DEFAULT ''"}
 _FIELDS = set(JobRecord.__dataclass_fields__)
 
 
@@ -104,6 +107,10 @@ class JobStore:
     def list(self) -> list[JobRecord]:
         rows = self._db.execute(f"SELECT {', '.join(JobRecord.__dataclass_fields__)} FROM jobs ORDER BY submitted_s")
         return [_record(row) for row in rows]
+
+    def remove(self, job_id: str) -> None:
+        self.get(job_id)
+        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def close(self) -> None:
         self._db.close()

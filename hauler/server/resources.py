@@ -81,6 +81,11 @@ class ResourceRecorder:
                     window.last_t[process] = sample.t
                     window.metrics.write(sample.record(process))
 
+    def takes_part(self, job_id: str, site: str) -> bool:
+        """Whether `site` is part of the running (or just ended) job `job_id`."""
+        window = self._jobs.get(job_id)
+        return window is not None and self._takes_part(job_id, window, site)
+
     def _takes_part(self, job_id: str, window: _Window, site: str) -> bool:
         session = self.sites.sites.get(site)
         if window.ended_s == math.inf and session is not None and job_id in session.deployed_jobs:

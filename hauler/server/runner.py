@@ -19,15 +19,17 @@ from typing import Any
 from hauler.core.config import JobConfig, ServerConfig
 from hauler.core.errors import HaulerError, JobCodeError, JobError
 from hauler.core.events import Event, EventBus, JsonLines, read_json_lines
-from hauler.core.messages import EndJob
+from hauler.core.messages import DeleteJob, EndJob
 from hauler.core.package import load_job, unpack
 from hauler.server.federation import JobFederation
+from hauler.server.joblogs import JobLogRecorder
 from hauler.server.jobstore import JobStatus, JobStore
 from hauler.server.resources import ResourceRecorder
 from hauler.model import Manifest, ModelFile
 from hauler.server import initial
-from hauler.server.round_zero import check_initial_manifest, import_initial_model, resolve_model_file
-from hauler.server.rounds import INITIAL_ROUND, RoundStore
+from hauler.model.initial import import_initial_model
+from hauler.server.round_zero import check_initial_manifest, resolve_model_file
+from hauler.model.rounds import INITIAL_ROUND, RoundStore
 from hauler.server.sites import SiteRegistry
 from hauler.server.transfers import Transfer, TransferRegistry
 from hauler.workflows import ScatterAndGather
@@ -45,6 +47,7 @@ class JobRunner:
         self._aborting: set[str] = set()
         # a site's samples come with its heartbeats: wait two of them for the last ones of a job
         self.resources = ResourceRecorder(sites, grace_s=2 * config.timeouts.heartbeat_interval + 1)
+        self.joblogs = JobLogRecorder(self.jobs_dir, self.resources.takes_part)
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -63,12 +66,21 @@ class JobRunner:
         """The job's folder from its package, or nothing of it if the job is refused."""
         try:
             job = unpack(package_b64, self.job_dir(job_id) / "app", self.config.max_job_package_mib << 20)
+            self._check_sites(job)
             self._check_initial_source(job, initial)
             (self.job_dir(job_id) / "package.b64").write_text(package_b64)
         except BaseException:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
             raise
         return job
+
+    def _check_sites(self, job: JobConfig) -> None:
+        """Refuse, at submission, a job naming sites the project does not have."""
+        known = self.config.sites
+        unknown = sorted(set(job.sites or []) - set(known or []))
+        if known is not None and unknown:
+            raise JobError(f"job.toml: sites: {', '.join(unknown)} is not a site of this project "
+                           f"(its sites: {', '.join(known)})")
 
     def _check_initial_source(self, job: JobConfig, initial: Manifest | None) -> None:
         """Refuse, at submission, a job whose round 0 this server cannot have."""
@@ -140,6 +152,34 @@ class JobRunner:
         else:
             self.store.update(job_id, status=JobStatus.ABORTED, error="aborted before it started")
 
+    async def delete(self, job_id: str) -> None:
+        """Remove an ended job: its folder here, its record, and what its sites still keep."""
+        record = self.store.get(job_id)
+        if not record.status.ended:
+            raise JobError(f"job {job_id} is {record.status.value}; abort it first (`hauler jobs abort`)")
+        self._buses.pop(job_id, None)
+        await asyncio.to_thread(shutil.rmtree, self.job_dir(job_id), True)
+        self.store.remove(job_id)
+        for session in list(self.sites.sites.values()):
+            await session.send(DeleteJob(job_id=job_id))
+
+    async def reclaim(self) -> None:
+        """Keep the model files of ended jobs within max_finished_jobs_gib: the oldest go first
+        (their records, events and metrics stay; their rounds can no longer be downloaded)."""
+        cap = self.config.max_finished_jobs_gib
+        if cap is None:
+            return
+        ended = [r for r in self.store.list() if r.status.ended]
+        sizes = await asyncio.to_thread(lambda: [_model_bytes(self.job_dir(r.id)) for r in ended])
+        total = sum(sizes)
+        for record, size in zip(ended, sizes):
+            if total <= cap * 2**30:
+                return
+            if size:
+                await asyncio.to_thread(RoundStore(self.job_dir(record.id), self.config.keep_rounds).remove_all)
+                self.events(record.id).emit("job.reclaimed", job=record.id, bytes=size)
+                total -= size
+
     def events(self, job_id: str) -> EventBus:
         bus = self._buses.get(job_id)
         if bus is None:
@@ -173,6 +213,7 @@ class JobRunner:
         bus.emit(f"job.{status.value}", job=job_id, error=error, rounds_done=rounds, **_privacy(private))
         self.resources.close(job_id)
         await self._end_on_sites(job_id)
+        await self.reclaim()
 
     async def _execute(self, job_id: str, bus: EventBus, metrics: JsonLines) -> None:
         job_dir = self.job_dir(job_id)
@@ -181,6 +222,7 @@ class JobRunner:
             job_id=job_id, job_dir=job_dir, job=job, package_b64=(job_dir / "package.b64").read_text(),
             server=self.config, sites=self.sites, transfers=self.transfers,
             emit=_emitter(bus, job_id), record=metrics.write,
+            note=lambda text: self.store.update(job_id, note=text),
         )
         try:
             bus.emit("job.started", job=job_id, name=job.name)
@@ -248,6 +290,10 @@ class JobRunner:
 
 
 _ENDINGS = {"job.finished", "job.failed", "job.aborted"}
+
+
+def _model_bytes(job_dir: Path) -> int:
+    return sum(path.stat().st_size for path in (job_dir / "global").glob("*.safetensors"))
 
 
 def _emitter(bus: EventBus, job_id: str) -> Callable[..., None]:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from hauler.core.errors import ConnectionLost, HaulerError, JobCodeError
-from hauler.core.messages import ResultReady, TaskFailed, dump
+from hauler.core.messages import ResultReady, Task, TaskFailed, UploadReady, dump
 from hauler.transport import MessageStream
 
 MAX_OUTBOX = 256  # messages kept for a site while it is away; requests are kept apart, all of them
@@ -31,11 +32,13 @@ class SiteRestarted(ConnectionLost):
 class SiteSession:
     """A site process: send it messages, await the results of its tasks, across reconnections."""
 
-    def __init__(self, name: str, instance: str, stream: MessageStream | None, *, grace_s: float) -> None:
-        self.name, self.instance = name, instance
+    def __init__(self, name: str, instance: str, stream: MessageStream | None, *, grace_s: float,
+                 org: str = "") -> None:
+        self.name, self.instance, self.org = name, instance, org
         self._stream = stream
         self._grace_s = grace_s
         self.connected_s = time.time()
+        self.heartbeat_s = 0.0  # when it last said it was alive
         self.deployed_jobs: set[str] = set()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._results: dict[str, asyncio.Future[ResultReady]] = {}
@@ -108,19 +111,27 @@ class SiteSession:
         if self._expiry is not None:
             self._expiry.cancel()
         self._stream = None
-        if not self.closed.done():
-            self.closed.set_exception(error)
-            self.closed.exception()  # seen: a site may leave while nobody waits on it
-        for future in self._results.values():
+        for future in [self.closed, *self._results.values()]:
             if not future.done():
                 future.set_exception(error)
+                future.exception()  # seen: a site may leave while nobody waits on it
         self._results.clear()
         self._requests.clear()
         self._outbox.clear()
 
     def describe(self) -> dict[str, Any]:
-        """What `hauler jobs sites`-style listings show of it."""
-        return {"name": self.name, "connected_s": self.connected_s, "attached": self.attached}
+        """What `hauler sites` shows of it: who, since when, alive when, doing what."""
+        return {"name": self.name, "org": self.org, "connected_s": self.connected_s,
+                "heartbeat_s": self.heartbeat_s, "attached": self.attached, "task": self.doing()}
+
+    def doing(self) -> str:
+        """The task the server waits on it for, in a few words."""
+        for message in self._requests.values():
+            if isinstance(message, Task):
+                return f"job {message.job_id} round {message.round}"
+            if isinstance(message, UploadReady):
+                return "uploading its update"
+        return ""
 
 
 class SiteRegistry:
@@ -131,7 +142,7 @@ class SiteRegistry:
         self.sites: dict[str, SiteSession] = {}
         self._changed = asyncio.Event()
 
-    async def join(self, name: str, instance: str, stream: MessageStream | None) -> SiteSession:
+    async def join(self, name: str, instance: str, stream: MessageStream | None, *, org: str = "") -> SiteSession:
         """The session of a site saying hello: its own, re-attached, if the same process is back
         (an empty `instance` never matches); else a new one, closing the old."""
         current = self.sites.get(name)
@@ -142,7 +153,7 @@ class SiteRegistry:
             return current
         if current is not None:
             current.close(SiteRestarted(f"site {name} restarted; what it had under way starts again"))
-        session = SiteSession(name, instance, stream, grace_s=self.grace_s)
+        session = SiteSession(name, instance, stream, grace_s=self.grace_s, org=org)
         session.closed.add_done_callback(lambda _: self._remove(session))
         self.sites[name] = session
         self._notify()
@@ -180,9 +191,12 @@ class SiteRegistry:
                                      f"{within_s:g} s (communication_timeout)") from None
         return session
 
-    async def wait_for(self, count: int, wanted: list[str] | None) -> list[str]:
-        """Names of attached sites (among `wanted`, if given) once there are at least `count`."""
+    async def wait_for(self, count: int, wanted: list[str] | None,
+                       waiting: Callable[[list[str]], None] = lambda connected: None) -> list[str]:
+        """Names of attached sites (among `wanted`, if given) once there are at least `count`;
+        until then `waiting` is told who is there, each time that changes."""
         while len(eligible := self.attached(wanted)) < count:
+            waiting(eligible)
             await self._changed.wait()
         return eligible
 

@@ -37,6 +37,8 @@ from hauler.security import (
 
 SERVICE = "hauler.Control"
 MAX_MESSAGE_BYTES = 32 << 20  # a job package travels in one message; models never do
+PROBE_S = 3.0  # how long a server's port may take to accept before it is called not there
+PROBE_RETRY_S = 0.25
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -182,6 +184,32 @@ class ControlServer:
         await self._server.stop(grace_s)
 
 
+async def _probe(host: str, port: int, target: str) -> None:
+    """Fail within PROBE_S, with what was tried and what to do, if nothing listens at `target`;
+    a refused port is tried again until then, as a server that is starting refuses for a moment."""
+    deadline = asyncio.get_running_loop().time() + PROBE_S
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), max(left, 0.01))
+        except ConnectionRefusedError as error:
+            if left > PROBE_RETRY_S:
+                await asyncio.sleep(PROBE_RETRY_S)
+                continue
+            raise _not_there(target, (error.strerror or str(error)).lower()) from None
+        except (OSError, TimeoutError) as error:
+            reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error)).lower()
+            raise _not_there(target, reason) from None
+        writer.close()
+        return
+
+
+def _not_there(target: str, reason: str) -> ConnectionLost:
+    return ConnectionLost(f"no server at {target} ({reason}, for {PROBE_S:g} s); start it (`hauler poc "
+                          "start` for a POC, the server kit's start.sh otherwise), or check server_host and "
+                          "control_port in the admin's config")
+
+
 def _status(error: HaulerError) -> grpc.StatusCode:
     for kind, code in _STATUS.items():
         if isinstance(error, kind):
@@ -218,7 +246,7 @@ class ControlChannel:
 
     def __init__(self, host: str, port: int, tls: TlsFiles | None = None) -> None:
         target = f"{host}:{port}"
-        self.target = target
+        self.target, self._host, self._port = target, host, port
         self._channel = (aio.secure_channel(target, grpc_channel_credentials(tls), options=_OPTIONS) if tls
                          else aio.insecure_channel(target, options=_OPTIONS))
 
@@ -241,12 +269,22 @@ class ControlChannel:
         except grpc.RpcError as error:
             raise map_rpc_error(error, f"watch at {self.target}") from None
 
-    async def wait_ready(self, timeout_s: float) -> None:
-        """Wait until the server answers, or raise ConnectionLost."""
+    async def wait_ready(self, timeout_s: float, *, on_wait: Callable[[str], None] | None = None) -> None:
+        """Wait until the server answers, at most `timeout_s`. A port nobody listens on fails
+        within PROBE_S, saying what was tried; a server that accepts but is slow to answer is
+        waited for, and `on_wait` is told so."""
+        await _probe(self._host, self._port, self.target)
+        ready = asyncio.ensure_future(self._channel.channel_ready())
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+            done, _ = await asyncio.wait([ready], timeout=min(PROBE_S, timeout_s))
+            if not done and on_wait is not None:
+                on_wait(f"waiting for the server at {self.target} to answer (up to {timeout_s:g} s) ...")
+            await asyncio.wait_for(asyncio.shield(ready), max(0.0, timeout_s - PROBE_S))
         except TimeoutError:
-            raise ConnectionLost(f"no server at {self.target} after {timeout_s:g} s; is it running?") from None
+            raise ConnectionLost(f"the server at {self.target} accepts connections but did not answer "
+                                 f"within {timeout_s:g} s; it may be overloaded or not a Hauler server") from None
+        finally:
+            ready.cancel()
 
     async def close(self) -> None:
         await self._channel.close()
