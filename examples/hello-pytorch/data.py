@@ -1,8 +1,9 @@
 """The digits data set (it ships inside scikit-learn, so this runs offline), split non-IID.
 
-A fixed fifth of the samples is the common test set. Of the rest, site k keeps `own_share` of
-the digits d with d % sites == k, and an even share of the others: each site sees mostly its
-own digits, so no site alone learns all ten well.
+A fixed fifth of the samples is the common test set. Of the rest, `own_share` of each digit d
+goes to the sites that own d (site k owns the digits with d % m == k % m, m = min(sites, 10)),
+and the others are spread evenly: each site sees mostly its own digits, so no site alone learns
+all ten well, and with more than ten sites every digit has several owners.
 """
 
 import numpy as np
@@ -26,7 +27,10 @@ def site_set(site: int, sites: int, own_share: float, seed: int = 0) -> tuple[to
     """Training samples of site `site` (0-based) among `sites`."""
     x_train, _, y_train, _ = _split(seed)
     rng = np.random.default_rng(seed)
-    owner = np.where(rng.random(len(y_train)) < own_share, y_train % sites, rng.integers(0, sites, len(y_train)))
+    residue = y_train % min(sites, 10)
+    owners_of_residue = (sites - residue + min(sites, 10) - 1) // min(sites, 10)  # sites k < sites with k % m == r
+    own = residue + min(sites, 10) * rng.integers(0, owners_of_residue)
+    owner = np.where(rng.random(len(y_train)) < own_share, own, rng.integers(0, sites, len(y_train)))
     mine = owner == site
     return torch.from_numpy(x_train[mine]), torch.from_numpy(y_train[mine])
 

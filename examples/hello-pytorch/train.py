@@ -5,8 +5,6 @@ The accuracy reported as `global_accuracy` is the received global model's, on th
 set: round r shows how good the model aggregated after round r - 1 is.
 """
 
-import re
-
 import torch
 from data import site_set, test_set
 from model import Net
@@ -39,13 +37,24 @@ def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: dict, round:
     return total / len(y)
 
 
+def shard(settings: dict) -> tuple[int, int]:
+    """Which share of the data this site holds: its site's [job_settings] say (`hauler poc
+    prepare` writes them; the simulator gives them to every virtual site)."""
+    try:
+        return int(settings["site_index"]), int(settings["num_sites"])
+    except KeyError:
+        raise SystemExit("hello-pytorch needs site_index and num_sites in the site's [job_settings]") from None
+
+
 def main() -> None:
     net, x_test, y_test = None, *test_set()
     while hauler.is_running():
         context = hauler.context()
         config = context.config
-        site = (int(re.search(r"(\d+)$", context.site).group(1)) - 1) % int(config["sites"])
-        x, y = site_set(site, int(config["sites"]), float(config["own_share"]), int(config.get("seed", 0)))
+        site, sites = shard(context.settings)  # read every round: a simulator's worker serves many sites
+        x, y = site_set(site, sites, float(config["own_share"]), int(config.get("seed", 0)))
+        if len(y) == 0:
+            raise SystemExit(f"site {site + 1} of {sites} holds no training samples: use fewer sites")
         model = hauler.receive("torch")  # tensors viewing the site's model file
         net = net or Net(hidden=model["layers.0.bias"].shape[0])
         net.load_state_dict(model)  # copies the global weights into the network

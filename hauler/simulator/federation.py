@@ -1,0 +1,114 @@
+"""`workflows.Federation` over virtual sites that take turns on a pool of workers.
+
+A virtual site's round is what a real site's is, without a network: its worker receives the
+round's global model, runs the job's code on it for that site (its name, its settings), and its
+update streams back chunk by chunk into the same fold as a server's, checked the same way. Every
+virtual site takes part in every round; W of them train at once. Where a worker runs (this
+process, or a Ray actor) is the worker's business (`simulate/workers.py`, `simulate/ray.py`).
+
+One difference is said rather than hidden: a worker's model is reused by the next site once its
+update is folded, so the simulator cannot refold a round from its sites as a server does. Each
+update is screened whole (finite values, max_update_norm) before any of it is folded: the worker
+measures it where it lies, this federation decides, so a refused site is dropped with nothing
+folded; only an overflow of weight x value found while folding still taints a round, and that
+round fails, naming why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hauler.aggregate import RoundAggregate, check_weight, folding
+from hauler.core.config import DataPlane, JobConfig, Timeouts
+from hauler.core.errors import ConfigError, JobError
+from hauler.simulator.workers import Update, Worker, WorkerPool, check_screen, screen_update
+from hauler.workflows import TrainResult
+from hauler.workflows.records import RoundRecords
+
+Settings = dict[str, dict[str, Any]]  # site -> its settings (context.settings)
+
+
+class SimulatedFederation:
+    def __init__(self, *, job_id: str, job_dir: Path, job: JobConfig, pool: WorkerPool, settings: Settings,
+                 aggregate: RoundAggregate, emit: Callable[..., None], record: Callable[[dict], None],
+                 dataplane: DataPlane, timeouts: Timeouts) -> None:
+        self.job_id, self.job_dir, self.job, self.pool = job_id, job_dir, job, pool
+        self.settings, self.aggregate, self.emit = settings, aggregate, emit
+        self.records = RoundRecords(record)
+        self.dataplane, self.timeouts = dataplane, timeouts
+        self.sites = list(settings)
+        self._base_squares: float | None = None  # the round's global model's squared norm, if bounded
+
+    async def wait_for_sites(self, count: int, wanted: list[str] | None) -> list[str]:
+        """Every virtual site (those the job names, if it names some): they are all there."""
+        unknown = sorted(set(wanted or []) - set(self.sites))
+        if unknown:
+            raise ConfigError(f"job.toml: sites: {', '.join(unknown)} are not among the simulated "
+                              f"sites site-1..site-{len(self.sites)}")
+        chosen = [site for site in self.sites if wanted is None or site in wanted]
+        if len(chosen) < count:
+            raise JobError(f"the job needs min_clients = {count} sites; the simulation has {len(chosen)}")
+        return chosen
+
+    async def begin_round(self, round: int) -> None:
+        self.aggregate.begin(round)
+        self.records.begin(round)
+        self._base_squares = None
+        if self.job.workflow.max_update_norm is not None:  # measured once a round, not once a site
+            served = self.aggregate.global_model
+            screen = await asyncio.to_thread(screen_update, served.manifest, served, None, measure_norm=True)
+            self._base_squares = screen.update_squares
+
+    async def train(self, site: str, round: int) -> TrainResult:
+        async with self.pool.worker() as worker:
+            started, started_s = time.perf_counter(), time.time()
+            served = self.aggregate.global_model
+            await worker.receive(served)
+            arrived = time.perf_counter()
+            update = await worker.train(self._task(site, round),
+                                        measure_norm=self.job.workflow.max_update_norm is not None)
+            trained = time.perf_counter()
+            await self._fold(site, worker, update)
+            uploaded = time.perf_counter()
+        timings = {"download_s": arrived - started, "train_s": trained - arrived, "upload_s": uploaded - trained}
+        result = TrainResult(site, update.weight, update.metrics, timings)
+        figures = {"bytes": served.manifest.total_bytes, "bytes_resent": 0, "lanes": 1, "reconnects": 0}
+        self.records.site(result, started_s=started_s, model_bytes=served.manifest.total_bytes,
+                          download=figures, upload=figures)
+        self.emit("site.result", round=round, site=site, weight=update.weight, metrics=update.metrics,
+                  worker=worker.index + 1, **timings)
+        return result
+
+    def _task(self, site: str, round: int) -> dict[str, Any]:
+        """What the training code receives, as a site would give it, for virtual site `site`; the
+        worker adds where the site's files go (`workdir`), on its own machine."""
+        return {"type": "task", "task_id": secrets.token_hex(8), "job_id": self.job_id, "site": site,
+                "round": round, "config": self.job.executor.config, "settings": self.settings[site]}
+
+    async def _fold(self, site: str, worker: Worker, update: Update) -> None:
+        """Check the site's update as a server checks it, then stream it from its worker into the fold."""
+        workflow = self.job.workflow
+        check_weight(update.weight, site, workflow.max_weight)
+        check_screen(update.screen, site, base_squares=self._base_squares, limit=workflow.max_update_norm)
+        contribution = self.aggregate.contribution(update.weight, delta=update.delta)
+        assert worker.buffers is not None
+        try:
+            await worker.send_update(folding(contribution, worker.buffers, site))
+            contribution.complete()
+        finally:
+            contribution.abandon()  # no-op once complete; taints the round if it stopped part-way
+
+    async def end_round(self, round: int, results: list[TrainResult]) -> None:
+        if self.aggregate.fedavg.tainted:
+            raise JobError(f"round {round}: an update was refused after part of it was folded (see the "
+                           "events); the simulator keeps no site's model once folded, so it cannot refold")
+        await asyncio.to_thread(self.aggregate.finish, round)
+        self.records.end(results)
+
+    def close(self) -> None:
+        self.aggregate.close()

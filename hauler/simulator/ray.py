@@ -1,0 +1,308 @@
+"""The simulator's workers as Ray actors on an existing cluster (`--ray ADDRESS`, or `auto`).
+
+Only `hauler simulate --ray` imports this module, and so Ray (`pip install 'hauler[ray]'`). Every
+node must have Hauler installed in the Python its Ray workers run; nothing else is shared: no
+filesystem, no job folder.
+
+How the bytes travel, and why:
+- The job's code reaches each actor as the packed package (`core.package.pack`), which the actor
+  unpacks as a site does, into a temporary folder of its own node.
+- The global model is put into Ray's object store once per round (`GlobalModel`), as numpy views
+  of the served file, so one copy exists per node however many actors and virtual sites read it;
+  an actor copies it into its own model file and checks the tensors' digests against the served
+  manifest, as the in-process transport would.
+- The update comes back one window of `window_chunks` chunks per call (`SiteActor.window`), one
+  window ahead in flight: each chunk lands in the worker's one chunk buffer, is checked against
+  the checksum its actor sent, folded, and recorded in a `ReceiveLedger`, which checks every
+  tensor against the update's manifest digest. The driver never holds more than two windows.
+- The actor screens the update where it lies (`workers.screen_update`); the federation decides
+  on the figures (`workers.check_screen`) before any chunk is folded, as for a local worker.
+
+Errors from an actor are mapped at this edge: a Hauler error raised there is raised again here
+(a site's failed training code fails that site), a dead actor or lost node is a `JobError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hauler.aggregate import UploadBuffers
+from hauler.client.trainer import trainer_for
+from hauler.core.config import ExecutorConfig, JobConfig
+from hauler.core.errors import ConfigError, DigestError, HaulerError, IntegrityError, JobError, LocalProtocolError
+from hauler.core.package import pack, unpack
+from hauler.model import ArraySource, Chunk, ChunkPlan, Manifest, ModelFile, check_layout, chunk_checksum
+from hauler.simulator.workers import (
+    ChunkSource,
+    Update,
+    UpdateScreen,
+    WorkerPool,
+    buffers_for,
+    finish_training,
+    model_file_for,
+)
+from hauler.transfer import FrameHeader, Kind, ReceiveLedger
+
+if TYPE_CHECKING:
+    from hauler.simulator.runner import SimulationPlan
+
+try:
+    import ray
+    import ray.exceptions
+except ImportError:  # said as a fix, not as a traceback
+    raise ConfigError("--ray needs Ray on this machine and every node: pip install 'hauler[ray]'") from None
+
+MAX_PACKAGE_BYTES = 64 << 20  # as the runner's: the job's code, not its data
+CONNECT_CHECK_S = 10.0  # to open a TCP connection to the cluster's address before ray.init
+
+
+class SiteActor:
+    """What runs on a Ray node: one worker's unpacked job code, model file and training code.
+
+    Its methods take and return plain values (manifests as JSON, figures, chunk windows as numpy
+    arrays, which Ray moves out of band), never a model: the global model arrives as the arrays
+    of one object-store object, the update leaves a window at a time."""
+
+    def __init__(self, package: str, executor_json: str, job_id: str, index: int) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix=f"hauler-{job_id}-worker-{index + 1}-"))
+        app_dir = self.folder / "app"
+        unpack(package, app_dir, MAX_PACKAGE_BYTES)
+        self.trainer = trainer_for(ExecutorConfig.model_validate_json(executor_json), app_dir, job_id, self.folder)
+        self.model: ModelFile | None = None
+        self.base: ArraySource | None = None
+        self.sending: tuple[Manifest, ChunkSource] | None = None
+
+    def node(self) -> str:
+        """Where this actor runs (and that it has started)."""
+        return ray.get_runtime_context().get_node_id()
+
+    async def receive(self, manifest_json: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Copy the round's global model from the object store (read-only views) into the model file."""
+        manifest = Manifest.from_json(manifest_json)
+        check_layout(manifest, arrays)
+        self.model = model_file_for(self.model, self.folder / "model.safetensors", manifest)
+        await asyncio.to_thread(_copy_into, self.model, arrays)
+        self.base = ArraySource(manifest, arrays)  # the views keep this node's copy until the next round
+
+    async def train(self, task: dict[str, Any], measure_norm: bool) -> dict[str, Any]:
+        """Run one site's task; returns what it said, its update's manifest and how it screened."""
+        if self.model is None or self.base is None:
+            raise LocalProtocolError("train() before receive()")
+        workdir = self.folder / "sites" / task["site"]
+        workdir.mkdir(parents=True, exist_ok=True)
+        output = await self.trainer.train({**task, "workdir": str(workdir)}, self.model)
+        update, source = await finish_training(output, self.model, self.base, measure_norm=measure_norm)
+        self.sending = (update.manifest, source)
+        return {"weight": update.weight, "metrics": update.metrics, "delta": update.delta,
+                "manifest": update.manifest.to_json(), "refusal": update.screen.refusal,
+                "update_squares": update.screen.update_squares}
+
+    def window(self, start_seq: int, count: int) -> tuple[np.ndarray, list[int]]:
+        """Chunks `start_seq`.. (at most `count`) of the update, end to end, and each one's checksum."""
+        if self.sending is None:
+            raise LocalProtocolError("window() before train()")
+        manifest, source = self.sending
+        plan = ChunkPlan(manifest)
+        chunks = [plan.chunk(seq) for seq in range(start_seq, min(start_seq + count, plan.total))]
+        data = np.empty(sum(chunk.length for chunk in chunks), np.uint8)
+        checksums, position = [], 0
+        for chunk in chunks:
+            view = source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
+            data[position : position + chunk.length] = np.frombuffer(view, np.uint8)
+            checksums.append(chunk_checksum(view))
+            position += chunk.length
+        return data, checksums
+
+    async def close(self) -> None:
+        await self.trainer.stop()
+        self.sending = self.base = None
+        if self.model is not None:
+            self.model.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _copy_into(model: ModelFile, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` into `model` and check they hash to the manifest's digests (if it has them)."""
+    expected = model.manifest
+    for index, tensor in enumerate(expected.tensors):
+        np.copyto(model.array(index), arrays[tensor.name])
+    received = model.compute_digests()
+    for want, got in zip(expected.tensors, received.tensors):
+        if want.digest and want.digest != got.digest:
+            raise DigestError(f"tensor {want.name!r} of the global model differs from the served one after "
+                              "the object store; the round cannot go on on this node")
+
+
+class GlobalModel:
+    """The round's global model in the object store: put once per round, when a worker first needs
+    it; the previous round's object is released as its reference is dropped."""
+
+    def __init__(self) -> None:
+        self._served: ModelFile | None = None
+        self._ref: ray.ObjectRef | None = None
+        self._lock = asyncio.Lock()
+
+    async def ref_for(self, served: ModelFile) -> ray.ObjectRef:
+        async with self._lock:
+            if self._served is not served:
+                self._ref = None
+                self._ref = await asyncio.to_thread(ray.put, served.arrays())
+                self._served = served
+            assert self._ref is not None
+            return self._ref
+
+
+class RayWorker:
+    """The driver's side of one actor: the `Worker` steps, as calls to it."""
+
+    def __init__(self, index: int, actor: Any, global_model: GlobalModel, window_chunks: int) -> None:
+        self.index, self.actor, self.global_model, self.window_chunks = index, actor, global_model, window_chunks
+        self.buffers: UploadBuffers | None = None
+        self._served: Manifest | None = None
+        self._update: Manifest | None = None
+
+    async def receive(self, served: ModelFile) -> None:
+        self.buffers = buffers_for(self.buffers, served.manifest)
+        ref = await self.global_model.ref_for(served)
+        await _call(self, self.actor.receive.remote(served.manifest.to_json(), ref))
+        self._served = served.manifest
+
+    async def train(self, task: dict[str, Any], *, measure_norm: bool) -> Update:
+        said = await _call(self, self.actor.train.remote(task, measure_norm))
+        manifest = Manifest.from_json(said["manifest"])
+        if self._served is None or not manifest.same_layout(self._served):
+            raise JobError(f"Ray worker {self.index + 1} sent an update whose layout is not the global model's")
+        squares = said["update_squares"]
+        self._update = manifest
+        return Update(float(said["weight"]), dict(said["metrics"]), bool(said["delta"]), manifest,
+                      UpdateScreen(str(said["refusal"]), None if squares is None else float(squares)))
+
+    async def send_update(self, on_chunk: Callable[[Chunk], None]) -> None:
+        """Pull the update a window at a time, the next window already asked for while this one lands."""
+        if self._update is None or self.buffers is None:
+            raise LocalProtocolError("send_update() before train()")
+        plan = ChunkPlan(self._update)
+        ledger = ReceiveLedger(plan, 1)
+        self.buffers.ledger = ledger
+        ledger.begin()
+        starts = list(range(0, plan.total, self.window_chunks))
+
+        def ask(start: int | None) -> Any:
+            return None if start is None else self.actor.window.remote(start, self.window_chunks)
+
+        ahead = ask(starts[0] if starts else None)
+        for start, following in zip(starts, [*starts[1:], None]):
+            current, ahead = ahead, ask(following)
+            data, checksums = await _call(self, current)
+            self._land(ledger, start, data, checksums, on_chunk)
+        if not ledger.done:
+            raise IntegrityError(f"Ray worker {self.index + 1} sent {ledger.held(0)} of {plan.total} "
+                                 "chunks of its update")
+
+    def _land(self, ledger: ReceiveLedger, start: int, data: np.ndarray, checksums: list[int],
+              on_chunk: Callable[[Chunk], None]) -> None:
+        """Land one window: each chunk in the buffer, checked, folded, then recorded in the ledger."""
+        assert self.buffers is not None
+        if len(checksums) != min(self.window_chunks, ledger.plan.total - start):
+            raise IntegrityError(f"Ray worker {self.index + 1} sent {len(checksums)} chunks for a window of "
+                                 f"{self.window_chunks} from chunk {start}; the update is dropped")
+        window = memoryview(data).cast("B")
+        position = 0
+        for seq, checksum in zip(range(start, start + len(checksums)), checksums):
+            planned = ledger.plan.chunk(seq)
+            chunk = ledger.expect(FrameHeader(Kind.DATA, planned.tensor, planned.offset, planned.length))
+            if position + chunk.length > len(window):
+                raise IntegrityError(f"Ray worker {self.index + 1} sent a window shorter than its chunks")
+            landed = self.buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
+            landed[:] = window[position : position + chunk.length]
+            if chunk_checksum(landed) != checksum:
+                raise IntegrityError(f"chunk {chunk.seq} of Ray worker {self.index + 1}'s update fails its "
+                                     "checksum; the update is dropped")
+            on_chunk(chunk)
+            ledger.commit(chunk, checksum)  # checks each completed tensor against the manifest's digest
+            position += chunk.length
+
+    async def close(self) -> None:
+        try:
+            await _call(self, self.actor.close.remote())
+        finally:
+            ray.kill(self.actor)
+
+
+async def _call(worker: RayWorker, pending: Awaitable[Any]) -> Any:
+    """Await an actor call; a Hauler error raised in the actor is raised again here, as itself."""
+    try:
+        return await pending
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, HaulerError):
+            raise error.cause from None
+        raise JobError(f"Ray worker {worker.index + 1} failed: {error.cause!r}") from None
+    except ray.exceptions.RayError as error:  # the actor died, its node was lost, the object too
+        raise JobError(f"Ray worker {worker.index + 1} is gone ({type(error).__name__}: {error}); "
+                       "see the Ray cluster's logs") from None
+
+
+async def ray_pool(plan: SimulationPlan, job: JobConfig, job_id: str, app_dir: Path, workers: int) -> WorkerPool:
+    """`workers` actors on the cluster at `plan.ray`, each with `plan.worker_cpus` CPUs and
+    `plan.worker_gpus` GPUs, started and ready; closing the pool ends them and disconnects."""
+    owned = await asyncio.to_thread(_connect, plan.ray)
+    _check_room(plan.worker_cpus, plan.worker_gpus, workers)
+    package = pack(app_dir, MAX_PACKAGE_BYTES)
+    actor_class = ray.remote(SiteActor).options(num_cpus=plan.worker_cpus, num_gpus=plan.worker_gpus)
+    global_model = GlobalModel()
+    pool = [RayWorker(index, actor_class.remote(package, job.executor.model_dump_json(), job_id, index),
+                      global_model, plan.dataplane.window_chunks) for index in range(workers)]
+
+    async def disconnect() -> None:
+        if owned:
+            await asyncio.to_thread(ray.shutdown)
+
+    try:
+        await asyncio.gather(*(_call(worker, worker.actor.node.remote()) for worker in pool))
+    except BaseException:
+        await WorkerPool(pool, disconnect).close()
+        raise
+    return WorkerPool(pool, disconnect)
+
+
+def _connect(address: str) -> bool:
+    """Join the cluster at `address` ("auto": the one this machine belongs to); True if this call
+    connected (and so the pool disconnects), False if the process already was connected."""
+    if ray.is_initialized():
+        return False
+    _check_reachable(address)
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise ConfigError(f"--ray {address}: cannot join the Ray cluster there ({error}); start one with "
+                          "`ray start --head`, or give its address") from None
+    return True
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT nobody listens on: `ray.init` would retry it forever, in silence."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", or a scheme of Ray's own: Ray finds and reports those itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_CHECK_S).close()
+    except OSError as error:
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({error}); start one with "
+                          "`ray start --head`, or give its address") from None
+
+
+def _check_room(cpus: float, gpus: float, workers: int) -> None:
+    """Refuse a pool the whole cluster has no room for, rather than wait for it forever."""
+    room = ray.cluster_resources()
+    for name, each in (("CPU", cpus), ("GPU", gpus)):
+        if each * workers > room.get(name, 0.0):
+            raise ConfigError(f"--workers {workers} x --worker-{name.lower()}s {each:g} needs {each * workers:g} "
+                              f"{name}s; the Ray cluster has {room.get(name, 0.0):g}")
