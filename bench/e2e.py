@@ -10,7 +10,6 @@ increment, and times plain blocking sockets moving the same bytes for comparison
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
 import ssl
@@ -26,13 +25,14 @@ from rich.table import Table
 
 from bench.sampler import Sampler
 from bench.sockets import blocking_socket_seconds
-from hauler.admin import Admin, poc
-from hauler.cli.progress import follow
+import hauler
+from hauler.admin import poc
+from hauler.core.errors import JobError
 from hauler.core.config import ServerConfig, SiteConfig, load_toml
 from hauler.core.events import read_json_lines
 from hauler.core.package import load_job, load_job_module
 from hauler.security import client_ssl_context, server_ssl_context
-from hauler.server.rounds import RoundStore
+from hauler.model.rounds import RoundStore
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
 INCREMENT = 0.1
@@ -73,13 +73,16 @@ def write_job(folder: Path, *, arrays: int, array_bytes: int, rounds: int, sites
     return job_dir
 
 
-async def run_job(workspace: Path, job_dir: Path) -> tuple[str, str, float]:
+def run_job(workspace: Path, job_dir: Path) -> tuple[str, str, float]:
     """Submit, follow progress until the job ends; returns id, final event and wall seconds."""
-    async with Admin(poc.admin_config(workspace)) as admin:
+    with hauler.connect(workspace=workspace) as session:
         started = time.perf_counter()
-        job_id = await admin.submit(job_dir)
-        final = await follow(admin.watch(job_id), console)
-        return job_id, final.get("event", ""), time.perf_counter() - started
+        job = session.submit(job_dir)
+        try:
+            job.wait(progress=True, console=console)
+        except JobError:
+            pass  # the outcome says it
+        return job.id, f"job.{job.record()['status']}", time.perf_counter() - started
 
 
 def max_abs_error(workspace: Path, job_dir: Path, job_id: str, rounds: int) -> float:
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     pids = poc.start(workspace)
     try:
         with Sampler(pids) as sampler:
-            job_id, outcome, wall_s = asyncio.run(run_job(workspace, job_dir))
+            job_id, outcome, wall_s = run_job(workspace, job_dir)
         metrics = read_json_lines(workspace / "server" / "jobs" / job_id / "metrics.jsonl")
         error = max_abs_error(workspace, job_dir, job_id, args.rounds) if outcome == "job.finished" else float("inf")
     finally:

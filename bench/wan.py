@@ -46,7 +46,7 @@ from hauler.core.events import read_json_lines
 from hauler.admin.poc import amend_config
 from hauler.core.package import load_job_module
 from hauler.security import provision
-from hauler.server.rounds import RoundStore
+from hauler.model.rounds import RoundStore
 
 SEED_LINKS = {"site-1": LinkSpec(delay_ms=30, rate_mbit=448), "site-2": LinkSpec(delay_ms=120, rate_mbit=92.8)}
 PATH_LINKS = {"site-1": LinkSpec(delay_ms=50, rate_mbit=1000, loss=0.001)}

@@ -57,7 +57,7 @@ def test_hello_numpy_two_sites_two_rounds_gives_initial_plus_rounds_times_increm
     assert "job.finished" in submitted.stdout
 
     downloaded = ok(hauler("jobs", "download", job_id, "-o", tmp_path / "out", "--workspace", poc))
-    assert "after round 2" in downloaded.stdout
+    assert "after 2 rounds" in downloaded.stdout  # rounds 0 and 1: counted, not numbered
     assert_models_equal(load_file(str(tmp_path / "out" / "global.safetensors")), hello_expected(job, rounds=2))
 
     listed = ok(hauler("jobs", "list", "--workspace", poc)).stdout

@@ -16,7 +16,7 @@ import time
 from helpers import REPO, hauler, hello_job, ok, submitted_job_id
 from rich.console import Console
 
-from hauler.cli.progress import KEPT_BARS, TransferBars
+from hauler.admin.progress import KEPT_BARS, TransferBars
 
 pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
 

@@ -1,7 +1,8 @@
 """A job's figures and summary, from its metrics records (`Admin.metrics`).
 
 `build_report` arranges the records: CPU and memory series per process, a timeline of every
-site's download, train and upload and the server's aggregation per round. `write_figures`
+site's download, train and upload and the server's aggregation per round, and the metrics each
+site reported per round (loss, accuracy, ...). `write_figures`
 draws them as PNGs (matplotlib's Agg renderer, through Figure objects: no pyplot, no display,
 no global state); `round_table` and `process_table` summarise them.
 Times are seconds from the job's start.
@@ -21,7 +22,8 @@ from rich.table import Column, Table
 MIB = 1 << 20
 SERVER = "server"
 PHASES = {"download": "tab:blue", "train": "tab:green", "upload": "tab:orange", "aggregate": "tab:purple"}
-FIGURES = ("cpu.png", "memory.png", "timeline.png")
+FIGURES = ("cpu.png", "memory.png", "timeline.png", "metrics.png")
+METRICS_PER_ROW = 2
 LABEL_GAP = 0.08  # round labels on the timeline stay this share of its width apart
 
 
@@ -97,13 +99,16 @@ def _bars(by_kind: dict[str, list[dict[str, Any]]], origin: float) -> list[Bar]:
 
 
 def write_figures(report: Report, out_dir: Path) -> list[Path]:
-    """Draw cpu.png, memory.png and timeline.png into `out_dir`; returns their paths."""
+    """Draw cpu.png, memory.png, timeline.png and (if sites reported any) metrics.png into
+    `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    drawings = (_cpu_figure, _memory_figure, _timeline_figure)
+    drawings = (_cpu_figure, _memory_figure, _timeline_figure, _metrics_figure)
     paths = []
     for name, draw in zip(FIGURES, drawings):
-        draw(report).savefig(out_dir / name, dpi=100)
-        paths.append(out_dir / name)
+        figure = draw(report)
+        if figure is not None:
+            figure.savefig(out_dir / name, dpi=100)
+            paths.append(out_dir / name)
     return paths
 
 
@@ -171,6 +176,39 @@ def _timeline_figure(report: Report) -> Figure:
     return figure
 
 
+def metric_names(report: Report) -> list[str]:
+    """Every numeric metric any site reported, sorted."""
+    return sorted({name for record in report.sites for name, value in record.get("metrics", {}).items()
+                   if isinstance(value, int | float) and not isinstance(value, bool)})
+
+
+def _metrics_figure(report: Report) -> Figure | None:
+    """A panel per metric: its value per round, a line per site; None if no site reported one."""
+    names = metric_names(report)
+    if not names:
+        return None
+    columns = min(len(names), METRICS_PER_ROW)
+    rows = -(-len(names) // columns)
+    figure = Figure(figsize=(4.5 * columns, 3.2 * rows + 0.6), layout="constrained")
+    panels = figure.subplots(rows, columns, squeeze=False).flat
+    for name, axes in zip(names, panels):
+        for site in sorted({record["site"] for record in report.sites}):
+            points = [(r["round"], r["metrics"][name]) for r in report.sites
+                      if r["site"] == site and name in r.get("metrics", {})]
+            if points:
+                axes.plot(*zip(*points), label=site, marker="o", markersize=3, linewidth=1.2)
+        axes.set(title=name, xlabel="round")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+    for axes in panels:  # the panels left over when the metrics do not fill the last row
+        axes.set_visible(False)
+    handles, labels = figure.axes[0].get_legend_handles_labels()
+    if len(labels) <= 16:  # beyond that a legend hides the lines it names
+        figure.legend(handles, labels, loc="outside lower center", fontsize="small", ncols=min(len(labels), 8))
+    figure.suptitle(_title(report, "Metrics the sites reported"))
+    return figure
+
+
 def round_table(report: Report) -> Table:
     """Per round and site: phase seconds, transfer rates and re-sent bytes."""
     numbers = [Column(name, justify="right") for name in
@@ -187,7 +225,7 @@ def round_table(report: Report) -> Table:
 
 def metrics_table(report: Report) -> Table | None:
     """Per round and site, the training metrics the site reported (a column each); None if there are none."""
-    names = sorted({name for record in report.sites for name in record.get("metrics", {})})
+    names = metric_names(report)
     if not names:
         return None
     table = Table("round", "site", *(Column(name, justify="right") for name in names), title="training metrics")

@@ -1,25 +1,25 @@
-"""What every command shares: option aliases, error rendering, and running coroutines."""
+"""What every command shares: option aliases, error rendering, and opening a session."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 
-from hauler.admin.poc import admin_config
-from hauler.core.config import AdminConfig, load_toml
+from hauler.admin import api
 from hauler.core.errors import ConfigError, HaulerError
 
-T = TypeVar("T")
 console = Console()
 errors = Console(stderr=True)
+DEFAULT_WORKSPACE = Path("poc")  # what `hauler poc prepare` makes when told nothing
 
 WorkspaceOption = Annotated[
-    Path | None, typer.Option("--workspace", "-w", help="A POC workspace (from `hauler poc prepare`).")
+    Path | None, typer.Option("--workspace", "-w", help="A POC workspace (`hauler poc prepare`) or a "
+                              "simulation's (`hauler simulate`); ./poc when it exists and no --kit is given.")
 ]
 AdminConfigOption = Annotated[
     Path | None, typer.Option("--kit", "-k", help="An admin's startup kit folder (or its admin.toml).")
@@ -27,31 +27,40 @@ AdminConfigOption = Annotated[
 DEBUG = {"enabled": False}
 
 
-def run(work: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine; a HaulerError becomes one line on stderr and its exit code."""
-    try:
-        return asyncio.run(work)
-    except HaulerError as error:
-        fail(error)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
-def fail(error: HaulerError) -> None:
+def fail(error: HaulerError) -> NoReturn:
+    """One line on stderr and the error's exit code (the traceback only under --debug)."""
     if DEBUG["enabled"]:
         raise error
     errors.print(f"[red]error:[/red] {error}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(error.exit_code)
 
 
-def resolve_admin(workspace: Path | None, kit: Path | None) -> AdminConfig:
-    """The admin config from a startup kit (`--kit`), or from a POC `--workspace`."""
+@contextlib.contextmanager
+def failing_plainly() -> Iterator[None]:
+    """Run a command's body: Hauler's errors as one line, Ctrl-C as exit status 130."""
     try:
-        if kit is not None:
-            return load_toml(AdminConfig, kit / "admin.toml" if kit.is_dir() else kit)
-        if workspace is not None:
-            return admin_config(workspace)
-        raise ConfigError("say where the server is: --workspace DIR (a POC) or --kit DIR (an admin's startup kit)")
+        yield
     except HaulerError as error:
         fail(error)
-        raise
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@contextlib.contextmanager
+def session(workspace: Path | None, kit: Path | None) -> Iterator[Any]:
+    """A session with the server of `--kit` or `--workspace` (./poc if neither and it exists);
+    a server slow to answer is said on stderr while it is waited for."""
+    if kit is None and workspace is None:
+        if not (DEFAULT_WORKSPACE / "server" / "server.toml").exists():
+            fail(ConfigError("say where the server is: --workspace DIR (a POC or a simulation) or "
+                             "--kit DIR (an admin's startup kit)"))
+        workspace = DEFAULT_WORKSPACE
+    with failing_plainly():
+        opened = api.connect(workspace=workspace, kit=kit, on_wait=lambda text: errors.print(text))
+        with opened:
+            yield opened
+
+
+def where(workspace: Path | None, kit: Path | None) -> str:
+    """The options that name the same server again, for commands a message suggests."""
+    return f"--kit {kit}" if kit is not None else f"--workspace {workspace or DEFAULT_WORKSPACE}"

@@ -11,13 +11,15 @@ from hauler.admin import poc
 from hauler.cli.common import console, fail
 from hauler.core.errors import HaulerError
 
-app = typer.Typer(help="Prepare, start and stop a local federation.", no_args_is_help=True)
+app = typer.Typer(help="Prepare, start and stop a local federation.", no_args_is_help=True,
+                  rich_markup_mode=None)
 Workspace = Annotated[Path, typer.Option("--workspace", "-w", help="Folder of the local federation.")]
+HERE = Path("poc")
 
 
 @app.command()
 def prepare(
-    workspace: Workspace,
+    workspace: Workspace = HERE,
     sites: Annotated[int, typer.Option("--sites", "-n", min=1, help="Number of sites.")] = 2,
     control_port: Annotated[int, typer.Option(help="Server control port; 0 picks a free one.")] = 0,
     data_port: Annotated[int, typer.Option(help="Server data port; 0 picks a free one.")] = 0,
@@ -34,7 +36,7 @@ def prepare(
 
 @app.command()
 def start(
-    workspace: Workspace,
+    workspace: Workspace = HERE,
     wait_s: Annotated[float, typer.Option(help="Seconds to wait for every site to connect.")] = 60.0,
 ) -> None:
     """Start the server and every site as background processes; returns once all are connected."""
@@ -47,7 +49,8 @@ def start(
 
 
 @app.command()
-def stop(workspace: Workspace) -> None:
-    """Stop every process of the workspace (by the PIDs it recorded)."""
+def stop(workspace: Workspace = HERE) -> None:
+    """Stop the server, then every site (by the PIDs recorded): a running job stays running, to
+    resume at the next `hauler poc start`."""
     stopped = poc.stop(workspace)
     console.print(f"stopped {', '.join(stopped) or 'nothing (none was running)'}")

@@ -30,3 +30,6 @@ def provision(
     for kit in kits:
         console.print(f"kit [bold]{kit.name}[/bold]: {kit}")
     console.print(f"{len(kits)} kits written; the CA's key stays in {out_dir / 'ca'}")
+    if add_site:
+        console.print("the server kit's server.toml now lists the new sites: copy it to the server and "
+                      "restart the server")
