@@ -4,6 +4,7 @@ driven only through the `hauler` command, as a user would."""
 from __future__ import annotations
 
 import re
+import time
 import tomllib
 
 import numpy as np
@@ -157,6 +158,17 @@ def test_malformed_job_is_refused_even_when_the_server_is_down(tmp_path):
     write_job_toml(job, MALFORMED["unknown_key"][0])
     result = hauler("submit", job, "--kit", admin)
     assert result.returncode == 2 and "workflow.nm_rounds: unknown key" in result.stderr
+
+
+@pytest.mark.parametrize("command", [("jobs", "list"), ("sites",), ("submit", "JOB")])
+def test_a_cli_call_to_a_stopped_server_fails_within_seconds_saying_what_to_do(tmp_path, command):
+    ok(hauler("poc", "prepare", "--workspace", tmp_path / "poc", "--sites", 1))  # never started
+    arguments = [hello_job(tmp_path) if part == "JOB" else part for part in command]
+    started = time.monotonic()
+    result = hauler(*arguments, "--workspace", tmp_path / "poc")
+    assert time.monotonic() - started < 5.0
+    assert result.returncode != 0 and "no server at 127.0.0.1:" in result.stderr, result.stderr
+    assert "hauler poc start" in result.stderr and "Traceback" not in result.stderr
 
 
 # ----- starting from a checkpoint: uploaded with the job, or a file of the server's ---------------
