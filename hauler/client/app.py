@@ -286,6 +286,8 @@ class Site:
                                       "site": self.name, "round": task.round, "config": trainer.executor.config,
                                       "workdir": str(trainer.workdir), "settings": self.config.job_settings},
                                      model)
+        log.info("trained round %d: weight %g, metrics %s", task.round, output.weight, output.metrics,
+                 extra={"site": self.name, "job": task.job_id, "task": task.task_id})
         source = output.source or model
         trained = await asyncio.to_thread(source.compute_digests)
         self._results[task.task_id] = (task.job_id, trained, source)
