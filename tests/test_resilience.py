@@ -19,6 +19,7 @@ import pytest
 import safetensors.numpy
 import tomli_w
 from faultproxy import FaultProxy
+from helpers import assert_models_equal, hello_expected, hello_job
 
 from hauler.admin import Admin, poc
 from hauler.core.events import read_json_lines
@@ -306,3 +307,50 @@ def _restart(workspace: Path, role: str, arguments: list[str]) -> int:
                                    start_new_session=True)
     (workspace / "run" / f"{role}.pid").write_text(str(process.pid))
     return process.pid
+
+
+def test_poc_stop_mid_job_then_start_resumes_it_to_the_exact_result(tmp_path):
+    """`poc stop` stops the server first, so the job is still running in its store (not failed by
+    sites leaving), and the next `poc start` carries it on to the same model."""
+    workspace = tmp_path / "poc"
+    poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES)
+    job = hello_job(tmp_path, rounds=4, arrays=2, array_bytes=400_004)
+    (job / "train.py").write_text(SLOW_HELLO)
+    poc.start(workspace)
+    try:
+        job_id = asyncio.run(_stop_in_round(workspace, job, 1))
+        poc.start(workspace)
+        record = asyncio.run(_wait_until_ended(workspace, job_id))
+        assert record["status"] == "finished", record
+        model = safetensors.numpy.load_file(_sync_download(workspace, job_id, tmp_path / "out"))
+    finally:
+        poc.stop(workspace)
+    assert_models_equal(model, hello_expected(job, 4))
+    events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
+    assert not any(e["event"] == "job.failed" for e in events)
+    assert [e["event"] for e in events].count("job.started") == 2  # it was running when stopped, and went on
+
+
+SLOW_HELLO = '''"""hello-numpy's training, half a second a round: time to stop the federation mid-job."""
+
+import time
+
+from hauler.client import TrainContext, TrainOutput
+
+
+def train(model, context: TrainContext) -> TrainOutput:
+    time.sleep(0.5)
+    for array in model.values():
+        array += context.config.get("increment", 0.125)
+    return TrainOutput(weight=float(context.config.get("steps", 8)))
+'''
+
+
+async def _stop_in_round(workspace: Path, job: Path, round: int) -> str:
+    async with Admin(poc.admin_config(workspace)) as admin:
+        job_id = await admin.submit(job)
+        async for event in admin.watch(job_id):
+            if event["event"] == "round.complete" and event["round"] == round - 1:
+                break
+    await asyncio.to_thread(poc.stop, workspace)
+    return job_id
