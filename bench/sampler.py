@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Self
 
 import psutil
 
@@ -18,18 +19,17 @@ class RoleSeries:
     samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t_s, rss, rss_anon)
 
 
-class Sampler:
-    """Background thread that samples every role (name -> root PID) until stopped."""
+class Periodic:
+    """A background thread calling `sample()` every `interval_s` while in its `with` block."""
 
-    def __init__(self, roles: dict[str, int], interval_s: float = 0.2) -> None:
-        self.roles = roles
-        self.interval_s = interval_s
-        self.series = {role: RoleSeries() for role in roles}
+    interval_s: float = 0.2
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._started = time.monotonic()
-
-    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -39,9 +39,22 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for role, pid in self.roles.items():
-                self._sample(role, pid)
+            self.sample()
             self._stop.wait(self.interval_s)
+
+
+class Sampler(Periodic):
+    """Samples every role (name -> root PID) until stopped."""
+
+    def __init__(self, roles: dict[str, int], interval_s: float = 0.2) -> None:
+        self.roles = roles
+        self.interval_s = interval_s
+        self.series = {role: RoleSeries() for role in roles}
+        self._started = time.monotonic()
+
+    def sample(self) -> None:
+        for role, pid in self.roles.items():
+            self._sample(role, pid)
 
     def _sample(self, role: str, pid: int) -> None:
         rss = anon = 0

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import shutil
-import threading
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.e2e import INCREMENT, save, write_job
+from bench.sampler import Periodic
 from hauler.core.events import read_json_lines
 from hauler.core.resources import rss_anon_bytes
 
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------- sampling a process tree
 
 @dataclass
-class TreeSampler:
+class TreeSampler(Periodic):
     """Samples a process and all its descendants every `interval_s`: each process's peak RssAnon
     (by PID, with its command line) and the peak of their sum. Past `limit_bytes` summed, it stops
     the tree (or when the machine runs short), so a run that would exhaust the memory ends as `over_limit`."""
@@ -104,23 +104,6 @@ class TreeSampler:
     names: dict[int, str] = field(default_factory=dict)
     peak_sum: int = 0
     over_limit: bool = False
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreeSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval_s)
 
     def sample(self) -> None:
         try:

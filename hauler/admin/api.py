@@ -18,7 +18,6 @@ too.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,7 +257,7 @@ def simulate(job_dir: str | Path, *, sites: int, workers: int | None = None, wor
              worker_gpus: float = 0.0, progress: bool = False, console: Console | None = None) -> LocalJob:
     """Run a job on `sites` virtual sites, `workers` (default: the cores) training at once, and
     return it once ended; `ray` is a Ray cluster's address (or "auto") to run the workers on."""
-    plan = SimulationPlan(Path(job_dir), sites, Path(workspace), workers=workers or os.cpu_count() or 1,
+    plan = SimulationPlan(Path(job_dir), sites, Path(workspace), workers=workers,
                           settings=Path(settings) if isinstance(settings, str | Path) else settings,
                           initial_model=Path(initial_model) if initial_model is not None else None,
                           ray=ray, worker_cpus=worker_cpus, worker_gpus=worker_gpus)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -36,7 +35,7 @@ def simulate(
     """Run a job on N virtual sites, W at a time: the same workflow, aggregation, client API and
     data path as a federation, writing the job folder a server would."""
     with failing_plainly():
-        job = api.simulate(job_dir, sites=sites, workers=workers or os.cpu_count() or 1, workspace=workspace,
+        job = api.simulate(job_dir, sites=sites, workers=workers, workspace=workspace,
                            settings=site_settings, initial_model=initial_model, ray=ray,
                            worker_cpus=worker_cpus, worker_gpus=worker_gpus, progress=True, console=console)
         show_summary(build_report(job.record(), job.metrics()))

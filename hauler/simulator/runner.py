@@ -13,7 +13,7 @@ import os
 import tomllib
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ class SimulationPlan:
     job_dir: Path
     sites: int
     workspace: Path
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int | None = None  # None: one per core
     settings: Path | dict[str, dict[str, Any]] | None = None
     initial_model: Path | None = None
     ray: str | None = None
@@ -56,6 +56,8 @@ class SimulationPlan:
 async def simulate(plan: SimulationPlan, on_event: Callable[[Event], None] | None = None) -> str:
     """Run the whole job; returns its id (its folder is `workspace/jobs/<id>`). The job's end is
     in its events: `job.finished`, or `job.failed` with the reason, which is also raised."""
+    if plan.workers is None:
+        plan = replace(plan, workers=os.cpu_count() or 1)
     if plan.sites < 1 or plan.workers < 1:
         raise ConfigError("--sites and --workers must be at least 1")
     job = load_job(plan.job_dir)

@@ -236,6 +236,17 @@ class Listener:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+async def serve(connection: Connection, handler: ConnectionHandler) -> None:
+    """Run a listener's handler on an accepted connection: a Hauler or OS error fails the
+    connection; it is closed after, whatever happened."""
+    try:
+        await handler(connection)
+    except (HaulerError, OSError) as error:
+        connection.fail(error)
+    finally:
+        connection.close()
+
+
 async def listen(host: str, port: int, handler: ConnectionHandler, *, tls: TlsFiles | None = None,
                  congestion_control: str = "", handshake_timeout_s: float = 60.0) -> Listener:
     """Accept data-plane connections on `host:port` (0 picks a free port); mutual TLS when `tls` is
@@ -246,13 +257,7 @@ async def listen(host: str, port: int, handler: ConnectionHandler, *, tls: TlsFi
         protocol = _FrameProtocol(congestion_control)
 
         async def run() -> None:
-            connection = await protocol.made
-            try:
-                await handler(connection)
-            except (HaulerError, OSError) as error:
-                connection.fail(error)
-            finally:
-                connection.close()
+            await serve(await protocol.made, handler)
 
         task = asyncio.get_running_loop().create_task(run())
         tasks.add(task)

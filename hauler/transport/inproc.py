@@ -28,7 +28,7 @@ import weakref
 from collections import deque
 
 from hauler.core.errors import ConnectionLost, HaulerError
-from hauler.transport.connection import Connection, ConnectionHandler, _FrameProtocol
+from hauler.transport.connection import Connection, ConnectionHandler, _FrameProtocol, serve
 
 DEFAULT_HIGH_WATER = 64 * 1024  # asyncio's default, until `Connection` sets WRITE_HIGH_WATER
 
@@ -152,16 +152,6 @@ def connection_pair() -> tuple[Connection, Connection]:
     return protocols[0].made.result(), protocols[1].made.result()
 
 
-async def _serve(connection: Connection, handler: ConnectionHandler) -> None:
-    """As `listen` runs its handler: a Hauler or OS error fails the connection; it closes after."""
-    try:
-        await handler(connection)
-    except (HaulerError, OSError) as error:
-        connection.fail(error)
-    finally:
-        connection.close()
-
-
 class InprocListener:
     """A name in one event loop accepting in-process connections; each accepted connection runs
     `handler` in its own task."""
@@ -174,7 +164,7 @@ class InprocListener:
     def _accept(self) -> Connection:
         """A new link: the dialler gets one end, the handler serves the other."""
         dialled, accepted = connection_pair()
-        task = asyncio.get_running_loop().create_task(_serve(accepted, self._handler))
+        task = asyncio.get_running_loop().create_task(serve(accepted, self._handler))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return dialled
