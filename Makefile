@@ -21,7 +21,9 @@ demo: install
 	$(PY) -m bench.e2e --model-mib $(MODEL_MIB) --arrays $(ARRAYS) --sites $(SITES) \
 	    --rounds $(ROUNDS) --json .demo/result.json
 
-test: install
+test: install  # the formatter and linter first: a style slip fails fast, before the suite
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
 	$(PY) -m pytest -q
 
 bench-wan: install  # the seed's two distant sites over emulated links (root, network namespaces, gcc)

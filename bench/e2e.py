@@ -23,16 +23,16 @@ import tomli_w
 from rich.console import Console
 from rich.table import Table
 
+import hauler
 from bench.sampler import Sampler
 from bench.sockets import blocking_socket_seconds
-import hauler
 from hauler.admin import poc
-from hauler.core.errors import JobError
 from hauler.core.config import ServerConfig, SiteConfig, load_toml
+from hauler.core.errors import JobError
 from hauler.core.events import read_json_lines
 from hauler.core.package import load_job, load_job_module
-from hauler.security import client_ssl_context, server_ssl_context
 from hauler.model.rounds import RoundStore
+from hauler.security import client_ssl_context, server_ssl_context
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
 INCREMENT = 0.1
@@ -42,29 +42,52 @@ console = Console()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.e2e", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model-mib", type=float, default=1024, help="model size in MiB")
     parser.add_argument("--arrays", type=int, default=64, help="number of float32 arrays")
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--workspace", type=Path, help="federation folder (default: a temporary one)")
+    parser.add_argument(
+        "--workspace", type=Path, help="federation folder (default: a temporary one)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the workspace afterwards")
     parser.add_argument("--plaintext", action="store_true", help="no TLS (to measure its cost)")
-    parser.add_argument("--connections", type=int, help="parallel connections per transfer (server default if absent)")
-    parser.add_argument("--max-update-norm", type=float, help="[workflow] max_update_norm of the job (unchecked if absent)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        help="parallel connections per transfer (server default if absent)",
+    )
+    parser.add_argument(
+        "--max-update-norm",
+        type=float,
+        help="[workflow] max_update_norm of the job (unchecked if absent)",
+    )
     return parser.parse_args(argv)
 
 
-def write_job(folder: Path, *, arrays: int, array_bytes: int, rounds: int, sites: int,
-              max_update_norm: float | None = None) -> Path:
+def write_job(
+    folder: Path,
+    *,
+    arrays: int,
+    array_bytes: int,
+    rounds: int,
+    sites: int,
+    max_update_norm: float | None = None,
+) -> Path:
     """Copy hello-numpy and size it: `arrays` float32 arrays of `array_bytes` each."""
     job_dir = folder / "hello-numpy"
     shutil.copytree(EXAMPLE, job_dir, ignore=shutil.ignore_patterns("__pycache__"))
     config = {
         "name": "hello-numpy",
-        "workflow": {"num_rounds": rounds, "min_clients": sites, "wait_time_after_min_received": 10,
-                     **({"max_update_norm": max_update_norm} if max_update_norm else {})},
+        "workflow": {
+            "num_rounds": rounds,
+            "min_clients": sites,
+            "wait_time_after_min_received": 10,
+            **({"max_update_norm": max_update_norm} if max_update_norm else {}),
+        },
         "model": {"module": "model", "config": {"arrays": arrays, "array_bytes": array_bytes}},
         "executor": {"module": "train", "config": {"increment": INCREMENT, "steps": 10}},
     }
@@ -86,62 +109,117 @@ def run_job(workspace: Path, job_dir: Path) -> tuple[str, str, float]:
 
 
 def max_abs_error(workspace: Path, job_dir: Path, job_id: str, rounds: int) -> float:
-    """Largest |global - (initial + rounds x increment)| over the final global model, period by period."""
+    """Largest |global - (initial + rounds x increment)| over the final global model, period by
+    period."""
     model_module = load_job_module(job_dir, "bench", "model")
     store = RoundStore(workspace / "server" / "jobs" / job_id, keep_rounds=2)
     worst = 0.0
     with store.open(rounds) as model:
         for name, array in model.arrays().items():
-            expected = model_module.pattern(int(name.split("_")[1])) + np.float32(rounds * INCREMENT)
+            expected = model_module.pattern(int(name.split("_")[1])) + np.float32(
+                rounds * INCREMENT
+            )
             flat, period = array.reshape(-1), expected.size
             whole = flat.size // period * period
             rows = flat[:whole].reshape(-1, period)
             for start in range(0, rows.shape[0], BLOCK_ROWS):
-                worst = max(worst, float(np.abs(rows[start : start + BLOCK_ROWS] - expected).max(initial=0.0)))
-            worst = max(worst, float(np.abs(flat[whole:] - expected[: flat.size - whole]).max(initial=0.0)))
+                worst = max(
+                    worst,
+                    float(np.abs(rows[start : start + BLOCK_ROWS] - expected).max(initial=0.0)),
+                )
+            worst = max(
+                worst, float(np.abs(flat[whole:] - expected[: flat.size - whole]).max(initial=0.0))
+            )
     return worst
 
 
 def tls_contexts(workspace: Path) -> dict[str, ssl.SSLContext]:
-    """The server's and a site's TLS contexts from their kits, for the socket yardstick (none if plaintext)."""
+    """The server's and a site's TLS contexts from their kits, for the socket yardstick (none if
+    plaintext)."""
     server = load_toml(ServerConfig, workspace / "server" / "server.toml")
     site = load_toml(SiteConfig, workspace / "site-1" / "site.toml")
     if server.tls is None or site.tls is None:
         return {}
-    return {"server_context": server_ssl_context(server.tls), "client_context": client_ssl_context(site.tls)}
-
-
-def summarize(args: argparse.Namespace, model_bytes: int, wall_s: float, outcome: str, error: float,
-              metrics: list[dict], sampler: Sampler, baseline_s: float) -> dict[str, Any]:
-    rounds = [{key: row[key] for key in ("round", "download_s", "train_s", "upload_s", "aggregate_s", "round_s")}
-              for row in metrics if row.get("kind") == "round"]
     return {
-        "model_bytes": model_bytes, "arrays": args.arrays, "sites": args.sites, "tls": not args.plaintext,
+        "server_context": server_ssl_context(server.tls),
+        "client_context": client_ssl_context(site.tls),
+    }
+
+
+def summarize(
+    args: argparse.Namespace,
+    model_bytes: int,
+    wall_s: float,
+    outcome: str,
+    error: float,
+    metrics: list[dict],
+    sampler: Sampler,
+    baseline_s: float,
+) -> dict[str, Any]:
+    rounds = [
+        {
+            key: row[key]
+            for key in ("round", "download_s", "train_s", "upload_s", "aggregate_s", "round_s")
+        }
+        for row in metrics
+        if row.get("kind") == "round"
+    ]
+    return {
+        "model_bytes": model_bytes,
+        "arrays": args.arrays,
+        "sites": args.sites,
+        "tls": not args.plaintext,
         "max_update_norm": args.max_update_norm,
-        "wall_s": round(wall_s, 3), "outcome": outcome, "rounds": rounds,
+        "wall_s": round(wall_s, 3),
+        "outcome": outcome,
+        "rounds": rounds,
         "peak_rss_bytes": {role: s.peak_rss_bytes for role, s in sampler.series.items()},
         "peak_rss_anon_bytes": {role: s.peak_rss_anon_bytes for role, s in sampler.series.items()},
-        "correct": outcome == "job.finished" and error <= TOLERANCE, "max_abs_error": error,
-        "baseline_socket_s": round(baseline_s, 3), "efficiency": round(baseline_s / wall_s, 3),
+        "correct": outcome == "job.finished" and error <= TOLERANCE,
+        "max_abs_error": error,
+        "baseline_socket_s": round(baseline_s, 3),
+        "efficiency": round(baseline_s / wall_s, 3),
     }
 
 
 def show(result: dict[str, Any]) -> None:
     per_site = result["model_bytes"] * result["sites"] / 1e6
-    table = Table("round", "download s", "MB/s", "train s", "upload s", "MB/s", "aggregate s", "round s",
-                  title=f"hello-numpy, {result['model_bytes'] / 2**20:.0f} MiB model, {result['sites']} sites")
+    table = Table(
+        "round",
+        "download s",
+        "MB/s",
+        "train s",
+        "upload s",
+        "MB/s",
+        "aggregate s",
+        "round s",
+        title=f"hello-numpy, {result['model_bytes'] / 2**20:.0f} MiB model, "
+        f"{result['sites']} sites",
+    )
     for row in result["rounds"]:
-        table.add_row(str(row["round"]), f"{row['download_s']:.2f}", f"{per_site / row['download_s']:.0f}",
-                      f"{row['train_s']:.2f}", f"{row['upload_s']:.2f}", f"{per_site / row['upload_s']:.0f}",
-                      f"{row['aggregate_s']:.2f}", f"{row['round_s']:.2f}")
+        table.add_row(
+            str(row["round"]),
+            f"{row['download_s']:.2f}",
+            f"{per_site / row['download_s']:.0f}",
+            f"{row['train_s']:.2f}",
+            f"{row['upload_s']:.2f}",
+            f"{per_site / row['upload_s']:.0f}",
+            f"{row['aggregate_s']:.2f}",
+            f"{row['round_s']:.2f}",
+        )
     console.print(table)
     memory = Table("process", "peak RSS MiB", "peak RssAnon MiB", title="memory")
     for role, rss in result["peak_rss_bytes"].items():
-        memory.add_row(role, f"{rss / 2**20:.0f}", f"{result['peak_rss_anon_bytes'][role] / 2**20:.0f}")
+        memory.add_row(
+            role, f"{rss / 2**20:.0f}", f"{result['peak_rss_anon_bytes'][role] / 2**20:.0f}"
+        )
     console.print(memory)
     kind = "TLS" if result["tls"] else "plain"
-    console.print(f"wall {result['wall_s']:.2f} s (submit to finished); {kind} blocking sockets moving the same "
-                  f"bytes: {result['baseline_socket_s']:.2f} s; efficiency {result['efficiency']:.2f}")
+    console.print(
+        f"wall {result['wall_s']:.2f} s (submit to finished); {kind} blocking sockets moving "
+        f"the same bytes: {result['baseline_socket_s']:.2f} s; "
+        f"efficiency {result['efficiency']:.2f}"
+    )
     verdict = "result verified" if result["correct"] else f"RESULT WRONG ({result['outcome']})"
     console.print(f"{verdict}: max |error| = {result['max_abs_error']:.2e}")
 
@@ -151,8 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     array_bytes = int(args.model_mib * 2**20 / args.arrays) // 4 * 4
     model_bytes = array_bytes * args.arrays
     workspace = (args.workspace or Path(tempfile.mkdtemp(prefix="hauler-e2e-"))).resolve()
-    job_dir = write_job(workspace, arrays=args.arrays, array_bytes=array_bytes, rounds=args.rounds, sites=args.sites,
-                        max_update_norm=args.max_update_norm)
+    job_dir = write_job(
+        workspace,
+        arrays=args.arrays,
+        array_bytes=array_bytes,
+        rounds=args.rounds,
+        sites=args.sites,
+        max_update_norm=args.max_update_norm,
+    )
     dataplane = {"connections": args.connections} if args.connections else None
     poc.prepare(workspace, args.sites, plaintext=args.plaintext, dataplane=dataplane)
     console.print(f"starting a server and {args.sites} sites in {workspace}")
@@ -161,11 +245,17 @@ def main(argv: list[str] | None = None) -> int:
         with Sampler(pids) as sampler:
             job_id, outcome, wall_s = run_job(workspace, job_dir)
         metrics = read_json_lines(workspace / "server" / "jobs" / job_id / "metrics.jsonl")
-        error = max_abs_error(workspace, job_dir, job_id, args.rounds) if outcome == "job.finished" else float("inf")
+        error = (
+            max_abs_error(workspace, job_dir, job_id, args.rounds)
+            if outcome == "job.finished"
+            else float("inf")
+        )
     finally:
         poc.stop(workspace)
     console.print("timing plain blocking sockets on the same bytes ...")
-    baseline_s = blocking_socket_seconds(2 * args.sites * args.rounds * model_bytes, **tls_contexts(workspace))
+    baseline_s = blocking_socket_seconds(
+        2 * args.sites * args.rounds * model_bytes, **tls_contexts(workspace)
+    )
     result = summarize(args, model_bytes, wall_s, outcome, error, metrics, sampler, baseline_s)
     show(result)
     save(result, args.json, workspace, keep=args.keep)

@@ -9,7 +9,8 @@ loss and a drop-tail queue, per direction. Real TCP stacks on both ends see the 
 SERVER_ADDRESS (on its loopback device, so one certificate names it for every site), and one
 namespace per site joined to it by that site's own link:
 
-    site-k  wan0 10.211.k.2  <-- linkemu(delay, rate, loss) -->  10.211.k.1 wank  server (10.210.0.1)
+    site-k  wan0 10.211.k.2  <-- linkemu(delay, rate, loss) -->  10.211.k.1 wank  server
+    (10.210.0.1)
 
 Everything is removed on exit: linkemu processes by PID (their devices vanish with them), then
 the namespaces. Callers stop what they started inside the namespaces before that.
@@ -114,9 +115,15 @@ def build() -> Path:
     if BINARY.exists() and BINARY.stat().st_mtime >= SOURCE.stat().st_mtime:
         return BINARY
     BINARY.parent.mkdir(parents=True, exist_ok=True)
-    partial = BINARY.with_name(f".linkemu.{os.getpid()}")  # then rename: concurrent builds never see half a file
-    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(partial), str(SOURCE)], check=True,
-                   capture_output=True, text=True)
+    partial = BINARY.with_name(
+        f".linkemu.{os.getpid()}"
+    )  # then rename: concurrent builds never see half a file
+    subprocess.run(
+        ["gcc", "-O2", "-Wall", "-Wextra", "-o", str(partial), str(SOURCE)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     partial.replace(BINARY)
     return BINARY
 
@@ -173,8 +180,23 @@ def socket_in(namespace: str) -> socket.socket:
 
 def start_link(spec: LinkSpec, ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> Link:
     """Start linkemu with a TUN device DEV_A in NS_A and DEV_B in NS_B; returns once both exist."""
-    command = [str(build()), "--ns-a", ns_a, "--dev-a", dev_a, "--ns-b", ns_b, "--dev-b", dev_b,
-               "--delay-ms", str(spec.delay_ms), "--rate-mbit", str(spec.rate_mbit), "--loss", str(spec.loss)]
+    command = [
+        str(build()),
+        "--ns-a",
+        ns_a,
+        "--dev-a",
+        dev_a,
+        "--ns-b",
+        ns_b,
+        "--dev-b",
+        dev_b,
+        "--delay-ms",
+        str(spec.delay_ms),
+        "--rate-mbit",
+        str(spec.rate_mbit),
+        "--loss",
+        str(spec.loss),
+    ]
     if spec.queue_bytes is not None:
         command += ["--queue-bytes", str(spec.queue_bytes)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -29,16 +29,26 @@ def _receive(listener: socket.socket, total_bytes: int, context: ssl.SSLContext 
     connection.close()
 
 
-def blocking_socket_seconds(total_bytes: int, *, server_context: ssl.SSLContext | None = None,
-                            client_context: ssl.SSLContext | None = None) -> float:
+def blocking_socket_seconds(
+    total_bytes: int,
+    *,
+    server_context: ssl.SSLContext | None = None,
+    client_context: ssl.SSLContext | None = None,
+) -> float:
     """Seconds for one connection between two processes to move `total_bytes` on loopback
     (through TLS when given the two contexts)."""
     listener = socket.create_server(("127.0.0.1", 0))
-    receiver = multiprocessing.get_context("fork").Process(target=_receive, args=(listener, total_bytes, server_context))
+    receiver = multiprocessing.get_context("fork").Process(
+        target=_receive, args=(listener, total_bytes, server_context)
+    )
     receiver.start()
     payload = memoryview(bytearray(b"\x01" * BUFFER_BYTES))
     plain = socket.create_connection(listener.getsockname())
-    with client_context.wrap_socket(plain, server_hostname="127.0.0.1") if client_context else plain as sender:
+    with (
+        client_context.wrap_socket(plain, server_hostname="127.0.0.1")
+        if client_context
+        else plain as sender
+    ):
         started = time.perf_counter()
         remaining = total_bytes
         while remaining:

@@ -9,7 +9,8 @@ first with the default timeouts, then with every silence timeout divided by 10, 
 transfer time never counts against them (the default model is sized so that site-2's transfers
 outlast the shortened timeouts). `path`: one 50 ms, 1 Gbit/s path with 0.1 % loss; one
 TCP stream across it per congestion control and 8 parallel BBR streams (what this machine and
-the emulator can carry at all), then a one-site Hauler job over it, with both timeout settings. Utilisation is
+the emulator can carry at all), then a one-site Hauler job over it, with both timeout settings.
+Utilisation is
 model bytes / (transfer seconds x link rate): goodput, so TCP, IP and TLS headers count as lost
 capacity. Run as root (namespaces, TUN devices); see bench/netem.py.
 """
@@ -41,14 +42,17 @@ from rich.table import Table
 from bench import netem
 from bench.e2e import INCREMENT, write_job
 from bench.netem import LinkSpec, Topology
+from hauler.admin.poc import amend_config
 from hauler.core.config import DataPlane, Timeouts, parse
 from hauler.core.events import read_json_lines
-from hauler.admin.poc import amend_config
 from hauler.core.package import load_job_module
-from hauler.security import provision
 from hauler.model.rounds import RoundStore
+from hauler.security import provision
 
-SEED_LINKS = {"site-1": LinkSpec(delay_ms=30, rate_mbit=448), "site-2": LinkSpec(delay_ms=120, rate_mbit=92.8)}
+SEED_LINKS = {
+    "site-1": LinkSpec(delay_ms=30, rate_mbit=448),
+    "site-2": LinkSpec(delay_ms=120, rate_mbit=92.8),
+}
 PATH_LINKS = {"site-1": LinkSpec(delay_ms=50, rate_mbit=1000, loss=0.001)}
 # path: 4 GiB, about 38 s a transfer, so 30 s timeouts are outlasted; two rounds, because the
 # first writes every model file into fresh pages (CPU this 2-core machine shares with the
@@ -85,18 +89,33 @@ class Settings:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.wan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.wan", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--scenario", choices=("seed", "path"), default="seed")
     parser.add_argument("--model-mib", type=float, help="model size in MiB (seed: 512, path: 4096)")
     parser.add_argument("--arrays", type=int, default=16, help="number of float32 arrays")
     parser.add_argument("--rounds", type=int, help="FedAvg rounds (seed: 1, path: 2)")
-    parser.add_argument("--dataplane", action="append", default=[], metavar="KEY=VALUE",
-                        help="a [dataplane] setting for the server and every site (repeatable)")
-    parser.add_argument("--tcp-seconds", type=float, default=20.0, help="path: length of each TCP stream")
-    parser.add_argument("--tcp-cc", default="cubic,bbr", help="path: congestion controls to try one stream with")
-    parser.add_argument("--job-timeout", type=float, default=900.0, help="give up on a job after this many s")
+    parser.add_argument(
+        "--dataplane",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [dataplane] setting for the server and every site (repeatable)",
+    )
+    parser.add_argument(
+        "--tcp-seconds", type=float, default=20.0, help="path: length of each TCP stream"
+    )
+    parser.add_argument(
+        "--tcp-cc", default="cubic,bbr", help="path: congestion controls to try one stream with"
+    )
+    parser.add_argument(
+        "--job-timeout", type=float, default=900.0, help="give up on a job after this many s"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--keep", action="store_true", help="keep kits, workspaces and logs afterwards")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep kits, workspaces and logs afterwards"
+    )
     parser.add_argument("--plaintext", action="store_true", help="no TLS, to measure what it costs")
     return parser.parse_args(argv)
 
@@ -120,20 +139,35 @@ def scaled_timeouts(scale: float) -> dict[str, float]:
     return {name: getattr(defaults, name) * scale for name in SILENCE_TIMEOUTS}
 
 
-def write_kits(folder: Path, sites: list[str], timeouts: dict[str, float], dataplane: dict[str, Any],
-               plaintext: bool = False) -> Path:
-    """Provision a project served at netem.SERVER_ADDRESS; every config gets TIMEOUTS, roles DATAPLANE
+def write_kits(
+    folder: Path,
+    sites: list[str],
+    timeouts: dict[str, float],
+    dataplane: dict[str, Any],
+    plaintext: bool = False,
+) -> Path:
+    """Provision a project served at netem.SERVER_ADDRESS; every config gets TIMEOUTS, roles
+    DATAPLANE
     (`plaintext` drops TLS, to measure what it costs)."""
-    project = {"name": "wan",
-               "server": {"host": netem.SERVER_ADDRESS, "control_port": CONTROL_PORT, "data_port": DATA_PORT},
-               "sites": [{"name": site, "org": "wan"} for site in sites],
-               "admins": [{"name": ADMIN, "org": "wan", "role": "project_admin"}]}
+    project = {
+        "name": "wan",
+        "server": {
+            "host": netem.SERVER_ADDRESS,
+            "control_port": CONTROL_PORT,
+            "data_port": DATA_PORT,
+        },
+        "sites": [{"name": site, "org": "wan"} for site in sites],
+        "admins": [{"name": ADMIN, "org": "wan", "role": "project_admin"}],
+    }
     (folder / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
     kits = folder / "kits"
     provision(folder / "project.yml", kits)
     for config in [kits / "server" / "server.toml", *(kits / site / "site.toml" for site in sites)]:
-        amend_config(config, {"timeouts": timeouts, **({"dataplane": dataplane} if dataplane else {})},
-                     drop_tls=plaintext)
+        amend_config(
+            config,
+            {"timeouts": timeouts, **({"dataplane": dataplane} if dataplane else {})},
+            drop_tls=plaintext,
+        )
     amend_config(kits / ADMIN / "admin.toml", {"timeouts": timeouts}, drop_tls=plaintext)
     return kits
 
@@ -144,9 +178,13 @@ def hauler(*arguments: str) -> list[str]:
 
 
 def start_federation(topology: Topology, kits: Path, logs: Path) -> list[subprocess.Popen]:
-    """Start `hauler server` in the server's namespace and, once it listens, `hauler client` in each site's."""
-    server = _start(topology.server, hauler("-v", "server", "--config", str(kits / "server" / "server.toml")),
-                    logs / "server.log")
+    """Start `hauler server` in the server's namespace and, once it listens, `hauler client` in each
+    site's."""
+    server = _start(
+        topology.server,
+        hauler("-v", "server", "--config", str(kits / "server" / "server.toml")),
+        logs / "server.log",
+    )
     processes = [server]
     try:
         _wait_listening(topology.server, server, logs / "server.log")
@@ -161,11 +199,14 @@ def start_federation(topology: Topology, kits: Path, logs: Path) -> list[subproc
 
 def _start(namespace: str, command: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as output:
-        return netem.start_in(namespace, command, stdout=output, stderr=output, stdin=subprocess.DEVNULL)
+        return netem.start_in(
+            namespace, command, stdout=output, stderr=output, stdin=subprocess.DEVNULL
+        )
 
 
 def _wait_listening(namespace: str, server: subprocess.Popen, log: Path) -> None:
-    """Poll the control port from inside the server's namespace until it accepts (fail if the server exits)."""
+    """Poll the control port from inside the server's namespace until it accepts (fail if the server
+    exits)."""
     deadline = time.monotonic() + START_WAIT_S
     while True:
         if server.poll() is not None:
@@ -177,7 +218,9 @@ def _wait_listening(namespace: str, server: subprocess.Popen, log: Path) -> None
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not listen within {START_WAIT_S:g} s: {_tail(log)}") from None
+                raise RuntimeError(
+                    f"the server did not listen within {START_WAIT_S:g} s: {_tail(log)}"
+                ) from None
             time.sleep(0.1)
         finally:
             probe.close()
@@ -197,16 +240,29 @@ def stop(processes: list[subprocess.Popen]) -> None:
 
 
 def _tail(log: Path, lines: int = 15) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
+    return (
+        "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        if log.exists()
+        else "(no log)"
+    )
 
 
-def submit(topology: Topology, kits: Path, job_dir: Path, logs: Path, timeout_s: float) -> tuple[str, float]:
-    """`hauler submit --wait` with the admin kit, from the server's namespace; returns job id and wall seconds."""
+def submit(
+    topology: Topology, kits: Path, job_dir: Path, logs: Path, timeout_s: float
+) -> tuple[str, float]:
+    """`hauler submit --wait` with the admin kit, from the server's namespace; returns job id and
+    wall seconds."""
     log = logs / "submit.log"
     started = time.perf_counter()
     with open(log, "w") as output:
-        netem.run_in(topology.server, hauler("submit", str(job_dir), "--kit", str(kits / ADMIN), "--wait"),
-                     stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout_s)
+        netem.run_in(
+            topology.server,
+            hauler("submit", str(job_dir), "--kit", str(kits / ADMIN), "--wait"),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout_s,
+        )
     wall_s = time.perf_counter() - started
     text = log.read_text()
     if "submitted job " not in text:
@@ -216,12 +272,17 @@ def submit(topology: Topology, kits: Path, job_dir: Path, logs: Path, timeout_s:
 
 def outcome(server_job: Path) -> tuple[str, str]:
     """How the job ended (its last `job.*` event) and the error it gave, from its events.jsonl."""
-    ends = [event for event in read_json_lines(server_job / "events.jsonl") if event["event"].startswith("job.")]
+    ends = [
+        event
+        for event in read_json_lines(server_job / "events.jsonl")
+        if event["event"].startswith("job.")
+    ]
     return (ends[-1]["event"], ends[-1].get("error", "")) if ends else ("(no end event)", "")
 
 
 def sampled_error(server_job: Path, job_dir: Path, rounds: int) -> float:
-    """Largest |final - (initial + rounds x increment)| over SAMPLE elements at each end of every array."""
+    """Largest |final - (initial + rounds x increment)| over SAMPLE elements at each end of every
+    array."""
     pattern = load_job_module(job_dir, f"wan_{server_job.name}", "model").pattern
     worst = 0.0
     with RoundStore(server_job, keep_rounds=2).open(rounds) as model:
@@ -235,28 +296,42 @@ def sampled_error(server_job: Path, job_dir: Path, rounds: int) -> float:
 
 
 def site_rows(metrics: list[dict[str, Any]], links: dict[str, LinkSpec]) -> list[dict[str, Any]]:
-    """Per round and site, per direction: seconds, bytes, re-sent bytes, reconnects, MB/s, utilisation."""
+    """Per round and site, per direction: seconds, bytes, re-sent bytes, reconnects, MB/s,
+    utilisation."""
     rows = []
     for row in (row for row in metrics if row.get("kind") == "site"):
         rate = links[row["site"]].rate_bytes_per_s
         entry: dict[str, Any] = {"round": row["round"], "site": row["site"]}
         for direction in ("download", "upload"):
             stats, seconds = row.get(direction, {}), row[f"{direction}_s"]
-            entry[direction] = {**stats, "seconds": seconds,
-                                "utilisation": stats.get("bytes", 0) / (seconds * rate) if seconds else 0.0}
+            entry[direction] = {
+                **stats,
+                "seconds": seconds,
+                "utilisation": stats.get("bytes", 0) / (seconds * rate) if seconds else 0.0,
+            }
         rows.append(entry)
     return rows
 
 
-def federated_run(links: dict[str, LinkSpec], settings: Settings, label: str, timeout_scale: float) -> dict[str, Any]:
-    """Provision, start a server and one site per link in namespaces, run hello-numpy, read its metrics."""
+def federated_run(
+    links: dict[str, LinkSpec], settings: Settings, label: str, timeout_scale: float
+) -> dict[str, Any]:
+    """Provision, start a server and one site per link in namespaces, run hello-numpy, read its
+    metrics."""
     folder = Path(tempfile.mkdtemp(prefix="hauler-wan-"))
     timeouts = scaled_timeouts(timeout_scale)
     kits = write_kits(folder, list(links), timeouts, settings.dataplane, settings.plaintext)
-    job_dir = write_job(folder, arrays=settings.arrays, array_bytes=settings.array_bytes, rounds=settings.rounds,
-                        sites=len(links))
-    console.print(f"[bold]{label}[/]: {settings.array_bytes * settings.arrays / 2**20:.0f} MiB model, "
-                  f"{settings.rounds} round(s), timeouts {min(timeouts.values()):g} s; logs in {folder}")
+    job_dir = write_job(
+        folder,
+        arrays=settings.arrays,
+        array_bytes=settings.array_bytes,
+        rounds=settings.rounds,
+        sites=len(links),
+    )
+    console.print(
+        f"[bold]{label}[/]: {settings.array_bytes * settings.arrays / 2**20:.0f} MiB model, "
+        f"{settings.rounds} round(s), timeouts {min(timeouts.values()):g} s; logs in {folder}"
+    )
     try:
         with netem.wan(links) as topology:
             processes = start_federation(topology, kits, folder)
@@ -269,13 +344,26 @@ def federated_run(links: dict[str, LinkSpec], settings: Settings, label: str, ti
         raise
     server_job = kits / "server" / "workspace" / "jobs" / job_id
     ended, error = outcome(server_job)
-    max_error = sampled_error(server_job, job_dir, settings.rounds) if ended == "job.finished" else float("inf")
+    max_error = (
+        sampled_error(server_job, job_dir, settings.rounds)
+        if ended == "job.finished"
+        else float("inf")
+    )
     rows = site_rows(read_json_lines(server_job / "metrics.jsonl"), links)
     result = {
-        "label": label, "timeout_scale": timeout_scale, "timeouts": timeouts, "job_id": job_id, "outcome": ended, "error": error,
-        "wall_s": round(wall_s, 3), "max_abs_error_sampled": max_error, "correct": max_error <= TOLERANCE,
-        "sites": rows, "longest_transfer_s": max((r[d]["seconds"] for r in rows for d in ("download", "upload")),
-                                                 default=0.0),
+        "label": label,
+        "timeout_scale": timeout_scale,
+        "timeouts": timeouts,
+        "job_id": job_id,
+        "outcome": ended,
+        "error": error,
+        "wall_s": round(wall_s, 3),
+        "max_abs_error_sampled": max_error,
+        "correct": max_error <= TOLERANCE,
+        "sites": rows,
+        "longest_transfer_s": max(
+            (r[d]["seconds"] for r in rows for d in ("download", "upload")), default=0.0
+        ),
         "emulator": {site: link.stats for site, link in topology.links.items()},
     }
     if settings.keep or not result["correct"]:
@@ -285,21 +373,27 @@ def federated_run(links: dict[str, LinkSpec], settings: Settings, label: str, ti
     return result
 
 
-def tcp_streams(topology: Topology, site: str, seconds: float, congestion_control: str,
-                streams: int = 1) -> dict[str, Any]:
-    """STREAMS parallel TCP streams from SITE to the server for SECONDS, default buffers; receiver-side goodput."""
+def tcp_streams(
+    topology: Topology, site: str, seconds: float, congestion_control: str, streams: int = 1
+) -> dict[str, Any]:
+    """STREAMS parallel TCP streams from SITE to the server for SECONDS, default buffers;
+    receiver-side goodput."""
     listener = netem.socket_in(topology.server)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((netem.SERVER_ADDRESS, TCP_PORT))
     listener.listen(streams)
     results, sink_end = multiprocessing.Pipe(duplex=False)
-    receiver = multiprocessing.get_context("fork").Process(target=_sink, args=(listener, streams, sink_end))
+    receiver = multiprocessing.get_context("fork").Process(
+        target=_sink, args=(listener, streams, sink_end)
+    )
     receiver.start()
     senders = [netem.socket_in(topology.sites[site]) for _ in range(streams)]
     try:
         started = time.perf_counter()
         for sender in senders:
-            sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion_control.encode())
+            sender.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion_control.encode()
+            )
             sender.connect((netem.SERVER_ADDRESS, TCP_PORT))
         connect_s = (time.perf_counter() - started) / streams
         deadline = time.perf_counter() + seconds
@@ -315,9 +409,14 @@ def tcp_streams(topology: Topology, site: str, seconds: float, congestion_contro
     received = results.recv()
     receiver.join()
     rate = topology.links[site].spec.rate_bytes_per_s
-    return {"congestion_control": congestion_control, "streams": streams, "connect_ms": round(connect_s * 1e3, 2),
-            **received, "utilisation": received["bytes"] / received["seconds"] / rate,
-            "steady_utilisation": received["steady_bytes_per_s"] / rate}
+    return {
+        "congestion_control": congestion_control,
+        "streams": streams,
+        "connect_ms": round(connect_s * 1e3, 2),
+        **received,
+        "utilisation": received["bytes"] / received["seconds"] / rate,
+        "steady_utilisation": received["steady_bytes_per_s"] / rate,
+    }
 
 
 def _source(sender: socket.socket, deadline: float) -> None:
@@ -328,7 +427,8 @@ def _source(sender: socket.socket, deadline: float) -> None:
 
 
 def _sink(listener: socket.socket, streams: int, out: Connection) -> None:
-    """Receive STREAMS connections in threads; send back bytes, seconds, and the second half's rate."""
+    """Receive STREAMS connections in threads; send back bytes, seconds, and the second half's
+    rate."""
     arrivals: list[tuple[float, int]] = []  # list.append is atomic: the threads share it
 
     def drain(connection: socket.socket) -> None:
@@ -347,74 +447,133 @@ def _sink(listener: socket.socket, streams: int, out: Connection) -> None:
     middle = (first + last) / 2
     total = sum(n for _, n in arrivals)
     steady = sum(n for t, n in arrivals if t >= middle)
-    out.send({"bytes": total, "seconds": last - first, "mbit_per_s": total * 8 / (last - first) / 1e6,
-              "steady_bytes_per_s": steady / (last - middle)})
+    out.send(
+        {
+            "bytes": total,
+            "seconds": last - first,
+            "mbit_per_s": total * 8 / (last - first) / 1e6,
+            "steady_bytes_per_s": steady / (last - middle),
+        }
+    )
 
 
 def seed(settings: Settings) -> dict[str, Any]:
-    """The seed job across regions, with the default timeouts and with every timeout divided by 10."""
-    runs = [federated_run(SEED_LINKS, settings, "default timeouts", 1.0),
-            federated_run(SEED_LINKS, settings, "timeouts / 10", 0.1)]
+    """The seed job across regions, with the default timeouts and with every timeout divided by
+    10."""
+    runs = [
+        federated_run(SEED_LINKS, settings, "default timeouts", 1.0),
+        federated_run(SEED_LINKS, settings, "timeouts / 10", 0.1),
+    ]
     return {"links": SEED_LINKS, "runs": runs}
 
 
 def path(settings: Settings, seconds: float, congestion_controls: list[str]) -> dict[str, Any]:
-    """TCP streams across the long fat lossy path, then Hauler over it with both timeout settings."""
+    """TCP streams across the long fat lossy path, then Hauler over it with both timeout
+    settings."""
     with netem.wan(PATH_LINKS) as topology:
         streams = []
         for congestion_control in congestion_controls:
             console.print(f"one {congestion_control} TCP stream for {seconds:g} s ...")
             streams.append(tcp_streams(topology, "site-1", seconds, congestion_control))
-        console.print(f"{PARALLEL_STREAMS} parallel bbr TCP streams for {seconds:g} s (this machine's ceiling) ...")
+        console.print(
+            f"{PARALLEL_STREAMS} parallel bbr TCP streams for {seconds:g} s "
+            "(this machine's ceiling) ..."
+        )
         streams.append(tcp_streams(topology, "site-1", seconds, "bbr", PARALLEL_STREAMS))
-    runs = [federated_run(PATH_LINKS, settings, "default timeouts", 1.0),
-            federated_run(PATH_LINKS, settings, "timeouts / 10", 0.1)]
+    runs = [
+        federated_run(PATH_LINKS, settings, "default timeouts", 1.0),
+        federated_run(PATH_LINKS, settings, "timeouts / 10", 0.1),
+    ]
     return {"links": PATH_LINKS, "tcp_streams": streams, "runs": runs}
 
 
 def show_run(run: dict[str, Any], links: dict[str, LinkSpec]) -> None:
     """A table of per-site transfer figures for one run, then its verdict on the timeouts."""
     links_text = "; ".join(f"{site}: {spec.describe()}" for site, spec in links.items())
-    table = Table("round", "site", "down s", "util", "resent", "up s", "util", "resent", "reconnects",
-                  title=f"{run['label']}: {run['outcome']}, wall {run['wall_s']:.1f} s",
-                  caption=f"{links_text}. Re-sent MiB; reconnects down/up.")
+    table = Table(
+        "round",
+        "site",
+        "down s",
+        "util",
+        "resent",
+        "up s",
+        "util",
+        "resent",
+        "reconnects",
+        title=f"{run['label']}: {run['outcome']}, wall {run['wall_s']:.1f} s",
+        caption=f"{links_text}. Re-sent MiB; reconnects down/up.",
+    )
     for row in run["sites"]:
         down, up = row["download"], row["upload"]
-        table.add_row(str(row["round"]), row["site"], *_cells(down), *_cells(up),
-                      f"{down.get('reconnects', 0)}/{up.get('reconnects', 0)}")
+        table.add_row(
+            str(row["round"]),
+            row["site"],
+            *_cells(down),
+            *_cells(up),
+            f"{down.get('reconnects', 0)}/{up.get('reconnects', 0)}",
+        )
     console.print(table)
     if run["outcome"] != "job.finished":
         console.print(f"[red]the job did not finish[/]: {run['error']}")
     elif run["timeout_scale"] < 1:
         shortest, longest = min(run["timeouts"].values()), run["longest_transfer_s"]
-        verdict = ("transfer time did not count against them" if longest > shortest
-                   else "every transfer was shorter than them (not conclusive)")
-        console.print(f"longest transfer {longest:.1f} s with timeouts of {shortest:g} s: {verdict}")
+        verdict = (
+            "transfer time did not count against them"
+            if longest > shortest
+            else "every transfer was shorter than them (not conclusive)"
+        )
+        console.print(
+            f"longest transfer {longest:.1f} s with timeouts of {shortest:g} s: {verdict}"
+        )
     check = "verified" if run["correct"] else "WRONG"
     console.print(f"result {check} (sampled max |error| {run['max_abs_error_sampled']:.1e})")
     for site, stats in run["emulator"].items():
-        console.print(f"emulator {site}: down {_dropped(stats.get('a_to_b', {}))}; up {_dropped(stats.get('b_to_a', {}))}")
+        console.print(
+            f"emulator {site}: down {_dropped(stats.get('a_to_b', {}))}; "
+            f"up {_dropped(stats.get('b_to_a', {}))}"
+        )
 
 
 def _dropped(direction: dict[str, int]) -> str:
-    """Packets lost at random and dropped at the full queue, as shares of those offered to the link."""
-    offered = max(1, sum(direction.get(key, 0) for key in ("packets", "lost", "queue_drops", "ring_drops")))
-    return (f"{direction.get('lost', 0) / offered:.2%} lost, "
-            f"{direction.get('queue_drops', 0) / offered:.2%} dropped by the full queue")
+    """Packets lost at random and dropped at the full queue, as shares of those offered to the
+    link."""
+    offered = max(
+        1, sum(direction.get(key, 0) for key in ("packets", "lost", "queue_drops", "ring_drops"))
+    )
+    return (
+        f"{direction.get('lost', 0) / offered:.2%} lost, "
+        f"{direction.get('queue_drops', 0) / offered:.2%} dropped by the full queue"
+    )
 
 
 def _cells(direction: dict[str, Any]) -> list[str]:
     """Seconds, utilisation and re-sent MiB of one direction of a transfer."""
-    return [f"{direction['seconds']:.2f}", f"{direction['utilisation']:.0%}",
-            f"{direction.get('bytes_resent', 0) / 2**20:.1f}"]
+    return [
+        f"{direction['seconds']:.2f}",
+        f"{direction['utilisation']:.0%}",
+        f"{direction.get('bytes_resent', 0) / 2**20:.1f}",
+    ]
 
 
 def show_streams(streams: list[dict[str, Any]], link: LinkSpec) -> None:
-    table = Table("congestion control", "streams", "connect ms", "Mbit/s", "utilisation", "2nd half utilisation",
-                  title=f"TCP streams, default buffers, {link.describe()}")
+    table = Table(
+        "congestion control",
+        "streams",
+        "connect ms",
+        "Mbit/s",
+        "utilisation",
+        "2nd half utilisation",
+        title=f"TCP streams, default buffers, {link.describe()}",
+    )
     for stream in streams:
-        table.add_row(stream["congestion_control"], str(stream["streams"]), f"{stream['connect_ms']:.1f}",
-                      f"{stream['mbit_per_s']:.0f}", f"{stream['utilisation']:.1%}", f"{stream['steady_utilisation']:.1%}")
+        table.add_row(
+            stream["congestion_control"],
+            str(stream["streams"]),
+            f"{stream['connect_ms']:.1f}",
+            f"{stream['mbit_per_s']:.0f}",
+            f"{stream['utilisation']:.1%}",
+            f"{stream['steady_utilisation']:.1%}",
+        )
     console.print(table)
 
 
@@ -425,9 +584,15 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         console.print(f"cannot emulate links here: {reason}")
         return 2
-    settings = Settings(model_mib=args.model_mib or DEFAULT_MODEL_MIB[args.scenario], arrays=args.arrays,
-                        rounds=args.rounds or DEFAULT_ROUNDS[args.scenario],
-                        dataplane=dataplane_settings(args.dataplane), job_timeout_s=args.job_timeout, keep=args.keep, plaintext=args.plaintext)
+    settings = Settings(
+        model_mib=args.model_mib or DEFAULT_MODEL_MIB[args.scenario],
+        arrays=args.arrays,
+        rounds=args.rounds or DEFAULT_ROUNDS[args.scenario],
+        dataplane=dataplane_settings(args.dataplane),
+        job_timeout_s=args.job_timeout,
+        keep=args.keep,
+        plaintext=args.plaintext,
+    )
     if args.scenario == "seed":
         result = seed(settings)
     else:
@@ -437,9 +602,15 @@ def main(argv: list[str] | None = None) -> int:
     for run in result["runs"]:
         show_run(run, result["links"])
     if args.json:
-        figures = {"scenario": args.scenario, "model_bytes": settings.array_bytes * settings.arrays,
-                   "arrays": settings.arrays, "rounds": settings.rounds, "dataplane": settings.dataplane,
-                   **result, "links": {site: asdict(spec) for site, spec in result["links"].items()}}
+        figures = {
+            "scenario": args.scenario,
+            "model_bytes": settings.array_bytes * settings.arrays,
+            "arrays": settings.arrays,
+            "rounds": settings.rounds,
+            "dataplane": settings.dataplane,
+            **result,
+            "links": {site: asdict(spec) for site, spec in result["links"].items()},
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2))
     return 0 if all(run["correct"] for run in result["runs"]) else 1

@@ -14,8 +14,14 @@ PIECE = 64 << 10
 
 
 class FaultProxy:
-    def __init__(self, target_port: int, *, cuts: Iterable[int] = (), flips: Iterable[int] = (),
-                 rate_bytes_per_s: float | None = None) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        *,
+        cuts: Iterable[int] = (),
+        flips: Iterable[int] = (),
+        rate_bytes_per_s: float | None = None,
+    ) -> None:
         self.target_port = target_port
         self.cuts, self.flips = sorted(cuts), sorted(flips)
         self.rate_bytes_per_s = rate_bytes_per_s
@@ -41,6 +47,7 @@ class FaultProxy:
 
     def cut_all(self) -> None:
         """Drop every connection open now, as a link that fails does; new ones are forwarded."""
+
         def cut() -> None:
             for writer in list(self._open):
                 writer.transport.abort()
@@ -58,20 +65,31 @@ class FaultProxy:
         self._ready.set()
         self._loop.run_forever()
 
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+    async def _accept(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
         try:
-            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            server_reader, server_writer = await asyncio.open_connection(
+                "127.0.0.1", self.target_port
+            )
         except OSError:
             client_writer.transport.abort()
             return
         writers = (client_writer, server_writer)
         self._open.update(writers)
-        await asyncio.gather(self._pump(client_reader, server_writer, writers),
-                             self._pump(server_reader, client_writer, writers), return_exceptions=True)
+        await asyncio.gather(
+            self._pump(client_reader, server_writer, writers),
+            self._pump(server_reader, client_writer, writers),
+            return_exceptions=True,
+        )
         self._open.difference_update(writers)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    both: tuple[asyncio.StreamWriter, ...]) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        both: tuple[asyncio.StreamWriter, ...],
+    ) -> None:
         while data := await reader.read(PIECE):
             piece = bytearray(data)
             start, self.forwarded = self.forwarded, self.forwarded + len(piece)

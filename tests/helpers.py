@@ -64,7 +64,7 @@ def fill_exact_values(model: ModelFile, seed: int) -> None:
     """Values that every dtype holds exactly and whose small weighted sums stay exact:
     multiples of 1/4 in [-32, 32] for floats, integers for the rest."""
     rng = np.random.default_rng(seed)
-    for name, array in model.arrays().items():
+    for array in model.arrays().values():
         if array.dtype == np.bool_:
             array[...] = rng.integers(0, 2, array.shape).astype(bool)
         elif array.dtype.kind in "iu":
@@ -75,8 +75,14 @@ def fill_exact_values(model: ModelFile, seed: int) -> None:
             array[...] = (rng.integers(-128, 129, array.shape) / 4).astype(array.dtype)
 
 
-def create_model(path: Path, layout: Layout, *, chunk_bytes: int = SMALL_CHUNK,
-                 fill: Callable[[ModelFile, int], None] = fill_random_bytes, seed: int = 0) -> ModelFile:
+def create_model(
+    path: Path,
+    layout: Layout,
+    *,
+    chunk_bytes: int = SMALL_CHUNK,
+    fill: Callable[[ModelFile, int], None] = fill_random_bytes,
+    seed: int = 0,
+) -> ModelFile:
     model = ModelFile.create(path, manifest_of(layout, chunk_bytes))
     fill(model, seed)
     model.compute_digests()
@@ -91,7 +97,9 @@ def as_float64(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float64)
 
 
-def expected_average(models: Sequence[ModelFile], weights: Sequence[float]) -> dict[str, np.ndarray]:
+def expected_average(
+    models: Sequence[ModelFile], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
     """Weighted average per tensor, computed exactly in float64 and cast like FedAvg casts
     (integers and booleans rounded half to even)."""
     total = float(sum(weights))
@@ -107,17 +115,27 @@ def expected_average(models: Sequence[ModelFile], weights: Sequence[float]) -> d
 
 # ----- the `hauler` command, as a real process -------------------------------------------------
 
+
 def hauler(*arguments: str | Path, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
     """Run `python -m hauler ARGUMENTS` from the repository under test and capture its output
     (no check: tests assert)."""
     environment = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "hauler", *map(str, arguments)], capture_output=True, cwd=REPO,
-                          text=True, timeout=timeout_s, env=environment, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "hauler", *map(str, arguments)],
+        capture_output=True,
+        cwd=REPO,
+        text=True,
+        timeout=timeout_s,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     """Assert a command succeeded, showing its output if not."""
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
     return result
 
 
@@ -127,7 +145,9 @@ def submitted_job_id(stdout: str) -> str:
     return match.group(1)
 
 
-def wait_until(condition: Callable[[], Any], *, timeout_s: float = 60.0, what: str = "condition") -> Any:
+def wait_until(
+    condition: Callable[[], Any], *, timeout_s: float = 60.0, what: str = "condition"
+) -> Any:
     """Poll `condition` until it returns something truthy; fail the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -158,9 +178,19 @@ def process_gone(pid: int) -> bool:
 
 # ----- hello-numpy jobs -------------------------------------------------------------------------
 
-def hello_job(folder: Path, *, rounds: int = 2, min_clients: int = 2, wait_s: float = 10.0,
-              arrays: int = 4, array_bytes: int = 1_000_004, increment: float = 0.125,
-              steps: int = 8, name: str = "hello-numpy") -> Path:
+
+def hello_job(
+    folder: Path,
+    *,
+    rounds: int = 2,
+    min_clients: int = 2,
+    wait_s: float = 10.0,
+    arrays: int = 4,
+    array_bytes: int = 1_000_004,
+    increment: float = 0.125,
+    steps: int = 8,
+    name: str = "hello-numpy",
+) -> Path:
     """A copy of examples/hello-numpy with its job.toml sized for tests.
 
     increment and steps default to powers of two so every float32 step of training and
@@ -169,7 +199,9 @@ def hello_job(folder: Path, *, rounds: int = 2, min_clients: int = 2, wait_s: fl
     shutil.copytree(EXAMPLE, job_dir, ignore=shutil.ignore_patterns("__pycache__"))
     job = tomllib.loads((job_dir / "job.toml").read_text())
     job["name"] = name
-    job["workflow"].update(num_rounds=rounds, min_clients=min_clients, wait_time_after_min_received=wait_s)
+    job["workflow"].update(
+        num_rounds=rounds, min_clients=min_clients, wait_time_after_min_received=wait_s
+    )
     job["model"]["config"] = {"arrays": arrays, "array_bytes": array_bytes}
     job["executor"]["config"] = {"increment": increment, "steps": steps}
     (job_dir / "job.toml").write_text(tomli_w.dumps(job))
@@ -179,7 +211,9 @@ def hello_job(folder: Path, *, rounds: int = 2, min_clients: int = 2, wait_s: fl
 def hello_expected(job_dir: Path, rounds: int) -> dict[str, np.ndarray]:
     """The initial model (from the job's own model.py) plus `rounds` x increment, in float32."""
     job = tomllib.loads((job_dir / "job.toml").read_text())
-    spec = importlib.util.spec_from_file_location(f"hello_model_{id(job_dir)}", job_dir / "model.py")
+    spec = importlib.util.spec_from_file_location(
+        f"hello_model_{id(job_dir)}", job_dir / "model.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -202,14 +236,18 @@ def assert_models_equal(actual: dict[str, np.ndarray], expected: dict[str, np.nd
         differ = np.flatnonzero(actual[name].reshape(-1) != array.reshape(-1))
         assert differ.size == 0, (
             f"{name}: {differ.size} values differ, first at {differ[0]}: "
-            f"{actual[name].reshape(-1)[differ[0]]!r} != {array.reshape(-1)[differ[0]]!r}")
+            f"{actual[name].reshape(-1)[differ[0]]!r} != {array.reshape(-1)[differ[0]]!r}"
+        )
 
 
 # ----- local federations of real processes -------------------------------------------------------
 
-def edit_configs(workspace: Path, section: str | None, values: dict[str, Any], *,
-                 roles: str = "server,sites") -> None:
-    """Merge `values` into `[section]` (None: the top level) of the server's and/or the sites' config files."""
+
+def edit_configs(
+    workspace: Path, section: str | None, values: dict[str, Any], *, roles: str = "server,sites"
+) -> None:
+    """Merge `values` into `[section]` (None: the top level) of the server's and/or the sites'
+    config files."""
     paths = []
     if "server" in roles:
         paths.append(workspace / "server" / "server.toml")
@@ -222,8 +260,9 @@ def edit_configs(workspace: Path, section: str | None, values: dict[str, Any], *
 
 
 @contextlib.contextmanager
-def federation(workspace: Path, *, sites: int,
-               configure: Callable[[Path], None] | None = None) -> Iterator[dict[str, int]]:
+def federation(
+    workspace: Path, *, sites: int, configure: Callable[[Path], None] | None = None
+) -> Iterator[dict[str, int]]:
     """`hauler poc prepare` + `start`; always `hauler poc stop` afterwards. Yields role -> PID."""
     ok(hauler("poc", "prepare", "--workspace", workspace, "--sites", sites))
     if configure is not None:
@@ -237,8 +276,13 @@ def federation(workspace: Path, *, sites: int,
 
 # ----- frames, fed by hand ------------------------------------------------------------------------
 
-def feed(reader: Any, data: bytes, piece_bytes: int = 1 << 30,
-         on_frame: Callable[[Any], None] | None = None) -> list[Any]:
+
+def feed(
+    reader: Any,
+    data: bytes,
+    piece_bytes: int = 1 << 30,
+    on_frame: Callable[[Any], None] | None = None,
+) -> list[Any]:
     """Push `data` through a FrameReader the way BufferedProtocol does, at most `piece_bytes`
     at a time (and never more than the buffer it hands out); each completed frame goes to
     `on_frame` at once, as a connection's handler gets it, and all are returned."""

@@ -48,11 +48,16 @@ FAST = {"communication_timeout": 5.0, "streaming_read_timeout": 5.0, "streaming_
 
 
 def _project(tmp_path: Path, name: str) -> Path:
-    project = {"name": name, "server": {"host": "127.0.0.1", "control_port": 1, "data_port": 2},
-               "sites": [{"name": "site-1", "org": "a"}, {"name": "site-2", "org": "b"}],
-               "admins": [{"name": "alice", "org": "a", "role": "project_admin"},
-                          {"name": "oscar", "org": "b", "role": "org_admin"},
-                          {"name": "mike", "org": "a", "role": "member"}]}
+    project = {
+        "name": name,
+        "server": {"host": "127.0.0.1", "control_port": 1, "data_port": 2},
+        "sites": [{"name": "site-1", "org": "a"}, {"name": "site-2", "org": "b"}],
+        "admins": [
+            {"name": "alice", "org": "a", "role": "project_admin"},
+            {"name": "oscar", "org": "b", "role": "org_admin"},
+            {"name": "mike", "org": "a", "role": "member"},
+        ],
+    }
     folder = tmp_path / name
     folder.mkdir()
     (folder / "project.yml").write_text(yaml.safe_dump(project))
@@ -69,8 +74,15 @@ def kits(tmp_path):
 @contextlib.asynccontextmanager
 async def serving(kits: Path, revoked: tuple[str, ...] = (), **settings: object):
     """A real TLS server from its kit, on free loopback ports, inside the test's event loop."""
-    config = load_toml(ServerConfig, kits / "server" / "server.toml", control_port=0, data_port=0,
-                       timeouts=FAST, revoked=list(revoked), **settings)
+    config = load_toml(
+        ServerConfig,
+        kits / "server" / "server.toml",
+        control_port=0,
+        data_port=0,
+        timeouts=FAST,
+        revoked=list(revoked),
+        **settings,
+    )
     server = Server(config)
     task = asyncio.create_task(server.serve())
     try:
@@ -82,20 +94,38 @@ async def serving(kits: Path, revoked: tuple[str, ...] = (), **settings: object)
 
 
 def _site(kits: Path, name: str, server: Server) -> SiteConfig:
-    return load_toml(SiteConfig, kits / name / "site.toml", control_port=server.control_port,
-                     data_port=server.data_port, timeouts=FAST)
+    return load_toml(
+        SiteConfig,
+        kits / name / "site.toml",
+        control_port=server.control_port,
+        data_port=server.data_port,
+        timeouts=FAST,
+    )
 
 
 def _admin(kits: Path, name: str, server: Server) -> AdminConfig:
-    return load_toml(AdminConfig, kits / name / "admin.toml", control_port=server.control_port,
-                     data_port=server.data_port, timeouts=FAST)
+    return load_toml(
+        AdminConfig,
+        kits / name / "admin.toml",
+        control_port=server.control_port,
+        data_port=server.data_port,
+        timeouts=FAST,
+    )
 
 
 def _job(tmp_path: Path) -> Path:
     job = tmp_path / "job"
     shutil.copytree(EXAMPLE, job, dirs_exist_ok=True)
-    text = (EXAMPLE / "job.toml").read_text().replace("arrays = 64, array_mib = 16", "arrays = 2, array_bytes = 40000")
-    (job / "job.toml").write_text(text.replace("num_rounds = 3", "num_rounds = 1").replace("min_clients = 2", "min_clients = 1"))
+    text = (
+        (EXAMPLE / "job.toml")
+        .read_text()
+        .replace("arrays = 64, array_mib = 16", "arrays = 2, array_bytes = 40000")
+    )
+    (job / "job.toml").write_text(
+        text.replace("num_rounds = 3", "num_rounds = 1").replace(
+            "min_clients = 2", "min_clients = 1"
+        )
+    )
     return job
 
 
@@ -165,10 +195,17 @@ async def _other_sites_transfers(kits: Path, server: Server, tmp_path: Path) -> 
     manifest = Manifest.from_json(task.manifest)
     with ModelFile.create(tmp_path / "site-1.safetensors", manifest) as model:
         address = DataAddress("127.0.0.1", server.data_port, site_1.tls, site_1.dataplane)
-        await fetch_model(address, task.download, ReceiveLedger(ChunkPlan(manifest), task.lanes), model,
-                          timeouts=site_1.timeouts)
+        await fetch_model(
+            address,
+            task.download,
+            ReceiveLedger(ChunkPlan(manifest), task.lanes),
+            model,
+            timeouts=site_1.timeouts,
+        )
         trained = model.compute_digests()
-    await stream_1.send(dump(ResultReady(task_id=task.task_id, weight=1, manifest=trained.to_json())))
+    await stream_1.send(
+        dump(ResultReady(task_id=task.task_id, weight=1, manifest=trained.to_json()))
+    )
     ready = await _next(stream_1, UploadReady)
     intruder = await open_transfer("127.0.0.1", server.data_port, ready.upload, tls=site_2.tls)
     assert "site-2 may not use a transfer of site-1" in await _refused_on_data_plane(intruder)
@@ -224,8 +261,10 @@ async def test_a_job_package_escaping_its_folder_is_refused_naming_the_entry(kit
 
 async def _escaping_package(kits: Path, server: Server, tmp_path: Path, entry: str) -> None:
     honest = base64.b64decode(pack(_job(tmp_path), 1 << 20))
-    entries = {info.filename: zipfile.ZipFile(io.BytesIO(honest)).read(info)
-               for info in zipfile.ZipFile(io.BytesIO(honest)).infolist()}
+    entries = {
+        info.filename: zipfile.ZipFile(io.BytesIO(honest)).read(info)
+        for info in zipfile.ZipFile(io.BytesIO(honest)).infolist()
+    }
     admin = _admin(kits, "alice", server)
     channel = ControlChannel(admin.server_host, admin.control_port, admin.tls)
     with pytest.raises(HaulerError, match=json.dumps(entry)[1:-1].replace(".", r"\.")):
@@ -242,7 +281,9 @@ async def test_a_revoked_site_is_refused_at_connect(kits):
         await channel.close()
 
 
-async def test_what_a_job_s_code_said_is_shown_to_its_submitter_and_project_admins_only(kits, tmp_path):
+async def test_what_a_job_s_code_said_is_shown_to_its_submitter_and_project_admins_only(
+    kits, tmp_path
+):
     kits = kits[0]
     async with serving(kits) as server:
         channel_1, stream_1 = await _join(_site(kits, "site-1", server))
@@ -250,8 +291,14 @@ async def test_what_a_job_s_code_said_is_shown_to_its_submitter_and_project_admi
         async with Admin(_admin(kits, "oscar", server)) as oscar:  # org b submits
             job_id = await oscar.submit(_job(tmp_path))
         task = await _next(stream_1, Task)
-        await stream_1.send(dump(TaskFailed(task_id=task.task_id, error="KeyError: the secret is 42")))
-        for name, sees in (("alice", True), ("oscar", True), ("mike", False)):  # mike: a member of org a
+        await stream_1.send(
+            dump(TaskFailed(task_id=task.task_id, error="KeyError: the secret is 42"))
+        )
+        for name, sees in (
+            ("alice", True),
+            ("oscar", True),
+            ("mike", False),
+        ):  # mike: a member of org a
             async with Admin(_admin(kits, name, server)) as admin:
                 events = [event async for event in admin.watch(job_id)]
                 failure = next(e["error"] for e in events if e["event"] == "site.failed")
@@ -261,12 +308,18 @@ async def test_what_a_job_s_code_said_is_shown_to_its_submitter_and_project_admi
         await channel_1.close()
 
 
-async def test_a_job_whose_own_code_failed_says_why_only_to_its_submitter_and_project_admins(kits, tmp_path):
+async def test_a_job_whose_own_code_failed_says_why_only_to_its_submitter_and_project_admins(
+    kits, tmp_path
+):
     kits = kits[0]
     job = _job(tmp_path)
-    (job / "model.py").write_text((job / "model.py").read_text() + "\n\ndef fill(name, out, config):\n"
-                                  "    raise RuntimeError('the secret is 42')\n")
-    (job / "job.toml").write_text((job / "job.toml").read_text().replace("[model]\n", '[model]\nbuild = "server"\n'))
+    (job / "model.py").write_text(
+        (job / "model.py").read_text() + "\n\ndef fill(name, out, config):\n"
+        "    raise RuntimeError('the secret is 42')\n"
+    )
+    (job / "job.toml").write_text(
+        (job / "job.toml").read_text().replace("[model]\n", '[model]\nbuild = "server"\n')
+    )
     async with serving(kits, allow_custom_code=True) as server:
         async with Admin(_admin(kits, "oscar", server)) as oscar:
             job_id = await oscar.submit(job)

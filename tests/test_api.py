@@ -30,9 +30,14 @@ def test_a_job_submitted_waited_for_downloaded_and_deleted_from_python(poc, tmp_
         names = [event["event"] for event in job.events()]
         assert names[-1] == "job.finished" and names.count("site.result") == 4
         assert {r["kind"] for r in job.status()["metrics"]} >= {"site", "round"}
-        lines = wait_until(lambda: [line for line in job.logs() if line["process"] != "server"], timeout_s=20,
-                           what="the sites' log lines, sent with their heartbeats")
-        assert {line["process"] for line in lines} <= {"site-1", "site-2"} and all(line["message"] for line in lines)
+        lines = wait_until(
+            lambda: [line for line in job.logs() if line["process"] != "server"],
+            timeout_s=20,
+            what="the sites' log lines, sent with their heartbeats",
+        )
+        assert {line["process"] for line in lines} <= {"site-1", "site-2"} and all(
+            line["message"] for line in lines
+        )
         assert_models_equal(load_file(job.download(tmp_path / "out")), hello_expected(job_dir, 2))
         assert job.id in [listed["id"] for listed in session.jobs()]
         job.delete()
@@ -46,7 +51,9 @@ def test_a_job_waiting_for_sites_says_so_and_is_aborted_from_python(poc, tmp_pat
     with hauler.connect(workspace=poc) as session:
         job = session.submit(job_dir)
         waiting = next(e for e in job.events(follow=True) if e["event"] == "sites.waiting")
-        assert waiting["note"].startswith("waiting: 2 of 3 sites connected (site-1, site-2)"), waiting
+        assert waiting["note"].startswith("waiting: 2 of 3 sites connected (site-1, site-2)"), (
+            waiting
+        )
         job.abort()
         with pytest.raises(JobError, match="aborted"):
             job.wait()

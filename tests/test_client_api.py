@@ -9,12 +9,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tomli_w
-import tomllib
 from helpers import (
     assert_models_equal,
     federation,
@@ -39,7 +39,8 @@ NUMPY_SCRIPT = """
         model = hauler.receive()
         context = hauler.context()
         increment = context.config["increment"]
-        trained = {name: array + np.float32(increment) for name, array in model.items()}  # new memory
+        # new memory, not the received arrays
+        trained = {name: array + np.float32(increment) for name, array in model.items()}
         hauler.send(trained, weight=context.config["steps"], metrics={"round_seen": context.round})
 """
 
@@ -50,9 +51,10 @@ TORCH_SCRIPT = """
     while hauler.is_running():
         model = hauler.receive("torch")
         context = hauler.context()
-        state = {name: tensor.clone() + context.config["increment"] for name, tensor in model.items()}
-        hauler.send(state, weight=context.config["steps"], metrics={"loss": torch.tensor(1.0 / (1 + context.round))},
-                    delta=DELTA)
+        increment = context.config["increment"]
+        state = {name: tensor.clone() + increment for name, tensor in model.items()}
+        loss = torch.tensor(1.0 / (1 + context.round))
+        hauler.send(state, weight=context.config["steps"], metrics={"loss": loss}, delta=DELTA)
 """
 
 
@@ -71,7 +73,11 @@ def script_job(tmp_path, script: str, *, mode: str, rounds: int = 2, **values: o
         text = text.replace(name, repr(value))
     (job / "train_script.py").write_text(text)
     config = tomllib.loads((job / "job.toml").read_text())
-    config["executor"] = {"script": "train_script.py", "mode": mode, "config": config["executor"]["config"]}
+    config["executor"] = {
+        "script": "train_script.py",
+        "mode": mode,
+        "config": config["executor"]["config"],
+    }
     (job / "job.toml").write_text(tomli_w.dumps(config))
     return job
 
@@ -96,9 +102,16 @@ def test_numpy_script_trains_like_hello_numpy(poc, tmp_path, mode):
     assert_models_equal(final_model(poc, job_id, tmp_path), hello_expected(job, rounds=2))
     sites = [row for row in read_jsonl(server_job / "metrics.jsonl") if row["kind"] == "site"]
     assert sorted((row["round"], row["site"], row["metrics"]["round_seen"]) for row in sites) == [
-        (0, "site-1", 0), (0, "site-2", 0), (1, "site-1", 1), (1, "site-2", 1)]
+        (0, "site-1", 0),
+        (0, "site-2", 0),
+        (1, "site-1", 1),
+        (1, "site-2", 1),
+    ]
     if mode == "subprocess":  # one child per site for the whole job, with its own log
-        assert all((poc[0] / site / "jobs" / job_id / "trainer.log").exists() for site in ("site-1", "site-2"))
+        assert all(
+            (poc[0] / site / "jobs" / job_id / "trainer.log").exists()
+            for site in ("site-1", "site-2")
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -106,7 +119,11 @@ def test_torch_state_dict_script(poc, tmp_path, mode):
     job = script_job(tmp_path, TORCH_SCRIPT, mode=mode, DELTA=False)
     job_id, server_job = run(poc, job)
     assert_models_equal(final_model(poc, job_id, tmp_path), hello_expected(job, rounds=2))
-    losses = sorted(row["metrics"]["loss"] for row in read_jsonl(server_job / "metrics.jsonl") if row["kind"] == "site")
+    losses = sorted(
+        row["metrics"]["loss"]
+        for row in read_jsonl(server_job / "metrics.jsonl")
+        if row["kind"] == "site"
+    )
     assert losses == [0.5, 0.5, 1.0, 1.0]
 
 
@@ -115,13 +132,20 @@ def test_deltas_aggregate_to_the_same_model(poc, tmp_path):
     job_id, _ = run(poc, job)
     actual, expected = final_model(poc, job_id, tmp_path), hello_expected(job, rounds=2)
     assert sorted(actual) == sorted(expected)
-    for name, array in expected.items():  # base + (trained - base) rounds once in float32: not bit for bit
+    for (
+        name,
+        array,
+    ) in expected.items():  # base + (trained - base) rounds once in float32: not bit for bit
         np.testing.assert_allclose(actual[name], array, rtol=0, atol=1e-6, err_msg=name)
         assert not np.array_equal(actual[name], hello_expected(job, rounds=1)[name])
 
 
 FAILING = {
-    "raises": ("raise_later", 'raise RuntimeError("bug in the training script")', "bug in the training script"),
+    "raises": (
+        "raise_later",
+        'raise RuntimeError("bug in the training script")',
+        "bug in the training script",
+    ),
     "wrong_shape": ("send_wrong", "pass", "'array_0' has shape (2,)"),
     "dies": ("die", "import os; os._exit(3)", "exited with code 3"),
     "returns_without_send": ("forget", "pass", "without calling hauler.send()"),
@@ -140,7 +164,9 @@ FAILING_SCRIPT = """
 
 
 # os._exit in the site's own process would end the site: that is what subprocess mode is for.
-FAILING_RUNS = [(kind, mode) for kind in FAILING for mode in MODES if (kind, mode) != ("dies", "in_process")]
+FAILING_RUNS = [
+    (kind, mode) for kind in FAILING for mode in MODES if (kind, mode) != ("dies", "in_process")
+]
 
 
 @pytest.mark.parametrize("kind, mode", FAILING_RUNS)
@@ -149,7 +175,11 @@ def test_failing_script_fails_the_job_with_its_reason_and_the_site_lives(poc, tm
     script = FAILING_SCRIPT.replace('"KIND"', repr(name)).replace("CODE", code)
     job = script_job(tmp_path, script, mode=mode, rounds=1)
     _, server_job = run(poc, job, expect_ok=False)
-    errors = [event["error"] for event in read_jsonl(server_job / "events.jsonl") if event["event"] == "site.failed"]
+    errors = [
+        event["error"]
+        for event in read_jsonl(server_job / "events.jsonl")
+        if event["event"] == "site.failed"
+    ]
     assert errors and all(reason in error for error in errors), errors
     assert [role for role, pid in poc[1].items() if process_gone(pid)] == []
 
@@ -168,10 +198,18 @@ def test_hello_pytorch_learns_in_two_rounds(poc, tmp_path):
     (job / "job.toml").write_text(tomli_w.dumps(config))
     job_id, server_job = run(poc, job)
     sites = [row for row in read_jsonl(server_job / "metrics.jsonl") if row["kind"] == "site"]
-    start = {row["round"]: row["metrics"]["global_accuracy"] for row in sites}  # the same model on every site
+    start = {
+        row["round"]: row["metrics"]["global_accuracy"] for row in sites
+    }  # the same model on every site
     assert start[0] < 0.3 and start[1] > start[0] + 0.3, start
     ok(hauler("jobs", "download", job_id, "-o", tmp_path / "out", "--workspace", poc[0]))
-    evaluated = subprocess.run([sys.executable, "baseline.py", str(tmp_path / "out" / "global.safetensors")],
-                               cwd=job, capture_output=True, text=True, timeout=120, check=True)
+    evaluated = subprocess.run(
+        [sys.executable, "baseline.py", str(tmp_path / "out" / "global.safetensors")],
+        cwd=job,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     final = float(re.search(r"test accuracy ([0-9.]+)", evaluated.stdout).group(1))
     assert final > start[1], (final, start)

@@ -17,10 +17,18 @@ JOB = 'name = "j"\n[model]\nmodule = "model"\n[executor]\nmodule = "train"\n'
 
 UNKNOWN_KEYS = {
     "server_top_level": (ServerConfig, "control_prot = 1\n", "control_prot"),
-    "server_timeouts": (ServerConfig, "[timeouts]\nstreaming_red_timeout = 5\n", "timeouts.streaming_red_timeout"),
+    "server_timeouts": (
+        ServerConfig,
+        "[timeouts]\nstreaming_red_timeout = 5\n",
+        "timeouts.streaming_red_timeout",
+    ),
     "server_dataplane": (ServerConfig, "[dataplane]\nchunk_mib = 4\n", "dataplane.chunk_mib"),
     "site_top_level": (SiteConfig, 'name = "s"\nserver = "x"\n', "server"),
-    "site_timeouts": (SiteConfig, 'name = "s"\n[timeouts]\ntrain_timeout = 1\n', "timeouts.train_timeout"),
+    "site_timeouts": (
+        SiteConfig,
+        'name = "s"\n[timeouts]\ntrain_timeout = 1\n',
+        "timeouts.train_timeout",
+    ),
     "admin": (AdminConfig, "port = 1\n", "port"),
     "job_workflow": (JobConfig, JOB + "[workflow]\nnm_rounds = 3\n", "workflow.nm_rounds"),
     "job_top_level": (JobConfig, "rounds = 3\n" + JOB, "rounds"),
@@ -40,13 +48,24 @@ def test_unknown_key_names_file_and_key(tmp_path, model, text, key):
 BAD_VALUES = {
     "port_out_of_range": (ServerConfig, "control_port = 70000\n", "control_port"),
     "port_not_a_number": (ServerConfig, 'data_port = "eighty"\n', "data_port"),
-    "zero_timeout": (ServerConfig, "[timeouts]\ncommunication_timeout = 0\n", "timeouts.communication_timeout"),
-    "chunk_too_small": (SiteConfig, 'name = "s"\n[dataplane]\nchunk_bytes = 100\n', "dataplane.chunk_bytes"),
+    "zero_timeout": (
+        ServerConfig,
+        "[timeouts]\ncommunication_timeout = 0\n",
+        "timeouts.communication_timeout",
+    ),
+    "chunk_too_small": (
+        SiteConfig,
+        'name = "s"\n[dataplane]\nchunk_bytes = 100\n',
+        "dataplane.chunk_bytes",
+    ),
     "site_without_name": (SiteConfig, "control_port = 1\n", "name"),
     "zero_rounds": (JobConfig, JOB + "[workflow]\nnum_rounds = 0\n", "workflow.num_rounds"),
     "unknown_workflow": (JobConfig, JOB + '[workflow]\nkind = "cyclic"\n', "workflow.kind"),
-    "module_with_a_path": (JobConfig, 'name = "j"\n[model]\nmodule = "../x"\n[executor]\nmodule = "t"\n',
-                           "model.module"),
+    "module_with_a_path": (
+        JobConfig,
+        'name = "j"\n[model]\nmodule = "../x"\n[executor]\nmodule = "t"\n',
+        "model.module",
+    ),
 }
 
 
@@ -56,7 +75,9 @@ def test_bad_value_names_file_and_key(tmp_path, model, text, key):
     path.write_text(text)
     with pytest.raises(ConfigError) as raised:
         load_toml(model, path)
-    assert any(line.startswith(f"{path}: {key}: ") for line in str(raised.value).splitlines()), str(raised.value)
+    assert any(line.startswith(f"{path}: {key}: ") for line in str(raised.value).splitlines()), str(
+        raised.value
+    )
 
 
 def test_every_error_gets_its_own_line(tmp_path):
@@ -66,7 +87,11 @@ def test_every_error_gets_its_own_line(tmp_path):
         load_toml(ServerConfig, path)
     lines = str(raised.value).splitlines()
     assert len(lines) == 3
-    assert {line.split(": ")[1] for line in lines} == {"colour", "control_port", "timeouts.heartbeat"}
+    assert {line.split(": ")[1] for line in lines} == {
+        "colour",
+        "control_port",
+        "timeouts.heartbeat",
+    }
 
 
 def test_invalid_toml_names_the_file(tmp_path):
@@ -104,4 +129,8 @@ def test_defaults_are_the_seeds_timeouts(tmp_path):
     path = tmp_path / "site.toml"
     path.write_text('name = "site-1"\n')
     timeouts = load_toml(SiteConfig, path).timeouts
-    assert (timeouts.streaming_read_timeout, timeouts.streaming_ack_wait, timeouts.communication_timeout) == (300,) * 3
+    assert (
+        timeouts.streaming_read_timeout,
+        timeouts.streaming_ack_wait,
+        timeouts.communication_timeout,
+    ) == (300,) * 3

@@ -37,7 +37,9 @@ def poc(tmp_path_factory):
 
     def configure(workspace):
         edit_configs(workspace, "dataplane", {"chunk_bytes": 256 << 10, "window_chunks": 4})
-        edit_configs(workspace, None, {"model_dirs": [str(workspace.parent / "models")]}, roles="server")
+        edit_configs(
+            workspace, None, {"model_dirs": [str(workspace.parent / "models")]}, roles="server"
+        )
 
     with federation(workspace, sites=2, configure=configure):
         yield workspace
@@ -59,13 +61,17 @@ def test_hello_numpy_two_sites_two_rounds_gives_initial_plus_rounds_times_increm
 
     downloaded = ok(hauler("jobs", "download", job_id, "-o", tmp_path / "out", "--workspace", poc))
     assert "after 2 rounds" in downloaded.stdout  # rounds 0 and 1: counted, not numbered
-    assert_models_equal(load_file(str(tmp_path / "out" / "global.safetensors")), hello_expected(job, rounds=2))
+    assert_models_equal(
+        load_file(str(tmp_path / "out" / "global.safetensors")), hello_expected(job, rounds=2)
+    )
 
     listed = ok(hauler("jobs", "list", "--workspace", poc)).stdout
     assert re.search(rf"{job_id}\s.*hello-numpy.*finished.*2/2", listed), listed
     status = job_status(poc, job_id)
     assert f"job {job_id} (hello-numpy): finished, rounds 2/2" in status
-    assert re.search(r"^\W*0\W", status, re.M) and re.search(r"^\W*1\W", status, re.M), status  # a row per round
+    assert re.search(r"^\W*0\W", status, re.M) and re.search(r"^\W*1\W", status, re.M), (
+        status
+    )  # a row per round
 
     server_job = job_dir_on_server(poc, job_id)
     rounds = [row for row in read_jsonl(server_job / "metrics.jsonl") if row["kind"] == "round"]
@@ -76,7 +82,10 @@ def test_hello_numpy_two_sites_two_rounds_gives_initial_plus_rounds_times_increm
     for row in read_jsonl(server_job / "metrics.jsonl"):
         if row["kind"] == "site":  # a clean link: every byte moved once, on every lane
             for direction in ("download", "upload"):
-                assert (row[direction]["reconnects"], row[direction]["bytes_resent"]) == (0, 0), (direction, row)
+                assert (row[direction]["reconnects"], row[direction]["bytes_resent"]) == (0, 0), (
+                    direction,
+                    row,
+                )
     events = [event["event"] for event in read_jsonl(server_job / "events.jsonl")]
     assert events[:2] == ["initial_model.received", "job.started"] and events[-1] == "job.finished"
     assert events.count("round.complete") == 2 and events.count("site.result") == 4
@@ -89,14 +98,24 @@ def test_jobs_abort_marks_a_running_job_aborted(poc, tmp_path):
     job_id = submitted_job_id(ok(hauler("submit", job, "--workspace", poc)).stdout)
     try:
         wait_until(lambda: "running" in job_status(poc, job_id), timeout_s=60, what="job running")
-        wait_until(lambda: any(e["event"] == "sites.waiting"
-                               for e in read_jsonl(job_dir_on_server(poc, job_id) / "events.jsonl")),
-                   timeout_s=30, what="job waiting for sites")
-        assert f"aborted job {job_id}" in ok(hauler("jobs", "abort", job_id, "--workspace", poc)).stdout
+        wait_until(
+            lambda: any(
+                e["event"] == "sites.waiting"
+                for e in read_jsonl(job_dir_on_server(poc, job_id) / "events.jsonl")
+            ),
+            timeout_s=30,
+            what="job waiting for sites",
+        )
+        assert (
+            f"aborted job {job_id}"
+            in ok(hauler("jobs", "abort", job_id, "--workspace", poc)).stdout
+        )
         wait_until(lambda: "aborted" in job_status(poc, job_id), timeout_s=30, what="job aborted")
     finally:
         hauler("jobs", "abort", job_id, "--workspace", poc)  # never leave it blocking the queue
-    events = [event["event"] for event in read_jsonl(job_dir_on_server(poc, job_id) / "events.jsonl")]
+    events = [
+        event["event"] for event in read_jsonl(job_dir_on_server(poc, job_id) / "events.jsonl")
+    ]
     assert events[-1] == "job.aborted"
     listed = ok(hauler("jobs", "list", "--workspace", poc)).stdout
     assert re.search(rf"{job_id}\s.*aborted", listed), listed
@@ -126,11 +145,17 @@ def write_job_toml(job, content: str | bytes | None) -> None:
 
 
 MALFORMED = {
-    "unknown_key": ('name = "x"\n[workflow]\nnm_rounds = 3\n[model]\nmodule = "model"\n[executor]\nmodule = "train"\n',
-                    ["job.toml: workflow.nm_rounds: unknown key"]),
+    "unknown_key": (
+        'name = "x"\n[workflow]\nnm_rounds = 3\n[model]\nmodule = "model"\n'
+        '[executor]\nmodule = "train"\n',
+        ["job.toml: workflow.nm_rounds: unknown key"],
+    ),
     "invalid_toml": ('name = "x\n[workflow]\n', ["job.toml: not valid TOML"]),
-    "wrong_type": ('name = "x"\n[workflow]\nnum_rounds = "two"\n[model]\nmodule = "model"\n'
-                   '[executor]\nmodule = "train"\n', ["job.toml: workflow.num_rounds:"]),
+    "wrong_type": (
+        'name = "x"\n[workflow]\nnum_rounds = "two"\n[model]\nmodule = "model"\n'
+        '[executor]\nmodule = "train"\n',
+        ["job.toml: workflow.num_rounds:"],
+    ),
     "missing_section": ('name = "x"\n[model]\nmodule = "model"\n', ["job.toml: executor:"]),
     "not_utf8": (b'name = "caf\xe9"\n', ["job.toml: "]),
     "missing_job_toml": (None, ["no job.toml"]),
@@ -153,7 +178,9 @@ def test_malformed_job_is_refused_with_the_file_and_key(poc, tmp_path, content, 
 
 def test_malformed_job_is_refused_even_when_the_server_is_down(tmp_path):
     admin = tmp_path / "admin.toml"
-    admin.write_text(tomli_w.dumps({"control_port": 9, "data_port": 9, "timeouts": {"communication_timeout": 2}}))
+    admin.write_text(
+        tomli_w.dumps({"control_port": 9, "data_port": 9, "timeouts": {"communication_timeout": 2}})
+    )
     job = hello_job(tmp_path)
     write_job_toml(job, MALFORMED["unknown_key"][0])
     result = hauler("submit", job, "--kit", admin)
@@ -173,13 +200,16 @@ def test_a_cli_call_to_a_stopped_server_fails_within_seconds_saying_what_to_do(t
 
 # ----- starting from a checkpoint: uploaded with the job, or a file of the server's ---------------
 
+
 def pretrained(path, seed: int = 3) -> dict[str, np.ndarray]:
     """A checkpoint as PyTorch users save one (metadata, tensors in name order); values that
     stay exact when hello-numpy adds 0.125 to them."""
     rng = np.random.default_rng(seed)
-    tensors = {"encoder.weight": (rng.integers(-64, 64, (300, 41)) / 8).astype(np.float32),
-               "encoder.bias": (rng.integers(-64, 64, (41,)) / 8).astype(np.float32),
-               "head.weight": (rng.integers(-64, 64, (41, 7)) / 8).astype(np.float64)}
+    tensors = {
+        "encoder.weight": (rng.integers(-64, 64, (300, 41)) / 8).astype(np.float32),
+        "encoder.bias": (rng.integers(-64, 64, (41,)) / 8).astype(np.float32),
+        "head.weight": (rng.integers(-64, 64, (41, 7)) / 8).astype(np.float64),
+    }
     save_file(tensors, str(path), metadata={"format": "pt"})
     return tensors
 
@@ -191,7 +221,10 @@ def without_model_section(job):
 
 
 def trained_from(tensors: dict[str, np.ndarray], rounds: int) -> dict[str, np.ndarray]:
-    return {name: (array + array.dtype.type(0.125) * rounds).astype(array.dtype) for name, array in tensors.items()}
+    return {
+        name: (array + array.dtype.type(0.125) * rounds).astype(array.dtype)
+        for name, array in tensors.items()
+    }
 
 
 def downloaded(poc, job_id, folder) -> dict[str, np.ndarray]:
@@ -203,9 +236,21 @@ def test_a_job_starts_from_a_checkpoint_uploaded_with_it(poc, tmp_path):
     job = hello_job(tmp_path, rounds=2, min_clients=2)
     without_model_section(job)
     tensors = pretrained(tmp_path / "checkpoint.safetensors")
-    submitted = ok(hauler("submit", job, "--initial-model", tmp_path / "checkpoint.safetensors", "--workspace", poc,
-                          "--wait"))
-    assert_models_equal(downloaded(poc, submitted_job_id(submitted.stdout), tmp_path / "out"), trained_from(tensors, 2))
+    submitted = ok(
+        hauler(
+            "submit",
+            job,
+            "--initial-model",
+            tmp_path / "checkpoint.safetensors",
+            "--workspace",
+            poc,
+            "--wait",
+        )
+    )
+    assert_models_equal(
+        downloaded(poc, submitted_job_id(submitted.stdout), tmp_path / "out"),
+        trained_from(tensors, 2),
+    )
 
 
 def test_a_job_starts_from_a_checkpoint_in_the_server_s_model_dirs(poc, tmp_path):
@@ -216,11 +261,18 @@ def test_a_job_starts_from_a_checkpoint_in_the_server_s_model_dirs(poc, tmp_path
     config["model"] = {"file": "pretrained.safetensors"}
     job_toml.write_text(tomli_w.dumps(config))
     submitted = ok(hauler("submit", job, "--workspace", poc, "--wait"))
-    assert_models_equal(downloaded(poc, submitted_job_id(submitted.stdout), tmp_path / "out"), trained_from(tensors, 2))
-    assert load_file(str(poc.parent / "models" / "pretrained.safetensors")).keys() == tensors.keys()  # untouched
+    assert_models_equal(
+        downloaded(poc, submitted_job_id(submitted.stdout), tmp_path / "out"),
+        trained_from(tensors, 2),
+    )
+    assert (
+        load_file(str(poc.parent / "models" / "pretrained.safetensors")).keys() == tensors.keys()
+    )  # untouched
 
 
-@pytest.mark.parametrize("name", ["missing.safetensors", "../poc/server/server.key", "/etc/hostname"])
+@pytest.mark.parametrize(
+    "name", ["missing.safetensors", "../poc/server/server.key", "/etc/hostname"]
+)
 def test_a_file_outside_the_server_s_model_dirs_is_refused_at_submission(poc, tmp_path, name):
     job = hello_job(tmp_path)
     config = tomllib.loads((job / "job.toml").read_text())
@@ -228,5 +280,7 @@ def test_a_file_outside_the_server_s_model_dirs_is_refused_at_submission(poc, tm
     (job / "job.toml").write_text(tomli_w.dumps(config))
     jobs_before = server_jobs(poc)
     result = hauler("submit", job, "--workspace", poc)
-    assert result.returncode == 1 and "is not a file in the server's model_dirs" in result.stderr, result.stderr
+    assert result.returncode == 1 and "is not a file in the server's model_dirs" in result.stderr, (
+        result.stderr
+    )
     assert server_jobs(poc) == jobs_before

@@ -16,7 +16,9 @@ def test_events_reach_every_subscriber_and_the_file(tmp_path):
     lines.close()
     records = read_json_lines(tmp_path / "job" / "events.jsonl")
     assert [(r["event"], r.get("round"), r.get("rounds_done")) for r in records] == [
-        ("round.complete", 2, None), ("job.finished", None, 3)]
+        ("round.complete", 2, None),
+        ("job.finished", None, 3),
+    ]
     assert all(isinstance(r["time_s"], float) for r in records)
     assert [event.name for event in seen] == ["round.complete"]
 

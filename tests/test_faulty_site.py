@@ -64,7 +64,9 @@ GARBAGE = 1e6
 MODES = ["drop_connection", "cancel_session", "corrupt_chunk", "bad_digest"]
 
 
-def shifted(manifest: Manifest, *, shape: tuple[int, ...] | None = None, length_delta: int = 0) -> dict:
+def shifted(
+    manifest: Manifest, *, shape: tuple[int, ...] | None = None, length_delta: int = 0
+) -> dict:
     """`manifest`'s JSON with its first tensor's shape and/or length changed."""
     data = manifest.to_json()
     first = data["tensors"][0]
@@ -74,12 +76,19 @@ def shifted(manifest: Manifest, *, shape: tuple[int, ...] | None = None, length_
 
 HOSTILE_MANIFESTS = {  # what a lying site may announce in ResultReady
     "length_beyond_shape": lambda m: shifted(m, length_delta=8),
-    "2**50_elements": lambda m: shifted(m, shape=(1 << 50,), length_delta=(4 << 50) - m.tensors[0].length),
-    "another_layout": lambda m: Manifest.build([(t.name, t.dtype, (t.length // 4 + 1,)) for t in m.tensors],
-                                              m.chunk_bytes).to_json(),
+    "2**50_elements": lambda m: shifted(
+        m, shape=(1 << 50,), length_delta=(4 << 50) - m.tensors[0].length
+    ),
+    "another_layout": lambda m: Manifest.build(
+        [(t.name, t.dtype, (t.length // 4 + 1,)) for t in m.tensors], m.chunk_bytes
+    ).to_json(),
 }
-HOSTILE_WEIGHTS = {"weight_infinity": float("inf"), "weight_nan": float("nan"), "weight_1e300": 1e300,
-                   "weight_negative": -1.0}
+HOSTILE_WEIGHTS = {
+    "weight_infinity": float("inf"),
+    "weight_nan": float("nan"),
+    "weight_1e300": 1e300,
+    "weight_negative": -1.0,
+}
 POISONED_VALUES = {  # tensor -> value; the other tensors hold GARBAGE, as in every mode
     "nan_in_a_tensor": {"array_2": float("nan")},
     "inf_in_a_tensor": {"array_1": float("-inf")},
@@ -98,7 +107,11 @@ def poc(tmp_path_factory):
 
     def configure(workspace: Path) -> None:
         edit_configs(workspace, "timeouts", FAST)
-        edit_configs(workspace, "dataplane", {"chunk_bytes": CHUNK_BYTES, "window_chunks": 4, "connections": LANES})
+        edit_configs(
+            workspace,
+            "dataplane",
+            {"chunk_bytes": CHUNK_BYTES, "window_chunks": 4, "connections": LANES},
+        )
         (workspace / "site-2").rename(workspace / FAULTY_KIT)
 
     with federation(workspace, sites=2, configure=configure):
@@ -111,9 +124,15 @@ class FaultySite:
 
     def __init__(self, workspace: Path, folder: Path, mode: str) -> None:
         config = load_toml(SiteConfig, workspace / FAULTY_KIT / "site.toml")
-        self.host, self.control_port, self.data_port = config.server_host, config.control_port, config.data_port
+        self.host, self.control_port, self.data_port = (
+            config.server_host,
+            config.control_port,
+            config.data_port,
+        )
         self.tls, self.timeouts = config.tls, config.timeouts
-        self.address = DataAddress(config.server_host, config.data_port, config.tls, config.dataplane)
+        self.address = DataAddress(
+            config.server_host, config.data_port, config.tls, config.dataplane
+        )
         self.folder, self.mode = folder, mode
         self.connected = asyncio.Event()
         self.results: dict[str, tuple[ModelFile, Manifest]] = {}
@@ -145,16 +164,22 @@ class FaultySite:
     async def train(self, stream, task: Task) -> None:
         manifest = Manifest.from_json(task.manifest)
         model = ModelFile.create(self.folder / f"{task.task_id}.safetensors", manifest)
-        await fetch_model(self.address, task.download, ReceiveLedger(ChunkPlan(manifest), task.lanes), model,
-                          timeouts=self.timeouts)
+        await fetch_model(
+            self.address,
+            task.download,
+            ReceiveLedger(ChunkPlan(manifest), task.lanes),
+            model,
+            timeouts=self.timeouts,
+        )
         self.downloads += 1
         honest = model.compute_digests()
         for array in model.arrays().values():
             array[...] = GARBAGE
         announced = model.compute_digests()
         if self.mode.startswith("bad_digest"):  # the first tensor's digest is not that of its data
-            announced = announced.with_digests([honest.tensors[0].digest] +
-                                               [t.digest for t in announced.tensors[1:]])
+            announced = announced.with_digests(
+                [honest.tensors[0].digest] + [t.digest for t in announced.tensors[1:]]
+            )
         self.results[task.task_id] = (model, announced)
         if self.mode in POISONED_VALUES:
             for name, value in POISONED_VALUES[self.mode].items():
@@ -163,12 +188,16 @@ class FaultySite:
         lie = HOSTILE_MANIFESTS.get(self.mode)
         claim = announced.to_json() if lie is None else lie(announced)
         result = dump(ResultReady(task_id=task.task_id, weight=1000.0, manifest=claim))
-        await stream.send({**result, "weight": HOSTILE_WEIGHTS.get(self.mode, 1000.0)})  # as JSON allows
+        await stream.send(
+            {**result, "weight": HOSTILE_WEIGHTS.get(self.mode, 1000.0)}
+        )  # as JSON allows
 
     async def upload(self, message: UploadReady) -> None:
         self.upload_requests += 1
         model, manifest = self.results[message.task_id]
-        lane = list(manifest.chunks())  # lane 0 carries every chunk, in plan order; the other lanes stay idle
+        lane = list(
+            manifest.chunks()
+        )  # lane 0 carries every chunk, in plan order; the other lanes stay idle
         connection, _ = await self.dial(message.upload, 0)
         try:
             if self.mode in ("drop_connection", "cancel_session"):
@@ -201,7 +230,9 @@ class FaultySite:
 
     async def dial(self, transfer_id: str, lane: int) -> tuple[Connection, int]:
         """A connection to one lane of a transfer, and how many of its chunks the server holds."""
-        connection = await open_transfer(self.host, self.data_port, transfer_id, lane=lane, tls=self.tls)
+        connection = await open_transfer(
+            self.host, self.data_port, transfer_id, lane=lane, tls=self.tls
+        )
         start = await connection.next_frame()
         assert start.header.kind is Kind.ACK
         return connection, start.header.offset
@@ -209,7 +240,9 @@ class FaultySite:
 
 def frame(model: ModelFile, chunk) -> tuple[bytes, bytes]:
     payload = bytes(model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-    header = FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload)))
+    header = FrameHeader.data(
+        chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload))
+    )
     return header.encode(), payload
 
 
@@ -233,14 +266,27 @@ async def wait_for_hang_up(connection: Connection) -> None:
             await connection.next_frame()
 
 
-async def run_job_with_faulty_site(workspace: Path, job: Path, faulty: FaultySite) -> tuple[int, str, str]:
+async def run_job_with_faulty_site(
+    workspace: Path, job: Path, faulty: FaultySite
+) -> tuple[int, str, str]:
     site = asyncio.create_task(faulty.run())
     try:
         await asyncio.wait_for(faulty.connected.wait(), 30)
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hauler", "submit", str(job), "--workspace", str(workspace), "--wait",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "COLUMNS": "200"}, cwd=REPO)
+            sys.executable,
+            "-m",
+            "hauler",
+            "submit",
+            str(job),
+            "--workspace",
+            str(workspace),
+            "--wait",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "COLUMNS": "200"},
+            cwd=REPO,
+        )
         try:
             stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
         except TimeoutError:
@@ -263,13 +309,17 @@ def assert_site_2_left_no_trace(poc: Path, tmp_path: Path, job: Path, stdout: st
     assert_models_equal(final, hello_expected(job, rounds=2))
     server_job = poc / "server" / "jobs" / job_id
     events = read_jsonl(server_job / "events.jsonl")
-    assert any(e["event"] == "site.failed" and e["site"] == "site-2" and e["round"] == 0 for e in events)
+    assert any(
+        e["event"] == "site.failed" and e["site"] == "site-2" and e["round"] == 0 for e in events
+    )
     rounds = [row for row in read_jsonl(server_job / "metrics.jsonl") if row["kind"] == "round"]
     assert [(row["round"], row["sites"]) for row in rounds] == [(0, ["site-1"]), (1, ["site-1"])]
     return events
 
 
-def run_with(poc: Path, tmp_path: Path, mode: str, **workflow: float) -> tuple[Path, FaultySite, str]:
+def run_with(
+    poc: Path, tmp_path: Path, mode: str, **workflow: float
+) -> tuple[Path, FaultySite, str]:
     job = hello_job(tmp_path, rounds=2, min_clients=1, wait_s=30, arrays=4, array_bytes=100_004)
     if workflow:
         config = tomllib.loads((job / "job.toml").read_text())
@@ -284,9 +334,13 @@ def run_with(poc: Path, tmp_path: Path, mode: str, **workflow: float) -> tuple[P
 @pytest.mark.parametrize("mode", MODES)
 def test_site_failing_mid_upload_leaves_the_aggregate_exact(poc, tmp_path, mode):
     job, faulty, stdout = run_with(poc, tmp_path, mode)
-    assert faulty.downloads >= 1 and faulty.broken_uploads >= 1  # site-2 really took part, and really failed
+    assert (
+        faulty.downloads >= 1 and faulty.broken_uploads >= 1
+    )  # site-2 really took part, and really failed
     events = assert_site_2_left_no_trace(poc, tmp_path, job, stdout)
-    assert any(e["event"] == "round.refold" and e["round"] == 0 for e in events)  # its folds were undone
+    assert any(
+        e["event"] == "round.refold" and e["round"] == 0 for e in events
+    )  # its folds were undone
 
 
 @pytest.mark.parametrize("mode", HOSTILE_MANIFESTS)
@@ -308,17 +362,26 @@ def site_2_failures(events: list[dict]) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", HOSTILE_WEIGHTS)
-def test_a_weight_that_is_not_finite_positive_and_at_most_max_weight_fails_that_site(poc, tmp_path, mode):
+def test_a_weight_that_is_not_finite_positive_and_at_most_max_weight_fails_that_site(
+    poc, tmp_path, mode
+):
     job, faulty, stdout = run_with(poc, tmp_path, mode)
-    assert faulty.downloads >= 1 and faulty.upload_requests == 0  # refused before anything was folded
+    assert (
+        faulty.downloads >= 1 and faulty.upload_requests == 0
+    )  # refused before anything was folded
     events = assert_site_2_left_no_trace(poc, tmp_path, job, stdout)
     error = site_2_failures(events)[0]
-    assert f"site-2 announced weight {HOSTILE_WEIGHTS[mode]!r}" in error and "max_weight = 1e+09" in error, error
+    assert (
+        f"site-2 announced weight {HOSTILE_WEIGHTS[mode]!r}" in error
+        and "max_weight = 1e+09" in error
+    ), error
 
 
 @pytest.mark.parametrize("mode", POISONED_VALUES)
 def test_an_update_with_poisoned_values_is_dropped_from_the_round_exactly(poc, tmp_path, mode):
-    workflow = {"max_update_norm": MAX_UPDATE_NORM} if mode == "update_far_above_max_update_norm" else {}
+    workflow = (
+        {"max_update_norm": MAX_UPDATE_NORM} if mode == "update_far_above_max_update_norm" else {}
+    )
     job, faulty, stdout = run_with(poc, tmp_path, mode, **workflow)
     assert faulty.upload_requests >= 1
     events = assert_site_2_left_no_trace(poc, tmp_path, job, stdout)

@@ -25,13 +25,20 @@ from hauler.core.errors import JobError, LocalProtocolError, UpdateRefused
 from hauler.model import ModelFile
 
 BUDGETS = {"in_memory": 1 << 30, "file_backed": 0}
-LARGE_LAYOUT = [*MIXED_LAYOUT, ("crosses_blocks", "F32", (BLOCK_ELEMENTS + 5,)),
-                ("half_crosses_blocks", "F16", (BLOCK_ELEMENTS + 3,))]
+LARGE_LAYOUT = [
+    *MIXED_LAYOUT,
+    ("crosses_blocks", "F32", (BLOCK_ELEMENTS + 5,)),
+    ("half_crosses_blocks", "F16", (BLOCK_ELEMENTS + 3,)),
+]
 
 
 def sites(folder: Path, layout, count: int, seed: int = 0) -> list[ModelFile]:
-    return [create_model(folder / f"site-{k}.safetensors", layout, fill=fill_exact_values, seed=seed + k)
-            for k in range(count)]
+    return [
+        create_model(
+            folder / f"site-{k}.safetensors", layout, fill=fill_exact_values, seed=seed + k
+        )
+        for k in range(count)
+    ]
 
 
 def aggregate(folder: Path, layout, budget: int = 1 << 30) -> tuple[FedAvg, ModelFile]:
@@ -67,27 +74,45 @@ def test_weighted_average_is_exact_for_every_dtype(tmp_path, budget, weights):
 
 def test_integers_are_rounded_half_to_even(tmp_path):
     layout = [("steps", "I64", (4,)), ("count", "U8", (2,)), ("flag", "BOOL", (2,))]
-    models = [ModelFile.create(tmp_path / f"{k}.safetensors", manifest_of(layout)) for k in range(2)]
+    models = [
+        ModelFile.create(tmp_path / f"{k}.safetensors", manifest_of(layout)) for k in range(2)
+    ]
     values = [([1, 2, 3, -3], [0, 255], [False, True]), ([2, 2, 4, -4], [1, 255], [True, True])]
     for model, (steps, count, flag) in zip(models, values):
-        model.arrays()["steps"][:], model.arrays()["count"][:], model.arrays()["flag"][:] = steps, count, flag
+        model.arrays()["steps"][:], model.arrays()["count"][:], model.arrays()["flag"][:] = (
+            steps,
+            count,
+            flag,
+        )
     fedavg, output = aggregate(tmp_path, layout)
     for model in models:
         fedavg.fold_model(model, 1.0)
     fedavg.finish()
-    assert output.arrays()["steps"].tolist() == [2, 2, 4, -4]  # 1.5, 2, 3.5, -3.5 rounded half to even
+    assert output.arrays()["steps"].tolist() == [
+        2,
+        2,
+        4,
+        -4,
+    ]  # 1.5, 2, 3.5, -3.5 rounded half to even
     assert output.arrays()["count"].tolist() == [0, 255]
     assert output.arrays()["flag"].tolist() == [False, True]  # 0.5 rounds to 0 as well
 
 
-@given(values=st.lists(st.lists(st.integers(-(10**6), 10**6), min_size=3, max_size=3), min_size=1, max_size=4),
-       weights=st.lists(st.integers(1, 1000), min_size=4, max_size=4))
+@given(
+    values=st.lists(
+        st.lists(st.integers(-(10**6), 10**6), min_size=3, max_size=3), min_size=1, max_size=4
+    ),
+    weights=st.lists(st.integers(1, 1000), min_size=4, max_size=4),
+)
 def test_integer_average_matches_exact_arithmetic(values, weights):
     weights = weights[: len(values)]
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         layout = [("n", "I64", (3,))]
-        models = [ModelFile.create(folder / f"{k}.safetensors", manifest_of(layout)) for k in range(len(values))]
+        models = [
+            ModelFile.create(folder / f"{k}.safetensors", manifest_of(layout))
+            for k in range(len(values))
+        ]
         for model, row in zip(models, values):
             model.arrays()["n"][:] = row
         fedavg, output = aggregate(folder, layout)
@@ -108,7 +133,10 @@ def test_chunks_folded_in_any_interleaving_give_the_same_average(data):
         folder = Path(folder)
         models = sites(folder, layout, len(weights), seed=data.draw(st.integers(0, 1000)))
         fedavg, output = aggregate(folder, layout)
-        streams = [(fedavg.contribution(w), m, list(fedavg.manifest.chunks())) for m, w in zip(models, weights)]
+        streams = [
+            (fedavg.contribution(w), m, list(fedavg.manifest.chunks()))
+            for m, w in zip(models, weights)
+        ]
         while any(chunks for _, _, chunks in streams):
             contribution, model, chunks = data.draw(st.sampled_from([s for s in streams if s[2]]))
             chunk = chunks.pop(0)
@@ -122,9 +150,13 @@ def test_chunks_folded_in_any_interleaving_give_the_same_average(data):
 
 
 @pytest.mark.parametrize("folded_before_failure", [1, 5, 11])
-def test_a_contribution_abandoned_part_way_taints_the_round_until_restart(tmp_path, folded_before_failure):
+def test_a_contribution_abandoned_part_way_taints_the_round_until_restart(
+    tmp_path, folded_before_failure
+):
     good = sites(tmp_path, MIXED_LAYOUT, 2)
-    garbage = create_model(tmp_path / "garbage.safetensors", MIXED_LAYOUT, fill=fill_exact_values, seed=99)
+    garbage = create_model(
+        tmp_path / "garbage.safetensors", MIXED_LAYOUT, fill=fill_exact_values, seed=99
+    )
     for array in garbage.arrays().values():
         array[...] = 100 if array.dtype.kind in "iuf" else True
     fedavg, output = aggregate(tmp_path, MIXED_LAYOUT)
@@ -179,7 +211,9 @@ def test_misuse_is_refused(tmp_path):
     partial.fold(chunk, models[0].chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
     with pytest.raises(LocalProtocolError):
         partial.complete()  # not every chunk arrived
-    other_layout = ModelFile.create(tmp_path / "other.safetensors", manifest_of([("x", "F32", (3,))]))
+    other_layout = ModelFile.create(
+        tmp_path / "other.safetensors", manifest_of([("x", "F32", (3,))])
+    )
     with pytest.raises(LocalProtocolError):
         fedavg.begin(other_layout)
 
@@ -188,7 +222,9 @@ def test_misuse_is_refused(tmp_path):
 @pytest.mark.parametrize("value, weight", [(1000.0, 100.0), (-600.0, 5000.0)])
 def test_f16_is_weighted_in_the_accumulator_dtype(tmp_path, value, weight):
     layout = [("x", "F16", (4,))]
-    models = [ModelFile.create(tmp_path / f"{k}.safetensors", manifest_of(layout)) for k in range(2)]
+    models = [
+        ModelFile.create(tmp_path / f"{k}.safetensors", manifest_of(layout)) for k in range(2)
+    ]
     for model in models:
         model.arrays()["x"][:] = value
     fedavg, output = aggregate(tmp_path, layout)
@@ -196,10 +232,16 @@ def test_f16_is_weighted_in_the_accumulator_dtype(tmp_path, value, weight):
     fedavg.fold_model(models[1], 1.0)
     fedavg.finish()
     assert np.isfinite(output.arrays()["x"].astype(np.float32)).all()
-    assert output.arrays()["x"].astype(np.float64).tolist() == [value] * 4  # the average of equal values
+    assert (
+        output.arrays()["x"].astype(np.float64).tolist() == [value] * 4
+    )  # the average of equal values
 
 
-FLOAT_LAYOUT = [("weights", "F32", (10_001,)), ("double", "F64", (513,)), ("brain", "BF16", (2049,))]
+FLOAT_LAYOUT = [
+    ("weights", "F32", (10_001,)),
+    ("double", "F64", (513,)),
+    ("brain", "BF16", (2049,)),
+]
 
 
 @pytest.mark.parametrize("budget", BUDGETS.values(), ids=BUDGETS.keys())
@@ -218,9 +260,17 @@ def test_deltas_and_full_models_average_to_what_full_models_give(tmp_path, budge
     contribution.complete()
     fedavg.finish()
     expected = expected_average([full, trained], [1.0, 3.0])
-    for name, array in output.arrays().items():  # base + (trained - base) rounds once: close, not exact
-        np.testing.assert_allclose(array.astype(np.float64), expected[name].astype(np.float64), rtol=1e-2, atol=1e-2,
-                                   err_msg=name)
+    for (
+        name,
+        array,
+    ) in output.arrays().items():  # base + (trained - base) rounds once: close, not exact
+        np.testing.assert_allclose(
+            array.astype(np.float64),
+            expected[name].astype(np.float64),
+            rtol=1e-2,
+            atol=1e-2,
+            err_msg=name,
+        )
     assert not np.array_equal(output.arrays()["weights"], full.arrays()["weights"])
 
 
@@ -232,20 +282,31 @@ def test_a_delta_needs_the_base_model(tmp_path):
 
 # ----- checked contributions: nothing non-finite is folded, norms within max_update_norm -------
 
+
 def fold_all(contribution, model: ModelFile) -> None:
     for chunk in model.manifest.chunks():
         contribution.fold(chunk, model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
 
 
-@pytest.mark.parametrize("poison, weight", [(np.nan, 1.0), (np.inf, 1.0), (-np.inf, 1.0), (1.0, 1e9)],
-                         ids=["nan", "inf", "-inf", "overflow_by_weight"])
+@pytest.mark.parametrize(
+    "poison, weight",
+    [(np.nan, 1.0), (np.inf, 1.0), (-np.inf, 1.0), (1.0, 1e9)],
+    ids=["nan", "inf", "-inf", "overflow_by_weight"],
+)
 @pytest.mark.parametrize("tensor", ["weights", "double", "brain"])
-def test_a_non_finite_value_is_refused_naming_its_tensor_and_the_round_refolds_exactly(tmp_path, poison,
-                                                                                       weight, tensor):
+def test_a_non_finite_value_is_refused_naming_its_tensor_and_the_round_refolds_exactly(
+    tmp_path, poison, weight, tensor
+):
     honest = sites(tmp_path, FLOAT_LAYOUT, 2)
-    hostile = create_model(tmp_path / "hostile.safetensors", FLOAT_LAYOUT, fill=fill_exact_values, seed=7)
+    hostile = create_model(
+        tmp_path / "hostile.safetensors", FLOAT_LAYOUT, fill=fill_exact_values, seed=7
+    )
     target = hostile.arrays()[tensor]
-    target[-1] = poison if np.isnan(poison) or np.isinf(poison) else float(ml_dtypes.finfo(target.dtype).max) / 2
+    target[-1] = (
+        poison
+        if np.isnan(poison) or np.isinf(poison)
+        else float(ml_dtypes.finfo(target.dtype).max) / 2
+    )
     fedavg, output = aggregate(tmp_path, FLOAT_LAYOUT)
     fedavg.fold_model(honest[0], 1.0)
     contribution = fedavg.contribution(weight)
@@ -278,8 +339,10 @@ def test_an_update_above_max_update_norm_is_refused_and_one_below_is_kept(tmp_pa
     kept.complete()
     assert 0.09 < np.sqrt(kept.update_squares) / fedavg.norms.base_norm < 0.11
     refused = fedavg.contribution(1.0, max_update_norm=2.0)
-    with pytest.raises(UpdateRefused, match="update norm at least [0-9.]+ x the global model's is above "
-                                            "max_update_norm = 2"):
+    with pytest.raises(
+        UpdateRefused,
+        match="update norm at least [0-9.]+ x the global model's is above max_update_norm = 2",
+    ):
         fold_all(refused, large)  # refused as soon as its partial norm is too large, before the end
     assert refused.folded_chunks < len(list(large.manifest.chunks()))
 
@@ -335,7 +398,9 @@ def test_a_weight_that_is_not_finite_and_positive_is_refused(tmp_path, weight):
 def test_a_refusal_in_a_contribution_s_first_chunk_still_taints_the_round(tmp_path):
     """The refused chunk was partly added into sums other sites had made: it must not stay."""
     honest = sites(tmp_path, FLOAT_LAYOUT, 1)
-    hostile = create_model(tmp_path / "hostile.safetensors", FLOAT_LAYOUT, fill=fill_exact_values, seed=7)
+    hostile = create_model(
+        tmp_path / "hostile.safetensors", FLOAT_LAYOUT, fill=fill_exact_values, seed=7
+    )
     hostile.arrays()["weights"][0] = np.nan
     fedavg, _ = aggregate(tmp_path, FLOAT_LAYOUT)
     fedavg.fold_model(honest[0], 1.0)

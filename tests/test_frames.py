@@ -10,7 +10,9 @@ from helpers import feed, manifest_of
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hauler.core import untrusted_json
 from hauler.core.errors import IntegrityError, RemoteProtocolError
+from hauler.core.untrusted_json import parse_object
 from hauler.model import ChunkPlan, chunk_checksum
 from hauler.model.manifest import MAX_CHUNK_BYTES
 from hauler.transfer import (
@@ -23,8 +25,6 @@ from hauler.transfer import (
     hello_frame,
     parse_hello,
 )
-from hauler.core import untrusted_json
-from hauler.core.untrusted_json import parse_object
 from hauler.transfer.frames import HEADER, MAGIC, MAX_CONTROL_PAYLOAD
 
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
@@ -34,16 +34,33 @@ U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 def headers(draw: st.DrawFn) -> FrameHeader:
     kind = draw(st.sampled_from(Kind))
     limit = {Kind.DATA: MAX_CHUNK_BYTES, Kind.ACK: 0, Kind.END: 0}.get(kind, MAX_CONTROL_PAYLOAD)
-    return FrameHeader(kind, draw(st.integers(0, U32)), draw(st.integers(0, U64)),
-                       draw(st.integers(0, limit)), draw(st.integers(0, U64)))
+    return FrameHeader(
+        kind,
+        draw(st.integers(0, U32)),
+        draw(st.integers(0, U64)),
+        draw(st.integers(0, limit)),
+        draw(st.integers(0, U64)),
+    )
 
 
 def data_frame(tensor: int, offset: int, payload: bytes) -> bytes:
-    return FrameHeader.data(tensor, offset, len(payload), chunk_checksum(memoryview(payload))).encode() + payload
+    return (
+        FrameHeader.data(tensor, offset, len(payload), chunk_checksum(memoryview(payload))).encode()
+        + payload
+    )
 
 
-def raw_header(kind: int, *, tensor: int = 0, offset: int = 0, length: int = 0, checksum: int = 0,
-               magic: bytes = MAGIC, flags: int = 0, spare: int = 0) -> bytes:
+def raw_header(
+    kind: int,
+    *,
+    tensor: int = 0,
+    offset: int = 0,
+    length: int = 0,
+    checksum: int = 0,
+    magic: bytes = MAGIC,
+    flags: int = 0,
+    spare: int = 0,
+) -> bytes:
     return HEADER.pack(magic, kind, flags, spare, tensor, offset, length, checksum)
 
 
@@ -81,19 +98,33 @@ def test_header_of_the_wrong_size_is_a_remote_protocol_error(data):
         FrameHeader.decode(data)
 
 
-@pytest.mark.parametrize("header", [
-    raw_header(Kind.DATA, length=MAX_CHUNK_BYTES + 1),
-    raw_header(Kind.DATA, length=U32),
-    raw_header(Kind.HELLO, length=MAX_CONTROL_PAYLOAD + 1),
-    raw_header(Kind.ERROR, length=U32),
-    raw_header(Kind.ACK, length=1),
-    raw_header(Kind.DATA, length=8, magic=b"HTTP"),
-    raw_header(Kind.DATA, length=8, flags=1),
-    raw_header(Kind.DATA, length=8, spare=7),
-    raw_header(0, length=8),
-    raw_header(9, length=8),
-], ids=["data>max", "data=2**32-1", "hello>max", "error=2**32-1", "ack-with-payload", "magic", "flags",
-        "spare", "kind0", "kind9"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        raw_header(Kind.DATA, length=MAX_CHUNK_BYTES + 1),
+        raw_header(Kind.DATA, length=U32),
+        raw_header(Kind.HELLO, length=MAX_CONTROL_PAYLOAD + 1),
+        raw_header(Kind.ERROR, length=U32),
+        raw_header(Kind.ACK, length=1),
+        raw_header(Kind.DATA, length=8, magic=b"HTTP"),
+        raw_header(Kind.DATA, length=8, flags=1),
+        raw_header(Kind.DATA, length=8, spare=7),
+        raw_header(0, length=8),
+        raw_header(9, length=8),
+    ],
+    ids=[
+        "data>max",
+        "data=2**32-1",
+        "hello>max",
+        "error=2**32-1",
+        "ack-with-payload",
+        "magic",
+        "flags",
+        "spare",
+        "kind0",
+        "kind9",
+    ],
+)
 def test_bad_header_is_refused_before_any_payload_buffer_is_handed_out(header):
     destination = Recorder()
     reader = FrameReader(destination)
@@ -153,9 +184,14 @@ def test_data_frame_on_a_connection_that_is_not_receiving_is_refused():
 def frame_like(draw: st.DrawFn) -> bytes:
     """Bytes that often get past the magic: headers with small random fields, random payloads."""
     length = draw(st.integers(0, 600))
-    header = raw_header(draw(st.integers(0, 5)), tensor=draw(st.integers(0, 4)),
-                        offset=draw(st.sampled_from([0, 8, 64, 4096, U64])), length=length,
-                        checksum=draw(st.integers(0, U64)), flags=draw(st.sampled_from([0, 0, 0, 1])))
+    header = raw_header(
+        draw(st.integers(0, 5)),
+        tensor=draw(st.integers(0, 4)),
+        offset=draw(st.sampled_from([0, 8, 64, 4096, U64])),
+        length=length,
+        checksum=draw(st.integers(0, U64)),
+        flags=draw(st.sampled_from([0, 0, 0, 1])),
+    )
     payload = draw(st.binary(min_size=length, max_size=length))
     if draw(st.booleans()):  # a correct checksum, so the frame gets as far as the ledger
         header = header[:24] + chunk_checksum(memoryview(payload)).to_bytes(8, "little")
@@ -164,12 +200,20 @@ def frame_like(draw: st.DrawFn) -> bytes:
 
 GARBLED = manifest_of([("a", "F32", (40,)), ("b", "U8", (9,))], chunk_bytes=64)
 planned_frames = st.sampled_from(list(GARBLED.chunks())).flatmap(  # frames the ledger expects
-    lambda c: st.binary(min_size=c.length, max_size=c.length).map(lambda p: data_frame(c.tensor, c.offset, p)))
+    lambda c: st.binary(min_size=c.length, max_size=c.length).map(
+        lambda p: data_frame(c.tensor, c.offset, p)
+    )
+)
 
 
-@given(st.lists(st.one_of(st.binary(max_size=64), frame_like(), planned_frames), max_size=8), st.integers(1, 700),
-       st.booleans())
-def test_garbage_on_the_wire_raises_only_protocol_or_integrity_errors(pieces, piece_bytes, with_digests):
+@given(
+    st.lists(st.one_of(st.binary(max_size=64), frame_like(), planned_frames), max_size=8),
+    st.integers(1, 700),
+    st.booleans(),
+)
+def test_garbage_on_the_wire_raises_only_protocol_or_integrity_errors(
+    pieces, piece_bytes, with_digests
+):
     manifest = GARBLED.with_digests(["0" * 16, "1" * 16]) if with_digests else GARBLED
     ledger = ReceiveLedger(ChunkPlan(manifest))
     sink = bytearray(manifest.total_bytes)
@@ -192,6 +236,7 @@ def test_garbage_on_the_wire_raises_only_protocol_or_integrity_errors(pieces, pi
 
 
 # ----- HELLO: the first frame of a data connection, and JSON from peers in general -------------
+
 
 def test_hello_round_trips():
     frame = feed(FrameReader(), hello_frame("a" * 32, 5))[0]
@@ -224,10 +269,16 @@ def test_a_first_frame_that_is_not_a_hello_is_refused():
         parse_hello(frame.header, frame.payload)
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3),
-                                                                                        children, max_size=3),
-                    max_leaves=30))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(st.text(max_size=3), children, max_size=3)
+        ),
+        max_leaves=30,
+    )
+)
 def test_json_depth_is_measured_exactly(value):
     text = json.dumps({"v": value})
     expected = 1 + _depth(value)

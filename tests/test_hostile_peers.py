@@ -38,8 +38,12 @@ def poc_federation(tmp_path_factory):
     workspace = tmp_path_factory.mktemp("hostile") / "poc"
 
     def configure(workspace: Path) -> None:
-        edit_configs(workspace, "dataplane", {"hello_timeout_s": HELLO_TIMEOUT_S,
-                                              "max_connections_per_peer": MAX_CONNECTIONS}, roles="server")
+        edit_configs(
+            workspace,
+            "dataplane",
+            {"hello_timeout_s": HELLO_TIMEOUT_S, "max_connections_per_peer": MAX_CONNECTIONS},
+            roles="server",
+        )
         (workspace / "site-2").rename(workspace / "hostile-site-2")
 
     with federation(workspace, sites=2, configure=configure) as pids:
@@ -53,12 +57,17 @@ def hostile_kit(workspace: Path) -> SiteConfig:
 def refusals_logged(workspace: Path, kind: str) -> list[dict]:
     lines = (workspace / "server" / "logs" / "server.log").read_text().splitlines()  # JSON lines
     records = [json.loads(line) for line in lines if line.startswith("{")]
-    return [r for r in records if r.get("message") == "refused" and r.get("peer") == "site-2"
-            and r.get("kind") == kind]
+    return [
+        r
+        for r in records
+        if r.get("message") == "refused" and r.get("peer") == "site-2" and r.get("kind") == kind
+    ]
 
 
 async def open_idle(config: SiteConfig, count: int):
-    return [await connect(config.server_host, config.data_port, tls=config.tls) for _ in range(count)]
+    return [
+        await connect(config.server_host, config.data_port, tls=config.tls) for _ in range(count)
+    ]
 
 
 def test_idle_and_surplus_data_connections_are_dropped_and_refused(poc_federation):
@@ -78,13 +87,21 @@ def test_idle_and_surplus_data_connections_are_dropped_and_refused(poc_federatio
 
     asyncio.run(attack())
     assert len(refusals_logged(workspace, "connections")) == 1
-    assert len(refusals_logged(workspace, "hello")) == 1  # 4 dropped, one line: at most one a minute
+    assert (
+        len(refusals_logged(workspace, "hello")) == 1
+    )  # 4 dropped, one line: at most one a minute
     assert not process_gone(pids["server"])
 
 
-@pytest.mark.parametrize("payload", [b'{"transfer": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
-                                     b'{"transfer": {"a": {"b": [1]}}, "lane": 0}', b"\xff" * 100],
-                         ids=["nested_30000_deep", "nested_a_little", "not_json"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"transfer": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+        b'{"transfer": {"a": {"b": [1]}}, "lane": 0}',
+        b"\xff" * 100,
+    ],
+    ids=["nested_30000_deep", "nested_a_little", "not_json"],
+)
 def test_a_hostile_hello_is_refused_and_the_server_goes_on(poc_federation, payload):
     workspace, pids = poc_federation
     config = hostile_kit(workspace)
@@ -121,7 +138,10 @@ def lying_about_sizes(job: Path) -> str:
 def test_hostile_packages_are_refused_with_their_reason_leaving_nothing(poc_federation, tmp_path):
     workspace, _ = poc_federation
     job = hello_job(tmp_path, rounds=1, min_clients=1, arrays=1, array_bytes=4000)
-    many = {"job.toml": (job / "job.toml").read_bytes(), **{f"d/{k}.txt": b"" for k in range(120_000)}}
+    many = {
+        "job.toml": (job / "job.toml").read_bytes(),
+        **{f"d/{k}.txt": b"" for k in range(120_000)},
+    }
     jobs_dir = workspace / "server" / "jobs"
     before = set(jobs_dir.iterdir()) if jobs_dir.exists() else set()
 
@@ -135,7 +155,9 @@ def test_hostile_packages_are_refused_with_their_reason_leaving_nothing(poc_fede
         finally:
             await channel.close()
         async with Admin(admin) as session:
-            assert [site["name"] for site in await session.sites() if site["attached"]] == ["site-1"]
+            assert [site["name"] for site in await session.sites() if site["attached"]] == [
+                "site-1"
+            ]
 
     asyncio.run(attack())
     assert (set(jobs_dir.iterdir()) if jobs_dir.exists() else set()) == before
@@ -147,12 +169,20 @@ def test_a_second_server_on_the_same_workspace_exits_naming_the_first(poc_federa
     other = workspace / "server" / "other-ports.toml"
     other.write_text(tomli_w.dumps({**config, "control_port": 0, "data_port": 0}))
     try:
-        second = subprocess.run([sys.executable, "-m", "hauler", "server", "--config", str(other)],
-                                capture_output=True, text=True, timeout=60, cwd=REPO, stdin=subprocess.DEVNULL)
+        second = subprocess.run(
+            [sys.executable, "-m", "hauler", "server", "--config", str(other)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+        )
     finally:
         other.unlink()
     assert second.returncode != 0
-    assert f"another server (PID {pids['server']}) runs on this workspace" in second.stderr, second.stderr
+    assert f"another server (PID {pids['server']}) runs on this workspace" in second.stderr, (
+        second.stderr
+    )
 
     async def still_there() -> list:
         async with Admin(poc.admin_config(workspace)) as admin:

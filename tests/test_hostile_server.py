@@ -18,12 +18,24 @@ import pytest
 from helpers import REPO, edit_configs, hauler, ok, process_gone
 
 from hauler.core.config import ServerConfig, load_toml
-from hauler.core.messages import DeployJob, Heartbeat, Hello, Task, TaskFailed, Welcome, dump, parse_site_message
+from hauler.core.messages import (
+    DeployJob,
+    Heartbeat,
+    Hello,
+    Task,
+    TaskFailed,
+    Welcome,
+    dump,
+    parse_site_message,
+)
 from hauler.model import Manifest
 from hauler.transport import ControlServer
 
 EXECUTOR = {"module": "train", "script": None, "mode": "in_process", "config": {}}
-GOOD_FILES = {"job.toml": 'name = "x"\n[executor]\nmodule = "train"\n', "train.py": "def train(m, c): pass\n"}
+GOOD_FILES = {
+    "job.toml": 'name = "x"\n[executor]\nmodule = "train"\n',
+    "train.py": "def train(m, c): pass\n",
+}
 
 
 def zipped(entries: dict[str, bytes], *, compression: int = zipfile.ZIP_STORED) -> bytes:
@@ -55,9 +67,16 @@ PACKAGES = {
     "not_a_zip": b"hello, site",
     "bad_crc": bad_crc(),
     "lying_size": lying_size(),
-    "file_and_folder_share_a_name": zipped({**{k: v.encode() for k, v in GOOD_FILES.items()},
-                                            "lib": b"a file", "lib/inner.py": b"x = 1"}),
-    "escapes_the_folder": zipped({**{k: v.encode() for k, v in GOOD_FILES.items()}, "../evil.py": b"x"}),
+    "file_and_folder_share_a_name": zipped(
+        {
+            **{k: v.encode() for k, v in GOOD_FILES.items()},
+            "lib": b"a file",
+            "lib/inner.py": b"x = 1",
+        }
+    ),
+    "escapes_the_folder": zipped(
+        {**{k: v.encode() for k, v in GOOD_FILES.items()}, "../evil.py": b"x"}
+    ),
 }
 
 
@@ -113,8 +132,20 @@ def site_against_hostile_server(tmp_path):
     ok(hauler("poc", "prepare", "--workspace", workspace, "--sites", 1))
     edit_configs(workspace, "timeouts", {"heartbeat_interval": 0.5}, roles="sites")
     log = open(tmp_path / "site-1.log", "wb")
-    site = subprocess.Popen([sys.executable, "-m", "hauler", "client", "--config", str(workspace / "site-1" / "site.toml")],
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO)
+    site = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hauler",
+            "client",
+            "--config",
+            str(workspace / "site-1" / "site.toml"),
+        ],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        cwd=REPO,
+    )
     try:
         yield load_toml(ServerConfig, workspace / "server" / "server.toml"), site
     finally:
@@ -148,24 +179,48 @@ async def _connected(hostile: HostileServer) -> None:
         await asyncio.sleep(0.1)
 
 
-def test_broken_packages_and_messages_are_refused_and_the_site_stays_up(site_against_hostile_server):
+def test_broken_packages_and_messages_are_refused_and_the_site_stays_up(
+    site_against_hostile_server,
+):
     server_config, site = site_against_hostile_server
 
     async def script(hostile: HostileServer) -> None:
         for index, (kind, package) in enumerate(PACKAGES.items()):
             job_id = f"job{index}"
-            await hostile.outbox.put(dump(DeployJob(job_id=job_id, package_b64=base64.b64encode(package).decode(),
-                                                    executor=EXECUTOR)))
+            await hostile.outbox.put(
+                dump(
+                    DeployJob(
+                        job_id=job_id,
+                        package_b64=base64.b64encode(package).decode(),
+                        executor=EXECUTOR,
+                    )
+                )
+            )
             await hostile.outbox.put(task_for(job_id, f"task{index}"))
             reply = await hostile.reply()
             assert isinstance(reply, TaskFailed) and reply.task_id == f"task{index}", (kind, reply)
             assert "job package" in reply.error, (kind, reply.error)
-        for malformed in ({"type": "task"}, {"type": "no such message"}, {"type": "deploy_job", "job_id": 1},
-                          {"type": "upload_ready", "task_id": "unknown", "upload": "x"}):
+        for malformed in (
+            {"type": "task"},
+            {"type": "no such message"},
+            {"type": "deploy_job", "job_id": 1},
+            {"type": "upload_ready", "task_id": "unknown", "upload": "x"},
+        ):
             await hostile.outbox.put(malformed)
-        huge = Manifest.build([("w", "F32", (1 << 44,))], 4096).to_json()  # 64 TiB: over max_model_gib
-        await hostile.outbox.put(dump(DeployJob(job_id="good", executor=EXECUTOR, package_b64=base64.b64encode(
-            zipped({k: v.encode() for k, v in GOOD_FILES.items()})).decode())))
+        huge = Manifest.build(
+            [("w", "F32", (1 << 44,))], 4096
+        ).to_json()  # 64 TiB: over max_model_gib
+        await hostile.outbox.put(
+            dump(
+                DeployJob(
+                    job_id="good",
+                    executor=EXECUTOR,
+                    package_b64=base64.b64encode(
+                        zipped({k: v.encode() for k, v in GOOD_FILES.items()})
+                    ).decode(),
+                )
+            )
+        )
         await hostile.outbox.put(task_for("good", "huge", huge))
         while (reply := await hostile.reply()).task_id != "huge":  # "unknown": no result to upload
             assert isinstance(reply, TaskFailed) and reply.task_id == "unknown", reply

@@ -25,7 +25,10 @@ pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not s
 COMMUNICATION_TIMEOUT_S = 8
 
 BROKEN = {
-    "train_raises": ("train.py", '\n\ndef train(model, context):\n    raise RuntimeError("bug in the training code")\n'),
+    "train_raises": (
+        "train.py",
+        '\n\ndef train(model, context):\n    raise RuntimeError("bug in the training code")\n',
+    ),
     "import_raises": ("train.py", '\nraise RuntimeError("bug in the training code")\n'),
 }
 
@@ -63,7 +66,9 @@ def test_broken_job_code_fails_the_job_not_the_site(poc, tmp_path, module, code)
     with open(job / module, "a") as source:
         source.write(code)
     _, events, site_alive = run_failing_job(*poc, job)
-    assert any("bug in the training code" in error for error in site_failures(events)), site_failures(events)
+    assert any("bug in the training code" in error for error in site_failures(events)), (
+        site_failures(events)
+    )
     assert site_alive
 
 
@@ -71,11 +76,16 @@ def test_site_that_refuses_custom_code_fails_the_job_naming_the_digest_to_trust(
     job = hello_job(tmp_path, rounds=1, min_clients=1, arrays=1, array_bytes=4000)
     digest = ok(hauler("jobs", "digest", job)).stdout.strip()
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
-    with federation(tmp_path / "poc", sites=1,
-                    configure=lambda w: short_timeout(w, {"allow_custom_code": False})) as pids:
+    with federation(
+        tmp_path / "poc",
+        sites=1,
+        configure=lambda w: short_timeout(w, {"allow_custom_code": False}),
+    ) as pids:
         _, events, site_alive = run_failing_job(tmp_path / "poc", pids, job)
     failures = site_failures(events)
-    assert any("refuses this job's code" in error and digest in error for error in failures), failures
+    assert any("refuses this job's code" in error and digest in error for error in failures), (
+        failures
+    )
     assert site_alive
 
 
@@ -84,7 +94,9 @@ def test_a_locked_down_site_runs_the_job_whose_code_it_trusts(tmp_path):
     digest = ok(hauler("jobs", "digest", job)).stdout.strip()
 
     def configure(workspace):
-        edit_configs(workspace, None, {"allow_custom_code": False, "trusted_code": [digest]}, roles="sites")
+        edit_configs(
+            workspace, None, {"allow_custom_code": False, "trusted_code": [digest]}, roles="sites"
+        )
 
     with federation(tmp_path / "poc", sites=1, configure=configure):
         ok(hauler("submit", job, "--workspace", tmp_path / "poc", "--wait"))
@@ -101,7 +113,10 @@ def test_broken_model_code_fails_the_submission_where_it_runs_and_reaches_no_ser
     before = set((workspace / "server" / "jobs").glob("*"))
     result = hauler("submit", job, "--workspace", workspace, "--wait")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "building the initial model with model.py failed: RuntimeError: bug in the model code" in result.stderr
+    assert (
+        "building the initial model with model.py failed: RuntimeError: bug in the model code"
+        in result.stderr
+    )
     assert set((workspace / "server" / "jobs").glob("*")) == before  # nothing was submitted
     assert not process_gone(pids["server"])
 
@@ -110,8 +125,10 @@ def test_the_server_runs_no_job_code_round_zero_is_built_where_the_job_is_submit
     workspace, pids = poc
     job = hello_job(tmp_path, rounds=1, min_clients=1, arrays=1, array_bytes=4000)
     with open(job / "model.py", "a") as source:
-        source.write("\n\nimport os as _os, pathlib as _pathlib\n"
-                     "_pathlib.Path(__file__).with_name(f'imported-by-{_os.getpid()}').touch()\n")
+        source.write(
+            "\n\nimport os as _os, pathlib as _pathlib\n"
+            "_pathlib.Path(__file__).with_name(f'imported-by-{_os.getpid()}').touch()\n"
+        )
     result = ok(hauler("submit", job, "--workspace", workspace, "--wait"))
     app = workspace / "server" / "jobs" / submitted_job_id(result.stdout) / "app"
     assert app.is_dir() and not list(app.glob("imported-by-*"))  # the server imported nothing
@@ -124,11 +141,13 @@ def test_a_server_that_allows_no_custom_code_refuses_to_build_round_zero(poc, tm
     job_toml = job / "job.toml"
     job_toml.write_text(job_toml.read_text().replace("[model]\n", '[model]\nbuild = "server"\n'))
     result = hauler("submit", job, "--workspace", poc[0])
-    assert result.returncode == 1 and "this server runs no job code (allow_custom_code = false" in result.stderr, \
-        result.stdout + result.stderr
+    assert (
+        result.returncode == 1
+        and "this server runs no job code (allow_custom_code = false" in result.stderr
+    ), result.stdout + result.stderr
 
 
-ATTACKS = '''
+ATTACKS = """
 
 import os as _os, socket as _socket
 
@@ -136,7 +155,10 @@ import os as _os, socket as _socket
 def _attacks(c):
     yield "read the server's key", lambda: open(c["key"]).read()
     yield "list another job's folder", lambda: _os.listdir(c["other_job"])
-    yield "connect to the server's port", lambda: _socket.create_connection(("127.0.0.1", c["port"]), 2).close() or 1
+    yield (
+        "connect to the server's port",
+        lambda: _socket.create_connection(("127.0.0.1", c["port"]), 2).close() or 1,
+    )
 
 
 _layout = layout
@@ -150,7 +172,7 @@ def layout(config):
             continue
         raise RuntimeError(f"{name} got through: {str(got)[:200]}")
     return _layout(config)
-'''
+"""
 
 
 def test_a_server_that_allows_custom_code_builds_round_zero_confined(tmp_path):
@@ -162,22 +184,40 @@ def test_a_server_that_allows_custom_code_builds_round_zero_confined(tmp_path):
         edit_configs(workspace, None, {"allow_custom_code": True}, roles="server")
 
     with federation(workspace, sites=1, configure=configure):
-        other = submitted_job_id(ok(hauler("submit", hello_job(tmp_path / "other", rounds=1, min_clients=1, arrays=1,
-                                                               array_bytes=4000), "--workspace", workspace)).stdout)
+        other = submitted_job_id(
+            ok(
+                hauler(
+                    "submit",
+                    hello_job(
+                        tmp_path / "other", rounds=1, min_clients=1, arrays=1, array_bytes=4000
+                    ),
+                    "--workspace",
+                    workspace,
+                )
+            ).stdout
+        )
         server = tomllib.loads((workspace / "server" / "server.toml").read_text())
         job = hello_job(tmp_path, rounds=1, min_clients=1, arrays=1, array_bytes=4000)
         (job / "model.py").write_text((job / "model.py").read_text() + ATTACKS)
         config = tomllib.loads((job / "job.toml").read_text())
-        config["model"].update(build="server", config={
-            **config["model"]["config"], "key": str(workspace / "server" / server["tls"]["key"]),
-            "other_job": str(workspace / "server" / "jobs" / other / "app"), "port": server["control_port"]})
+        config["model"].update(
+            build="server",
+            config={
+                **config["model"]["config"],
+                "key": str(workspace / "server" / server["tls"]["key"]),
+                "other_job": str(workspace / "server" / "jobs" / other / "app"),
+                "port": server["control_port"],
+            },
+        )
         (job / "job.toml").write_text(tomli_w.dumps(config))
         assert (workspace / "server" / "jobs" / other / "app").is_dir()  # there to be listed
         finished = ok(hauler("submit", job, "--workspace", workspace, "--wait"))
         assert "job.finished" in finished.stdout
 
         with open(job / "model.py", "a") as source:
-            source.write('\n\ndef fill(name, out, config):\n    raise RuntimeError("bug in fill")\n')
+            source.write(
+                '\n\ndef fill(name, out, config):\n    raise RuntimeError("bug in fill")\n'
+            )
         failed = hauler("submit", job, "--workspace", workspace, "--wait")
         assert failed.returncode == 1 and "building round 0 with model.py failed" in failed.stdout
         assert "RuntimeError: bug in fill" in failed.stdout  # shown to its submitter

@@ -24,7 +24,9 @@ from hauler.server.sites import SiteRegistry
 from hauler.server.transfers import TransferRegistry
 
 ADMIN = ("admin", "poc")  # who submits: (name, organisation)
-INITIAL = Manifest.build([("w", "F32", (8,))], 4 << 20).with_digests(["0123456789abcdef"])  # announced
+INITIAL = Manifest.build([("w", "F32", (8,))], 4 << 20).with_digests(
+    ["0123456789abcdef"]
+)  # announced
 
 
 async def submit(runner: JobRunner, package: str, submitter: tuple[str, str]) -> str:
@@ -44,8 +46,13 @@ def runner(tmp_path):
 async def test_submitted_job_is_stored_and_awaits_its_initial_model(runner, tmp_path):
     job_id = await submit(runner, pack(hello_job(tmp_path), 1 << 20), ("admin", "hospital-a"))
     record = runner.store.get(job_id)
-    assert (record.name, record.status, record.num_rounds, record.submitter, record.submitter_org) == (
-        "hello-numpy", JobStatus.SUBMITTED, 2, "admin", "hospital-a")
+    assert (
+        record.name,
+        record.status,
+        record.num_rounds,
+        record.submitter,
+        record.submitter_org,
+    ) == ("hello-numpy", JobStatus.SUBMITTED, 2, "admin", "hospital-a")
     assert (runner.job_dir(job_id) / "app" / "job.toml").exists()
 
 
@@ -93,7 +100,12 @@ async def test_watch_delivers_the_ending_even_if_the_job_ends_during_the_replay(
     bus.emit("job.finished", job=job_id)
     runner.store.update(job_id, status=JobStatus.FINISHED)
     rest = [record async for record in watch]
-    assert [r["event"] for r in [first, *rest]] == ["job.started", "round.started", "round.complete", "job.finished"]
+    assert [r["event"] for r in [first, *rest]] == [
+        "job.started",
+        "round.started",
+        "round.complete",
+        "job.finished",
+    ]
 
 
 async def test_watch_replays_a_finished_job_and_ends(runner, tmp_path):
@@ -122,13 +134,18 @@ async def test_watch_follows_live_events_until_the_end(runner, tmp_path):
     assert await asyncio.wait_for(watcher, 10) == ["job.started", "round.complete", "job.failed"]
 
 
-@pytest.mark.parametrize("model, error", [
-    ({}, "the job brings no initial model"),
-    ({"module": "model", "build": "server"}, "this server runs no job code"),
-    ({"file": "pretrained.safetensors"}, "not a file in the server's model_dirs"),
-], ids=["no_source", "build_on_a_server_without_custom_code", "file_outside_model_dirs"])
-async def test_a_job_whose_round_zero_this_server_cannot_have_is_refused_at_submission(runner, tmp_path,
-                                                                                        model, error):
+@pytest.mark.parametrize(
+    "model, error",
+    [
+        ({}, "the job brings no initial model"),
+        ({"module": "model", "build": "server"}, "this server runs no job code"),
+        ({"file": "pretrained.safetensors"}, "not a file in the server's model_dirs"),
+    ],
+    ids=["no_source", "build_on_a_server_without_custom_code", "file_outside_model_dirs"],
+)
+async def test_a_job_whose_round_zero_this_server_cannot_have_is_refused_at_submission(
+    runner, tmp_path, model, error
+):
     job_dir = hello_job(tmp_path)
     config = tomllib.loads((job_dir / "job.toml").read_text())
     config["model"] = model
@@ -138,11 +155,23 @@ async def test_a_job_whose_round_zero_this_server_cannot_have_is_refused_at_subm
     assert runner.store.list() == [] and not list(runner.jobs_dir.glob("*"))
 
 
-@pytest.mark.parametrize("change, error", [
-    (lambda m: Manifest(m.tensors, 1 << 20), "chunks of 1048576 bytes; this server's are 4194304"),
-    (lambda m: Manifest.build([("w", "F32", (8,))], 4 << 20), "with their digests"),
-    (lambda m: Manifest.build([("w", "F32", (1 << 41,))], 4 << 20).with_digests(["00"]), "max_model_gib"),
-], ids=["other_chunk_size", "no_digests", "too_large"])
-async def test_an_announced_initial_model_the_server_would_not_take_is_refused(runner, tmp_path, change, error):
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (
+            lambda m: Manifest(m.tensors, 1 << 20),
+            "chunks of 1048576 bytes; this server's are 4194304",
+        ),
+        (lambda m: Manifest.build([("w", "F32", (8,))], 4 << 20), "with their digests"),
+        (
+            lambda m: Manifest.build([("w", "F32", (1 << 41,))], 4 << 20).with_digests(["00"]),
+            "max_model_gib",
+        ),
+    ],
+    ids=["other_chunk_size", "no_digests", "too_large"],
+)
+async def test_an_announced_initial_model_the_server_would_not_take_is_refused(
+    runner, tmp_path, change, error
+):
     with pytest.raises(JobError, match=error):
         await runner.submit(pack(hello_job(tmp_path), 1 << 20), ADMIN, change(INITIAL))

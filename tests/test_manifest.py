@@ -21,10 +21,15 @@ from hauler.model.manifest import (
     MAX_TENSORS,
 )
 
-names = st.text(st.characters(codec="utf-8", categories=("L", "N", "Pc", "Pd")), min_size=1, max_size=20)
+names = st.text(
+    st.characters(codec="utf-8", categories=("L", "N", "Pc", "Pd")), min_size=1, max_size=20
+)
 layouts = st.lists(
-    st.tuples(names, st.sampled_from(sorted(DTYPES)), st.lists(st.integers(0, 40), max_size=3).map(tuple)),
-    max_size=8, unique_by=lambda t: t[0],
+    st.tuples(
+        names, st.sampled_from(sorted(DTYPES)), st.lists(st.integers(0, 40), max_size=3).map(tuple)
+    ),
+    max_size=8,
+    unique_by=lambda t: t[0],
 )
 chunk_sizes = st.integers(1, 64).map(lambda k: 8 * k)
 
@@ -90,7 +95,9 @@ HOSTILE = {
     "negative_offset": valid_json(offset=-16),
     "float_offset": valid_json(offset=16.0),
     "2**50_elements": valid_json(shape=[1 << 50], length=8 << 50),
-    "product_of_dims_overflows_int64": valid_json(shape=[1 << 32, 1 << 32, 1 << 32], length=8 << 96),
+    "product_of_dims_overflows_int64": valid_json(
+        shape=[1 << 32, 1 << 32, 1 << 32], length=8 << 96
+    ),
     "negative_dimension": valid_json(shape=[-2, -3], length=48),
     "float_dimension": valid_json(shape=[2.0, 3], length=48),
     "too_many_dims": valid_json(shape=[1] * (MAX_DIMS + 1), length=8),
@@ -116,8 +123,13 @@ HOSTILE = {
     "chunk_bytes_string": {"chunk_bytes": "4096", "tensors": []},
     "not_an_object": ["chunk_bytes", 4096],
     "null": None,
-    "model_larger_than_the_limit": {"chunk_bytes": 4096, "tensors": [
-        ["a", "U8", [MAX_MODEL_BYTES], 0, MAX_MODEL_BYTES, ""], ["b", "U8", [1], MAX_MODEL_BYTES, 1, ""]]},
+    "model_larger_than_the_limit": {
+        "chunk_bytes": 4096,
+        "tensors": [
+            ["a", "U8", [MAX_MODEL_BYTES], 0, MAX_MODEL_BYTES, ""],
+            ["b", "U8", [1], MAX_MODEL_BYTES, 1, ""],
+        ],
+    },
 }
 
 
@@ -139,8 +151,15 @@ def test_too_many_tensors_are_refused_before_they_are_parsed():
     assert peak < 1 << 20  # refused on the count: not one TensorEntry per row was built
 
 
-@pytest.mark.parametrize("data", [HOSTILE["2**50_elements"], HOSTILE["length_claims_more_than_shape"],
-                                  HOSTILE["model_larger_than_the_limit"]], ids=["2**50", "length", "total"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        HOSTILE["2**50_elements"],
+        HOSTILE["length_claims_more_than_shape"],
+        HOSTILE["model_larger_than_the_limit"],
+    ],
+    ids=["2**50", "length", "total"],
+)
 def test_refusal_allocates_nothing_model_sized(data):
     tracemalloc.start()
     try:
@@ -158,8 +177,14 @@ def test_error_names_the_tensor_at_fault():
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(max_size=12),
-    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 70), 1 << 70)
+    | st.floats()
+    | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
     max_leaves=40,
 )
 

@@ -22,13 +22,30 @@ from hauler.core.messages import (
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
-message_like = st.dictionaries(st.sampled_from(["type", "site", "task_id", "weight", "manifest", "error", "job_id",
-                                                "upload", "download", "round"]) | st.text(max_size=8),
-                               json_values | st.sampled_from(["hello", "result_ready", "task", "upload_ready"]),
-                               max_size=8)
+message_like = st.dictionaries(
+    st.sampled_from(
+        [
+            "type",
+            "site",
+            "task_id",
+            "weight",
+            "manifest",
+            "error",
+            "job_id",
+            "upload",
+            "download",
+            "round",
+        ]
+    )
+    | st.text(max_size=8),
+    json_values | st.sampled_from(["hello", "result_ready", "task", "upload_ready"]),
+    max_size=8,
+)
 
 
 def test_a_heartbeat_carries_a_bounded_list_of_valid_samples():
@@ -36,7 +53,11 @@ def test_a_heartbeat_carries_a_bounded_list_of_valid_samples():
     beat = parse_site_message({"type": "heartbeat", "resources": [sample] * 3})
     assert isinstance(beat, Heartbeat) and beat.resources[2].rss_anon_bytes == 1024
     assert parse_site_message({"type": "heartbeat"}) == Heartbeat()  # a site that samples nothing
-    for bad in ([sample] * (MAX_HEARTBEAT_SAMPLES + 1), [{**sample, "rss_bytes": -1}], [{**sample, "pid": 1}]):
+    for bad in (
+        [sample] * (MAX_HEARTBEAT_SAMPLES + 1),
+        [{**sample, "rss_bytes": -1}],
+        [{**sample, "pid": 1}],
+    ):
         with pytest.raises(RemoteProtocolError):
             parse_site_message({"type": "heartbeat", "resources": bad})
 
@@ -59,33 +80,66 @@ def test_garbage_from_the_server_is_refused_as_remote_protocol_error(data):
     assert parse_server_message(dump(message)) == message
 
 
-@pytest.mark.parametrize("data", [
-    {"type": "hello", "site": "../../etc"},
-    {"type": "hello", "site": ""},
-    {"type": "hello", "site": "s" * 65},
-    {"type": "hello", "site": "site-1", "admin": True},
-    {"type": "result_ready", "task_id": "t", "weight": 1, "manifest": {}, "metrics": {"m" * 200: 1.0}},
-    {"type": "result_ready", "task_id": "t", "weight": 1, "manifest": {}, "metrics": {f"m{k}": 1.0 for k in range(1000)}},
-    {"type": "task_failed", "task_id": "t", "error": "x" * 5000},
-    {"type": "welcome", "site": "site-1"},  # a server message, not a site's
-], ids=["path_in_name", "empty_name", "long_name", "extra_field", "long_metric_name", "too_many_metrics",
-        "long_error", "wrong_direction"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"type": "hello", "site": "../../etc"},
+        {"type": "hello", "site": ""},
+        {"type": "hello", "site": "s" * 65},
+        {"type": "hello", "site": "site-1", "admin": True},
+        {
+            "type": "result_ready",
+            "task_id": "t",
+            "weight": 1,
+            "manifest": {},
+            "metrics": {"m" * 200: 1.0},
+        },
+        {
+            "type": "result_ready",
+            "task_id": "t",
+            "weight": 1,
+            "manifest": {},
+            "metrics": {f"m{k}": 1.0 for k in range(1000)},
+        },
+        {"type": "task_failed", "task_id": "t", "error": "x" * 5000},
+        {"type": "welcome", "site": "site-1"},  # a server message, not a site's
+    ],
+    ids=[
+        "path_in_name",
+        "empty_name",
+        "long_name",
+        "extra_field",
+        "long_metric_name",
+        "too_many_metrics",
+        "long_error",
+        "wrong_direction",
+    ],
+)
 def test_invalid_site_message_is_refused(data):
     with pytest.raises(RemoteProtocolError):
         parse_site_message(data)
 
 
 def test_messages_round_trip_through_json():
-    messages = [Hello(site="site-1"), ResultReady(task_id="t", weight=8.0, manifest={"chunk_bytes": 8}),
-                Task(task_id="t", job_id="j", round=1, manifest={}, download="d"),
-                UploadReady(task_id="t", upload="u")]
+    messages = [
+        Hello(site="site-1"),
+        ResultReady(task_id="t", weight=8.0, manifest={"chunk_bytes": 8}),
+        Task(task_id="t", job_id="j", round=1, manifest={}, download="d"),
+        UploadReady(task_id="t", upload="u"),
+    ]
     for message in messages:
-        parse = parse_site_message if isinstance(message, (Hello, ResultReady)) else parse_server_message
+        parse = (
+            parse_site_message
+            if isinstance(message, (Hello, ResultReady))
+            else parse_server_message
+        )
         assert parse(dump(message)) == message
 
 
 @pytest.mark.parametrize("weight", [0.0, -1.0, float("inf"), float("nan"), 1e300])
 def test_a_result_s_weight_is_taken_as_sent_so_the_server_can_refuse_it_by_name(weight):
     """Validation of the weight is the federation's (against max_weight), not a protocol error."""
-    message = parse_site_message({"type": "result_ready", "task_id": "t", "weight": weight, "manifest": {}})
+    message = parse_site_message(
+        {"type": "result_ready", "task_id": "t", "weight": weight, "manifest": {}}
+    )
     assert message.weight == weight or (weight != weight and message.weight != message.weight)

@@ -25,10 +25,14 @@ from hauler.model import ModelFile, read_manifest
 from hauler.model.manifest import MAX_HEADER_BYTES
 
 
-def write_safetensors(path, header: object, data: bytes = b"", *, header_len: int | None = None) -> None:
+def write_safetensors(
+    path, header: object, data: bytes = b"", *, header_len: int | None = None
+) -> None:
     body = json.dumps(header).encode() if not isinstance(header, bytes) else header
     body += b" " * (-len(body) % 8)
-    path.write_bytes(struct.pack("<Q", len(body) if header_len is None else header_len) + body + data)
+    path.write_bytes(
+        struct.pack("<Q", len(body) if header_len is None else header_len) + body + data
+    )
 
 
 def test_created_file_reopens_with_the_same_layout_and_bytes(tmp_path):
@@ -51,7 +55,9 @@ def test_arrays_are_views_of_the_file(tmp_path):
 
 
 def test_hauler_files_load_with_safetensors(tmp_path):
-    with create_model(tmp_path / "m.safetensors", MIXED_LAYOUT, fill=fill_exact_values, seed=5) as model:
+    with create_model(
+        tmp_path / "m.safetensors", MIXED_LAYOUT, fill=fill_exact_values, seed=5
+    ) as model:
         expected = {name: np.array(array) for name, array in model.arrays().items()}
     loaded = load_file(str(tmp_path / "m.safetensors"))
     assert list(loaded) == [name for name, _, _ in MIXED_LAYOUT]
@@ -81,8 +87,10 @@ def test_safetensors_files_open_as_model_files(tmp_path):
 
 
 def test_empty_tensor_listed_after_a_tensor_at_the_same_offset_is_accepted(tmp_path):
-    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "I64", "shape": [0], "data_offsets": [0, 0]}}
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "I64", "shape": [0], "data_offsets": [0, 0]},
+    }
     write_safetensors(tmp_path / "m.safetensors", header, np.ones(2, np.float32).tobytes())
     assert sorted(load_file(str(tmp_path / "m.safetensors"))) == ["a", "b"]  # safetensors takes it
     with ModelFile.open(tmp_path / "m.safetensors") as model:
@@ -100,15 +108,32 @@ HOSTILE_FILES = {
     "entry_not_an_object": ({"w": [0, 8]}, bytes(8), None),
     "data_shorter_than_described": (F32_2, bytes(4), None),
     "data_longer_than_described": (F32_2, bytes(12), None),
-    "offsets_with_a_hole": ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), None),
-    "shape_disagrees_with_offsets": ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), None),
-    "huge_tensor_in_a_small_file": ({"w": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 1 << 42]}},
-                                    bytes(8), None),
-    "unknown_dtype": ({"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, bytes(8), None),
+    "offsets_with_a_hole": (
+        {"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+        bytes(12),
+        None,
+    ),
+    "shape_disagrees_with_offsets": (
+        {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+        bytes(8),
+        None,
+    ),
+    "huge_tensor_in_a_small_file": (
+        {"w": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 1 << 42]}},
+        bytes(8),
+        None,
+    ),
+    "unknown_dtype": (
+        {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}},
+        bytes(8),
+        None,
+    ),
 }
 
 
-@pytest.mark.parametrize("header, data, header_len", HOSTILE_FILES.values(), ids=HOSTILE_FILES.keys())
+@pytest.mark.parametrize(
+    "header, data, header_len", HOSTILE_FILES.values(), ids=HOSTILE_FILES.keys()
+)
 def test_hostile_file_is_refused_before_it_is_mapped(tmp_path, header, data, header_len):
     path = tmp_path / "hostile.safetensors"
     if header == b"\x01\x02":
@@ -120,7 +145,9 @@ def test_hostile_file_is_refused_before_it_is_mapped(tmp_path, header, data, hea
 
 def test_header_length_past_the_end_of_the_file_is_refused_before_reading_it(tmp_path):
     path = tmp_path / "hostile.safetensors"
-    path.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES) + b'{"w": 1}')  # 16 bytes claiming a 100 MB header
+    path.write_bytes(
+        struct.pack("<Q", MAX_HEADER_BYTES) + b'{"w": 1}'
+    )  # 16 bytes claiming a 100 MB header
     assert_refused_without_allocating(path)
 
 
@@ -148,7 +175,9 @@ def test_create_reuses_the_inode_of_a_retired_file(tmp_path):
     manifest = manifest_of(MIXED_LAYOUT)
     ModelFile.create(tmp_path / "round-0.safetensors", manifest).close()
     inode = os.stat(tmp_path / "round-0.safetensors").st_ino
-    with ModelFile.create(tmp_path / "round-2.safetensors", manifest, reuse=tmp_path / "round-0.safetensors") as model:
+    with ModelFile.create(
+        tmp_path / "round-2.safetensors", manifest, reuse=tmp_path / "round-0.safetensors"
+    ) as model:
         assert os.stat(model.path).st_ino == inode
     assert not (tmp_path / "round-0.safetensors").exists()
 
@@ -158,6 +187,9 @@ def test_create_over_an_existing_file_resizes_it_for_the_new_layout(tmp_path):
     create_model(path, [("a", "F32", (100_000,))]).close()
     with create_model(path, MIXED_LAYOUT, fill=fill_exact_values) as model:
         expected = {name: np.array(array) for name, array in model.arrays().items()}
-    assert os.path.getsize(path) == len(model.manifest.safetensors_header()) + model.manifest.total_bytes
+    assert (
+        os.path.getsize(path)
+        == len(model.manifest.safetensors_header()) + model.manifest.total_bytes
+    )
     loaded = load_file(str(path))
     assert all(np.array_equal(loaded[name], array) for name, array in expected.items())

@@ -64,7 +64,20 @@ def hosts():
         _ip("-n", server, "link", "set", "br0", "up")
         for k, role in enumerate(("site-1", "site-2"), start=1):
             outer, inner = f"hv{k}{tag}", f"hs{k}{tag}"
-            _ip("link", "add", outer, "netns", server, "type", "veth", "peer", "name", inner, "netns", names[role])
+            _ip(
+                "link",
+                "add",
+                outer,
+                "netns",
+                server,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                inner,
+                "netns",
+                names[role],
+            )
             _ip("-n", server, "link", "set", outer, "master", "br0", "up")
             _ip("-n", names[role], "addr", "add", f"10.200.0.{10 + k}/24", "dev", inner)
             _ip("-n", names[role], "link", "set", inner, "up")
@@ -76,37 +89,79 @@ def hosts():
 
 def _in(namespace: str, *args: str, log: Path) -> subprocess.Popen:
     with open(log, "ab") as output:
-        return subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-m", "hauler", *args],
-                                stdout=output, stderr=output, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-m", "hauler", *args],
+            stdout=output,
+            stderr=output,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def _run(namespace: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-m", "hauler", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["ip", "netns", "exec", namespace, sys.executable, "-m", "hauler", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_two_round_job_across_three_hosts_over_mutual_tls(hosts, tmp_path):
-    project = {"name": "netns", "server": {"host": SERVER_ADDRESS, "control_port": 18002, "data_port": 18003},
-               "sites": [{"name": "site-1", "org": "a"}, {"name": "site-2", "org": "b"}],
-               "admins": [{"name": "alice", "org": "a", "role": "project_admin"}]}
+    project = {
+        "name": "netns",
+        "server": {"host": SERVER_ADDRESS, "control_port": 18002, "data_port": 18003},
+        "sites": [{"name": "site-1", "org": "a"}, {"name": "site-2", "org": "b"}],
+        "admins": [{"name": "alice", "org": "a", "role": "project_admin"}],
+    }
     (tmp_path / "project.yml").write_text(yaml.safe_dump(project))
     provision(tmp_path / "project.yml", tmp_path / "kits")
     job = tmp_path / "job"
     shutil.copytree(EXAMPLE, job)
-    (job / "job.toml").write_text((EXAMPLE / "job.toml").read_text()
-                                  .replace("num_rounds = 3", "num_rounds = 2")
-                                  .replace("arrays = 64, array_mib = 16", "arrays = 3, array_bytes = 1000004"))
+    (job / "job.toml").write_text(
+        (EXAMPLE / "job.toml")
+        .read_text()
+        .replace("num_rounds = 3", "num_rounds = 2")
+        .replace("arrays = 64, array_mib = 16", "arrays = 3, array_bytes = 1000004")
+    )
     kits, logs = tmp_path / "kits", tmp_path
-    processes = [_in(hosts["server"], "server", "--config", str(kits / "server" / "server.toml"), log=logs / "server.log")]
+    processes = [
+        _in(
+            hosts["server"],
+            "server",
+            "--config",
+            str(kits / "server" / "server.toml"),
+            log=logs / "server.log",
+        )
+    ]
     try:
         time.sleep(1.0)
-        processes += [_in(hosts[site], "client", "--config", str(kits / site / "site.toml"), log=logs / f"{site}.log")
-                      for site in ("site-1", "site-2")]
-        submitted = _run(hosts["site-1"], "submit", str(job), "--kit", str(kits / "alice"), "--wait")
-        assert submitted.returncode == 0, submitted.stdout + submitted.stderr + (logs / "server.log").read_text()
+        processes += [
+            _in(
+                hosts[site],
+                "client",
+                "--config",
+                str(kits / site / "site.toml"),
+                log=logs / f"{site}.log",
+            )
+            for site in ("site-1", "site-2")
+        ]
+        submitted = _run(
+            hosts["site-1"], "submit", str(job), "--kit", str(kits / "alice"), "--wait"
+        )
+        assert submitted.returncode == 0, (
+            submitted.stdout + submitted.stderr + (logs / "server.log").read_text()
+        )
         job_id = submitted.stdout.split("submitted job ")[1].split()[0]
-        downloaded = _run(hosts["site-2"], "jobs", "download", job_id, "-o", str(tmp_path / "out"),
-                          "--kit", str(kits / "alice"))
+        downloaded = _run(
+            hosts["site-2"],
+            "jobs",
+            "download",
+            job_id,
+            "-o",
+            str(tmp_path / "out"),
+            "--kit",
+            str(kits / "alice"),
+        )
         assert downloaded.returncode == 0, downloaded.stderr
     finally:
         for process in processes:

@@ -30,8 +30,11 @@ MAX = 1 << 20
 JOB_TOML = 'name = "j"\n[model]\nmodule = "model"\n[executor]\nmodule = "train"\n'
 
 
-def zip_bytes(*entries: tuple[str | zipfile.ZipInfo, bytes], job_toml: bool = True,
-              method: int = zipfile.ZIP_DEFLATED) -> bytes:
+def zip_bytes(
+    *entries: tuple[str | zipfile.ZipInfo, bytes],
+    job_toml: bool = True,
+    method: int = zipfile.ZIP_DEFLATED,
+) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", method) as zipped, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Duplicate name": some tests mean it
@@ -64,8 +67,9 @@ def test_pack_then_unpack_gives_back_the_job_folder(tmp_path):
     (job_dir / "data" / "notes.txt").write_text("kept")
     job = unpack(pack(job_dir, MAX), tmp_path / "unpacked", MAX)
     assert job.name == "hello-numpy" and job.workflow.num_rounds == 2
-    unpacked = sorted(p.relative_to(tmp_path / "unpacked").as_posix()
-                      for p in (tmp_path / "unpacked").rglob("*"))
+    unpacked = sorted(
+        p.relative_to(tmp_path / "unpacked").as_posix() for p in (tmp_path / "unpacked").rglob("*")
+    )
     assert unpacked == ["data", "data/notes.txt", "job.toml", "model.py", "train.py"]
     assert (tmp_path / "unpacked" / "model.py").read_bytes() == (EXAMPLE / "model.py").read_bytes()
 
@@ -75,7 +79,9 @@ def test_unpacked_modules_import_privately_per_job(tmp_path):
     module = load_job_module(tmp_path / "app", "abc123", "model")
     assert module.__name__ == "hauler_job_abc123.model"
     assert module.layout({"arrays": 2, "array_bytes": 8}) == [
-        ("array_0", "F32", (2,)), ("array_1", "F32", (2,))]
+        ("array_0", "F32", (2,)),
+        ("array_1", "F32", (2,)),
+    ]
     with pytest.raises(JobError, match="'nope'"):
         load_job_module(tmp_path / "app", "abc123", "nope")
 
@@ -167,9 +173,9 @@ CRC, COMPRESSED, SIZE, FLAGS, METHOD = 16, 20, 24, 8, 10  # field offsets in a c
 def central_header(data: bytes, name: str) -> int:
     """Offset of `name`'s header in the central directory of the zip `data`."""
     at = zipfile.ZipFile(io.BytesIO(data)).start_dir
-    while data[at:at + 4] == b"PK\x01\x02":
+    while data[at : at + 4] == b"PK\x01\x02":
         name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, at + 28)
-        if data[at + 46:at + 46 + name_len] == name.encode():
+        if data[at + 46 : at + 46 + name_len] == name.encode():
             return at
         at += 46 + name_len + extra_len + comment_len
     raise KeyError(name)
@@ -179,7 +185,7 @@ def patched(data: bytes, name: str, field: int, value: int) -> bytes:
     """The zip `data` with one field of `name`'s central directory header rewritten."""
     at = central_header(data, name) + field
     width = 2 if field in (FLAGS, METHOD) else 4
-    return data[:at] + value.to_bytes(width, "little") + data[at + width:]
+    return data[:at] + value.to_bytes(width, "little") + data[at + width :]
 
 
 def refused(package: str, tmp_path: Path, max_bytes: int = MAX) -> str:
@@ -197,12 +203,17 @@ def model_py(method: int, content: bytes = b"x = 1\n" * 50) -> tuple[bytes, zipf
     return data, zipfile.ZipFile(io.BytesIO(data)).getinfo("model.py")
 
 
-@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
-                         ids=["stored", "deflated"])
-@pytest.mark.parametrize("change, expected", [
-    (-10, "'model.py' cannot be unpacked: BadZipFile: Bad CRC-32 for file 'model.py'"),
-    (+10, "'model.py' holds 300 bytes, not the 310 its header declares"),
-], ids=["smaller", "larger"])
+@pytest.mark.parametrize(
+    "method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"]
+)
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (-10, "'model.py' cannot be unpacked: BadZipFile: Bad CRC-32 for file 'model.py'"),
+        (+10, "'model.py' holds 300 bytes, not the 310 its header declares"),
+    ],
+    ids=["smaller", "larger"],
+)
 def test_central_directory_lying_about_a_size_is_refused(tmp_path, method, change, expected):
     data, entry = model_py(method)
     assert entry.file_size == 300
@@ -215,7 +226,8 @@ def test_central_directory_lying_about_a_compressed_size_is_refused(tmp_path):
     lying = patched(data, "model.py", COMPRESSED, entry.compress_size + 1000)
     assert refused(b64(lying), tmp_path) == (
         f"job package entry 'model.py' declares {entry.compress_size + 1000} bytes of data, "
-        "more than lie before the next entry")
+        "more than lie before the next entry"
+    )
 
 
 def test_entries_sharing_their_data_are_refused(tmp_path):
@@ -228,7 +240,7 @@ def test_entries_sharing_their_data_are_refused(tmp_path):
 def test_flipped_byte_in_stored_data_fails_its_crc(tmp_path):
     data, entry = model_py(zipfile.ZIP_STORED)
     at = data.index(b"x = 1\n", entry.header_offset)
-    message = refused(b64(data[:at] + b"y" + data[at + 1:]), tmp_path)
+    message = refused(b64(data[:at] + b"y" + data[at + 1 :]), tmp_path)
     assert "'model.py'" in message and "CRC" in message
 
 
@@ -283,8 +295,11 @@ def with_mode(name: str, mode: int) -> zipfile.ZipInfo:
     return info
 
 
-@pytest.mark.parametrize("kind", [stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK],
-                         ids=["fifo", "char_device", "block_device", "socket"])
+@pytest.mark.parametrize(
+    "kind",
+    [stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK],
+    ids=["fifo", "char_device", "block_device", "socket"],
+)
 def test_special_files_are_refused_by_name(tmp_path, kind):
     message = refused(archive((with_mode("dev", kind | 0o666), b"")), tmp_path)
     assert message == "job package entry 'dev' is a device, FIFO or socket"
@@ -296,8 +311,10 @@ def test_symlink_is_refused_before_anything_is_written(tmp_path):
 
 def test_encrypted_entry_is_refused(tmp_path):
     data = zip_bytes(("model.py", b"x = 1\n"))
-    assert refused(b64(patched(data, "model.py", FLAGS, 0x1)), tmp_path) == \
-        "job package entry 'model.py' is encrypted"
+    assert (
+        refused(b64(patched(data, "model.py", FLAGS, 0x1)), tmp_path)
+        == "job package entry 'model.py' is encrypted"
+    )
 
 
 @pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA, 99])
@@ -307,11 +324,15 @@ def test_compression_methods_other_than_stored_and_deflated_are_refused(tmp_path
     assert f"'model.py' uses compression method {method}" in message
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("/".join(["d"] * 33) + ".py", "nested deeper than 32"),
-    ("x" * 256 + ".py", "longer"),
-    ("/".join(["y" * 200] * 6), "longer than 1024 bytes"),
-], ids=["deep", "long_name", "long_path"])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("/".join(["d"] * 33) + ".py", "nested deeper than 32"),
+        ("x" * 256 + ".py", "longer"),
+        ("/".join(["y" * 200] * 6), "longer than 1024 bytes"),
+    ],
+    ids=["deep", "long_name", "long_path"],
+)
 def test_paths_too_deep_or_long_are_refused(tmp_path, name, reason):
     message = refused(archive((name, b"")), tmp_path)
     assert repr(name) in message and reason in message
@@ -347,6 +368,7 @@ def test_package_whose_job_toml_is_a_folder_is_refused(tmp_path):
 
 # Unpacking over an existing job folder, and what it writes.
 
+
 def test_valid_package_replaces_an_existing_target(tmp_path):
     target = tmp_path / "app"
     unpack(archive(("old.py", b"old")), target, MAX)
@@ -368,15 +390,26 @@ def test_refused_package_leaves_an_existing_target_as_it_was(tmp_path):
 
 
 def test_unpacked_modes_are_plain_whatever_the_archive_says(tmp_path):
-    package = archive((with_mode("run.sh", stat.S_IFREG | 0o4777), b""),
-                      (with_mode("secret.py", stat.S_IFREG | 0o600), b""),
-                      (with_mode("lib/", stat.S_IFDIR | 0o1777), b""), ("lib/sub/x.py", b""))
+    package = archive(
+        (with_mode("run.sh", stat.S_IFREG | 0o4777), b""),
+        (with_mode("secret.py", stat.S_IFREG | 0o600), b""),
+        (with_mode("lib/", stat.S_IFDIR | 0o1777), b""),
+        ("lib/sub/x.py", b""),
+    )
     unpack(package, tmp_path / "app", MAX)
-    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
-             for p in [tmp_path / "app", *(tmp_path / "app").rglob("*")]}
-    assert modes == {"app": 0o755, "app/job.toml": 0o644, "app/run.sh": 0o755,
-                     "app/secret.py": 0o644, "app/lib": 0o755, "app/lib/sub": 0o755,
-                     "app/lib/sub/x.py": 0o644}
+    modes = {
+        p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in [tmp_path / "app", *(tmp_path / "app").rglob("*")]
+    }
+    assert modes == {
+        "app": 0o755,
+        "app/job.toml": 0o644,
+        "app/run.sh": 0o755,
+        "app/secret.py": 0o644,
+        "app/lib": 0o755,
+        "app/lib/sub": 0o755,
+        "app/lib/sub/x.py": 0o644,
+    }
 
 
 def test_ten_thousand_entries_unpack(tmp_path):
@@ -385,13 +418,21 @@ def test_ten_thousand_entries_unpack(tmp_path):
     assert sum(1 for p in (tmp_path / "app").rglob("*") if p.is_file()) == MAX_ENTRIES
 
 
-SMALL_PACKAGE = zip_bytes(("model.py", b"x = 1\n" * 20), (zipfile.ZipInfo("data/"), b""),
-                          ("data/notes.txt", "naïve".encode()))
+SMALL_PACKAGE = zip_bytes(
+    ("model.py", b"x = 1\n" * 20),
+    (zipfile.ZipInfo("data/"), b""),
+    ("data/notes.txt", "naïve".encode()),
+)
 
 
-@given(st.lists(st.tuples(st.integers(0, len(SMALL_PACKAGE) - 1), st.integers(0, 255)),
-                min_size=1, max_size=4),
-       st.integers(1, len(SMALL_PACKAGE)))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(SMALL_PACKAGE) - 1), st.integers(0, 255)),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(1, len(SMALL_PACKAGE)),
+)
 def test_corrupted_package_is_refused_or_unpacked_never_crashes(flips, length):
     data = bytearray(SMALL_PACKAGE)
     for at, value in flips:
@@ -410,11 +451,14 @@ def test_corrupted_package_is_refused_or_unpacked_never_crashes(flips, length):
 
 # Names a job folder may hold and a package may carry: no separators, NUL, drive colons or
 # surrogates; not ".", "..", the folders pack skips, or job.toml (written by the test).
-PART = st.text(st.characters(exclude_categories=("Cs", "Cc"), exclude_characters="/\\:"),
-               min_size=1, max_size=8).filter(
-    lambda part: part not in (".", "..", "job.toml", *package_module.SKIPPED))
-TREE = st.dictionaries(st.lists(PART, min_size=1, max_size=3).map(tuple), st.binary(max_size=64),
-                       max_size=6)
+PART = st.text(
+    st.characters(exclude_categories=("Cs", "Cc"), exclude_characters="/\\:"),
+    min_size=1,
+    max_size=8,
+).filter(lambda part: part not in (".", "..", "job.toml", *package_module.SKIPPED))
+TREE = st.dictionaries(
+    st.lists(PART, min_size=1, max_size=3).map(tuple), st.binary(max_size=64), max_size=6
+)
 
 
 def leaves(tree: dict[tuple[str, ...], bytes]) -> dict[tuple[str, ...], bytes]:
@@ -466,5 +510,6 @@ def test_code_digest_follows_the_canonical_listing(tmp_path):
     (job_dir / "data" / "é.txt").write_bytes(b"kept")
     listing = b"".join(
         f"{name}\0{hashlib.sha256((job_dir / name).read_bytes()).hexdigest()}\n".encode()
-        for name in ["data/é.txt", "model.py", "train.py"])
+        for name in ["data/é.txt", "model.py", "train.py"]
+    )
     assert code_digest(job_dir) == "sha256:" + hashlib.sha256(listing).hexdigest()

@@ -3,8 +3,6 @@ in a log file. The site under test runs as a real process on a pseudo-terminal."
 
 from __future__ import annotations
 
-import pytest
-
 import io
 import os
 import pty
@@ -13,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import REPO, hauler, hello_job, ok, submitted_job_id
 from rich.console import Console
 
@@ -32,7 +31,9 @@ def test_bars_advance_by_the_bytes_given_and_old_finished_bars_go():
         live(250)
         tasks = {task.description: task for task in bars.progress.tasks}
     assert tasks["live"].completed == 250 and not tasks["live"].finished
-    assert sum(task.finished for task in tasks.values()) == KEPT_BARS  # the oldest finished ones were dropped
+    assert (
+        sum(task.finished for task in tasks.values()) == KEPT_BARS
+    )  # the oldest finished ones were dropped
     assert f"transfer {KEPT_BARS + 2}" in tasks and "transfer 0" not in tasks
 
 
@@ -49,11 +50,29 @@ def read_until(master: int, process: subprocess.Popen, done, timeout_s: float) -
 def test_site_console_shows_its_transfers_on_a_terminal_only(tmp_path):
     workspace = tmp_path / "poc"
     ok(hauler("poc", "prepare", "--workspace", workspace, "--sites", 1))
-    server = subprocess.Popen([sys.executable, "-m", "hauler", "server", "--config", workspace / "server" / "server.toml"],
-                              cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hauler",
+            "server",
+            "--config",
+            workspace / "server" / "server.toml",
+        ],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     master, slave = pty.openpty()
-    site = subprocess.Popen([sys.executable, "-m", "hauler", "client", "--config", workspace / "site-1" / "site.toml"],
-                            cwd=REPO, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env={**os.environ, "COLUMNS": "160"})
+    site = subprocess.Popen(
+        [sys.executable, "-m", "hauler", "client", "--config", workspace / "site-1" / "site.toml"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "COLUMNS": "160"},
+    )
     os.close(slave)
     try:
         job = hello_job(tmp_path, rounds=2, min_clients=1, arrays=2, array_bytes=2_000_000)
@@ -61,7 +80,11 @@ def test_site_console_shows_its_transfers_on_a_terminal_only(tmp_path):
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         job_id = submitted_job_id(submitted.stdout)
         shown = read_until(master, site, lambda text: text.count("upload") >= 2, timeout_s=20)
-        for what in (f"job {job_id} round 0 download", f"job {job_id} round 1 download", f"job {job_id} upload"):
+        for what in (
+            f"job {job_id} round 0 download",
+            f"job {job_id} round 1 download",
+            f"job {job_id} upload",
+        ):
             assert what in shown, shown[-2000:]
         assert "4.0 MB" in shown and "/s" in shown  # bytes of the 4 MB model, and a speed
     finally:

@@ -96,10 +96,20 @@ def test_configs_point_at_the_project_server(tmp_path: Path) -> None:
     out = tmp_path / "out"
     provision(project_file(tmp_path), out)
     server = load_toml(ServerConfig, out / "server" / "server.toml")
-    assert (server.host, server.control_port, server.data_port) == ("server.example.org", 8002, 8003)
-    assert server.workspace == out / "server" / "workspace"  # relative in the kit, resolved against it
+    assert (server.host, server.control_port, server.data_port) == (
+        "server.example.org",
+        8002,
+        8003,
+    )
+    assert (
+        server.workspace == out / "server" / "workspace"
+    )  # relative in the kit, resolved against it
     site = load_toml(SiteConfig, out / "site-2" / "site.toml")
-    assert (site.server_host, site.control_port, site.data_port) == ("server.example.org", 8002, 8003)
+    assert (site.server_host, site.control_port, site.data_port) == (
+        "server.example.org",
+        8002,
+        8003,
+    )
     assert site.allow_custom_code is False
     assert load_toml(SiteConfig, out / "site-1" / "site.toml").allow_custom_code is True
     certificate = x509.load_pem_x509_certificate((out / "server" / "server.pem").read_bytes())
@@ -108,8 +118,13 @@ def test_configs_point_at_the_project_server(tmp_path: Path) -> None:
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
 
 
-@pytest.mark.parametrize("kit, command", [("server", "exec hauler server --config server.toml"),
-                                          ("site-1", "exec hauler client --config site.toml")])
+@pytest.mark.parametrize(
+    "kit, command",
+    [
+        ("server", "exec hauler server --config server.toml"),
+        ("site-1", "exec hauler client --config site.toml"),
+    ],
+)
 def test_start_script_runs_the_role_from_its_kit(tmp_path: Path, kit: str, command: str) -> None:
     provision(project_file(tmp_path), tmp_path / "out")
     script = tmp_path / "out" / kit / "start.sh"
@@ -129,15 +144,25 @@ def test_add_site_issues_only_its_kit_and_leaves_the_others_untouched(tmp_path: 
     out = tmp_path / "out"
     provision(project_file(tmp_path), out)
     before = files_of(out)
-    result = run_cli(project_file(tmp_path, PROJECT.replace("admins:", SITE_3 + "admins:")), "-o", out,
-                     "--add-site", "site-3")
+    result = run_cli(
+        project_file(tmp_path, PROJECT.replace("admins:", SITE_3 + "admins:")),
+        "-o",
+        out,
+        "--add-site",
+        "site-3",
+    )
     assert result.exit_code == 0, result.output
     assert "site-3" in result.stdout
     after = files_of(out)
     server_config = out / "server" / "server.toml"
     assert {path: after[path] for path in before if path != server_config} == {
-        path: data for path, data in before.items() if path != server_config}
-    assert load_toml(ServerConfig, server_config).sites == ["site-1", "site-2", "site-3"]  # the only change there
+        path: data for path, data in before.items() if path != server_config
+    }
+    assert load_toml(ServerConfig, server_config).sites == [
+        "site-1",
+        "site-2",
+        "site-3",
+    ]  # the only change there
     assert {path.relative_to(out).parts[0] for path in set(after) - set(before)} == {"site-3"}
     config = load_toml(SiteConfig, out / "site-3" / "site.toml")
     client_ssl_context(tls_files(out / "site-3", config))  # signed by the same CA
@@ -161,23 +186,34 @@ def test_add_site_needs_the_site_in_the_project_file_and_an_existing_ca(tmp_path
     with pytest.raises(ConfigError, match="no project CA; provision the whole project first"):
         provision(project, out, ["site-1"])
     provision(project, out)
-    with pytest.raises(ConfigError, match=r"PROJECT.yml: sites: no site named site-9; add it there first"):
+    with pytest.raises(
+        ConfigError, match=r"PROJECT.yml: sites: no site named site-9; add it there first"
+    ):
         provision(project, out, ["site-9"])
     with pytest.raises(ConfigError, match="kits exist for site-1"):
         provision(project, out, ["site-1"])
 
 
-@pytest.mark.parametrize("change, message", [
-    (("org: hospital-a}", "org: hospital-a, colour: red}"), "sites.0.colour: unknown key"),
-    (("{host: server.example.org, ", "{"), "server.host: Field required"),
-    (("role: member", "role: owner"), "admins.1.role: Input should be"),
-    (("name: site-2", "name: site-1"), "sites.1.name: 'site-1' is already taken by sites.0.name"),
-    (("name: site-2", "name: CA"), "sites.1.name: 'CA' is already taken by the CA's folder"),
-    (("name: site-2", "name: ../site-2"), "sites.1.name: String should match pattern"),
-    (("sites:", "sites: ["), "not valid YAML"),
-    ((PROJECT, "- just a list\n"), "(top level): expected a mapping"),
-], ids=["unknown-key", "missing-key", "bad-role", "duplicate", "reserved", "path", "yaml", "list"])
-def test_a_bad_project_file_names_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("org: hospital-a}", "org: hospital-a, colour: red}"), "sites.0.colour: unknown key"),
+        (("{host: server.example.org, ", "{"), "server.host: Field required"),
+        (("role: member", "role: owner"), "admins.1.role: Input should be"),
+        (
+            ("name: site-2", "name: site-1"),
+            "sites.1.name: 'site-1' is already taken by sites.0.name",
+        ),
+        (("name: site-2", "name: CA"), "sites.1.name: 'CA' is already taken by the CA's folder"),
+        (("name: site-2", "name: ../site-2"), "sites.1.name: String should match pattern"),
+        (("sites:", "sites: ["), "not valid YAML"),
+        ((PROJECT, "- just a list\n"), "(top level): expected a mapping"),
+    ],
+    ids=["unknown-key", "missing-key", "bad-role", "duplicate", "reserved", "path", "yaml", "list"],
+)
+def test_a_bad_project_file_names_the_key(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
     path = project_file(tmp_path, PROJECT.replace(*change))
     with pytest.raises(ConfigError) as caught:
         provision(path, tmp_path / "out")
@@ -186,13 +222,18 @@ def test_a_bad_project_file_names_the_key(tmp_path: Path, change: tuple[str, str
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("write, message", [
-    (lambda path: path.write_bytes(b"name: caf\xe9\n"), "not valid YAML"),
-    (lambda path: path.mkdir(), "cannot read it (Is a directory)"),
-    (lambda path: None, "no such file"),
-], ids=["not-utf8", "directory", "missing"])
-def test_an_unreadable_project_file_is_a_config_error(tmp_path: Path, write: Callable[[Path], object],
-                                                      message: str) -> None:
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda path: path.write_bytes(b"name: caf\xe9\n"), "not valid YAML"),
+        (lambda path: path.mkdir(), "cannot read it (Is a directory)"),
+        (lambda path: None, "no such file"),
+    ],
+    ids=["not-utf8", "directory", "missing"],
+)
+def test_an_unreadable_project_file_is_a_config_error(
+    tmp_path: Path, write: Callable[[Path], object], message: str
+) -> None:
     path = tmp_path / "PROJECT.yml"
     write(path)
     with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
@@ -200,7 +241,9 @@ def test_an_unreadable_project_file_is_a_config_error(tmp_path: Path, write: Cal
 
 
 def test_cli_reports_an_error_in_one_line(tmp_path: Path) -> None:
-    result = run_cli(project_file(tmp_path, PROJECT.replace("role: member", "role: owner")), "-o", tmp_path)
+    result = run_cli(
+        project_file(tmp_path, PROJECT.replace("role: member", "role: owner")), "-o", tmp_path
+    )
     assert result.exit_code == 2
     assert "admins.1.role" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-from helpers import edit_configs, federation, hauler, hello_job, ok, read_jsonl, submitted_job_id, wait_until
+from helpers import (
+    edit_configs,
+    federation,
+    hauler,
+    hello_job,
+    ok,
+    read_jsonl,
+    submitted_job_id,
+    wait_until,
+)
 from tensorboardX.proto.event_pb2 import Event
 
 from hauler.admin import Admin
@@ -23,7 +32,8 @@ SITES = ["site-1", "site-2"]
 ROUNDS = 3
 PROCESSES = [SERVER, *SITES]
 TRAIN_S = 1.0
-SLOW_TRAIN = f'''"""hello-numpy's training, slowed down, reporting a loss and an accuracy as real training would."""
+SLOW_TRAIN = f'''"""hello-numpy's training, slowed down, reporting a loss and an accuracy as
+real training would."""
 
 import time
 
@@ -34,13 +44,15 @@ def train(model, context: TrainContext) -> TrainOutput:
     time.sleep({TRAIN_S})
     for array in model.values():
         array += 0.125
-    return TrainOutput(weight=8.0, metrics={{"loss": 1.0 / (context.round + 1), "accuracy": 0.5 + context.round / 10}})
+    metrics = {{"loss": 1.0 / (context.round + 1), "accuracy": 0.5 + context.round / 10}}
+    return TrainOutput(weight=8.0, metrics=metrics)
 '''
 
 
 @pytest.fixture(scope="module")
 def finished_job(tmp_path_factory) -> tuple[Path, str]:
-    """(POC workspace, id) of a finished job of 3 rounds of about 1 s, with every process's samples in."""
+    """(POC workspace, id) of a finished job of 3 rounds of about 1 s, with every process's samples
+    in."""
     folder = tmp_path_factory.mktemp("report")
     job = hello_job(folder, rounds=ROUNDS, arrays=4, array_bytes=4_000_000, name="slow-hello")
     (job / "train.py").write_text(SLOW_TRAIN)
@@ -50,7 +62,9 @@ def finished_job(tmp_path_factory) -> tuple[Path, str]:
         edit_configs(workspace, "timeouts", {"heartbeat_interval": 1.0})
 
     with federation(workspace, sites=len(SITES), configure=configure):
-        job_id = submitted_job_id(ok(hauler("submit", job, "--workspace", workspace, "--wait")).stdout)
+        job_id = submitted_job_id(
+            ok(hauler("submit", job, "--workspace", workspace, "--wait")).stdout
+        )
         metrics = workspace / "server" / "jobs" / job_id / "metrics.jsonl"
 
         def samples_of_every_process() -> bool:
@@ -77,7 +91,9 @@ def test_every_process_of_the_job_is_sampled_within_the_job(finished_job):
     for process, series in report.processes.items():
         assert len(series.t_s) >= 3, process
         assert all(0 <= t <= duration + 0.01 for t in series.t_s), (process, series.t_s, duration)
-        assert all(0 < anon <= rss for rss, anon in zip(series.rss_mib, series.rss_anon_mib)), process
+        assert all(0 < anon <= rss for rss, anon in zip(series.rss_mib, series.rss_anon_mib)), (
+            process
+        )
         assert all(cpu >= 0 for cpu in series.cpu_percent)
         gaps = [b - a for a, b in zip(series.t_s, series.t_s[1:])]
         assert all(0.5 < gap < 2.0 for gap in gaps), (process, gaps)  # one a second
@@ -89,13 +105,26 @@ def test_timeline_has_every_phase_of_every_site_and_round_in_order(finished_job)
         for round in range(ROUNDS):
             bars = [bar for bar in report.bars if (bar.row, bar.round) == (site, round)]
             assert [bar.phase for bar in bars] == ["download", "train", "upload"], (site, round)
-            assert bars[1].duration_s >= 0.8 * TRAIN_S  # the server's clock: from the download's last ACK
-            assert bars[0].start_s >= 0 and bars[2].start_s + bars[2].duration_s <= report.job["finished_s"]
+            assert (
+                bars[1].duration_s >= 0.8 * TRAIN_S
+            )  # the server's clock: from the download's last ACK
+            assert (
+                bars[0].start_s >= 0
+                and bars[2].start_s + bars[2].duration_s <= report.job["finished_s"]
+            )
     aggregates = [bar for bar in report.bars if bar.row == SERVER]
-    assert [bar.round for bar in aggregates] == list(range(ROUNDS)) and all(bar.phase == "aggregate" for bar in aggregates)
-    ends = {round: max(b.start_s + b.duration_s for b in report.bars if b.round == round and b.row != SERVER)
-            for round in range(ROUNDS)}
-    assert all(bar.start_s >= ends[bar.round] - 0.01 for bar in aggregates)  # aggregation ends each round
+    assert [bar.round for bar in aggregates] == list(range(ROUNDS)) and all(
+        bar.phase == "aggregate" for bar in aggregates
+    )
+    ends = {
+        round: max(
+            b.start_s + b.duration_s for b in report.bars if b.round == round and b.row != SERVER
+        )
+        for round in range(ROUNDS)
+    }
+    assert all(
+        bar.start_s >= ends[bar.round] - 0.01 for bar in aggregates
+    )  # aggregation ends each round
 
 
 def is_png(path: Path) -> bool:
@@ -119,13 +148,17 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 def test_jobs_report_writes_figures_a_summary_and_tensorboard_runs(finished_job, tmp_path):
     workspace, job_id = finished_job
     out = tmp_path / "report"
-    result = ok(hauler("jobs", "report", job_id, "-o", out, "--tensorboard", "--workspace", workspace))
+    result = ok(
+        hauler("jobs", "report", job_id, "-o", out, "--tensorboard", "--workspace", workspace)
+    )
 
     for name in FIGURES:
         path = out / name
         assert path.stat().st_size > 10_000 and is_png(path), name
         pixels = matplotlib.image.imread(path)
-        assert pixels.shape[0] >= 250 and pixels.shape[1] >= 800 and pixels.std() > 0.05, name  # drawn, not blank
+        assert pixels.shape[0] >= 250 and pixels.shape[1] >= 800 and pixels.std() > 0.05, (
+            name
+        )  # drawn, not blank
     for process in PROCESSES:
         assert f"│ {process} " in result.stdout, process  # a row in the processes table
     for site in SITES:
@@ -137,15 +170,21 @@ def test_jobs_report_writes_figures_a_summary_and_tensorboard_runs(finished_job,
 
     for site in SITES:
         scalars = tensorboard_scalars(out / "tensorboard" / site)
-        assert scalars["train/loss"] == [(round, pytest.approx(1 / (round + 1))) for round in range(ROUNDS)]
+        assert scalars["train/loss"] == [
+            (round, pytest.approx(1 / (round + 1))) for round in range(ROUNDS)
+        ]
         assert [step for step, _ in scalars["train/accuracy"]] == list(range(ROUNDS))
-        assert len(scalars["resources/rss_anon_mib"]) >= 3 and all(v > 0 for _, v in scalars["resources/rss_mib"])
+        assert len(scalars["resources/rss_anon_mib"]) >= 3 and all(
+            v > 0 for _, v in scalars["resources/rss_mib"]
+        )
     server = tensorboard_scalars(out / "tensorboard" / SERVER)
     assert len(server["resources/cpu_percent"]) >= 3 and "train/loss" not in server
 
 
 def test_report_of_an_unknown_job_is_a_clear_error(finished_job, tmp_path):
     workspace, _ = finished_job
-    result = hauler("jobs", "report", "0123456789ab", "-o", tmp_path / "out", "--workspace", workspace)
+    result = hauler(
+        "jobs", "report", "0123456789ab", "-o", tmp_path / "out", "--workspace", workspace
+    )
     assert result.returncode != 0 and "no job '0123456789ab'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

@@ -28,17 +28,34 @@ from hauler.model.rounds import RoundStore
 pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
-FAST_RETRIES = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.5, "max_retries": 50, "connections": 4}
+FAST_RETRIES = {
+    "retry_backoff_s": 0.05,
+    "retry_backoff_max_s": 0.5,
+    "max_retries": 50,
+    "connections": 4,
+}
 
 
-def _job(folder: Path, *, rounds: int, min_clients: int, array_bytes: int = 2 * 2**20 + 4,
-         wait_after_min_s: float = 1) -> Path:
+def _job(
+    folder: Path,
+    *,
+    rounds: int,
+    min_clients: int,
+    array_bytes: int = 2 * 2**20 + 4,
+    wait_after_min_s: float = 1,
+) -> Path:
     job = folder / "job"
     shutil.copytree(EXAMPLE, job, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-    config = {"name": "hello-numpy",
-              "workflow": {"num_rounds": rounds, "min_clients": min_clients, "wait_time_after_min_received": wait_after_min_s},
-              "model": {"module": "model", "config": {"arrays": 4, "array_bytes": array_bytes}},
-              "executor": {"module": "train", "config": {"increment": 0.1, "steps": 10}}}
+    config = {
+        "name": "hello-numpy",
+        "workflow": {
+            "num_rounds": rounds,
+            "min_clients": min_clients,
+            "wait_time_after_min_received": wait_after_min_s,
+        },
+        "model": {"module": "model", "config": {"arrays": 4, "array_bytes": array_bytes}},
+        "executor": {"module": "train", "config": {"increment": 0.1, "steps": 10}},
+    }
     (job / "job.toml").write_text(tomli_w.dumps(config))
     return job
 
@@ -76,8 +93,17 @@ def federation(tmp_path):
     """A plaintext POC (so bit flips reach our checksums rather than TLS's) whose sites dial
     the data plane through a FaultProxy; yields (workspace, proxy)."""
     workspace = tmp_path / "poc"
-    poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES,
-                timeouts={"communication_timeout": 20.0, "streaming_read_timeout": 10.0, "streaming_ack_wait": 10.0})
+    poc.prepare(
+        workspace,
+        2,
+        plaintext=True,
+        dataplane=FAST_RETRIES,
+        timeouts={
+            "communication_timeout": 20.0,
+            "streaming_read_timeout": 10.0,
+            "streaming_ack_wait": 10.0,
+        },
+    )
     with FaultProxy(_server_data_port(workspace)) as proxy:
         _route_sites_through(workspace, proxy.port)
         poc.start(workspace)
@@ -97,8 +123,11 @@ def test_twenty_cuts_and_bit_flips_leave_the_model_bit_identical(federation, tmp
     disturbed, final = asyncio.run(_run_job(workspace, job))
     assert final == "job.finished"
     assert proxy.cuts_done >= 15 and proxy.flips_done >= 1
-    rows = [row for row in read_json_lines(workspace / "server" / "jobs" / disturbed / "metrics.jsonl")
-            if row["kind"] == "site"]
+    rows = [
+        row
+        for row in read_json_lines(workspace / "server" / "jobs" / disturbed / "metrics.jsonl")
+        if row["kind"] == "site"
+    ]
     reconnects = sum(row[d]["reconnects"] for row in rows for d in ("download", "upload"))
     resent = sum(row[d]["bytes_resent"] for row in rows for d in ("download", "upload"))
     assert reconnects >= proxy.cuts_done and resent > 0
@@ -106,32 +135,57 @@ def test_twenty_cuts_and_bit_flips_leave_the_model_bit_identical(federation, tmp
     proxy.clear_faults()
     undisturbed, final = asyncio.run(_run_job(workspace, job))
     assert final == "job.finished"
-    calm = [row for row in read_json_lines(workspace / "server" / "jobs" / undisturbed / "metrics.jsonl")
-            if row["kind"] == "site"]
-    assert all(row[d]["reconnects"] == 0 and row[d]["bytes_resent"] == 0 and row[d]["lanes"] > 1
-               for row in calm for d in ("download", "upload")), calm
-    assert asyncio.run(_download(workspace, disturbed, tmp_path / "a")) == \
-        asyncio.run(_download(workspace, undisturbed, tmp_path / "b"))
+    calm = [
+        row
+        for row in read_json_lines(workspace / "server" / "jobs" / undisturbed / "metrics.jsonl")
+        if row["kind"] == "site"
+    ]
+    assert all(
+        row[d]["reconnects"] == 0 and row[d]["bytes_resent"] == 0 and row[d]["lanes"] > 1
+        for row in calm
+        for d in ("download", "upload")
+    ), calm
+    assert asyncio.run(_download(workspace, disturbed, tmp_path / "a")) == asyncio.run(
+        _download(workspace, undisturbed, tmp_path / "b")
+    )
 
 
 def test_a_stopped_site_times_out_by_silence_and_the_job_goes_on(tmp_path):
     workspace = tmp_path / "poc"
-    poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES,
-                timeouts={"communication_timeout": 4.0, "streaming_read_timeout": 30.0, "streaming_ack_wait": 2.0})
-    with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=1e6) as proxy:  # a download takes seconds
+    poc.prepare(
+        workspace,
+        2,
+        plaintext=True,
+        dataplane=FAST_RETRIES,
+        timeouts={
+            "communication_timeout": 4.0,
+            "streaming_read_timeout": 30.0,
+            "streaming_ack_wait": 2.0,
+        },
+    )
+    with FaultProxy(
+        _server_data_port(workspace), rate_bytes_per_s=1e6
+    ) as proxy:  # a download takes seconds
         _route_sites_through(workspace, proxy.port)
         pids = poc.start(workspace)
         stopped = []
 
         def stop_site_2_mid_download(event: dict) -> None:
-            if (not stopped and event["event"] == "transfer.progress" and event["site"] == "site-2"
-                    and event["direction"] == "download" and event["bytes"] < event["total"]):
+            if (
+                not stopped
+                and event["event"] == "transfer.progress"
+                and event["site"] == "site-2"
+                and event["direction"] == "download"
+                and event["bytes"] < event["total"]
+            ):
                 os.kill(pids["site-2"], signal.SIGSTOP)
                 stopped.append(time.monotonic())
 
         try:
             # The round waits for site-2 longer than communication_timeout: only silence can end it.
-            job = _job(tmp_path, rounds=1, min_clients=1, array_bytes=4 * 2**20, wait_after_min_s=60)
+            job = _job(
+                tmp_path, rounds=1, min_clients=1, array_bytes=4 * 2**20, wait_after_min_s=60
+            )
             job_id, final = asyncio.run(_run_job(workspace, job, stop_site_2_mid_download))
         finally:
             os.kill(pids["site-2"], signal.SIGCONT)
@@ -140,11 +194,16 @@ def test_a_stopped_site_times_out_by_silence_and_the_job_goes_on(tmp_path):
     events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
     failed = [e for e in events if e["event"] == "site.failed"]
     assert [e["site"] for e in failed] == ["site-2"]
-    assert "communication_timeout" in failed[0]["error"] and "streaming_ack_wait" in failed[0]["error"]
+    assert (
+        "communication_timeout" in failed[0]["error"] and "streaming_ack_wait" in failed[0]["error"]
+    )
     assert [e["site"] for e in events if e["event"] == "site.result"] == ["site-1"]
 
 
-TEARS = {"none": None, "newest_round_manifest_half_written": "manifest"}  # every kind: test_rounds.py
+TEARS = {
+    "none": None,
+    "newest_round_manifest_half_written": "manifest",
+}  # every kind: test_rounds.py
 
 
 @pytest.mark.parametrize("tear", TEARS.values(), ids=TEARS.keys())
@@ -155,7 +214,9 @@ def test_a_server_killed_mid_job_resumes_it_after_a_restart(tmp_path, tear):
         _route_sites_through(workspace, proxy.port)
         pids = poc.start(workspace)
         try:
-            job_id = asyncio.run(_kill_server_in_round(workspace, _job(tmp_path, rounds=3, min_clients=2), 1, pids))
+            job_id = asyncio.run(
+                _kill_server_in_round(workspace, _job(tmp_path, rounds=3, min_clients=2), 1, pids)
+            )
             torn = _tear_newest_round(workspace / "server" / "jobs" / job_id, tear)
             _restart_server(workspace)
             record = asyncio.run(_wait_until_ended(workspace, job_id))
@@ -185,7 +246,9 @@ def _tear_newest_round(job_dir: Path, tear: str | None) -> int | None:
     return newest
 
 
-async def _kill_server_in_round(workspace: Path, job: Path, round: int, pids: dict[str, int]) -> str:
+async def _kill_server_in_round(
+    workspace: Path, job: Path, round: int, pids: dict[str, int]
+) -> str:
     async with Admin(poc.admin_config(workspace)) as admin:
         job_id = await admin.submit(job)
         try:
@@ -233,13 +296,26 @@ def test_a_site_killed_mid_download_and_back_within_a_second_is_given_its_task_a
         killed = []
 
         def kill_and_restart_site_2(event: dict) -> None:
-            if (not killed and event["event"] == "transfer.progress" and event["site"] == "site-2"
-                    and event["round"] == 0 and 0 < event["bytes"] < event["total"]):
+            if (
+                not killed
+                and event["event"] == "transfer.progress"
+                and event["site"] == "site-2"
+                and event["round"] == 0
+                and 0 < event["bytes"] < event["total"]
+            ):
                 os.kill(pids["site-2"], signal.SIGKILL)
-                killed.append(_restart(workspace, "site-2", ["client", "--config", str(workspace / "site-2" / "site.toml")]))
+                killed.append(
+                    _restart(
+                        workspace,
+                        "site-2",
+                        ["client", "--config", str(workspace / "site-2" / "site.toml")],
+                    )
+                )
 
         try:
-            job = _job(tmp_path, rounds=2, min_clients=2, wait_after_min_s=2, array_bytes=512 * 1024 + 4)
+            job = _job(
+                tmp_path, rounds=2, min_clients=2, wait_after_min_s=2, array_bytes=512 * 1024 + 4
+            )
             job_id, final = asyncio.run(_run_job(workspace, job, kill_and_restart_site_2))
             model = safetensors.numpy.load_file(_sync_download(workspace, job_id, tmp_path / "out"))
         finally:
@@ -247,30 +323,45 @@ def test_a_site_killed_mid_download_and_back_within_a_second_is_given_its_task_a
     assert killed and final == "job.finished"
     events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
     assert not [e for e in events if e["event"] == "site.failed"]
-    assert [(e["round"], e["site"]) for e in events if e["event"] == "site.restarted"] == [(0, "site-2")]
+    assert [(e["round"], e["site"]) for e in events if e["event"] == "site.restarted"] == [
+        (0, "site-2")
+    ]
     assert sorted((e["round"], e["site"]) for e in events if e["event"] == "site.result") == [
-        (0, "site-1"), (0, "site-2"), (1, "site-1"), (1, "site-2")]
+        (0, "site-1"),
+        (0, "site-2"),
+        (1, "site-1"),
+        (1, "site-2"),
+    ]
     assert_hello_numpy(model, rounds=2)
 
 
 def test_a_site_whose_control_stream_drops_keeps_its_task_and_its_transfers_go_on(tmp_path):
     workspace = tmp_path / "poc"
     poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES)
-    with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=2e6) as data, \
-            FaultProxy(_server_control_port(workspace)) as control:
+    with (
+        FaultProxy(_server_data_port(workspace), rate_bytes_per_s=2e6) as data,
+        FaultProxy(_server_control_port(workspace)) as control,
+    ):
         _route_sites_through(workspace, data.port)
         _route_control_of(workspace / "site-2", control.port)
         poc.start(workspace)
         dropped = []
 
         def drop_site_2_s_control_stream(event: dict) -> None:
-            if (not dropped and event["event"] == "transfer.progress" and event["site"] == "site-2"
-                    and event["round"] == 0 and 0 < event["bytes"] < event["total"]):
+            if (
+                not dropped
+                and event["event"] == "transfer.progress"
+                and event["site"] == "site-2"
+                and event["round"] == 0
+                and 0 < event["bytes"] < event["total"]
+            ):
                 control.cut_all()
                 dropped.append(event["bytes"])
 
         try:
-            job = _job(tmp_path, rounds=2, min_clients=2, wait_after_min_s=2, array_bytes=512 * 1024 + 4)
+            job = _job(
+                tmp_path, rounds=2, min_clients=2, wait_after_min_s=2, array_bytes=512 * 1024 + 4
+            )
             job_id, final = asyncio.run(_run_job(workspace, job, drop_site_2_s_control_stream))
             model = safetensors.numpy.load_file(_sync_download(workspace, job_id, tmp_path / "out"))
         finally:
@@ -278,16 +369,23 @@ def test_a_site_whose_control_stream_drops_keeps_its_task_and_its_transfers_go_o
     assert dropped and final == "job.finished"
     events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
     assert not [e for e in events if e["event"] in ("site.failed", "site.restarted")], events
-    rows = [row for row in read_json_lines(workspace / "server" / "jobs" / job_id / "metrics.jsonl")
-            if row["kind"] == "site" and row["site"] == "site-2" and row["round"] == 0]
-    assert rows[0]["download"]["reconnects"] == 0  # the download went on while the control stream was down
+    rows = [
+        row
+        for row in read_json_lines(workspace / "server" / "jobs" / job_id / "metrics.jsonl")
+        if row["kind"] == "site" and row["site"] == "site-2" and row["round"] == 0
+    ]
+    assert (
+        rows[0]["download"]["reconnects"] == 0
+    )  # the download went on while the control stream was down
     assert_hello_numpy(model, rounds=2)
 
 
 def assert_hello_numpy(model: dict[str, np.ndarray], *, rounds: int) -> None:
     for name, values in model.items():
         k = int(name.split("_")[1])
-        expected = ((np.arange(values.size) % 1000 + k) / 1000).astype(np.float32) + np.float32(0.1 * rounds)
+        expected = ((np.arange(values.size) % 1000 + k) / 1000).astype(np.float32) + np.float32(
+            0.1 * rounds
+        )
         np.testing.assert_allclose(values, expected, atol=1e-5)
 
 
@@ -303,8 +401,12 @@ def _route_control_of(site: Path, port: int) -> None:
 def _restart(workspace: Path, role: str, arguments: list[str]) -> int:
     """Start `hauler ARGUMENTS` again as `role`, recording its PID so `poc stop` stops it."""
     with open(workspace / "run" / f"{role}.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "hauler", *arguments], stdout=log, stderr=log,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hauler", *arguments],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     (workspace / "run" / f"{role}.pid").write_text(str(process.pid))
     return process.pid
 
@@ -328,10 +430,13 @@ def test_poc_stop_mid_job_then_start_resumes_it_to_the_exact_result(tmp_path):
     assert_models_equal(model, hello_expected(job, 4))
     events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
     assert not any(e["event"] == "job.failed" for e in events)
-    assert [e["event"] for e in events].count("job.started") == 2  # it was running when stopped, and went on
+    assert [e["event"] for e in events].count(
+        "job.started"
+    ) == 2  # it was running when stopped, and went on
 
 
-SLOW_HELLO = '''"""hello-numpy's training, half a second a round: time to stop the federation mid-job."""
+SLOW_HELLO = '''"""hello-numpy's training, half a second a round: time to stop the federation
+mid-job."""
 
 import time
 

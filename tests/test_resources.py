@@ -21,7 +21,9 @@ MIB = 1 << 20
 
 def test_rss_anon_grows_when_anonymous_memory_is_touched_and_shrinks_when_freed():
     before = rss_anon_bytes()
-    block = mmap.mmap(-1, 64 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # not resident until touched
+    block = mmap.mmap(
+        -1, 64 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    )  # not resident until touched
     assert rss_anon_bytes() - before < 16 * MIB
     for offset in range(0, 64 * MIB, mmap.PAGESIZE):
         block[offset] = 1
@@ -40,7 +42,11 @@ def test_meter_reads_this_process():
     assert abs(sample.t - time.time()) < 5
     assert sample.cpu_percent > 10
     assert sample.rss_bytes >= sample.rss_anon_bytes > 0
-    assert sample.record("site-1") == {"kind": "resources", "process": "site-1", **sample.model_dump()}
+    assert sample.record("site-1") == {
+        "kind": "resources",
+        "process": "site-1",
+        **sample.model_dump(),
+    }
 
 
 def test_collect_samples_every_interval_across_calls():
@@ -60,7 +66,9 @@ def sample_at(t: float) -> ResourceSample:
     return ResourceSample(t=t, cpu_percent=1.0, rss_bytes=2048, rss_anon_bytes=1024)
 
 
-async def test_recorder_keeps_the_job_s_processes_within_its_span_once_and_late_samples_within_grace(tmp_path):
+async def test_recorder_keeps_a_job_s_samples_within_its_span_once_and_late_ones_within_grace(
+    tmp_path,
+):
     sites = SiteRegistry()
     in_job, _ = await sites.join("site-1", "", None), await sites.join("site-2", "", None)
     recorder = ResourceRecorder(sites, grace_s=0.3)
@@ -68,20 +76,35 @@ async def test_recorder_keeps_the_job_s_processes_within_its_span_once_and_late_
     recorder.open("job", JsonLines(metrics))
     in_job.deployed_jobs.add("job")
     during = time.time()
-    recorder.record("site-1", [sample_at(during - 60), sample_at(during)])  # the first is from before the job
+    recorder.record(
+        "site-1", [sample_at(during - 60), sample_at(during)]
+    )  # the first is from before the job
     recorder.record("site-2", [sample_at(during)])  # not part of the job
     recorder.record("server", [sample_at(during)])
-    recorder.record("server", [sample_at(during), *(sample_at(during + k / 1000) for k in range(100))])  # replayed
-    recorder.record("site-1", [sample_at(during + 60), sample_at(during + 3600)])  # dated in the future
-    await asyncio.sleep(math.floor(during) + 1.05 - time.time())  # one sample per second of the server's clock
+    recorder.record(
+        "server", [sample_at(during), *(sample_at(during + k / 1000) for k in range(100))]
+    )  # replayed
+    recorder.record(
+        "site-1", [sample_at(during + 60), sample_at(during + 3600)]
+    )  # dated in the future
+    await asyncio.sleep(
+        math.floor(during) + 1.05 - time.time()
+    )  # one sample per second of the server's clock
     before_end = time.time()
     recorder.close("job")
     in_job.deployed_jobs.discard("job")  # the job ended on the site too
-    recorder.record("site-1", [sample_at(before_end), sample_at(time.time() + 1)])  # late; the second after the end
+    recorder.record(
+        "site-1", [sample_at(before_end), sample_at(time.time() + 1)]
+    )  # late; the second after the end
     await asyncio.sleep(0.5)
-    recorder.record("site-1", [sample_at(before_end)])  # later than the grace: the metrics are closed
+    recorder.record(
+        "site-1", [sample_at(before_end)]
+    )  # later than the grace: the metrics are closed
     assert [(r["process"], r["t"]) for r in read_json_lines(metrics)] == [
-        ("site-1", during), ("server", during), ("site-1", before_end)]
+        ("site-1", during),
+        ("server", during),
+        ("site-1", before_end),
+    ]
 
 
 async def test_a_site_sending_samples_as_fast_as_it_can_gets_one_a_second_into_the_job(tmp_path):
@@ -93,20 +116,31 @@ async def test_a_site_sending_samples_as_fast_as_it_can_gets_one_a_second_into_t
     started = time.time()
     while time.time() - started < 2.0:
         now = time.time()
-        recorder.record("site-1", [sample_at(now + k / 10) for k in range(-50, 100)])  # 15 s of samples
+        recorder.record(
+            "site-1", [sample_at(now + k / 10) for k in range(-50, 100)]
+        )  # 15 s of samples
         await asyncio.sleep(0.01)
     recorder.close("job")
     kept = [r["t"] for r in read_json_lines(tmp_path / "metrics.jsonl")]
-    assert 1 <= len(kept) <= 3 + MAX_CLOCK_SKEW_S  # seconds elapsed, plus the skew the server allows
+    assert (
+        1 <= len(kept) <= 3 + MAX_CLOCK_SKEW_S
+    )  # seconds elapsed, plus the skew the server allows
     assert all(t <= started + 2.0 + MAX_CLOCK_SKEW_S for t in kept)
     assert len({math.floor(t) for t in kept}) == len(kept)
 
 
 def test_a_meter_of_children_adds_up_the_processes_it_started():
     """A site's samples include its training code run as child processes."""
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nblock = bytearray(200 << 20)\n"
-                              "block[::4096] = b'x' * len(block[::4096])\nprint('ready', flush=True)\ntime.sleep(30)"],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nblock = bytearray(200 << 20)\n"
+            "block[::4096] = b'x' * len(block[::4096])\nprint('ready', flush=True)\ntime.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         with_children, alone = ProcessMeter(children=True).read(), ProcessMeter().read()
@@ -114,4 +148,6 @@ def test_a_meter_of_children_adds_up_the_processes_it_started():
     finally:
         child.kill()
         child.wait()
-    assert ProcessMeter(children=True).read().rss_anon_bytes < alone.rss_anon_bytes + (50 << 20)  # gone with it
+    assert ProcessMeter(children=True).read().rss_anon_bytes < alone.rss_anon_bytes + (
+        50 << 20
+    )  # gone with it

@@ -26,7 +26,9 @@ def store_with_rounds(job_dir: Path, last: int, keep: int = 2) -> RoundStore:
 
 def test_round_zero_is_kept_and_later_rounds_rotate(tmp_path):
     rounds = store_with_rounds(tmp_path, 5)
-    assert sorted(int(p.name.split("-")[1].split(".")[0]) for p in rounds.directory.glob("*.safetensors")) == [0, 4, 5]
+    assert sorted(
+        int(p.name.split("-")[1].split(".")[0]) for p in rounds.directory.glob("*.safetensors")
+    ) == [0, 4, 5]
     assert rounds.rounds() == [5, 4, 0]
     assert rounds.latest_intact() == (5, [])
 
@@ -54,10 +56,13 @@ def tear_header(path: Path) -> None:
 
 TEARS = {
     "manifest_missing": lambda r, n: r.manifest_path(n).unlink(),
-    "manifest_truncated": lambda r, n: r.manifest_path(n).write_text(r.manifest_path(n).read_text()[:40]),
+    "manifest_truncated": lambda r, n: r.manifest_path(n).write_text(
+        r.manifest_path(n).read_text()[:40]
+    ),
     "manifest_not_json": lambda r, n: r.manifest_path(n).write_bytes(b"\xff\x00garbage"),
     "manifest_of_another_layout": lambda r, n: r.manifest_path(n).write_text(
-        json.dumps(manifest_of([("z", "F32", (7,))]).to_json())),
+        json.dumps(manifest_of([("z", "F32", (7,))]).to_json())
+    ),
     "file_short": lambda r, n: truncate(r.path(n)),
     "file_long": lambda r, n: extend(r.path(n)),
     "file_missing": lambda r, n: r.path(n).unlink(),
@@ -82,7 +87,10 @@ def test_torn_rounds_fall_back_down_to_round_zero_and_past_it(tmp_path):
     for round in (4, 3):
         truncate(rounds.path(round))
     latest, skipped = rounds.latest_intact()
-    assert latest == 0 and [s.round for s in skipped] == [4, 3]  # retired rounds 1, 2 are not listed
+    assert latest == 0 and [s.round for s in skipped] == [
+        4,
+        3,
+    ]  # retired rounds 1, 2 are not listed
     flip_a_data_byte(rounds.path(0))
     latest, skipped = rounds.latest_intact()
     assert latest is None and [s.round for s in skipped] == [4, 3, 0]

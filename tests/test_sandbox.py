@@ -40,7 +40,7 @@ except SecurityError as error:
 confined = pytest.mark.skipif(bool(UNAVAILABLE), reason=f"no confinement here: {UNAVAILABLE}")
 
 # Each attempt returns something true when it got through; raising means it was stopped.
-ATTACK = '''
+ATTACK = """
 import os
 import socket
 
@@ -78,7 +78,7 @@ def layout(c):
 
 def fill(name, out, c):
     out[...] = (np.arange(out.size) * c["scale"]).reshape(out.shape)
-'''
+"""
 
 
 @dataclass
@@ -92,10 +92,19 @@ class Server:
     port: int
 
     def config(self, **extra: object) -> dict:
-        return {"key": str(self.key), "kit": str(self.kit), "jobs": str(self.jobs),
-                "other_job": str(self.jobs / "otherjob"), "config": str(self.kit / "server.toml"),
-                "other_secret": str(self.jobs / "otherjob" / "secret.txt"), "port": self.port,
-                "pid": os.getpid(), "app": str(self.app), "scale": 3, **extra}
+        return {
+            "key": str(self.key),
+            "kit": str(self.kit),
+            "jobs": str(self.jobs),
+            "other_job": str(self.jobs / "otherjob"),
+            "config": str(self.kit / "server.toml"),
+            "other_secret": str(self.jobs / "otherjob" / "secret.txt"),
+            "port": self.port,
+            "pid": os.getpid(),
+            "app": str(self.app),
+            "scale": 3,
+            **extra,
+        }
 
     def job(self, source: str) -> None:
         (self.app / "model.py").write_text(textwrap.dedent(source))
@@ -136,25 +145,41 @@ def test_the_same_job_unconfined_reads_the_key(server: Server) -> None:
     out = server.out / "initial.safetensors"
     server.out.mkdir()
     child = subprocess.run(
-        [sys.executable, "-m", "hauler.model.initial", str(server.app), "model",
-         json.dumps(server.config()), str(CHUNK), str(out)], capture_output=True, text=True,
-        timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "hauler.model.initial",
+            str(server.app),
+            "model",
+            json.dumps(server.config()),
+            str(CHUNK),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert child.returncode == 1
-    for attack in ("read the server's key", "another job's file", "connect to the server's port",
-                   "through /proc/PID/root", "the server's environ"):
+    for attack in (
+        "read the server's key",
+        "another job's file",
+        "connect to the server's port",
+        "through /proc/PID/root",
+        "the server's environ",
+    ):
         assert attack in child.stderr
     assert SECRET in child.stderr and not out.exists()
 
 
 @confined
 async def test_a_failing_job_raises_job_code_error_with_its_message(server: Server) -> None:
-    server.job('''
+    server.job("""
         def layout(config):
             return [("w", "F32", [8])]
 
         def fill(name, out, config):
             raise ValueError("the fill broke: marker-4711")
-    ''')
+    """)
     with pytest.raises(JobCodeError) as raised:
         await build_on_server(server.app, "model", {}, CHUNK, server.out)
     message = str(raised.value)
@@ -164,7 +189,7 @@ async def test_a_failing_job_raises_job_code_error_with_its_message(server: Serv
     assert not (server.out / "initial.safetensors.partial").exists()
 
 
-WRITER = '''
+WRITER = """
     def layout(config):
         with open(config["target"], "w") as handle:
             handle.write("escaped")
@@ -172,15 +197,18 @@ WRITER = '''
 
     def fill(name, out, config):
         out[...] = 1
-'''
+"""
 
 
 @confined
 @pytest.mark.parametrize("where", ["app", "hauler_package"])
 async def test_a_job_cannot_write_outside_its_output_folder(server: Server, where: str) -> None:
     """Neither into its own code nor into the server's: both are seen read-only."""
-    target = (server.app / "planted.py" if where == "app"
-              else Path(hauler.__file__).parent / f"escaped-{uuid.uuid4().hex}.py")
+    target = (
+        server.app / "planted.py"
+        if where == "app"
+        else Path(hauler.__file__).parent / f"escaped-{uuid.uuid4().hex}.py"
+    )
     server.job(WRITER)
     try:
         with pytest.raises(JobCodeError, match="Read-only file system"):
@@ -260,7 +288,7 @@ def _processes_with(marker: str) -> list[int]:
 async def test_a_cancelled_build_leaves_no_job_process(server: Server) -> None:
     """Cancelling kills the launcher; PID 1 dies with it, and every process of the job too."""
     marker = f"marker-{uuid.uuid4().hex}"
-    server.job('''
+    server.job("""
         import os, subprocess, sys, time
 
         def layout(config):  # a grandchild too, to be killed with the namespace
@@ -268,7 +296,7 @@ async def test_a_cancelled_build_leaves_no_job_process(server: Server) -> None:
             subprocess.Popen([sys.executable, "-c", nap, config["marker"]])
             open(os.path.join(config["out"], "started"), "w").close()
             time.sleep(60)
-    ''')
+    """)
     config = {"out": str(server.out), "marker": marker}
     build = asyncio.create_task(build_on_server(server.app, "model", config, CHUNK, server.out))
     for _ in range(200):
@@ -301,12 +329,25 @@ def test_without_user_namespaces_the_server_refuses_and_runs_nothing(server: Ser
         f"{{'target': {str(marker)!r}}}, {CHUNK}, Path({str(server.out)!r})))\n"
         "except SecurityError as error:\n"
         "    print(error)\n"
-        "    sys.exit(3)\n")
+        "    sys.exit(3)\n"
+    )
     # a user namespace of the test's own, allowed to create no further one
     limit = "echo 0 > /proc/sys/user/max_user_namespaces"
     child = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "sh", "-c", f'{limit} && exec "$0" -c "$1"',
-         sys.executable, script], capture_output=True, text=True, timeout=60)
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-c",
+            f'{limit} && exec "$0" -c "$1"',
+            sys.executable,
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if child.returncode != 3 and "max_user_namespaces" in child.stderr:
         pytest.skip(f"cannot limit user namespaces here: {child.stderr.strip()}")
     assert child.returncode == 3, child.stdout + child.stderr

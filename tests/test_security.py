@@ -58,7 +58,9 @@ class Pki:
 def write_kit(folder: Path, authority: Issued, identity: Identity) -> TlsFiles:
     folder.mkdir(parents=True)
     write_file(folder / "ca.pem", cert_pem(authority.cert), mode=0o644)
-    issued = issue(authority, identity.name, org=identity.org, role=identity.role, hosts=["server.test"])
+    issued = issue(
+        authority, identity.name, org=identity.org, role=identity.role, hosts=["server.test"]
+    )
     write_issued(issued, folder / "cert.pem", folder / "key.pem")
     return TlsFiles(ca_cert=folder / "ca.pem", cert=folder / "cert.pem", key=folder / "key.pem")
 
@@ -67,10 +69,14 @@ def write_kit(folder: Path, authority: Issued, identity: Identity) -> TlsFiles:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("pki")
     authority, rogue_authority = create_authority("project"), create_authority("rogue")
-    return Pki(server=write_kit(root / "server", authority, Identity("server", "project", Role.SERVER)),
-               site=write_kit(root / "site", authority, SITE),
-               rogue=write_kit(root / "rogue", rogue_authority, Identity("site-1", "hospital-a", Role.SITE)),
-               authority=authority)
+    return Pki(
+        server=write_kit(root / "server", authority, Identity("server", "project", Role.SERVER)),
+        site=write_kit(root / "site", authority, SITE),
+        rogue=write_kit(
+            root / "rogue", rogue_authority, Identity("site-1", "hospital-a", Role.SITE)
+        ),
+        authority=authority,
+    )
 
 
 def rogue_cert_trusting_project(pki: Pki) -> ssl.SSLContext:
@@ -103,12 +109,18 @@ class EchoIdentity:
 async def echo_server(files: TlsFiles) -> AsyncIterator[tuple[EchoIdentity, int]]:
     """A TLS server on loopback with `files` as its kit: (who it has seen, its port)."""
     echo = EchoIdentity()
-    async with await asyncio.start_server(echo.handle, HOST, 0, ssl=server_ssl_context(files)) as server:
+    async with await asyncio.start_server(
+        echo.handle, HOST, 0, ssl=server_ssl_context(files)
+    ) as server:
         yield echo, server.sockets[0].getsockname()[1]
 
 
-async def ask(port: int, context: ssl.SSLContext | None, server_hostname: str | None = None) -> bytes:
-    reader, writer = await asyncio.open_connection(HOST, port, ssl=context, server_hostname=server_hostname)
+async def ask(
+    port: int, context: ssl.SSLContext | None, server_hostname: str | None = None
+) -> bytes:
+    reader, writer = await asyncio.open_connection(
+        HOST, port, ssl=context, server_hostname=server_hostname
+    )
     try:
         writer.write(b"who am I?\n")
         return await reader.readline()
@@ -129,16 +141,23 @@ async def test_mutual_handshake_gives_each_side_the_other_identity(pki: Pki) -> 
 
 async def test_dialling_the_server_by_its_project_host_name(pki: Pki) -> None:
     async with echo_server(pki.server) as (_, port):
-        assert await ask(port, client_ssl_context(pki.site), "server.test") == b"site-1|hospital-a|site\n"
+        assert (
+            await ask(port, client_ssl_context(pki.site), "server.test")
+            == b"site-1|hospital-a|site\n"
+        )
         with pytest.raises(ssl.SSLCertVerificationError) as caught:
             await ask(port, client_ssl_context(pki.site), "elsewhere.test")
     assert "does not name the host" in str(tls_failure(caught.value, peer="server"))
 
 
-@pytest.mark.parametrize("client", [rogue_cert_trusting_project, no_cert_trusting_project, lambda pki: None],
-                         ids=["foreign-ca-cert", "no-cert", "plaintext"])
+@pytest.mark.parametrize(
+    "client",
+    [rogue_cert_trusting_project, no_cert_trusting_project, lambda pki: None],
+    ids=["foreign-ca-cert", "no-cert", "plaintext"],
+)
 async def test_the_server_refuses_clients_without_a_project_certificate(
-        pki: Pki, client: Callable[[Pki], ssl.SSLContext | None]) -> None:
+    pki: Pki, client: Callable[[Pki], ssl.SSLContext | None]
+) -> None:
     async with echo_server(pki.server) as (echo, port):
         try:
             answer = await ask(port, client(pki))
@@ -148,12 +167,17 @@ async def test_the_server_refuses_clients_without_a_project_certificate(
     assert echo.seen == []
 
 
-@pytest.mark.parametrize("server_kit, client_kit, advice", [
-    ("server", "rogue", "issued by another CA"),
-    ("site", "site", "not a server's"),
-], ids=["client-of-another-project", "site-posing-as-server"])
+@pytest.mark.parametrize(
+    "server_kit, client_kit, advice",
+    [
+        ("server", "rogue", "issued by another CA"),
+        ("site", "site", "not a server's"),
+    ],
+    ids=["client-of-another-project", "site-posing-as-server"],
+)
 async def test_the_client_refuses_a_server_without_a_project_server_certificate(
-        pki: Pki, server_kit: str, client_kit: str, advice: str) -> None:
+    pki: Pki, server_kit: str, client_kit: str, advice: str
+) -> None:
     async with echo_server(getattr(pki, server_kit)) as (echo, port):
         with pytest.raises(ssl.SSLCertVerificationError) as caught:
             await ask(port, client_ssl_context(getattr(pki, client_kit)))
@@ -175,12 +199,19 @@ def test_a_broken_kit_fails_at_startup_saying_what_to_do(pki: Pki, tmp_path: Pat
         grpc_channel_credentials(pki.site.model_copy(update={"key": open_key}))
 
 
-def test_an_expired_certificate_is_refused_before_any_peer_sees_it(pki: Pki, tmp_path: Path) -> None:
+def test_an_expired_certificate_is_refused_before_any_peer_sees_it(
+    pki: Pki, tmp_path: Path
+) -> None:
     current = x509.load_pem_x509_certificate(pki.site.cert.read_bytes())
     past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
-    builder = x509.CertificateBuilder(subject_name=current.subject, issuer_name=current.issuer,
-                                      public_key=current.public_key(), serial_number=current.serial_number,
-                                      not_valid_before=past, not_valid_after=past + datetime.timedelta(days=1))
+    builder = x509.CertificateBuilder(
+        subject_name=current.subject,
+        issuer_name=current.issuer,
+        public_key=current.public_key(),
+        serial_number=current.serial_number,
+        not_valid_before=past,
+        not_valid_after=past + datetime.timedelta(days=1),
+    )
     expired = builder.sign(pki.authority.key, hashes.SHA256())
     write_file(tmp_path / "expired.pem", cert_pem(expired), mode=0o644)
     with pytest.raises(SecurityError, match="expired on 2020-01-02; re-issue its kit"):
@@ -197,7 +228,8 @@ def test_identity_needs_a_certificate_made_by_provision(pki: Pki) -> None:
 
 @contextlib.asynccontextmanager
 async def grpc_server(files: TlsFiles) -> AsyncIterator[int]:
-    """A grpc.aio server on loopback whose one method answers with the caller's identity: its port."""
+    """A grpc.aio server on loopback whose one method answers with the caller's identity: its
+    port."""
 
     async def who(request: bytes, context: aio.ServicerContext) -> bytes:
         identity = identity_from_grpc_auth_context(context.auth_context())
@@ -205,7 +237,9 @@ async def grpc_server(files: TlsFiles) -> AsyncIterator[int]:
 
     server = aio.server()
     handler = grpc.unary_unary_rpc_method_handler(who)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Who", {"Who": handler})])
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("test.Who", {"Who": handler})]
+    )
     port = server.add_secure_port(f"{HOST}:0", grpc_server_credentials(files))
     await server.start()
     try:
@@ -214,8 +248,12 @@ async def grpc_server(files: TlsFiles) -> AsyncIterator[int]:
         await server.stop(None)
 
 
-async def call_who(port: int, files: TlsFiles, options: list[tuple[str, str]] | None = None) -> bytes:
-    async with aio.secure_channel(f"{HOST}:{port}", grpc_channel_credentials(files), options=options) as channel:
+async def call_who(
+    port: int, files: TlsFiles, options: list[tuple[str, str]] | None = None
+) -> bytes:
+    async with aio.secure_channel(
+        f"{HOST}:{port}", grpc_channel_credentials(files), options=options
+    ) as channel:
         return await channel.unary_unary("/test.Who/Who")(b"", timeout=10)
 
 
@@ -224,11 +262,21 @@ async def test_grpc_call_over_mutual_tls_sees_the_caller_identity(pki: Pki) -> N
         assert await call_who(port, pki.site) == b"site-1|hospital-a|site"
 
 
-@pytest.mark.parametrize("files, options, advice", [
-    ("rogue", [], "another CA"),
-    ("site", [("grpc.ssl_target_name_override", "elsewhere.test")], "does not name the host dialled"),
-], ids=["foreign-ca", "wrong-host"])
-async def test_grpc_refusals_are_security_errors(pki: Pki, files: str, options: list, advice: str) -> None:
+@pytest.mark.parametrize(
+    "files, options, advice",
+    [
+        ("rogue", [], "another CA"),
+        (
+            "site",
+            [("grpc.ssl_target_name_override", "elsewhere.test")],
+            "does not name the host dialled",
+        ),
+    ],
+    ids=["foreign-ca", "wrong-host"],
+)
+async def test_grpc_refusals_are_security_errors(
+    pki: Pki, files: str, options: list, advice: str
+) -> None:
     async with grpc_server(pki.server) as port:
         with pytest.raises(aio.AioRpcError) as caught:
             await call_who(port, getattr(pki, files), options)

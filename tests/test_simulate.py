@@ -26,7 +26,10 @@ def fedavg_of_identical_sites(job_dir: Path, sites: int, rounds: int) -> dict[st
     """What FedAvg gives when every site adds `increment` to the same global model: the fold's
     own float32 arithmetic (weight x value summed in place, then x 1/total), round after round."""
     config = tomllib.loads((job_dir / "job.toml").read_text())
-    increment, weight = np.float32(config["executor"]["config"]["increment"]), config["executor"]["config"]["steps"]
+    increment, weight = (
+        np.float32(config["executor"]["config"]["increment"]),
+        config["executor"]["config"]["steps"],
+    )
     model = {name: np.array(array) for name, array in initial_model(job_dir).items()}
     for _ in range(rounds):
         for name, array in model.items():
@@ -57,7 +60,9 @@ def initial_model(job_dir: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> tuple[Path, api.LocalJob]:
     folder = tmp_path_factory.mktemp("simulated")
-    job_dir = hello_job(folder, rounds=ROUNDS, min_clients=2, arrays=3, array_bytes=400_004, increment=0.1, steps=3)
+    job_dir = hello_job(
+        folder, rounds=ROUNDS, min_clients=2, arrays=3, array_bytes=400_004, increment=0.1, steps=3
+    )
     return job_dir, api.simulate(job_dir, sites=SITES, workers=WORKERS, workspace=folder / "sim")
 
 
@@ -75,11 +80,14 @@ def test_every_virtual_site_trains_every_round_on_at_most_w_workers(simulated):
     for round in range(ROUNDS):
         assert sorted(e["site"] for e in results if e["round"] == round) == sorted(names), round
     assert {e["worker"] for e in results} == set(range(1, WORKERS + 1))
-    assert sorted(p.name for p in (job.folder.folder / "workers").iterdir()) == [f"worker-{k}" for k in (1, 2, 3)]
+    assert sorted(p.name for p in (job.folder.folder / "workers").iterdir()) == [
+        f"worker-{k}" for k in (1, 2, 3)
+    ]
 
 
 def test_the_job_folder_is_a_server_s(simulated):
-    """Round files, events and metrics where a server writes them, in the records a server writes."""
+    """Round files, events and metrics where a server writes them, in the records a server
+    writes."""
     _, job = simulated
     folder = job.folder.folder
     assert (folder / "global" / f"round-{ROUNDS}.safetensors").exists()
@@ -94,7 +102,9 @@ def test_jobs_report_and_list_read_a_simulated_job(simulated, tmp_path):
     workspace = job.folder.folder.parent.parent
     listed = ok(hauler("jobs", "list", "--workspace", workspace)).stdout
     assert job.id in listed and "finished" in listed
-    shown = ok(hauler("jobs", "report", job.id, "-o", tmp_path / "report", "--workspace", workspace)).stdout
+    shown = ok(
+        hauler("jobs", "report", job.id, "-o", tmp_path / "report", "--workspace", workspace)
+    ).stdout
     assert "site-16" in shown
     for name in FIGURES:  # hello-numpy reports its increment: metrics.png is drawn too
         assert (tmp_path / "report" / name).stat().st_size > 0, name
@@ -102,7 +112,9 @@ def test_jobs_report_and_list_read_a_simulated_job(simulated, tmp_path):
 
 def test_the_cli_runs_a_job_and_ends_with_its_summary(tmp_path):
     job_dir = hello_job(tmp_path, rounds=2, arrays=2, array_bytes=40_004)
-    shown = ok(hauler("simulate", job_dir, "--sites", 4, "--workers", 2, "--workspace", tmp_path / "sim")).stdout
+    shown = ok(
+        hauler("simulate", job_dir, "--sites", 4, "--workers", 2, "--workspace", tmp_path / "sim")
+    ).stdout
     assert "round 1: 4/4 sites" in shown and "site-4" in shown and "job.finished" in shown, shown
     assert "hauler jobs report" in shown  # and says how to look further
 
@@ -125,7 +137,7 @@ def test_site_settings_default_to_index_and_count_under_what_a_file_gives(tmp_pa
     assert settings["site-2"] == {"site_index": 1, "num_sites": 3, "data_dir": "/data/two"}
 
 
-@pytest.mark.parametrize("content", ['[site-9]\nx = 1\n', 'site-1 = 3\n', '[site-1\n'])
+@pytest.mark.parametrize("content", ["[site-9]\nx = 1\n", "site-1 = 3\n", "[site-1\n"])
 def test_site_settings_for_unknown_sites_or_not_tables_are_refused(tmp_path, content):
     given = tmp_path / "sites.toml"
     given.write_text(content)
@@ -136,13 +148,17 @@ def test_site_settings_for_unknown_sites_or_not_tables_are_refused(tmp_path, con
 @pytest.mark.slow
 def test_hello_pytorch_learns_under_the_simulator_in_two_rounds(tmp_path):
     job_dir = tmp_path / "hello-pytorch"
-    shutil.copytree(REPO / "examples" / "hello-pytorch", job_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "examples" / "hello-pytorch", job_dir, ignore=shutil.ignore_patterns("__pycache__")
+    )
     config = tomllib.loads((job_dir / "job.toml").read_text())
     config["workflow"].update(num_rounds=2)
     config["executor"]["config"].update(epochs=1)
     (job_dir / "job.toml").write_text(tomli_w.dumps(config))
     job = api.simulate(job_dir, sites=3, workers=2, workspace=tmp_path / "sim")
     sites = [r for r in job.metrics() if r["kind"] == "site"]
-    start = {r["round"]: r["metrics"]["global_accuracy"] for r in sites}  # the same model on every site
+    start = {
+        r["round"]: r["metrics"]["global_accuracy"] for r in sites
+    }  # the same model on every site
     assert start[0] < 0.3 and start[1] > start[0] + 0.3, start
     assert {r["site"] for r in sites} == {"site-1", "site-2", "site-3"}

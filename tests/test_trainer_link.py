@@ -17,7 +17,12 @@ from hauler.client.tensors import to_numpy, to_torch
 from hauler.core.errors import JobError
 from hauler.model import ArraySource
 
-LAYOUT = [("w", "F32", (64, 33)), ("b", "F32", (33,)), ("bf", "BF16", (5000,)), ("steps", "I64", (3,))]
+LAYOUT = [
+    ("w", "F32", (64, 33)),
+    ("b", "F32", (33,)),
+    ("bf", "BF16", (5000,)),
+    ("steps", "I64", (3,)),
+]
 
 
 class Site:
@@ -28,8 +33,18 @@ class Site:
         self.link = TrainerLink(QueueChannel(self.inbox, self.sent.append), in_process=True)
 
     def offer(self, round: int) -> None:
-        self.inbox.put({"type": "task", "task_id": f"t{round}", "job_id": "j", "site": "site-1", "round": round,
-                        "config": {"lr": 0.5}, "workdir": "/tmp", "model": self.model})
+        self.inbox.put(
+            {
+                "type": "task",
+                "task_id": f"t{round}",
+                "job_id": "j",
+                "site": "site-1",
+                "round": round,
+                "config": {"lr": 0.5},
+                "workdir": "/tmp",
+                "model": self.model,
+            }
+        )
 
 
 @pytest.fixture
@@ -63,15 +78,24 @@ def test_in_process_send_streams_from_the_tensors_themselves(site):
     site.offer(0)
     received = site.link.receive("torch")
     assert received["bf"].dtype == torch.bfloat16
-    assert received["w"].data_ptr() == site.model.array(0).ctypes.data  # a view of the site's file, no copy
+    assert (
+        received["w"].data_ptr() == site.model.array(0).ctypes.data
+    )  # a view of the site's file, no copy
     trained = {name: tensor.clone() + 1 for name, tensor in received.items()}
     site.link.send(trained, weight=3, metrics={"loss": torch.tensor(0.25)})
     [result] = site.sent
-    assert (result["task_id"], result["weight"], result["metrics"], result["delta"]) == ("t0", 3.0, {"loss": 0.25}, False)
+    assert (result["task_id"], result["weight"], result["metrics"], result["delta"]) == (
+        "t0",
+        3.0,
+        {"loss": 0.25},
+        False,
+    )
     source = result["source"]
     assert isinstance(source, ArraySource)
     index = [t.name for t in site.model.manifest.tensors].index("w")
-    assert np.frombuffer(source.tensor_bytes(index), np.float32).ctypes.data == trained["w"].data_ptr()
+    assert (
+        np.frombuffer(source.tensor_bytes(index), np.float32).ctypes.data == trained["w"].data_ptr()
+    )
     digested = source.compute_digests()
     assert digested.same_layout(site.model.manifest) and digested != site.model.compute_digests()
 
@@ -85,9 +109,16 @@ def test_a_model_of_another_shape_names_every_difference(site):
     model["extra"] = np.zeros(1)
     with pytest.raises(JobError) as error:
         site.link.send(model)
-    for part in ("missing 'steps'", "unexpected 'extra'", "'w' has shape (33, 64)", "'b' is float64"):
+    for part in (
+        "missing 'steps'",
+        "unexpected 'extra'",
+        "'w' has shape (33, 64)",
+        "'b' is float64",
+    ):
         assert part in str(error.value)
-    assert site.link.pending_round == 0 and not site.sent  # nothing was sent; the round can still be sent
+    assert (
+        site.link.pending_round == 0 and not site.sent
+    )  # nothing was sent; the round can still be sent
 
 
 def test_delta_is_written_into_the_model_file_in_place(site):
@@ -97,7 +128,9 @@ def test_delta_is_written_into_the_model_file_in_place(site):
     site.link.send(trained, weight=1, delta=True)
     assert site.sent[0]["delta"] and site.sent[0]["source"] is None
     for name, array in site.model.arrays().items():
-        np.testing.assert_array_equal(array, (trained[name] - received[name]).astype(array.dtype), err_msg=name)
+        np.testing.assert_array_equal(
+            array, (trained[name] - received[name]).astype(array.dtype), err_msg=name
+        )
 
 
 def test_delta_of_a_model_trained_in_place_is_refused(site):
@@ -113,8 +146,10 @@ def test_module_functions_need_a_site():
         api.is_running()
 
 
-@pytest.mark.parametrize("name, dtype, shape", [(n, d, s) for n, d, s in MIXED_LAYOUT if d != "BOOL"] + [
-    ("flags", "BOOL", (33,))])
+@pytest.mark.parametrize(
+    "name, dtype, shape",
+    [(n, d, s) for n, d, s in MIXED_LAYOUT if d != "BOOL"] + [("flags", "BOOL", (33,))],
+)
 def test_torch_and_numpy_share_memory_for_every_dtype(tmp_path, name, dtype, shape):
     model = create_model(tmp_path / "m.safetensors", [(name, dtype, shape)])
     arrays = model.arrays()
@@ -134,7 +169,9 @@ def test_a_refused_delta_leaves_the_received_model_untouched(site):
     received = site.link.receive()
     before = {name: array.copy() for name, array in received.items()}
     trained = {name: array + np.array(1).astype(array.dtype) for name, array in received.items()}
-    trained["steps"] = received["steps"]  # the last tensor was trained in place: refused, before any write
+    trained["steps"] = received[
+        "steps"
+    ]  # the last tensor was trained in place: refused, before any write
     with pytest.raises(JobError, match="'steps' was trained in place"):
         site.link.send(trained, delta=True)
     for name, array in site.model.arrays().items():

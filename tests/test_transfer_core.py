@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 from hauler.core.errors import IntegrityError, RemoteProtocolError
 from hauler.model import DTYPES, ChunkPlan, Manifest, chunk_checksum
 from hauler.model.manifest import digest_of_checksums
-from hauler.transfer import FrameHeader, FrameReader, Kind, ReceiveLedger, SendSchedule, control_frame
+from hauler.transfer import (
+    FrameHeader,
+    FrameReader,
+    Kind,
+    ReceiveLedger,
+    SendSchedule,
+    control_frame,
+)
 
 MAX_STEPS = 100_000
 
@@ -27,7 +34,11 @@ def with_digests(manifest: Manifest, data: bytes) -> Manifest:
     for tensor in manifest.tensors:
         view = memoryview(data)[tensor.offset : tensor.offset + tensor.length]
         step = manifest.chunk_bytes
-        digests.append(digest_of_checksums([chunk_checksum(view[o : o + step]) for o in range(0, tensor.length, step)]))
+        digests.append(
+            digest_of_checksums(
+                [chunk_checksum(view[o : o + step]) for o in range(0, tensor.length, step)]
+            )
+        )
     return manifest.with_digests(digests)
 
 
@@ -88,7 +99,9 @@ class Link:
             assert self.window.in_flight <= self.window.window_chunks
             start = self.pair.manifest.tensors[chunk.tensor].offset + chunk.offset
             payload = self.pair.source[start : start + chunk.length]
-            header = FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload)))
+            header = FrameHeader.data(
+                chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload))
+            )
             self.wire += header.encode() + payload
         if self.window.done and not self.end_sent:
             self.wire += control_frame(Kind.END)
@@ -100,10 +113,18 @@ class Link:
         piece = bytearray(self.wire[:piece_bytes])
         del self.wire[:piece_bytes]
         fault = self.fault
-        cut = fault is not None and fault.kind == "cut" and self.delivered + len(piece) > fault.position
+        cut = (
+            fault is not None
+            and fault.kind == "cut"
+            and self.delivered + len(piece) > fault.position
+        )
         if cut:
             piece = piece[: fault.position - self.delivered]
-        elif fault is not None and fault.kind == "flip" and self.delivered <= fault.position < self.delivered + len(piece):
+        elif (
+            fault is not None
+            and fault.kind == "flip"
+            and self.delivered <= fault.position < self.delivered + len(piece)
+        ):
             piece[fault.position - self.delivered] ^= fault.mask
         try:
             feed(self.reader, bytes(piece), on_frame=self._on_frame)
@@ -120,7 +141,9 @@ class Link:
 class Pair:
     """A sender's schedule and a receiver's ledger, joined by one link per lane."""
 
-    def __init__(self, manifest: Manifest, source: bytes, window_chunks: int, lanes: int = 1) -> None:
+    def __init__(
+        self, manifest: Manifest, source: bytes, window_chunks: int, lanes: int = 1
+    ) -> None:
         self.manifest, self.source = manifest, source
         self.schedule = SendSchedule(ChunkPlan(manifest), window_chunks, lanes)
         self.ledger = ReceiveLedger(ChunkPlan(manifest), lanes)
@@ -134,7 +157,9 @@ class Pair:
         """Every lane moves `speeds[lane]` bytes a turn; a lane whose connection breaks reconnects
         and meets its next fault. Returns once every lane's receiver saw END."""
         lanes = self.ledger.lanes
-        waiting = {lane: deque(f for f in faults if f.lane % lanes == lane) for lane in range(lanes)}
+        waiting = {
+            lane: deque(f for f in faults if f.lane % lanes == lane) for lane in range(lanes)
+        }
         links = [self._connect(lane, waiting[lane]) for lane in range(lanes)]
         for _ in range(MAX_STEPS):
             if all(link.ended for link in links):
@@ -153,25 +178,47 @@ class Pair:
 
 names = st.integers(0, 10**6).map(lambda k: f"t{k}")
 tensor_layouts = st.lists(
-    st.tuples(names, st.sampled_from(sorted(DTYPES)), st.sampled_from([(), (0,), (1,), (7,), (33,), (130,), (2, 45)])),
-    min_size=1, max_size=5, unique_by=lambda t: t[0],
+    st.tuples(
+        names,
+        st.sampled_from(sorted(DTYPES)),
+        st.sampled_from([(), (0,), (1,), (7,), (33,), (130,), (2, 45)]),
+    ),
+    min_size=1,
+    max_size=5,
+    unique_by=lambda t: t[0],
 )
-faults = st.builds(Fault, st.sampled_from(["cut", "flip"]), st.integers(0, 3), st.integers(0, 4000),
-                   st.integers(1, 255))
+faults = st.builds(
+    Fault,
+    st.sampled_from(["cut", "flip"]),
+    st.integers(0, 3),
+    st.integers(0, 4000),
+    st.integers(1, 255),
+)
 
 
-@given(layout=tensor_layouts, chunk_bytes=st.integers(1, 32).map(lambda k: 8 * k), window_chunks=st.integers(1, 8),
-       lanes=st.integers(1, 4), fault_list=st.lists(faults, max_size=6),
-       speeds=st.lists(st.integers(1, 3000), min_size=1, max_size=4), seed=st.integers(0, 2**32 - 1))
+@given(
+    layout=tensor_layouts,
+    chunk_bytes=st.integers(1, 32).map(lambda k: 8 * k),
+    window_chunks=st.integers(1, 8),
+    lanes=st.integers(1, 4),
+    fault_list=st.lists(faults, max_size=6),
+    speeds=st.lists(st.integers(1, 3000), min_size=1, max_size=4),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_model_arrives_bit_identical_resending_at_most_one_window_per_resume(
-        layout, chunk_bytes, window_chunks, lanes, fault_list, speeds, seed):
+    layout, chunk_bytes, window_chunks, lanes, fault_list, speeds, seed
+):
     manifest = Manifest.build(layout, chunk_bytes)
-    source = np.random.default_rng(seed).integers(0, 256, manifest.total_bytes, dtype=np.uint8).tobytes()
+    source = (
+        np.random.default_rng(seed).integers(0, 256, manifest.total_bytes, dtype=np.uint8).tobytes()
+    )
     pair = Pair(with_digests(manifest, source), source, window_chunks, lanes)
     pair.run(fault_list, speeds)
     assert pair.schedule.done and pair.ledger.done
     assert bytes(pair.sink) == source
-    assert sorted(pair.completed_tensors) == list(range(len(manifest.tensors)))  # each verified once
+    assert sorted(pair.completed_tensors) == list(
+        range(len(manifest.tensors))
+    )  # each verified once
     assert all(resent <= window_chunks * chunk_bytes for resent in pair.resent_per_resume)
     statistics = pair.schedule.statistics()
     assert statistics.bytes_acked == manifest.total_bytes
@@ -228,10 +275,14 @@ def test_ledger_accepts_only_the_next_planned_chunk(kind, tensor, offset, length
 
 
 def test_ledger_reports_each_tensor_complete_once_and_empty_ones_without_a_chunk():
-    manifest = Manifest.build([("e0", "F32", (0,)), ("e1", "I64", (3, 0)), ("a", "U8", (9,)), ("e2", "F16", (0,))], 8)
+    manifest = Manifest.build(
+        [("e0", "F32", (0,)), ("e1", "I64", (3, 0)), ("a", "U8", (9,)), ("e2", "F16", (0,))], 8
+    )
     ledger = ReceiveLedger(ChunkPlan(manifest))
     reported = list(ledger.begin())
-    assert {0, 1} <= set(reported) <= {0, 1, 3}  # the leading empty tensors at least, before any chunk
+    assert (
+        {0, 1} <= set(reported) <= {0, 1, 3}
+    )  # the leading empty tensors at least, before any chunk
     first = ledger.expect(FrameHeader(Kind.DATA, 2, 0, 8))
     reported += ledger.commit(first, 0)
     assert 2 not in reported  # half of it has landed

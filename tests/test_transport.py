@@ -76,14 +76,19 @@ def kits(tmp_path_factory) -> dict[str, TlsFiles]:
         folder = root / name
         folder.mkdir()
         write_file(folder / "ca.pem", cert_pem(authority.cert), mode=0o644)
-        write_issued(issue(authority, name, org="test", role=role), folder / "cert.pem", folder / "key.pem")
-        kits[name] = TlsFiles(ca_cert=folder / "ca.pem", cert=folder / "cert.pem", key=folder / "key.pem")
+        write_issued(
+            issue(authority, name, org="test", role=role), folder / "cert.pem", folder / "key.pem"
+        )
+        kits[name] = TlsFiles(
+            ca_cert=folder / "ca.pem", cert=folder / "cert.pem", key=folder / "key.pem"
+        )
     return kits
 
 
 @dataclass(frozen=True)
 class Backend:
-    """One way the data plane runs, as a test reaches it: `listen`, then `connect` to the listener."""
+    """One way the data plane runs, as a test reaches it: `listen`, then `connect` to the
+    listener."""
 
     name: str
     server_tls: TlsFiles | None = None
@@ -99,8 +104,11 @@ class Backend:
             return await connect_inproc(listener.name)
         return await connect(HOST, listener.port, tls=self.site_tls)
 
-    async def open_transfer(self, listener: Listener | InprocListener, transfer_id: str, lane: int = 0) -> Connection:
-        """Dial and bind the connection to one lane of `transfer_id` (`open_transfer` on sockets)."""
+    async def open_transfer(
+        self, listener: Listener | InprocListener, transfer_id: str, lane: int = 0
+    ) -> Connection:
+        """Dial and bind the connection to one lane of `transfer_id` (`open_transfer` on
+        sockets)."""
         if self.name == "inproc":
             connection = await connect_inproc(listener.name)
             connection.write(hello_frame(transfer_id, lane))
@@ -119,10 +127,17 @@ def backend(request, kits) -> Backend:
     return Backend(request.param)
 
 
-def registry(*, lanes: int = 1, timeouts: Timeouts = TIMEOUTS, hello_timeout_s: float = 1.0) -> TransferRegistry:
+def registry(
+    *, lanes: int = 1, timeouts: Timeouts = TIMEOUTS, hello_timeout_s: float = 1.0
+) -> TransferRegistry:
     """The server's transfers: chunks of SMALL_CHUNK, `lanes` parallel connections per transfer."""
-    dataplane = DataPlane(chunk_bytes=SMALL_CHUNK, window_chunks=4, connections=lanes, retry_backoff_s=0.05,
-                          hello_timeout_s=hello_timeout_s)
+    dataplane = DataPlane(
+        chunk_bytes=SMALL_CHUNK,
+        window_chunks=4,
+        connections=lanes,
+        retry_backoff_s=0.05,
+        hello_timeout_s=hello_timeout_s,
+    )
     return TransferRegistry(dataplane, timeouts, AccessPolicy([]))
 
 
@@ -140,7 +155,12 @@ def sink(tmp_path, source):
 
 def data_frame(model: ModelFile, chunk) -> bytes:
     payload = bytes(model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-    return FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload))).encode() + payload
+    return (
+        FrameHeader.data(
+            chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload))
+        ).encode()
+        + payload
+    )
 
 
 class Recorder:
@@ -178,7 +198,9 @@ async def test_model_arrives_bit_identical(backend, source, sink, direction, win
     ledger, completed = ReceiveLedger(ChunkPlan(source.manifest)), []
 
     async def send(connection):
-        return await send_model(connection, source.manifest, source, window_chunks=window_chunks, timeouts=TIMEOUTS)
+        return await send_model(
+            connection, source.manifest, source, window_chunks=window_chunks, timeouts=TIMEOUTS
+        )
 
     async def receive(connection):
         await receive_model(connection, ledger, sink, timeouts=TIMEOUTS, on_tensor=completed.append)
@@ -193,15 +215,21 @@ async def test_model_arrives_bit_identical(backend, source, sink, direction, win
         connection.close()
         await listener.close()
     assert tensor_bytes(sink) == tensor_bytes(source)
-    assert sorted(completed) == list(range(len(source.manifest.tensors)))  # each tensor checked, once
+    assert sorted(completed) == list(
+        range(len(source.manifest.tensors))
+    )  # each tensor checked, once
     assert statistics.bytes_sent == statistics.bytes_acked == source.manifest.total_bytes
     assert statistics.bytes_resent == 0
     assert ledger.plan.total > 20  # many chunks, several per tensor
 
 
-@pytest.mark.parametrize("backend", SOCKETS, indirect=True)  # fetch_model and push_model dial a DataAddress
+@pytest.mark.parametrize(
+    "backend", SOCKETS, indirect=True
+)  # fetch_model and push_model dial a DataAddress
 @pytest.mark.parametrize("lanes", [1, 3])
-async def test_registry_serves_a_download_and_takes_an_upload_chunk_by_chunk(backend, tmp_path, source, sink, lanes):
+async def test_registry_serves_a_download_and_takes_an_upload_chunk_by_chunk(
+    backend, tmp_path, source, sink, lanes
+):
     transfers = registry(lanes=lanes)
     listener = await backend.listen(transfers.handle)
     address = DataAddress(HOST, listener.port, backend.site_tls, transfers.dataplane)
@@ -210,26 +238,43 @@ async def test_registry_serves_a_download_and_takes_an_upload_chunk_by_chunk(bac
     try:
         download = transfers.offer("site-1", source.manifest, source)
         assert download.lanes == lanes
-        await fetch_model(address, download.id, ReceiveLedger(ChunkPlan(source.manifest), download.lanes), sink,
-                          timeouts=TIMEOUTS)
+        await fetch_model(
+            address,
+            download.id,
+            ReceiveLedger(ChunkPlan(source.manifest), download.lanes),
+            sink,
+            timeouts=TIMEOUTS,
+        )
         await download.wait(10, "download")
         assert tensor_bytes(sink) == tensor_bytes(source)
         assert download.bytes_done == source.manifest.total_bytes
 
-        upload = transfers.expect("site-1", source.manifest, landing, on_chunk=lambda chunk: landed.append(
-            (chunk, bytes(landing.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)))))
-        statistics = await push_model(address, upload.id, source.manifest, source, upload.lanes, timeouts=TIMEOUTS)
+        upload = transfers.expect(
+            "site-1",
+            source.manifest,
+            landing,
+            on_chunk=lambda chunk: landed.append(
+                (chunk, bytes(landing.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)))
+            ),
+        )
+        statistics = await push_model(
+            address, upload.id, source.manifest, source, upload.lanes, timeouts=TIMEOUTS
+        )
         await upload.wait(10, "upload")
     finally:
         await listener.close()
         landing.close()
-    assert sorted(chunk.seq for chunk, _ in landed) == [chunk.seq for chunk in source.manifest.chunks()]
+    assert sorted(chunk.seq for chunk, _ in landed) == [
+        chunk.seq for chunk in source.manifest.chunks()
+    ]
     for chunk, payload in landed:  # each chunk was whole when it was handed on, exactly once
         assert payload == bytes(source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
     assert statistics.bytes_resent == 0  # a clean link: nothing sent twice
 
 
-async def test_a_download_is_done_only_once_every_connected_lane_has_had_its_end(backend, source, sink):
+async def test_a_download_is_done_only_once_every_connected_lane_has_had_its_end(
+    backend, source, sink
+):
     """Done is when the server may forget a transfer; a lane still owed its END would be cut
     off and, reconnecting, find no transfer."""
     transfers = registry(lanes=2)
@@ -237,7 +282,9 @@ async def test_a_download_is_done_only_once_every_connected_lane_has_had_its_end
     ledger = ReceiveLedger(ChunkPlan(source.manifest), 2)
     try:
         download = transfers.offer("site-1", source.manifest, source)
-        late = await backend.open_transfer(listener, download.id, lane=1)  # connected, silent for now
+        late = await backend.open_transfer(
+            listener, download.id, lane=1
+        )  # connected, silent for now
         while download.connections < 1:
             await asyncio.sleep(0.001)
         first = await backend.open_transfer(listener, download.id, lane=0)
@@ -245,7 +292,9 @@ async def test_a_download_is_done_only_once_every_connected_lane_has_had_its_end
         assert ledger.done and ledger.held(0) == ChunkPlan(source.manifest).total
         await asyncio.sleep(0.1)
         assert not download.done.done()  # lane 1 has not been told yet
-        await receive_model(late, ledger, sink, timeouts=TIMEOUTS, lane=1)  # its first ACK, then END at once
+        await receive_model(
+            late, ledger, sink, timeouts=TIMEOUTS, lane=1
+        )  # its first ACK, then END at once
         await download.wait(5, "download")
     finally:
         await listener.close()
@@ -265,7 +314,9 @@ async def test_a_chunk_half_landed_on_one_lane_survives_a_chunk_on_another(backe
     transfers = registry(lanes=2)
     listener = await backend.listen(transfers.handle)
     plan = ChunkPlan(source.manifest)
-    buffers = UploadBuffers(source.manifest.chunk_bytes, 2)  # where the server lands upload chunks before folding
+    buffers = UploadBuffers(
+        source.manifest.chunk_bytes, 2
+    )  # where the server lands upload chunks before folding
     landed = []
     try:
         upload = transfers.expect("site-1", source.manifest, buffers, on_chunk=landed.append)
@@ -294,7 +345,9 @@ async def test_a_chunk_arriving_on_one_lane_is_refused_on_another(backend, sourc
     listener = await backend.listen(transfers.handle)
     landed = []
     try:
-        upload = transfers.expect("site-1", source.manifest, Recorder(source.manifest), on_chunk=landed.append)
+        upload = transfers.expect(
+            "site-1", source.manifest, Recorder(source.manifest), on_chunk=landed.append
+        )
         connections = [await backend.open_transfer(listener, upload.id, lane=k) for k in range(2)]
         for connection in connections:
             await connection.next_frame()
@@ -337,9 +390,18 @@ def bad_frames(manifest: Manifest) -> dict[str, tuple[bytes, str]]:
     return {
         "wrong_tensor": (header(first.tensor + 1, first.offset, first.length) + payload, off_plan),
         "wrong_offset": (header(first.tensor, first.offset + 8, first.length) + payload, off_plan),
-        "shorter_than_planned": (header(first.tensor, first.offset, first.length - 8) + payload[:-8], off_plan),
-        "longer_than_planned": (header(first.tensor, first.offset, first.length + 8) + payload + bytes(8), off_plan),
-        "past_max_chunk_bytes": (header(first.tensor, first.offset, MAX_CHUNK_BYTES + 1), "exceeds"),
+        "shorter_than_planned": (
+            header(first.tensor, first.offset, first.length - 8) + payload[:-8],
+            off_plan,
+        ),
+        "longer_than_planned": (
+            header(first.tensor, first.offset, first.length + 8) + payload + bytes(8),
+            off_plan,
+        ),
+        "past_max_chunk_bytes": (
+            header(first.tensor, first.offset, MAX_CHUNK_BYTES + 1),
+            "exceeds",
+        ),
         "tensor_out_of_range": (header(2**32 - 1, 0, first.length) + payload, off_plan),
     }
 
@@ -347,7 +409,9 @@ def bad_frames(manifest: Manifest) -> dict[str, tuple[bytes, str]]:
 BAD = list(bad_frames(Manifest.build(MIXED_LAYOUT, SMALL_CHUNK)))
 
 
-@pytest.mark.parametrize("backend", ["tcp", "inproc"], indirect=True)  # TLS moves the same bytes: 6 x 0.2 s saved
+@pytest.mark.parametrize(
+    "backend", ["tcp", "inproc"], indirect=True
+)  # TLS moves the same bytes: 6 x 0.2 s saved
 @pytest.mark.parametrize("bad", BAD)
 async def test_data_frame_off_the_plan_is_refused_and_the_connection_closed(backend, source, bad):
     transfers = registry()
@@ -357,12 +421,17 @@ async def test_data_frame_off_the_plan_is_refused_and_the_connection_closed(back
         upload = transfers.expect("site-1", source.manifest, sink, on_chunk=landed.append)
         connection = await backend.open_transfer(listener, upload.id)
         first = await connection.next_frame()
-        assert (first.header.kind, first.header.offset) == (Kind.ACK, 0)  # the receiver says where to start
+        assert (first.header.kind, first.header.offset) == (
+            Kind.ACK,
+            0,
+        )  # the receiver says where to start
         frame, reason = bad_frames(source.manifest)[bad]
         connection.write(frame)
         with pytest.raises((RemoteProtocolError, ConnectionLost)):  # the server hangs up on us
             await connection.next_frame()
-        with pytest.raises(HaulerError) as raised:  # nobody comes back: the transfer fails, saying why
+        with pytest.raises(
+            HaulerError
+        ) as raised:  # nobody comes back: the transfer fails, saying why
             await upload.wait(0.2, "upload")  # the server has hung up already: it knows why
         assert reason in str(raised.value)
     finally:
@@ -370,10 +439,18 @@ async def test_data_frame_off_the_plan_is_refused_and_the_connection_closed(back
     assert sink.asked == [] and landed == []  # no byte of the bad frame was placed, nothing folded
 
 
-@pytest.mark.parametrize("frame", [ack_frame(0), control_frame(Kind.HELLO, b"{}")], ids=["ack", "hello"])
-async def test_control_frame_sent_to_a_receiver_is_a_remote_protocol_error(backend, source, sink, frame):
-    listener, served = await serve_once(backend, lambda connection: receive_model(
-        connection, ReceiveLedger(ChunkPlan(source.manifest)), sink, timeouts=TIMEOUTS))
+@pytest.mark.parametrize(
+    "frame", [ack_frame(0), control_frame(Kind.HELLO, b"{}")], ids=["ack", "hello"]
+)
+async def test_control_frame_sent_to_a_receiver_is_a_remote_protocol_error(
+    backend, source, sink, frame
+):
+    listener, served = await serve_once(
+        backend,
+        lambda connection: receive_model(
+            connection, ReceiveLedger(ChunkPlan(source.manifest)), sink, timeouts=TIMEOUTS
+        ),
+    )
     connection = await backend.connect(listener)
     try:
         await connection.next_frame()
@@ -390,12 +467,16 @@ async def test_corrupt_chunk_is_never_consumed_and_is_resent_on_reconnect(backen
     listener = await backend.listen(transfers.handle)
     landed = []
     try:
-        upload = transfers.expect("site-1", source.manifest, Recorder(source.manifest), on_chunk=landed.append)
+        upload = transfers.expect(
+            "site-1", source.manifest, Recorder(source.manifest), on_chunk=landed.append
+        )
         connection = await backend.open_transfer(listener, upload.id)
         await connection.next_frame()
         chunk = next(source.manifest.chunks())
         payload = bytes(source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-        header = FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload)))
+        header = FrameHeader.data(
+            chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload))
+        )
         connection.write(header.encode() + payload[:-1] + bytes([payload[-1] ^ 1]))
         with pytest.raises((IntegrityError, ConnectionLost)):  # the server hangs up on us
             await connection.next_frame()
@@ -422,28 +503,44 @@ async def test_connection_that_never_says_hello_is_dropped(backend):
 
 @pytest.mark.parametrize("side", ["receiver", "sender"])
 async def test_silent_peer_times_out(backend, source, sink, side):
-    listener, _ = await serve_once(backend, lambda connection: asyncio.sleep(30))  # accepts, then says nothing
+    listener, _ = await serve_once(
+        backend, lambda connection: asyncio.sleep(30)
+    )  # accepts, then says nothing
     connection = await backend.connect(listener)
     try:
         async with asyncio.timeout(3):  # 15 x the configured silence
             with pytest.raises(TransferTimeout) as raised:
                 if side == "receiver":
-                    await receive_model(connection, ReceiveLedger(ChunkPlan(source.manifest)), sink, timeouts=SHORT)
+                    await receive_model(
+                        connection, ReceiveLedger(ChunkPlan(source.manifest)), sink, timeouts=SHORT
+                    )
                 else:
-                    await send_model(connection, source.manifest, source, window_chunks=4, timeouts=SHORT)
-        names = {"streaming_read_timeout"} if side == "receiver" else {"communication_timeout", "streaming_ack_wait"}
+                    await send_model(
+                        connection, source.manifest, source, window_chunks=4, timeouts=SHORT
+                    )
+        names = (
+            {"streaming_read_timeout"}
+            if side == "receiver"
+            else {"communication_timeout", "streaming_ack_wait"}
+        )
         assert raised.value.timeout_name in names
     finally:
         connection.close()
         await listener.close()
 
 
-async def test_transfer_resumes_on_a_new_connection_resending_at_most_one_window(backend, source, sink):
+async def test_transfer_resumes_on_a_new_connection_resending_at_most_one_window(
+    backend, source, sink
+):
     ledger = ReceiveLedger(ChunkPlan(source.manifest))
-    window = SendSchedule(ChunkPlan(source.manifest), window_chunks=2).windows[0]  # the sender's, kept across connections
+    window = SendSchedule(ChunkPlan(source.manifest), window_chunks=2).windows[
+        0
+    ]  # the sender's, kept across connections
 
     async def send(connection):
-        await send_model(connection, source.manifest, source, window=window, window_chunks=2, timeouts=TIMEOUTS)
+        await send_model(
+            connection, source.manifest, source, window=window, window_chunks=2, timeouts=TIMEOUTS
+        )
 
     listener = await backend.listen(send)
     try:
@@ -470,7 +567,9 @@ async def test_transfer_resumes_on_a_new_connection_resending_at_most_one_window
 
 
 async def test_each_end_knows_its_peer_by_certificate_or_not_at_all(backend):
-    listener, served = await serve_once(backend, lambda connection: asyncio.sleep(0, connection.identity))
+    listener, served = await serve_once(
+        backend, lambda connection: asyncio.sleep(0, connection.identity)
+    )
     connection = await backend.connect(listener)
     try:
         seen_by_server, seen_by_site = await served, connection.identity
@@ -491,7 +590,9 @@ async def test_a_connection_pair_carries_a_model_without_a_listener(source, sink
     sending, receiving = connection_pair()
     ledger = ReceiveLedger(ChunkPlan(source.manifest))
     async with asyncio.TaskGroup() as group:
-        sent = group.create_task(send_model(sending, source.manifest, source, window_chunks=4, timeouts=TIMEOUTS))
+        sent = group.create_task(
+            send_model(sending, source.manifest, source, window_chunks=4, timeouts=TIMEOUTS)
+        )
         group.create_task(receive_model(receiving, ledger, sink, timeouts=TIMEOUTS))
     assert tensor_bytes(sink) == tensor_bytes(source) and ledger.done
     assert sent.result().bytes_resent == 0
@@ -504,14 +605,23 @@ async def test_inproc_payload_from_a_mapping_lands_in_a_mapping_in_one_copy(sour
     chunk = max(source.manifest.chunks(), key=lambda chunk: chunk.length)
     frames, reads = [], []
     receiving.on_bytes = reads.append
-    receiving.set_handler(frames.append, lambda header: sink.chunk_bytes(header.tensor, header.offset, header.length))
-    view = source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)  # a view of the source's mapping
-    sending.write(FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(view)).encode())
+    receiving.set_handler(
+        frames.append, lambda header: sink.chunk_bytes(header.tensor, header.offset, header.length)
+    )
+    view = source.chunk_bytes(
+        chunk.tensor, chunk.offset, chunk.length
+    )  # a view of the source's mapping
+    sending.write(
+        FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(view)).encode()
+    )
     sending.write(view)
     assert reads == []  # nothing is delivered inside `write`
     while not frames:
         await asyncio.sleep(0)
-    assert reads == [HEADER.size, chunk.length]  # the payload went in one piece, straight into the sink's mapping
+    assert reads == [
+        HEADER.size,
+        chunk.length,
+    ]  # the payload went in one piece, straight into the sink's mapping
     assert bytes(sink.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)) == bytes(view)
     sending.close()
 
@@ -537,7 +647,9 @@ async def test_inproc_abort_drops_undelivered_bytes_and_ends_both_sides(side):
     writer.write(control_frame(Kind.ERROR, b"never delivered"))
     aborting, other = (writer, reader) if side == "writer" else (reader, writer)
     aborting.abort()
-    with pytest.raises(ConnectionLost, match="aborted"):  # the other side sees a reset, as on a socket
+    with pytest.raises(
+        ConnectionLost, match="aborted"
+    ):  # the other side sees a reset, as on a socket
         await other.next_frame()
     with pytest.raises(ConnectionLost):  # the reader has nothing: the frame was dropped
         await reader.next_frame()

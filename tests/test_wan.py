@@ -60,7 +60,9 @@ def test_a_tcp_connect_across_the_link_takes_a_round_trip(emulation):
     with netem.wan({"site-1": LinkSpec(delay_ms=40, rate_mbit=100)}) as topology:
         rtts = connect_ms(topology, "site-1", times=3)
     assert min(rtts) >= 80.0, rtts
-    assert max(rtts) < 80.0 + 50.0, rtts  # the emulator adds little beyond the delay it is asked for
+    assert max(rtts) < 80.0 + 50.0, (
+        rtts
+    )  # the emulator adds little beyond the delay it is asked for
     assert topology.links["site-1"].stats["a_to_b"]["packets"] >= 3
 
 
@@ -68,7 +70,9 @@ def test_a_two_site_job_finishes_correctly_over_emulated_links_with_mutual_tls(e
     links = {"site-1": LINK, "site-2": LINK}
     kits = write_kits(tmp_path, list(links), timeouts={}, dataplane={})
     assert load_toml(ServerConfig, kits / "server" / "server.toml").tls is not None
-    job_dir = hello_job(tmp_path, rounds=1, min_clients=2, wait_s=5.0, arrays=3, array_bytes=1 << 20)
+    job_dir = hello_job(
+        tmp_path, rounds=1, min_clients=2, wait_s=5.0, arrays=3, array_bytes=1 << 20
+    )
     with netem.wan(links) as topology:
         processes = start_federation(topology, kits, tmp_path)
         try:
@@ -76,13 +80,20 @@ def test_a_two_site_job_finishes_correctly_over_emulated_links_with_mutual_tls(e
         finally:
             stop(processes)
     server_job = kits / "server" / "workspace" / "jobs" / job_id
-    assert outcome(server_job) == ("job.finished", ""), (tmp_path / "server.log").read_text()[-3000:]
+    assert outcome(server_job) == ("job.finished", ""), (tmp_path / "server.log").read_text()[
+        -3000:
+    ]
     with RoundStore(server_job, keep_rounds=2).open(1) as model:
         assert_models_equal(model.arrays(), hello_expected(job_dir, rounds=1))
     sites = [row for row in read_jsonl(server_job / "metrics.jsonl") if row.get("kind") == "site"]
     assert sorted(row["site"] for row in sites) == ["site-1", "site-2"]
-    for row in sites:  # every transfer crossed the link: at least one round trip, and all model bytes
-        assert row["download_s"] >= 2 * LINK.delay_ms / 1e3 and row["upload_s"] >= 2 * LINK.delay_ms / 1e3
+    for (
+        row
+    ) in sites:  # every transfer crossed the link: at least one round trip, and all model bytes
+        assert (
+            row["download_s"] >= 2 * LINK.delay_ms / 1e3
+            and row["upload_s"] >= 2 * LINK.delay_ms / 1e3
+        )
         assert row["download"]["bytes"] == row["upload"]["bytes"] == 3 << 20
     for link in topology.links.values():
         assert link.stats["a_to_b"]["bytes"] > 3 << 20 and link.stats["b_to_a"]["bytes"] > 3 << 20

@@ -13,4 +13,6 @@ def train(model: dict[str, np.ndarray], context: TrainContext) -> TrainOutput:
         flat = array.reshape(-1)
         for start in range(0, flat.size, BLOCK):
             flat[start : start + BLOCK] += increment
-    return TrainOutput(weight=float(context.config.get("steps", 10)), metrics={"increment": increment})
+    return TrainOutput(
+        weight=float(context.config.get("steps", 10)), metrics={"increment": increment}
+    )

@@ -15,7 +15,9 @@ from sklearn.model_selection import train_test_split
 def _split(seed: int) -> tuple[np.ndarray, ...]:
     digits = load_digits()
     features = (digits.data / 16.0).astype(np.float32)
-    return train_test_split(features, digits.target, test_size=0.2, random_state=seed, stratify=digits.target)
+    return train_test_split(
+        features, digits.target, test_size=0.2, random_state=seed, stratify=digits.target
+    )
 
 
 def test_set(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,14 +25,20 @@ def test_set(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x_test), torch.from_numpy(y_test)
 
 
-def site_set(site: int, sites: int, own_share: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def site_set(
+    site: int, sites: int, own_share: float, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training samples of site `site` (0-based) among `sites`."""
     x_train, _, y_train, _ = _split(seed)
     rng = np.random.default_rng(seed)
     residue = y_train % min(sites, 10)
-    owners_of_residue = (sites - residue + min(sites, 10) - 1) // min(sites, 10)  # sites k < sites with k % m == r
+    owners_of_residue = (sites - residue + min(sites, 10) - 1) // min(
+        sites, 10
+    )  # sites k < sites with k % m == r
     own = residue + min(sites, 10) * rng.integers(0, owners_of_residue)
-    owner = np.where(rng.random(len(y_train)) < own_share, own, rng.integers(0, sites, len(y_train)))
+    owner = np.where(
+        rng.random(len(y_train)) < own_share, own, rng.integers(0, sites, len(y_train))
+    )
     mine = owner == site
     return torch.from_numpy(x_train[mine]), torch.from_numpy(y_train[mine])
 

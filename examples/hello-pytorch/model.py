@@ -10,7 +10,9 @@ INPUTS, CLASSES = 64, 10
 class Net(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(INPUTS, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
+        self.layers = nn.Sequential(
+            nn.Linear(INPUTS, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -23,7 +25,9 @@ def initial(config: dict) -> Net:
 
 
 def layout(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [(name, "F32", tuple(tensor.shape)) for name, tensor in initial(config).state_dict().items()]
+    return [
+        (name, "F32", tuple(tensor.shape)) for name, tensor in initial(config).state_dict().items()
+    ]
 
 
 def fill(name: str, out: np.ndarray, config: dict) -> None:

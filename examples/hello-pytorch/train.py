@@ -43,7 +43,9 @@ def shard(settings: dict) -> tuple[int, int]:
     try:
         return int(settings["site_index"]), int(settings["num_sites"])
     except KeyError:
-        raise SystemExit("hello-pytorch needs site_index and num_sites in the site's [job_settings]") from None
+        raise SystemExit(
+            "hello-pytorch needs site_index and num_sites in the site's [job_settings]"
+        ) from None
 
 
 def main() -> None:
@@ -51,17 +53,28 @@ def main() -> None:
     while hauler.is_running():
         context = hauler.context()
         config = context.config
-        site, sites = shard(context.settings)  # read every round: a simulator's worker serves many sites
+        site, sites = shard(
+            context.settings
+        )  # read every round: a simulator's worker serves many sites
         x, y = site_set(site, sites, float(config["own_share"]), int(config.get("seed", 0)))
         if len(y) == 0:
-            raise SystemExit(f"site {site + 1} of {sites} holds no training samples: use fewer sites")
+            raise SystemExit(
+                f"site {site + 1} of {sites} holds no training samples: use fewer sites"
+            )
         model = hauler.receive("torch")  # tensors viewing the site's model file
         net = net or Net(hidden=model["layers.0.bias"].shape[0])
         net.load_state_dict(model)  # copies the global weights into the network
         global_accuracy = accuracy(net, x_test, y_test)
         loss = train(net, x, y, config, context.round)
-        hauler.send(net.state_dict(), weight=len(y), metrics={
-            "global_accuracy": global_accuracy, "loss": loss, "local_accuracy": accuracy(net, x_test, y_test)})
+        hauler.send(
+            net.state_dict(),
+            weight=len(y),
+            metrics={
+                "global_accuracy": global_accuracy,
+                "loss": loss,
+                "local_accuracy": accuracy(net, x_test, y_test),
+            },
+        )
 
 
 if __name__ == "__main__":  # the site runs this file as __main__; baseline.py imports it

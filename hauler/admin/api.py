@@ -48,32 +48,46 @@ class JobReport:
     paths: list[Path]
 
 
-def connect(*, workspace: str | Path | None = None, kit: str | Path | None = None,
-            on_wait: Callable[[str], None] | None = None) -> Session | LocalSession:
+def connect(
+    *,
+    workspace: str | Path | None = None,
+    kit: str | Path | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> Session | LocalSession:
     """A session with the server an admin's kit (its folder or admin.toml) or a POC workspace
     names; or, for a workspace the simulator wrote, with its jobs on disk."""
     if kit is not None:
         kit = Path(kit)
-        return Session(load_toml(AdminConfig, kit / "admin.toml" if kit.is_dir() else kit), on_wait=on_wait)
+        return Session(
+            load_toml(AdminConfig, kit / "admin.toml" if kit.is_dir() else kit), on_wait=on_wait
+        )
     if workspace is None:
-        raise ConfigError("say where the server is: workspace=DIR (a POC or a simulation) or kit=DIR")
+        raise ConfigError(
+            "say where the server is: workspace=DIR (a POC or a simulation) or kit=DIR"
+        )
     workspace = Path(workspace)
     if (workspace / "server" / "server.toml").exists():
         return Session(admin_config(workspace), on_wait=on_wait)
     if (workspace / "jobs").is_dir():
         return LocalSession(workspace)
-    raise ConfigError(f"{workspace}: neither a POC workspace (`hauler poc prepare`) nor a simulation's "
-                      "(`hauler simulate`)")
+    raise ConfigError(
+        f"{workspace}: neither a POC workspace (`hauler poc prepare`) nor a simulation's "
+        "(`hauler simulate`)"
+    )
 
 
 class Session:
     """An admin's session with a server: use as a context manager, or close() it."""
 
-    def __init__(self, config: AdminConfig, *, on_wait: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, config: AdminConfig, *, on_wait: Callable[[str], None] | None = None
+    ) -> None:
         self.config = config
         self._portal = Portal()
         try:
-            self._admin = self._portal.call(_opened(Admin, config, on_wait))  # gRPC binds to its loop
+            self._admin = self._portal.call(
+                _opened(Admin, config, on_wait)
+            )  # gRPC binds to its loop
         except BaseException:
             self._portal.close()
             raise
@@ -101,15 +115,25 @@ class Session:
     def admin(self) -> Admin:
         return self._admin
 
-    def submit(self, job_dir: str | Path, *, initial_model: str | Path | None = None,
-               progress: bool = False) -> Job:
+    def submit(
+        self,
+        job_dir: str | Path,
+        *,
+        initial_model: str | Path | None = None,
+        progress: bool = False,
+    ) -> Job:
         """Submit a job folder with its initial model (built here, unless given or the job names
         one of the server's); `progress` shows the upload as a bar on a terminal."""
         model = Path(initial_model) if initial_model is not None else None
         if progress:
             with transfer_display(Console(stderr=True)) as track:
-                return Job(self, self.call(self._admin.submit(Path(job_dir), initial_model=model, track=track)))
-        return Job(self, self.call(self._admin.submit(Path(job_dir), initial_model=model, track=untracked)))
+                return Job(
+                    self,
+                    self.call(self._admin.submit(Path(job_dir), initial_model=model, track=track)),
+                )
+        return Job(
+            self, self.call(self._admin.submit(Path(job_dir), initial_model=model, track=untracked))
+        )
 
     def jobs(self) -> list[dict[str, Any]]:
         """Every job's record, oldest first."""
@@ -197,8 +221,10 @@ class LocalSession:
         pass
 
     def submit(self, job_dir: str | Path, **options: Any) -> LocalJob:
-        raise ConfigError(f"{self.workspace} is a simulation's workspace: run jobs there with "
-                          "`hauler simulate JOB --workspace` (or hauler.simulate)")
+        raise ConfigError(
+            f"{self.workspace} is a simulation's workspace: run jobs there with "
+            "`hauler simulate JOB --workspace` (or hauler.simulate)"
+        )
 
     def jobs(self) -> list[dict[str, Any]]:
         return [folder.record() for folder in job_folders(self.workspace)]
@@ -251,16 +277,33 @@ class LocalJob:
         self.folder.delete()
 
 
-def simulate(job_dir: str | Path, *, sites: int, workers: int | None = None, workspace: str | Path = "sim",
-             settings: str | Path | dict[str, dict[str, Any]] | None = None,
-             initial_model: str | Path | None = None, ray: str | None = None, worker_cpus: float = 1.0,
-             worker_gpus: float = 0.0, progress: bool = False, console: Console | None = None) -> LocalJob:
+def simulate(
+    job_dir: str | Path,
+    *,
+    sites: int,
+    workers: int | None = None,
+    workspace: str | Path = "sim",
+    settings: str | Path | dict[str, dict[str, Any]] | None = None,
+    initial_model: str | Path | None = None,
+    ray: str | None = None,
+    worker_cpus: float = 1.0,
+    worker_gpus: float = 0.0,
+    progress: bool = False,
+    console: Console | None = None,
+) -> LocalJob:
     """Run a job on `sites` virtual sites, `workers` (default: the cores) training at once, and
     return it once ended; `ray` is a Ray cluster's address (or "auto") to run the workers on."""
-    plan = SimulationPlan(Path(job_dir), sites, Path(workspace), workers=workers,
-                          settings=Path(settings) if isinstance(settings, str | Path) else settings,
-                          initial_model=Path(initial_model) if initial_model is not None else None,
-                          ray=ray, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
+    plan = SimulationPlan(
+        Path(job_dir),
+        sites,
+        Path(workspace),
+        workers=workers,
+        settings=Path(settings) if isinstance(settings, str | Path) else settings,
+        initial_model=Path(initial_model) if initial_model is not None else None,
+        ray=ray,
+        worker_cpus=worker_cpus,
+        worker_gpus=worker_gpus,
+    )
     portal = Portal()
     try:
         with JobDisplay(console or Console()) if progress else contextlib.nullcontext() as display:
@@ -271,8 +314,9 @@ def simulate(job_dir: str | Path, *, sites: int, workers: int | None = None, wor
     return LocalJob(JobFolder(plan.workspace.resolve() / "jobs" / job_id))
 
 
-def make_report(record: dict[str, Any], metrics: list[dict[str, Any]], out_dir: Path, *,
-                tensorboard: bool) -> JobReport:
+def make_report(
+    record: dict[str, Any], metrics: list[dict[str, Any]], out_dir: Path, *, tensorboard: bool
+) -> JobReport:
     """A job's figures as PNGs in `out_dir` (and TensorBoard runs in out_dir/tensorboard)."""
     report = build_report(record, metrics)
     paths = write_figures(report, out_dir)
@@ -283,7 +327,9 @@ def make_report(record: dict[str, Any], metrics: list[dict[str, Any]], out_dir: 
     return JobReport(report, paths)
 
 
-async def _opened(kind: type[Admin], config: AdminConfig, on_wait: Callable[[str], None] | None) -> Admin:
+async def _opened(
+    kind: type[Admin], config: AdminConfig, on_wait: Callable[[str], None] | None
+) -> Admin:
     """An Admin made and connected in the running loop, which its channel then belongs to."""
     admin = kind(config, on_wait=on_wait)
     return await admin.__aenter__()
@@ -291,5 +337,7 @@ async def _opened(kind: type[Admin], config: AdminConfig, on_wait: Callable[[str
 
 def _finished(record: dict[str, Any]) -> dict[str, Any]:
     if record["status"] != "finished":
-        raise JobError(f"job {record['id']} {record['status']}: {record.get('error') or 'no reason given'}")
+        raise JobError(
+            f"job {record['id']} {record['status']}: {record.get('error') or 'no reason given'}"
+        )
     return record

@@ -27,21 +27,26 @@ BUILD_ROOT = Path.home() / ".cache" / "hauler"  # a disk, not /tmp (often RAM): 
 class Admin:
     """One admin's connection to the server; use as `async with Admin(config) as admin:`."""
 
-    def __init__(self, config: AdminConfig, *, on_wait: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, config: AdminConfig, *, on_wait: Callable[[str], None] | None = None
+    ) -> None:
         """`on_wait` is told when the server is there but slow to answer."""
         self.config = config
         self.on_wait = on_wait
         self._channel = ControlChannel(config.server_host, config.control_port, config.tls)
 
     async def __aenter__(self) -> Admin:
-        await self._channel.wait_ready(self.config.timeouts.communication_timeout, on_wait=self.on_wait)
+        await self._channel.wait_ready(
+            self.config.timeouts.communication_timeout, on_wait=self.on_wait
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._channel.close()
 
-    async def submit(self, job_dir: Path, *, initial_model: Path | None = None,
-                     track: TrackTransfer = untracked) -> str:
+    async def submit(
+        self, job_dir: Path, *, initial_model: Path | None = None, track: TrackTransfer = untracked
+    ) -> str:
         """Package and submit a job folder with its initial model; returns the job id.
 
         The initial model is `initial_model` if given, else built here from the job's model
@@ -56,17 +61,26 @@ class Admin:
                 return str((await self._channel.call("submit", package_b64=package))["job_id"])
             with ModelFile.open(path, chunk_bytes=chunk_bytes) as model:
                 manifest = await asyncio.to_thread(model.compute_digests)
-                reply = await self._channel.call("submit", package_b64=package,
-                                                 initial_manifest=manifest.to_json())
+                reply = await self._channel.call(
+                    "submit", package_b64=package, initial_manifest=manifest.to_json()
+                )
                 upload = reply["upload"]
-                await push_model(self._data_address, upload["transfer"], manifest, model, int(upload["lanes"]),
-                                 timeouts=self.config.timeouts,
-                                 on_progress=track("initial model upload", manifest.total_bytes))
+                await push_model(
+                    self._data_address,
+                    upload["transfer"],
+                    manifest,
+                    model,
+                    int(upload["lanes"]),
+                    timeouts=self.config.timeouts,
+                    on_progress=track("initial model upload", manifest.total_bytes),
+                )
             return str(reply["job_id"])
 
     @property
     def _data_address(self) -> DataAddress:
-        return DataAddress(self.config.server_host, self.config.data_port, self.config.tls, DataPlane())
+        return DataAddress(
+            self.config.server_host, self.config.data_port, self.config.tls, DataPlane()
+        )
 
     async def list_jobs(self) -> list[dict[str, Any]]:
         return (await self._channel.call("list_jobs"))["jobs"]
@@ -112,23 +126,30 @@ class Admin:
         return self._channel.watch(job_id=job_id)
 
     async def download(self, job_id: str, out_dir: Path) -> tuple[Path, int]:
-        """Fetch the job's latest global model as `out_dir/global.safetensors`; returns it and its round."""
+        """Fetch the job's latest global model as `out_dir/global.safetensors`; returns it and its
+        round."""
         offer = await self._channel.call("download", job_id=job_id)
         manifest = Manifest.from_json(offer["manifest"])
         out_dir.mkdir(parents=True, exist_ok=True)
         final = out_dir / "global.safetensors"
         partial = out_dir / ".global.safetensors.partial"
         with ModelFile.create(partial, manifest) as model:
-            await fetch_model(self._data_address, offer["transfer"], ReceiveLedger(ChunkPlan(manifest), offer["lanes"]), model,
-                              timeouts=self.config.timeouts)
+            await fetch_model(
+                self._data_address,
+                offer["transfer"],
+                ReceiveLedger(ChunkPlan(manifest), offer["lanes"]),
+                model,
+                timeouts=self.config.timeouts,
+            )
             model.flush()
         os.replace(partial, final)
         return final, int(offer["round"])
 
 
 @contextlib.asynccontextmanager
-async def initial_model_file(job_dir: Path, job: JobConfig, chunk_bytes: int,
-                             given: Path | None) -> AsyncIterator[Path | None]:
+async def initial_model_file(
+    job_dir: Path, job: JobConfig, chunk_bytes: int, given: Path | None
+) -> AsyncIterator[Path | None]:
     """The file to upload as the job's round 0: `given`, or one built here from the job's model
     module (removed afterwards); None when the server makes round 0 itself."""
     if given is not None:
@@ -138,12 +159,15 @@ async def initial_model_file(job_dir: Path, job: JobConfig, chunk_bytes: int,
         yield None
         return
     if job.model.module is None:
-        raise ConfigError(f"{job_dir}: job.toml names no [model] module or file; name one, or give "
-                          "the initial model with `hauler submit --initial-model FILE`")
+        raise ConfigError(
+            f"{job_dir}: job.toml names no [model] module or file; name one, or give "
+            "the initial model with `hauler submit --initial-model FILE`"
+        )
     BUILD_ROOT.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="initial-", dir=BUILD_ROOT))
     try:
-        yield await build_in_child(job_dir, job.model.module, job.model.config, chunk_bytes,
-                                   folder / "initial.safetensors")
+        yield await build_in_child(
+            job_dir, job.model.module, job.model.config, chunk_bytes, folder / "initial.safetensors"
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)

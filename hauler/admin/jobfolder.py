@@ -18,7 +18,9 @@ ENDINGS = {"job.finished": "finished", "job.failed": "failed", "job.aborted": "a
 class JobFolder:
     def __init__(self, folder: Path) -> None:
         if not (folder / "events.jsonl").exists():
-            raise JobError(f"{folder}: no job there (no events.jsonl); `hauler jobs list` shows the jobs")
+            raise JobError(
+                f"{folder}: no job there (no events.jsonl); `hauler jobs list` shows the jobs"
+            )
         self.folder = folder
         self.id = folder.name
 
@@ -36,11 +38,17 @@ class JobFolder:
         events = self.events()
         started = next((e for e in events if e["event"] == "job.started"), {})
         ended = next((e for e in reversed(events) if e["event"] in ENDINGS), None)
-        return {"id": self.id, "name": started.get("name", ""), "num_rounds": self._num_rounds(),
-                "status": ENDINGS[ended["event"]] if ended else "running",
-                "rounds_done": RoundStore(self.folder, 2).latest() or 0,
-                "started_s": started.get("time_s"), "finished_s": ended["time_s"] if ended else None,
-                "error": ended.get("error", "") if ended else "", "submitter": "simulator"}
+        return {
+            "id": self.id,
+            "name": started.get("name", ""),
+            "num_rounds": self._num_rounds(),
+            "status": ENDINGS[ended["event"]] if ended else "running",
+            "rounds_done": RoundStore(self.folder, 2).latest() or 0,
+            "started_s": started.get("time_s"),
+            "finished_s": ended["time_s"] if ended else None,
+            "error": ended.get("error", "") if ended else "",
+            "submitter": "simulator",
+        }
 
     def _num_rounds(self) -> int:
         try:
@@ -69,5 +77,9 @@ class JobFolder:
 
 def job_folders(workspace: Path) -> list[JobFolder]:
     """Every job of a folder of jobs, oldest first."""
-    jobs = [JobFolder(path) for path in (workspace / "jobs").glob("*") if (path / "events.jsonl").exists()]
+    jobs = [
+        JobFolder(path)
+        for path in (workspace / "jobs").glob("*")
+        if (path / "events.jsonl").exists()
+    ]
     return sorted(jobs, key=lambda job: job.record()["started_s"] or 0.0)

@@ -33,9 +33,16 @@ def site_names(count: int) -> list[str]:
     return [f"site-{k}" for k in range(1, count + 1)]
 
 
-def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: int = 0,
-            timeouts: dict[str, float] | None = None, dataplane: dict[str, float] | None = None,
-            plaintext: bool = False) -> list[Path]:
+def prepare(
+    workspace: Path,
+    sites: int,
+    *,
+    control_port: int = 0,
+    data_port: int = 0,
+    timeouts: dict[str, float] | None = None,
+    dataplane: dict[str, float] | None = None,
+    plaintext: bool = False,
+) -> list[Path]:
     """Provision a local federation with mutual TLS: a project CA and a kit per participant.
 
     Ports of 0 are picked free now. Each kit folder is also its role's workspace.
@@ -47,7 +54,11 @@ def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: in
         raise ConfigError(f"{workspace}: a federation is running there; `hauler poc stop` it first")
     project = {
         "name": "poc",
-        "server": {"host": HOST, "control_port": control_port or _free_port(), "data_port": data_port or _free_port()},
+        "server": {
+            "host": HOST,
+            "control_port": control_port or _free_port(),
+            "data_port": data_port or _free_port(),
+        },
         "sites": [{"name": name, "org": "poc"} for name in site_names(sites)],
         "admins": [{"name": "admin", "org": "poc", "role": "project_admin"}],
     }
@@ -60,15 +71,21 @@ def prepare(workspace: Path, sites: int, *, control_port: int = 0, data_port: in
     # with 1, 0.45 with 4); the parallel lanes real deployments default to are for long links.
     dataplane = {"connections": 1, **(dataplane or {})}
     for config in [*workspace.glob("server/server.toml"), *workspace.glob("site-*/site.toml")]:
-        amend_config(config, {"workspace": ".", **extra, "dataplane": dataplane}, drop_tls=plaintext)
+        amend_config(
+            config, {"workspace": ".", **extra, "dataplane": dataplane}, drop_tls=plaintext
+        )
     for index, name in enumerate(site_names(sites)):  # which share of a data set each site holds
-        amend_config(workspace / name / "site.toml", {"job_settings": {"site_index": index, "num_sites": sites}})
+        amend_config(
+            workspace / name / "site.toml",
+            {"job_settings": {"site_index": index, "num_sites": sites}},
+        )
     amend_config(workspace / "admin" / "admin.toml", extra, drop_tls=plaintext)
     return kits
 
 
 def amend_config(config: Path, values: dict, *, drop_tls: bool = False) -> None:
-    """Merge top-level `values` into a TOML config; `drop_tls` removes its [tls] (measuring only)."""
+    """Merge top-level `values` into a TOML config; `drop_tls` removes its [tls] (measuring
+    only)."""
     data = {**tomllib.loads(config.read_text()), **values}
     if drop_tls:
         data.pop("tls", None)
@@ -82,9 +99,13 @@ def admin_config(workspace: Path) -> AdminConfig:
 def roles(workspace: Path) -> list[tuple[str, list[str]]]:
     """(role name, command) for the server and every site of the workspace."""
     if not (workspace / "server" / "server.toml").exists():
-        raise ConfigError(f"{workspace}: not a POC workspace; run `hauler poc prepare --workspace {workspace}`")
+        raise ConfigError(
+            f"{workspace}: not a POC workspace; run `hauler poc prepare --workspace {workspace}`"
+        )
     commands = [("server", ["server", "--config", str(workspace / "server" / "server.toml")])]
-    for config in sorted(workspace.glob("site-*/site.toml"), key=lambda p: int(p.parent.name.split("-")[1])):
+    for config in sorted(
+        workspace.glob("site-*/site.toml"), key=lambda p: int(p.parent.name.split("-")[1])
+    ):
         commands.append((config.parent.name, ["client", "--config", str(config)]))
     return commands
 
@@ -95,12 +116,16 @@ def start(workspace: Path, *, wait_s: float = 60.0) -> dict[str, int]:
     run_dir = workspace / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     if running(workspace):
-        raise ConfigError(f"{workspace}: already running; `hauler poc stop --workspace {workspace}` first")
+        raise ConfigError(
+            f"{workspace}: already running; `hauler poc stop --workspace {workspace}` first"
+        )
     (server, server_command), *sites = roles(workspace)
     pids = {server: _spawn(run_dir, server, server_command)}
     try:
         config = admin_config(workspace)
-        asyncio.run(_wait_for_sites(config, pids, wait_s))  # the server first, so sites find it listening
+        asyncio.run(
+            _wait_for_sites(config, pids, wait_s)
+        )  # the server first, so sites find it listening
         pids.update({role: _spawn(run_dir, role, command) for role, command in sites})
         asyncio.run(_wait_for_sites(config, pids, wait_s))
     except HaulerError as error:
@@ -112,8 +137,13 @@ def start(workspace: Path, *, wait_s: float = 60.0) -> dict[str, int]:
 def _spawn(run_dir: Path, role: str, arguments: list[str]) -> int:
     """Start `hauler ARGUMENTS` in the background, logging to run/<role>.log; returns its PID."""
     with open(run_dir / f"{role}.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "hauler", *arguments], stdout=log, stderr=log,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hauler", *arguments],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     (run_dir / f"{role}.pid").write_text(str(process.pid))
     return process.pid
 

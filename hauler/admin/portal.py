@@ -21,7 +21,9 @@ _END = object()
 class Portal:
     def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="hauler-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="hauler-api", daemon=True
+        )
         self._thread.start()
 
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:

@@ -26,8 +26,13 @@ from rich.text import Text
 
 from hauler.core.events import TrackTransfer, untracked
 
-COLUMNS = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-           TimeRemainingColumn())
+COLUMNS = (
+    TextColumn("{task.description}"),
+    BarColumn(),
+    DownloadColumn(),
+    TransferSpeedColumn(),
+    TimeRemainingColumn(),
+)
 KEPT_BARS = 4  # finished bars a site's console keeps on screen
 RESERVED_ROWS = 4  # rows a job's display leaves to the shell around it
 
@@ -84,7 +89,10 @@ class RoundState:
     def line(self, now_s: float | None = None) -> str:
         """`round 2: 12/16 sites · loss 0.412 · global_accuracy 0.81 · 4.3 s · 256 MB`."""
         parts = [f"round {self.round}: {self.done}/{self.sites or '?'} sites"]
-        parts += [f"{name} {_number(statistics.fmean(values))}" for name, values in sorted(self.metrics.items())]
+        parts += [
+            f"{name} {_number(statistics.fmean(values))}"
+            for name, values in sorted(self.metrics.items())
+        ]
         if now_s is not None and self.started_s:
             parts.append(f"{now_s - self.started_s:.1f} s")
         moved = sum(self.bytes_moved.values())
@@ -101,7 +109,11 @@ class JobDisplay:
         self.round: RoundState | None = None
         self._bars = Progress(*COLUMNS, console=console)
         self._tasks: dict[tuple[str, str], Any] = {}
-        self._live = Live(console=console, transient=True, auto_refresh=True) if console.is_terminal else None
+        self._live = (
+            Live(console=console, transient=True, auto_refresh=True)
+            if console.is_terminal
+            else None
+        )
 
     def __enter__(self) -> JobDisplay:
         if self._live is not None:
@@ -113,8 +125,12 @@ class JobDisplay:
             self._live.stop()
 
     def show(self, event: dict[str, Any]) -> None:
-        handlers = {"round.started": self._round_started, "site.result": self._site_result,
-                    "transfer.progress": self._transfer, "round.complete": self._round_complete}
+        handlers = {
+            "round.started": self._round_started,
+            "site.result": self._site_result,
+            "transfer.progress": self._transfer,
+            "round.complete": self._round_complete,
+        }
         handlers.get(event.get("event", ""), self._plain)(event)
         self._refresh()
 
@@ -122,7 +138,9 @@ class JobDisplay:
         self._print(describe(event))
 
     def _round_started(self, event: dict[str, Any]) -> None:
-        self.round = RoundState(event["round"], len(event.get("sites") or []), started_s=event.get("time_s", 0.0))
+        self.round = RoundState(
+            event["round"], len(event.get("sites") or []), started_s=event.get("time_s", 0.0)
+        )
         self._clear_bars()
 
     def _site_result(self, event: dict[str, Any]) -> None:
@@ -144,7 +162,9 @@ class JobDisplay:
         if self._live is None:
             return
         if key not in self._tasks:
-            self._tasks[key] = self._bars.add_task(f"{event['site']} {event['direction']}", total=event["total"])
+            self._tasks[key] = self._bars.add_task(
+                f"{event['site']} {event['direction']}", total=event["total"]
+            )
         self._bars.update(self._tasks[key], completed=event["bytes"])
 
     def _clear_bars(self) -> None:
@@ -163,7 +183,9 @@ class JobDisplay:
         self._live.update(Group(line, self._bars) if running else line)
 
     def _print(self, text: str) -> None:
-        (self._live.console if self._live is not None else self.console).print(text, highlight=False)
+        (self._live.console if self._live is not None else self.console).print(
+            text, highlight=False
+        )
 
 
 def describe(event: dict[str, Any]) -> str:

@@ -21,7 +21,12 @@ from rich.table import Column, Table
 
 MIB = 1 << 20
 SERVER = "server"
-PHASES = {"download": "tab:blue", "train": "tab:green", "upload": "tab:orange", "aggregate": "tab:purple"}
+PHASES = {
+    "download": "tab:blue",
+    "train": "tab:green",
+    "upload": "tab:orange",
+    "aggregate": "tab:purple",
+}
 FIGURES = ("cpu.png", "memory.png", "timeline.png", "metrics.png")
 METRICS_PER_ROW = 2
 LABEL_GAP = 0.08  # round labels on the timeline stay this share of its width apart
@@ -63,11 +68,18 @@ def build_report(job: dict[str, Any], records: list[dict[str, Any]]) -> Report:
     by_kind: dict[str, list[dict[str, Any]]] = {"resources": [], "site": [], "round": []}
     for record in records:
         by_kind.setdefault(record.get("kind", ""), []).append(record)
-    starts = [r["t"] for r in by_kind["resources"]] + [r["started_s"] for r in by_kind["site"] if "started_s" in r]
+    starts = [r["t"] for r in by_kind["resources"]] + [
+        r["started_s"] for r in by_kind["site"] if "started_s" in r
+    ]
     origin = min([job["started_s"], *starts] if job.get("started_s") else starts or [0.0])
-    return Report(job, origin, _series(by_kind["resources"], origin), _bars(by_kind, origin),
-                  sorted(by_kind["site"], key=lambda r: (r["round"], r["site"])),
-                  sorted(by_kind["round"], key=lambda r: r["round"]))
+    return Report(
+        job,
+        origin,
+        _series(by_kind["resources"], origin),
+        _bars(by_kind, origin),
+        sorted(by_kind["site"], key=lambda r: (r["round"], r["site"])),
+        sorted(by_kind["round"], key=lambda r: r["round"]),
+    )
 
 
 def _series(samples: list[dict[str, Any]], origin: float) -> dict[str, Series]:
@@ -82,7 +94,8 @@ def _series(samples: list[dict[str, Any]], origin: float) -> dict[str, Series]:
 
 
 def _bars(by_kind: dict[str, list[dict[str, Any]]], origin: float) -> list[Bar]:
-    """Bars placed by the records' start times (records written before they had one are left out)."""
+    """Bars placed by the records' start times (records written before they had one are left
+    out)."""
     bars = []
     for record in by_kind["site"]:
         if "started_s" not in record:
@@ -121,9 +134,14 @@ def _cpu_figure(report: Report) -> Figure:
     axes = figure.subplots()
     for process, series in report.processes.items():
         # each reading covers the second before it: steps, not slopes
-        axes.plot(series.t_s, series.cpu_percent, label=process, linewidth=1.2, drawstyle="steps-pre")
-    axes.set(title=_title(report, "CPU per process"), xlabel="seconds from job start",
-             ylabel="CPU % (100 = one core)")
+        axes.plot(
+            series.t_s, series.cpu_percent, label=process, linewidth=1.2, drawstyle="steps-pre"
+        )
+    axes.set(
+        title=_title(report, "CPU per process"),
+        xlabel="seconds from job start",
+        ylabel="CPU % (100 = one core)",
+    )
     axes.set_ylim(bottom=0)
     _finish(axes, report)
     return figure
@@ -134,7 +152,9 @@ def _memory_figure(report: Report) -> Figure:
     rss, anon = figure.subplots(2, 1, sharex=True)
     for process, series in report.processes.items():
         rss.plot(series.t_s, series.rss_mib, label=process, linewidth=1.2, marker=".", markersize=3)
-        anon.plot(series.t_s, series.rss_anon_mib, label=process, linewidth=1.2, marker=".", markersize=3)
+        anon.plot(
+            series.t_s, series.rss_anon_mib, label=process, linewidth=1.2, marker=".", markersize=3
+        )
     rss.set(title=_title(report, "Memory per process"), ylabel="RSS MiB (with mapped model pages)")
     anon.set(xlabel="seconds from job start", ylabel="RssAnon MiB (anonymous)")
     for axes in (rss, anon):
@@ -151,35 +171,69 @@ def _finish(axes: Axes, report: Report) -> None:
 
 
 def _timeline_figure(report: Report) -> Figure:
-    rows = sorted({SERVER, *(bar.row for bar in report.bars)}, key=lambda n: (n == SERVER, n))  # sites, server
+    rows = sorted(
+        {SERVER, *(bar.row for bar in report.bars)}, key=lambda n: (n == SERVER, n)
+    )  # sites, server
     figure = Figure(figsize=(9, 1.2 + 0.6 * len(rows)), layout="constrained")
     axes = figure.subplots()
     for bar in report.bars:
-        axes.barh(rows.index(bar.row), bar.duration_s, left=bar.start_s, height=0.6, color=PHASES[bar.phase])
-    starts = [(record["round"], record["started_s"] - report.origin_s) for record in report.rounds
-              if "started_s" in record]
-    span = max([bar.start_s + bar.duration_s for bar in report.bars] + [start for _, start in starts] + [1e-9])
+        axes.barh(
+            rows.index(bar.row),
+            bar.duration_s,
+            left=bar.start_s,
+            height=0.6,
+            color=PHASES[bar.phase],
+        )
+    starts = [
+        (record["round"], record["started_s"] - report.origin_s)
+        for record in report.rounds
+        if "started_s" in record
+    ]
+    span = max(
+        [bar.start_s + bar.duration_s for bar in report.bars]
+        + [start for _, start in starts]
+        + [1e-9]
+    )
     labelled = -span
     for round, start in starts:
         axes.axvline(start, color="grey", linestyle=":", linewidth=1)
-        if start - labelled >= LABEL_GAP * span:  # a label only where it does not overprint the last one
+        if (
+            start - labelled >= LABEL_GAP * span
+        ):  # a label only where it does not overprint the last one
             labelled = start
-            axes.annotate(f"round {round}", (start, 0), xycoords=("data", "axes fraction"),
-                          xytext=(2, 2), textcoords="offset points", fontsize="small", color="grey")
+            axes.annotate(
+                f"round {round}",
+                (start, 0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, 2),
+                textcoords="offset points",
+                fontsize="small",
+                color="grey",
+            )
     axes.set_yticks(range(len(rows)), rows)
     axes.invert_yaxis()
     axes.set(title=_title(report, "Rounds"), xlabel="seconds from job start")
     axes.set_xlim(left=0)
     axes.grid(axis="x", alpha=0.3)
-    figure.legend(handles=[Patch(color=color, label=phase) for phase, color in PHASES.items()],
-                  loc="outside lower center", fontsize="small", ncols=len(PHASES))
+    figure.legend(
+        handles=[Patch(color=color, label=phase) for phase, color in PHASES.items()],
+        loc="outside lower center",
+        fontsize="small",
+        ncols=len(PHASES),
+    )
     return figure
 
 
 def metric_names(report: Report) -> list[str]:
     """Every numeric metric any site reported, sorted."""
-    return sorted({name for record in report.sites for name, value in record.get("metrics", {}).items()
-                   if isinstance(value, int | float) and not isinstance(value, bool)})
+    return sorted(
+        {
+            name
+            for record in report.sites
+            for name, value in record.get("metrics", {}).items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+    )
 
 
 def _metrics_figure(report: Report) -> Figure | None:
@@ -193,8 +247,11 @@ def _metrics_figure(report: Report) -> Figure | None:
     panels = figure.subplots(rows, columns, squeeze=False).flat
     for name, axes in zip(names, panels):
         for site in sorted({record["site"] for record in report.sites}):
-            points = [(r["round"], r["metrics"][name]) for r in report.sites
-                      if r["site"] == site and name in r.get("metrics", {})]
+            points = [
+                (r["round"], r["metrics"][name])
+                for r in report.sites
+                if r["site"] == site and name in r.get("metrics", {})
+            ]
             if points:
                 axes.plot(*zip(*points), label=site, marker="o", markersize=3, linewidth=1.2)
         axes.set(title=name, xlabel="round")
@@ -204,42 +261,69 @@ def _metrics_figure(report: Report) -> Figure | None:
         axes.set_visible(False)
     handles, labels = figure.axes[0].get_legend_handles_labels()
     if len(labels) <= 16:  # beyond that a legend hides the lines it names
-        figure.legend(handles, labels, loc="outside lower center", fontsize="small", ncols=min(len(labels), 8))
+        figure.legend(
+            handles, labels, loc="outside lower center", fontsize="small", ncols=min(len(labels), 8)
+        )
     figure.suptitle(_title(report, "Metrics the sites reported"))
     return figure
 
 
 def round_table(report: Report) -> Table:
     """Per round and site: phase seconds, transfer rates and re-sent bytes."""
-    numbers = [Column(name, justify="right") for name in
-               ("down s", "train s", "up s", "down MB/s", "up MB/s", "re-sent MiB")]
+    numbers = [
+        Column(name, justify="right")
+        for name in ("down s", "train s", "up s", "down MB/s", "up MB/s", "re-sent MiB")
+    ]
     table = Table("round", "site", *numbers, title="rounds (per site)")
     for record in report.sites:
         down, up = record.get("download", {}), record.get("upload", {})
         resent = down.get("bytes_resent", 0) + up.get("bytes_resent", 0)
-        table.add_row(str(record["round"]), record["site"], f"{record['download_s']:.2f}", f"{record['train_s']:.2f}",
-                      f"{record['upload_s']:.2f}", f"{down.get('mb_per_s', 0):.0f}", f"{up.get('mb_per_s', 0):.0f}",
-                      f"{resent / MIB:.1f}")
+        table.add_row(
+            str(record["round"]),
+            record["site"],
+            f"{record['download_s']:.2f}",
+            f"{record['train_s']:.2f}",
+            f"{record['upload_s']:.2f}",
+            f"{down.get('mb_per_s', 0):.0f}",
+            f"{up.get('mb_per_s', 0):.0f}",
+            f"{resent / MIB:.1f}",
+        )
     return table
 
 
 def metrics_table(report: Report) -> Table | None:
-    """Per round and site, the training metrics the site reported (a column each); None if there are none."""
+    """Per round and site, the training metrics the site reported (a column each); None if there are
+    none."""
     names = metric_names(report)
     if not names:
         return None
-    table = Table("round", "site", *(Column(name, justify="right") for name in names), title="training metrics")
+    table = Table(
+        "round",
+        "site",
+        *(Column(name, justify="right") for name in names),
+        title="training metrics",
+    )
     for record in report.sites:
         values = record.get("metrics", {})
-        table.add_row(str(record["round"]), record["site"],
-                      *(f"{values[name]:.4g}" if name in values else "" for name in names))
+        table.add_row(
+            str(record["round"]),
+            record["site"],
+            *(f"{values[name]:.4g}" if name in values else "" for name in names),
+        )
     return table
 
 
 def process_table(report: Report) -> Table:
     """Per process: samples, mean CPU, peak RSS and peak RssAnon."""
-    table = Table("process", "samples", "mean CPU %", "peak RSS MiB", "peak RssAnon MiB", title="processes")
+    table = Table(
+        "process", "samples", "mean CPU %", "peak RSS MiB", "peak RssAnon MiB", title="processes"
+    )
     for process, series in report.processes.items():
-        table.add_row(process, str(len(series.t_s)), f"{sum(series.cpu_percent) / len(series.cpu_percent):.0f}",
-                      f"{max(series.rss_mib):.0f}", f"{max(series.rss_anon_mib):.0f}")
+        table.add_row(
+            process,
+            str(len(series.t_s)),
+            f"{sum(series.cpu_percent) / len(series.cpu_percent):.0f}",
+            f"{max(series.rss_mib):.0f}",
+            f"{max(series.rss_anon_mib):.0f}",
+        )
     return table

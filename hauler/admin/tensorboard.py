@@ -16,7 +16,9 @@ def write_tensorboard(report: Report, out_dir: Path) -> list[Path]:
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
-        raise ConfigError("--tensorboard needs tensorboardX: pip install 'hauler[tensorboard]'") from None
+        raise ConfigError(
+            "--tensorboard needs tensorboardX: pip install 'hauler[tensorboard]'"
+        ) from None
     runs = sorted({*report.processes, *(record["site"] for record in report.sites)})
     for run in runs:
         with SummaryWriter(str(out_dir / run)) as writer:

@@ -5,5 +5,12 @@ from hauler.aggregate.rounds import RoundAggregate
 from hauler.aggregate.screening import check_weight
 from hauler.aggregate.uploads import UploadBuffers, folding
 
-__all__ = ["AggregateStatistics", "Contribution", "FedAvg", "RoundAggregate", "UploadBuffers", "check_weight",
-           "folding"]
+__all__ = [
+    "AggregateStatistics",
+    "Contribution",
+    "FedAvg",
+    "RoundAggregate",
+    "UploadBuffers",
+    "check_weight",
+    "folding",
+]

@@ -18,8 +18,8 @@ sum(w x model) = sum(w x (base + delta)) and sites may mix both forms.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -58,13 +58,19 @@ class FedAvg:
         self.plan = ChunkPlan(manifest)
         self._dtypes = [accumulator_dtype(numpy_dtype(t.dtype)) for t in manifest.tensors]
         self._in_place = [numpy_dtype(t.dtype) == d for t, d in zip(manifest.tensors, self._dtypes)]
-        sizes = [0 if in_place else t.length // t.itemsize * d.itemsize
-                 for t, d, in_place in zip(manifest.tensors, self._dtypes, self._in_place)]
+        sizes = [
+            0 if in_place else t.length // t.itemsize * d.itemsize
+            for t, d, in_place in zip(manifest.tensors, self._dtypes, self._in_place)
+        ]
         self._side_offsets, side_bytes = _pack(sizes)
         self.file_backed = side_bytes > memory_budget_bytes
-        self._side = _allocate(side_bytes, workdir / "accumulator.bin" if self.file_backed else None)
+        self._side = _allocate(
+            side_bytes, workdir / "accumulator.bin" if self.file_backed else None
+        )
         self._scratch = {dtype: np.empty(BLOCK_ELEMENTS, dtype) for dtype in set(self._dtypes)}
-        self._float = [numpy_dtype(t.dtype).kind == "f" or t.dtype == "BF16" for t in manifest.tensors]
+        self._float = [
+            numpy_dtype(t.dtype).kind == "f" or t.dtype == "BF16" for t in manifest.tensors
+        ]
         self._finite = FiniteCheck(BLOCK_ELEMENTS)
         self.norms = UpdateNorms(self.plan.total)
         self._touched = bytearray(self.plan.total)  # 1 once a chunk holds a partial sum
@@ -81,9 +87,13 @@ class FedAvg:
         `base` is the model the round started from, which deltas are relative to."""
         for model in (output, base):
             if model is not None and not model.manifest.same_layout(self.manifest):
-                raise LocalProtocolError("output or base file's layout differs from the aggregate's")
+                raise LocalProtocolError(
+                    "output or base file's layout differs from the aggregate's"
+                )
         self._output, self._base = output, base
-        self._accumulators = [self._accumulator(index) for index in range(len(self.manifest.tensors))]
+        self._accumulators = [
+            self._accumulator(index) for index in range(len(self.manifest.tensors))
+        ]
         self.norms.restart()
         self.restart()
 
@@ -97,19 +107,26 @@ class FedAvg:
         if self._in_place[index]:
             return self._output.array(index).reshape(-1)
         tensor, dtype = self.manifest.tensors[index], self._dtypes[index]
-        return np.frombuffer(self._side, dtype, tensor.length // tensor.itemsize, self._side_offsets[index])
+        return np.frombuffer(
+            self._side, dtype, tensor.length // tensor.itemsize, self._side_offsets[index]
+        )
 
-    def contribution(self, weight: float, *, delta: bool = False,
-                     max_update_norm: float | None = None) -> Contribution:
-        """A site's update to fold; `max_update_norm` bounds its norm relative to the base model's."""
+    def contribution(
+        self, weight: float, *, delta: bool = False, max_update_norm: float | None = None
+    ) -> Contribution:
+        """A site's update to fold; `max_update_norm` bounds its norm relative to the base
+        model's."""
         if not 0 < weight < float("inf"):
             raise ValueError(f"weight must be finite and positive, got {weight}")
         if (delta or max_update_norm is not None) and self._base is None:
-            raise LocalProtocolError("deltas and norms need the round's base model: begin(output, base)")
+            raise LocalProtocolError(
+                "deltas and norms need the round's base model: begin(output, base)"
+            )
         return Contribution(self, weight, delta, max_update_norm)
 
     def fold(self, chunk: Chunk, data: memoryview, weight: float) -> None:
-        """Add `weight` x the chunk's values into the sum (the first fold of a chunk just writes)."""
+        """Add `weight` x the chunk's values into the sum (the first fold of a chunk just
+        writes)."""
         tensor = self.manifest.tensors[chunk.tensor]
         values = np.frombuffer(data, numpy_dtype(tensor.dtype))
         start = chunk.offset // tensor.itemsize
@@ -119,10 +136,14 @@ class FedAvg:
             self._fold_blocks(chunk, values, target, weight, first)
         self._touched[chunk.seq] = 1
 
-    def _fold_blocks(self, chunk: Chunk, values: np.ndarray, target: np.ndarray, weight: float,
-                     first: bool) -> None:
+    def _fold_blocks(
+        self, chunk: Chunk, values: np.ndarray, target: np.ndarray, weight: float, first: bool
+    ) -> None:
         for block in range(0, values.size, BLOCK_ELEMENTS):
-            into, source = target[block : block + BLOCK_ELEMENTS], values[block : block + BLOCK_ELEMENTS]
+            into, source = (
+                target[block : block + BLOCK_ELEMENTS],
+                values[block : block + BLOCK_ELEMENTS],
+            )
             if first:
                 np.multiply(source, weight, out=into, dtype=into.dtype, casting="unsafe")
             else:
@@ -141,7 +162,9 @@ class FedAvg:
             if self._float[chunk.tensor]:
                 values = np.frombuffer(data, numpy_dtype(self.manifest.tensors[chunk.tensor].dtype))
                 for block in range(0, values.size, BLOCK_ELEMENTS):
-                    self._finite.check_folded(values[block : block + BLOCK_ELEMENTS], self.manifest, chunk)
+                    self._finite.check_folded(
+                        values[block : block + BLOCK_ELEMENTS], self.manifest, chunk
+                    )
             if max_update_norm is not None:
                 total += self.update_squares(chunk, data, delta)
         if max_update_norm is not None:
@@ -160,8 +183,13 @@ class FedAvg:
         measure = not self.norms.measured(chunk.seq)
         total = base_total = 0.0
         for block in range(0, values.size, BLOCK_ELEMENTS):
-            scratch = self._scratch[self._dtypes[chunk.tensor]][: min(BLOCK_ELEMENTS, values.size - block)]
-            source, reference = values[block : block + scratch.size], base[block : block + scratch.size]
+            scratch = self._scratch[self._dtypes[chunk.tensor]][
+                : min(BLOCK_ELEMENTS, values.size - block)
+            ]
+            source, reference = (
+                values[block : block + scratch.size],
+                base[block : block + scratch.size],
+            )
             if measure:
                 np.copyto(scratch, reference, casting="unsafe")
                 base_total += squares(scratch)
@@ -185,18 +213,29 @@ class FedAvg:
     def finish(self) -> Manifest:
         """Divide by the total weight in place, fill `output`, hash it; returns its manifest."""
         if self._output is None or not self.contributions or self.tainted:
-            raise LocalProtocolError("finish() needs a clean aggregate with at least one contribution")
+            raise LocalProtocolError(
+                "finish() needs a clean aggregate with at least one contribution"
+            )
         scale = 1.0 / self.total_weight
         for index, tensor in enumerate(self.manifest.tensors):
             accumulator, target = self._accumulators[index], self._output.array(index).reshape(-1)
-            base = self._base.array(index).reshape(-1) if self.delta_weight and self._base is not None else None
+            base = (
+                self._base.array(index).reshape(-1)
+                if self.delta_weight and self._base is not None
+                else None
+            )
             integral = numpy_dtype(tensor.dtype).kind in "iub"
             for start in range(0, accumulator.size, BLOCK_ELEMENTS):
                 block = accumulator[start : start + BLOCK_ELEMENTS]
                 if base is not None:
                     scratch = self._scratch[block.dtype][: block.size]
-                    np.multiply(base[start : start + BLOCK_ELEMENTS], self.delta_weight, out=scratch,
-                                dtype=scratch.dtype, casting="unsafe")
+                    np.multiply(
+                        base[start : start + BLOCK_ELEMENTS],
+                        self.delta_weight,
+                        out=scratch,
+                        dtype=scratch.dtype,
+                        casting="unsafe",
+                    )
                     np.add(block, scratch, out=block)
                 np.multiply(block, scale, out=block)
                 if integral:
@@ -210,18 +249,28 @@ class FedAvg:
     def _check_average(self, values: np.ndarray, tensor: TensorEntry) -> None:
         """Every fold was finite, yet the average may not be once cast back (float16) or rebased."""
         if not self._finite.all_finite(values):
-            raise JobError(f"the average of tensor {tensor.name!r} overflows {tensor.dtype}; set "
-                           "[workflow] max_update_norm to bound what sites may send")
+            raise JobError(
+                f"the average of tensor {tensor.name!r} overflows {tensor.dtype}; set "
+                "[workflow] max_update_norm to bound what sites may send"
+            )
 
     def statistics(self) -> AggregateStatistics:
-        return AggregateStatistics(self.contributions, self.total_weight, len(self._side), self.file_backed)
+        return AggregateStatistics(
+            self.contributions, self.total_weight, len(self._side), self.file_backed
+        )
 
 
 class Contribution:
-    """One site's update being folded; `complete` it, or `abandon` it (which taints if it folded)."""
+    """One site's update being folded; `complete` it, or `abandon` it (which taints if it
+    folded)."""
 
-    def __init__(self, aggregate: FedAvg, weight: float, delta: bool = False,
-                 max_update_norm: float | None = None) -> None:
+    def __init__(
+        self,
+        aggregate: FedAvg,
+        weight: float,
+        delta: bool = False,
+        max_update_norm: float | None = None,
+    ) -> None:
         self.aggregate, self.weight, self.delta = aggregate, weight, delta
         self.max_update_norm = max_update_norm
         self.update_squares = 0.0
@@ -229,7 +278,8 @@ class Contribution:
         self.finished = False
 
     def fold(self, chunk: Chunk, data: memoryview) -> None:
-        """Fold one chunk; raises UpdateRefused (nothing more may be folded) if it breaks a check."""
+        """Fold one chunk; raises UpdateRefused (nothing more may be folded) if it breaks a
+        check."""
         if self.finished:
             raise LocalProtocolError("fold after the contribution ended")
         if self.max_update_norm is not None:
@@ -245,7 +295,9 @@ class Contribution:
 
     def complete(self) -> None:
         if self.folded_chunks != self.aggregate.plan.total:
-            raise LocalProtocolError(f"{self.folded_chunks} of {self.aggregate.plan.total} chunks folded")
+            raise LocalProtocolError(
+                f"{self.folded_chunks} of {self.aggregate.plan.total} chunks folded"
+            )
         if self.max_update_norm is not None:
             self.aggregate.norms.check(self.update_squares, self.max_update_norm, complete=True)
         self.finished = True

@@ -37,18 +37,22 @@ class RoundAggregate:
         return self._fedavg
 
     def begin(self, round: int) -> ModelFile:
-        """Open round `round`'s global model and round + 1's file to fold into; returns the former."""
+        """Open round `round`'s global model and round + 1's file to fold into; returns the
+        former."""
         self.close()
         self._global = self.rounds.open(round)
         manifest = self._global.manifest
         if self._fedavg is None:
-            self._fedavg = FedAvg(manifest, workdir=self.job_dir, memory_budget_bytes=self.memory_budget_bytes)
+            self._fedavg = FedAvg(
+                manifest, workdir=self.job_dir, memory_budget_bytes=self.memory_budget_bytes
+            )
         self._output = self.rounds.create(round + 1, manifest)
         self._fedavg.begin(self._output, base=self._global)
         return self._global
 
-    def contribution(self, weight: float, *, delta: bool = False,
-                     max_update_norm: float | None = None) -> Contribution:
+    def contribution(
+        self, weight: float, *, delta: bool = False, max_update_norm: float | None = None
+    ) -> Contribution:
         return self.fedavg.contribution(weight, delta=delta, max_update_norm=max_update_norm)
 
     def finish(self, round: int) -> Manifest:

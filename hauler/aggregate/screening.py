@@ -32,8 +32,10 @@ class FiniteCheck:
         """Refuse a block holding NaN or infinity (sent by the site, or an overflow once folded)."""
         if not self.all_finite(block):
             tensor = manifest.tensors[chunk.tensor]
-            raise UpdateRefused(f"non-finite values in tensor {tensor.name!r} (chunk at byte "
-                                f"{chunk.offset}); the update is dropped from the round")
+            raise UpdateRefused(
+                f"non-finite values in tensor {tensor.name!r} (chunk at byte "
+                f"{chunk.offset}); the update is dropped from the round"
+            )
 
 
 class UpdateNorms:
@@ -68,7 +70,8 @@ class UpdateNorms:
         return None if self._missing else math.sqrt(float(self._base_squares.sum()))
 
     def check(self, update_squares: float, limit: float, *, complete: bool) -> None:
-        """Refuse an update whose norm (so far, or `complete`) exceeds `limit` x the global model's."""
+        """Refuse an update whose norm (so far, or `complete`) exceeds `limit` x the global
+        model's."""
         base = self.base_norm
         if base is None:
             return
@@ -76,15 +79,19 @@ class UpdateNorms:
         ratio = norm / base if base > 0 else norm  # an all-zero global model: the norm itself
         if ratio > limit or (complete and not math.isfinite(ratio)):
             measured = f"{ratio:.3g}" if complete else f"at least {ratio:.3g}"
-            raise UpdateRefused(f"update norm {measured} x the global model's is above "
-                                f"max_update_norm = {limit:g}; the update is dropped from the round")
+            raise UpdateRefused(
+                f"update norm {measured} x the global model's is above "
+                f"max_update_norm = {limit:g}; the update is dropped from the round"
+            )
 
 
 def check_weight(weight: float, site: str, limit: float) -> None:
     """A site's weight must be finite, positive and at most `limit`, or it outweighs the rest."""
     if not (math.isfinite(weight) and 0 < weight <= limit):
-        raise UpdateRefused(f"{site} announced weight {weight!r}; a weight must be finite, "
-                            f"positive and at most max_weight = {limit:g} ([workflow] in job.toml)")
+        raise UpdateRefused(
+            f"{site} announced weight {weight!r}; a weight must be finite, "
+            f"positive and at most max_weight = {limit:g} ([workflow] in job.toml)"
+        )
 
 
 def squares(block: np.ndarray) -> float:

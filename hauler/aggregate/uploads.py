@@ -23,7 +23,9 @@ class UploadBuffers:
         return self._buffers[self.ledger.lane_of(tensor, offset)][:length]
 
 
-def folding(contribution: Contribution, buffers: UploadBuffers, site: str) -> Callable[[Chunk], None]:
+def folding(
+    contribution: Contribution, buffers: UploadBuffers, site: str
+) -> Callable[[Chunk], None]:
     """Fold each landed chunk of `site`'s upload; a refusal names the site."""
 
     def fold(chunk: Chunk) -> None:

@@ -18,11 +18,17 @@ errors = Console(stderr=True)
 DEFAULT_WORKSPACE = Path("poc")  # what `hauler poc prepare` makes when told nothing
 
 WorkspaceOption = Annotated[
-    Path | None, typer.Option("--workspace", "-w", help="A POC workspace (`hauler poc prepare`) or a "
-                              "simulation's (`hauler simulate`); ./poc when it exists and no --kit is given.")
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="A POC workspace (`hauler poc prepare`) or a "
+        "simulation's (`hauler simulate`); ./poc when it exists and no --kit is given.",
+    ),
 ]
 AdminConfigOption = Annotated[
-    Path | None, typer.Option("--kit", "-k", help="An admin's startup kit folder (or its admin.toml).")
+    Path | None,
+    typer.Option("--kit", "-k", help="An admin's startup kit folder (or its admin.toml)."),
 ]
 DEBUG = {"enabled": False}
 
@@ -52,8 +58,12 @@ def session(workspace: Path | None, kit: Path | None) -> Iterator[Any]:
     a server slow to answer is said on stderr while it is waited for."""
     if kit is None and workspace is None:
         if not (DEFAULT_WORKSPACE / "server" / "server.toml").exists():
-            fail(ConfigError("say where the server is: --workspace DIR (a POC or a simulation) or "
-                             "--kit DIR (an admin's startup kit)"))
+            fail(
+                ConfigError(
+                    "say where the server is: --workspace DIR (a POC or a simulation) or "
+                    "--kit DIR (an admin's startup kit)"
+                )
+            )
         workspace = DEFAULT_WORKSPACE
     with failing_plainly():
         opened = api.connect(workspace=workspace, kit=kit, on_wait=lambda text: errors.print(text))

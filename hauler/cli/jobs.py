@@ -24,19 +24,32 @@ from hauler.cli.common import (
 from hauler.core.errors import HaulerError, JobError
 from hauler.core.package import code_digest, load_job
 
-app = typer.Typer(help="List, inspect, follow, report on, abort, delete and download jobs.",
-                  no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(
+    help="List, inspect, follow, report on, abort, delete and download jobs.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 JobId = Annotated[str, typer.Argument(help="The job's id, as `hauler jobs list` shows it.")]
-JobDir = Annotated[Path, typer.Argument(help="Job folder with a job.toml.", exists=True, file_okay=False)]
+JobDir = Annotated[
+    Path, typer.Argument(help="Job folder with a job.toml.", exists=True, file_okay=False)
+]
 
 
 def submit(
     job_dir: JobDir,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the job; exit non-zero if it fails.")] = False,
-    initial_model: Annotated[Path | None, typer.Option(
-        "--initial-model", help="A safetensors file to start from (e.g. a pretrained checkpoint), "
-        "uploaded with the job; by default round 0 is built here by the job's model module.",
-        exists=True, dir_okay=False)] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the job; exit non-zero if it fails.")
+    ] = False,
+    initial_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--initial-model",
+            help="A safetensors file to start from (e.g. a pretrained checkpoint), "
+            "uploaded with the job; by default round 0 is built here by the job's model module.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     admin_config: AdminConfigOption = None,
 ) -> None:
@@ -57,9 +70,12 @@ def _follow(job: Any, options: str) -> None:
             for event in job.events(follow=True):
                 display.show(event)
     except KeyboardInterrupt:
-        errors.print(f"stopped following; job {job.id} keeps running. Follow it again with "
-                     f"`hauler jobs follow {job.id} {options}`, or stop it with "
-                     f"`hauler jobs abort {job.id} {options}`.", highlight=False)
+        errors.print(
+            f"stopped following; job {job.id} keeps running. Follow it again with "
+            f"`hauler jobs follow {job.id} {options}`, or stop it with "
+            f"`hauler jobs abort {job.id} {options}`.",
+            highlight=False,
+        )
         raise typer.Exit(130) from None
     record = job.record()
     if record["status"] != "finished":
@@ -74,34 +90,51 @@ def list_jobs(workspace: WorkspaceOption = None, admin_config: AdminConfigOption
         jobs = opened.jobs()
     table = Table("id", "name", "status", "rounds", "error")
     for job in jobs:
-        table.add_row(job["id"], job["name"], job["status"], f"{job['rounds_done']}/{job['num_rounds']}",
-                      job["error"][:60])
+        table.add_row(
+            job["id"],
+            job["name"],
+            job["status"],
+            f"{job['rounds_done']}/{job['num_rounds']}",
+            job["error"][:60],
+        )
     console.print(table)
 
 
 @app.command()
-def status(job_id: JobId, workspace: WorkspaceOption = None, admin_config: AdminConfigOption = None) -> None:
+def status(
+    job_id: JobId, workspace: WorkspaceOption = None, admin_config: AdminConfigOption = None
+) -> None:
     """A job's status, what it waits for, and its per-round timings."""
     with session(workspace, admin_config) as opened:
         reply = opened.job(job_id).status()
     job = reply["job"]
-    console.print(f"job {job['id']} ({job['name']}): {job['status']}, rounds {job['rounds_done']}/{job['num_rounds']}",
-                  highlight=False)
+    console.print(
+        f"job {job['id']} ({job['name']}): {job['status']}, "
+        f"rounds {job['rounds_done']}/{job['num_rounds']}",
+        highlight=False,
+    )
     for key in ("note", "error"):
         if job.get(key):
             console.print(f"{key}: {job[key]}", highlight=False)
     table = Table("round", "download s", "train s", "upload s", "aggregate s", "round s")
     for row in reply["metrics"]:
         if row.get("kind") == "round":
-            table.add_row(str(row["round"]), *(f"{row.get(k, 0.0):.2f}" for k in
-                                               ("download_s", "train_s", "upload_s", "aggregate_s", "round_s")))
+            table.add_row(
+                str(row["round"]),
+                *(
+                    f"{row.get(k, 0.0):.2f}"
+                    for k in ("download_s", "train_s", "upload_s", "aggregate_s", "round_s")
+                ),
+            )
     console.print(table)
 
 
 @app.command()
 def events(
     job_id: JobId,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Then wait for new ones until the job ends.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Then wait for new ones until the job ends.")
+    ] = False,
     workspace: WorkspaceOption = None,
     admin_config: AdminConfigOption = None,
 ) -> None:
@@ -114,7 +147,9 @@ def events(
 
 
 @app.command("follow")
-def follow_job(job_id: JobId, workspace: WorkspaceOption = None, admin_config: AdminConfigOption = None) -> None:
+def follow_job(
+    job_id: JobId, workspace: WorkspaceOption = None, admin_config: AdminConfigOption = None
+) -> None:
     """Show a job's progress until it ends (again, after Ctrl-C left `submit --wait`)."""
     with session(workspace, admin_config) as opened:
         _follow(opened.job(job_id), where(workspace, admin_config))
@@ -124,8 +159,14 @@ def follow_job(job_id: JobId, workspace: WorkspaceOption = None, admin_config: A
 def report(
     job_id: JobId,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the figures into.")],
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files "
-                                              "to OUT/tensorboard/<process>/ (needs hauler[tensorboard]).")] = False,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard",
+            help="Also write TensorBoard event files "
+            "to OUT/tensorboard/<process>/ (needs hauler[tensorboard]).",
+        ),
+    ] = False,
     workspace: WorkspaceOption = None,
     admin_config: AdminConfigOption = None,
 ) -> None:
@@ -145,7 +186,9 @@ def show_summary(report: Any) -> None:
 
 
 @app.command()
-def abort(job_id: JobId, workspace: WorkspaceOption = None, admin_config: AdminConfigOption = None) -> None:
+def abort(
+    job_id: JobId, workspace: WorkspaceOption = None, admin_config: AdminConfigOption = None
+) -> None:
     """Stop a job; its completed rounds stay on the server."""
     with session(workspace, admin_config) as opened:
         opened.job(job_id).abort()
@@ -154,9 +197,15 @@ def abort(job_id: JobId, workspace: WorkspaceOption = None, admin_config: AdminC
 
 @app.command()
 def delete(
-    job_id: Annotated[str | None, typer.Argument(help="The job to delete; or give --older-than.")] = None,
-    older_than: Annotated[float | None, typer.Option(
-        "--older-than", help="Delete every ended job that ended more than this many days ago.")] = None,
+    job_id: Annotated[
+        str | None, typer.Argument(help="The job to delete; or give --older-than.")
+    ] = None,
+    older_than: Annotated[
+        float | None,
+        typer.Option(
+            "--older-than", help="Delete every ended job that ended more than this many days ago."
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     admin_config: AdminConfigOption = None,
 ) -> None:
@@ -180,7 +229,9 @@ def _ended_before(jobs: list[dict[str, Any]], days: float) -> list[str]:
 @app.command()
 def download(
     job_id: JobId,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write global.safetensors into.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder to write global.safetensors into.")
+    ],
     workspace: WorkspaceOption = None,
     admin_config: AdminConfigOption = None,
 ) -> None:
@@ -201,15 +252,19 @@ def digest(job_dir: JobDir) -> None:
     except HaulerError as error:
         fail(error)
     console.print(value, highlight=False)
-    errors.print(f"a site with allow_custom_code = false runs this job once its site.toml has\n"
-                 f"  trusted_code = [\"{value}\"]", highlight=False)
+    errors.print(
+        f"a site with allow_custom_code = false runs this job once its site.toml has\n"
+        f'  trusted_code = ["{value}"]',
+        highlight=False,
+    )
 
 
 @app.command()
 def logs(
     job_id: JobId,
-    site: Annotated[str | None, typer.Option("--site", help="Only this process's lines (a site, or server).")]
-    = None,
+    site: Annotated[
+        str | None, typer.Option("--site", help="Only this process's lines (a site, or server).")
+    ] = None,
     workspace: WorkspaceOption = None,
     admin_config: AdminConfigOption = None,
 ) -> None:
@@ -220,5 +275,10 @@ def logs(
     for entry in lines:
         if site is None or entry.get("process") == site:
             stamp = time.strftime("%H:%M:%S", time.localtime(entry.get("t", 0)))
-            console.print(f"{stamp} {entry.get('process', '?')} {entry.get('level', '')} {entry.get('message', '')}",
-                          highlight=False, markup=False, soft_wrap=True)
+            console.print(
+                f"{stamp} {entry.get('process', '?')} {entry.get('level', '')} "
+                f"{entry.get('message', '')}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )

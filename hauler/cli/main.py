@@ -16,8 +16,12 @@ from hauler.core import logs
 from hauler.core.config import ServerConfig, SiteConfig, load_toml
 from hauler.core.errors import HaulerError
 
-app = typer.Typer(help="Federated learning for models larger than memory.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, rich_markup_mode=None)
+app = typer.Typer(
+    help="Federated learning for models larger than memory.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
 app.add_typer(poc.app, name="poc")
 app.add_typer(jobs.app, name="jobs")
 app.command()(jobs.submit)
@@ -29,7 +33,9 @@ Config = Annotated[Path, typer.Option("--config", "-c", help="TOML config file."
 
 @app.callback()
 def main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress on stderr, not only warnings.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log progress on stderr, not only warnings.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     logs.configure(verbose)

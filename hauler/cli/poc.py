@@ -11,9 +11,12 @@ from hauler.admin import poc
 from hauler.cli.common import console, fail
 from hauler.core.errors import HaulerError
 
-app = typer.Typer(help="Prepare, start and stop a local federation.", no_args_is_help=True,
-                  rich_markup_mode=None)
-Workspace = Annotated[Path, typer.Option("--workspace", "-w", help="Folder of the local federation.")]
+app = typer.Typer(
+    help="Prepare, start and stop a local federation.", no_args_is_help=True, rich_markup_mode=None
+)
+Workspace = Annotated[
+    Path, typer.Option("--workspace", "-w", help="Folder of the local federation.")
+]
 HERE = Path("poc")
 
 
@@ -23,12 +26,15 @@ def prepare(
     sites: Annotated[int, typer.Option("--sites", "-n", min=1, help="Number of sites.")] = 2,
     control_port: Annotated[int, typer.Option(help="Server control port; 0 picks a free one.")] = 0,
     data_port: Annotated[int, typer.Option(help="Server data port; 0 picks a free one.")] = 0,
-    plaintext: Annotated[bool, typer.Option(help="No TLS, to measure its cost; never for real data.")] = False,
+    plaintext: Annotated[
+        bool, typer.Option(help="No TLS, to measure its cost; never for real data.")
+    ] = False,
 ) -> None:
     """Provision a server, N sites and an admin (project CA, mutual TLS, one kit each)."""
     try:
-        written = poc.prepare(workspace, sites, control_port=control_port, data_port=data_port,
-                              plaintext=plaintext)
+        written = poc.prepare(
+            workspace, sites, control_port=control_port, data_port=data_port, plaintext=plaintext
+        )
     except HaulerError as error:
         fail(error)
     console.print(f"prepared {len(written) - 2} sites in {workspace.resolve()}")
@@ -37,7 +43,9 @@ def prepare(
 @app.command()
 def start(
     workspace: Workspace = HERE,
-    wait_s: Annotated[float, typer.Option(help="Seconds to wait for every site to connect.")] = 60.0,
+    wait_s: Annotated[
+        float, typer.Option(help="Seconds to wait for every site to connect.")
+    ] = 60.0,
 ) -> None:
     """Start the server and every site as background processes; returns once all are connected."""
     try:

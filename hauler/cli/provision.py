@@ -13,11 +13,22 @@ from hauler.core.errors import HaulerError
 
 
 def provision(
-    project_file: Annotated[Path, typer.Argument(help="Project file (YAML): name, server, sites, admins.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder of the CA and the startup kits.")],
-    add_site: Annotated[list[str] | None, typer.Option(
-        "--add-site", help="Issue only this site's kit (listed in the project file); repeatable.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-issue kits that already exist.")] = False,
+    project_file: Annotated[
+        Path, typer.Argument(help="Project file (YAML): name, server, sites, admins.")
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder of the CA and the startup kits.")
+    ],
+    add_site: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--add-site",
+            help="Issue only this site's kit (listed in the project file); repeatable.",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Re-issue kits that already exist.")
+    ] = False,
 ) -> None:
     """Write the project CA (reused if OUT has one) and a startup kit for every participant.
 
@@ -31,5 +42,7 @@ def provision(
         console.print(f"kit [bold]{kit.name}[/bold]: {kit}")
     console.print(f"{len(kits)} kits written; the CA's key stays in {out_dir / 'ca'}")
     if add_site:
-        console.print("the server kit's server.toml now lists the new sites: copy it to the server and "
-                      "restart the server")
+        console.print(
+            "the server kit's server.toml now lists the new sites: copy it to the server and "
+            "restart the server"
+        )

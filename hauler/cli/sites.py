@@ -18,8 +18,16 @@ def sites(workspace: WorkspaceOption = None, admin_config: AdminConfigOption = N
     for site in connected:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(site["connected_s"]))
         beat = f"{now - site['heartbeat_s']:.0f} s ago" if site.get("heartbeat_s") else "-"
-        table.add_row(site["name"], site.get("org") or "-", since, beat,
-                      "connected" if site["attached"] else "away", site.get("task") or "-")
+        table.add_row(
+            site["name"],
+            site.get("org") or "-",
+            since,
+            beat,
+            "connected" if site["attached"] else "away",
+            site.get("task") or "-",
+        )
     console.print(table)
-    console.print(f"{sum(site['attached'] for site in connected)} of {len(connected)} sites connected",
-                  highlight=False)
+    console.print(
+        f"{sum(site['attached'] for site in connected)} of {len(connected)} sites connected",
+        highlight=False,
+    )

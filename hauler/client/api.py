@@ -30,7 +30,9 @@ from hauler.client.tensors import to_numpy, to_torch
 from hauler.core.errors import JobError
 from hauler.model import ArraySource, Manifest, ModelFile, check_layout
 
-TRAINER_FD_VARIABLE = "HAULER_TRAINER_FD"  # set by the site for a training script run as a child process
+TRAINER_FD_VARIABLE = (
+    "HAULER_TRAINER_FD"  # set by the site for a training script run as a child process
+)
 BLOCK_ELEMENTS = 1 << 20
 
 
@@ -42,9 +44,12 @@ class Channel(Protocol):
 
 
 class QueueChannel:
-    """In-process: the site puts tasks in `inbox`; `deliver` hands messages back to its event loop."""
+    """In-process: the site puts tasks in `inbox`; `deliver` hands messages back to its event
+    loop."""
 
-    def __init__(self, inbox: queue.Queue[dict[str, Any]], deliver: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self, inbox: queue.Queue[dict[str, Any]], deliver: Callable[[dict[str, Any]], None]
+    ) -> None:
         self.inbox, self.deliver = inbox, deliver
 
     def get(self) -> dict[str, Any]:
@@ -101,7 +106,8 @@ class TrainerLink:
         return self._task is not None
 
     def receive(self, framework: Literal["numpy", "torch"] = "numpy") -> dict[str, Any]:
-        """This round's global model as numpy arrays or torch tensors viewing the site's model file."""
+        """This round's global model as numpy arrays or torch tensors viewing the site's model
+        file."""
         if not self.is_running():
             raise JobError("the job has ended: loop on hauler.is_running() before hauler.receive()")
         assert self._model is not None
@@ -109,17 +115,31 @@ class TrainerLink:
         return to_torch(arrays) if framework == "torch" else arrays
 
     def context(self) -> TrainContext:
-        """Who and where this round is: site, job, round number, the job's executor config, a work folder."""
+        """Who and where this round is: site, job, round number, the job's executor config, a work
+        folder."""
         if not self.is_running():
             raise JobError("the job has ended; there is no current round")
         task = self._task
         assert task is not None
-        return TrainContext(task["site"], task["job_id"], task["round"], task["config"], Path(task["workdir"]),
-                            task.get("settings", {}))
+        return TrainContext(
+            task["site"],
+            task["job_id"],
+            task["round"],
+            task["config"],
+            Path(task["workdir"]),
+            task.get("settings", {}),
+        )
 
-    def send(self, model: Mapping[str, Any], *, weight: float = 1.0, metrics: Mapping[str, float] | None = None,
-             delta: bool = False) -> None:
-        """Hand the trained model to the site; `delta=True` sends it minus the received global model."""
+    def send(
+        self,
+        model: Mapping[str, Any],
+        *,
+        weight: float = 1.0,
+        metrics: Mapping[str, float] | None = None,
+        delta: bool = False,
+    ) -> None:
+        """Hand the trained model to the site; `delta=True` sends it minus the received global
+        model."""
         if self._task is None or self._model is None:
             raise JobError("hauler.send() needs a model from hauler.receive() first")
         if not weight > 0:
@@ -128,8 +148,16 @@ class TrainerLink:
         check_layout(self._model.manifest, arrays)
         reported = _numbers(metrics or {})
         source = self._place(arrays, delta)
-        self.channel.put({"type": "result", "task_id": self._task["task_id"], "weight": float(weight),
-                          "metrics": reported, "delta": delta, "source": source})
+        self.channel.put(
+            {
+                "type": "result",
+                "task_id": self._task["task_id"],
+                "weight": float(weight),
+                "metrics": reported,
+                "delta": delta,
+                "source": source,
+            }
+        )
         self._task = None
 
     def fail(self, error: str) -> None:
@@ -162,11 +190,14 @@ class TrainerLink:
         if self._model is not None:  # a child process maps the site's file anew each round
             self._model.close()
         manifest = Manifest.from_json(task["manifest"])
-        return ModelFile.open(Path(task["model_path"]), writable=True, chunk_bytes=manifest.chunk_bytes)
+        return ModelFile.open(
+            Path(task["model_path"]), writable=True, chunk_bytes=manifest.chunk_bytes
+        )
 
 
 def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Metrics as plain floats (numpy and torch scalars included); anything else is refused by name."""
+    """Metrics as plain floats (numpy and torch scalars included); anything else is refused by
+    name."""
     try:
         return {str(name): float(value) for name, value in metrics.items()}
     except (TypeError, ValueError) as error:
@@ -175,18 +206,25 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def _check_delta(name: str, array: np.ndarray, received: np.ndarray) -> None:
     if np.shares_memory(array, received):
-        raise JobError(f"delta=True: {name!r} was trained in place in the received model, so the received "
-                       "values are gone; train on a copy (e.g. load_state_dict) or send the full model")
+        raise JobError(
+            f"delta=True: {name!r} was trained in place in the received model, so the received "
+            "values are gone; train on a copy (e.g. load_state_dict) or send the full model"
+        )
     if array.dtype.kind == "b":
-        raise JobError(f"delta=True: {name!r} is boolean, which has no difference; send the full model")
+        raise JobError(
+            f"delta=True: {name!r} is boolean, which has no difference; send the full model"
+        )
 
 
 def _subtract_into(array: np.ndarray, received: np.ndarray) -> None:
     """received <- array - received, in blocks, in the model file: the delta needs no new memory."""
     flat, out = array.reshape(-1), received.reshape(-1)
     for start in range(0, flat.size, BLOCK_ELEMENTS):
-        np.subtract(flat[start : start + BLOCK_ELEMENTS], out[start : start + BLOCK_ELEMENTS],
-                    out=out[start : start + BLOCK_ELEMENTS])
+        np.subtract(
+            flat[start : start + BLOCK_ELEMENTS],
+            out[start : start + BLOCK_ELEMENTS],
+            out=out[start : start + BLOCK_ELEMENTS],
+        )
 
 
 _current: ContextVar[TrainerLink | None] = ContextVar("hauler_trainer_link", default=None)
@@ -195,7 +233,8 @@ _process_wide: list[TrainerLink] = []  # a child process's one link, seen from a
 
 @contextlib.contextmanager
 def bound(link: TrainerLink, *, process_wide: bool = False) -> Iterator[TrainerLink]:
-    """Make `link` the one the module-level functions use: in this context, or in the whole process."""
+    """Make `link` the one the module-level functions use: in this context, or in the whole
+    process."""
     token = _current.set(link)
     if process_wide:
         _process_wide.append(link)
@@ -211,7 +250,10 @@ def current_link() -> TrainerLink:
     """The link of the training code running here, bound by the site that runs it."""
     link = _current.get() or (_process_wide[0] if _process_wide else None)
     if link is None:
-        raise JobError("no Hauler site is running this code: make it a job's [executor] script and submit the job")
+        raise JobError(
+            "no Hauler site is running this code: make it a job's [executor] script and "
+            "submit the job"
+        )
     return link
 
 
@@ -221,13 +263,20 @@ def is_running() -> bool:
 
 
 def receive(framework: Literal["numpy", "torch"] = "numpy") -> dict[str, Any]:
-    """The global model of this round, as numpy arrays or torch tensors viewing the site's model file."""
+    """The global model of this round, as numpy arrays or torch tensors viewing the site's model
+    file."""
     return current_link().receive(framework)
 
 
-def send(model: Mapping[str, Any], *, weight: float = 1.0, metrics: Mapping[str, float] | None = None,
-         delta: bool = False) -> None:
-    """Return the trained model (numpy arrays or torch tensors), weighted for FedAvg, with metrics."""
+def send(
+    model: Mapping[str, Any],
+    *,
+    weight: float = 1.0,
+    metrics: Mapping[str, float] | None = None,
+    delta: bool = False,
+) -> None:
+    """Return the trained model (numpy arrays or torch tensors), weighted for FedAvg, with
+    metrics."""
     current_link().send(model, weight=weight, metrics=metrics, delta=delta)
 
 

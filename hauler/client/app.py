@@ -22,13 +22,15 @@ from hauler.client.trainer import Trainer, trainer_for
 from hauler.core import logs
 from hauler.core.config import ExecutorConfig, SiteConfig, parse
 from hauler.core.errors import ConnectionLost, HaulerError, JobError, SecurityError
+from hauler.core.events import TrackTransfer, untracked
+from hauler.core.logs import JobLogs
 from hauler.core.messages import (
+    MAX_HEARTBEAT_LINES,
+    MAX_HEARTBEAT_SAMPLES,
     AbortTask,
     DeleteJob,
     DeployJob,
     EndJob,
-    MAX_HEARTBEAT_LINES,
-    MAX_HEARTBEAT_SAMPLES,
     Heartbeat,
     Hello,
     LogLine,
@@ -40,8 +42,6 @@ from hauler.core.messages import (
     dump,
     parse_server_message,
 )
-from hauler.core.events import TrackTransfer, untracked
-from hauler.core.logs import JobLogs
 from hauler.core.package import code_digest, unpack
 from hauler.core.resources import ProcessMeter
 from hauler.core.retry import backoff_s
@@ -57,6 +57,7 @@ from hauler.transport import (
 
 log = logging.getLogger("hauler.client")
 MAX_PACKAGE_BYTES = 64 << 20
+
 
 class Site:
     """A site: one process, many control sessions. Its tasks belong to the site, not to a
@@ -75,8 +76,12 @@ class Site:
         self._refused: dict[str, str] = {}  # job id -> why this site will not run it
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}  # (step, task id) -> running
         self._models: dict[str, ModelFile] = {}
-        self._results: dict[str, tuple[str, Manifest, ModelFile | ArraySource]] = {}  # task id -> (job, what, where)
-        self._reports: dict[str, tuple[str, Any]] = {}  # task id -> (job, its last report), said again if asked
+        self._results: dict[
+            str, tuple[str, Manifest, ModelFile | ArraySource]
+        ] = {}  # task id -> (job, what, where)
+        self._reports: dict[
+            str, tuple[str, Any]
+        ] = {}  # task id -> (job, its last report), said again if asked
         self._stream: MessageStream | None = None
         self.connected = asyncio.Event()
         self.job_lines = JobLogs()  # what this site logs about jobs, sent with its heartbeats
@@ -135,7 +140,9 @@ class Site:
             for job_id, trainer in list(self._trainers.items()):
                 for text in trainer.output(MAX_HEARTBEAT_LINES):
                     self.job_lines.add(job_id, "output", text)
-            await stream.send(dump(Heartbeat(resources=samples[-MAX_HEARTBEAT_SAMPLES:], logs=self._lines())))
+            await stream.send(
+                dump(Heartbeat(resources=samples[-MAX_HEARTBEAT_SAMPLES:], logs=self._lines()))
+            )
 
     def _lines(self) -> list[LogLine]:
         """The job lines kept since the last heartbeat that make valid lines (a job id is the
@@ -164,8 +171,10 @@ class Site:
             try:
                 await self._handle(parse_server_message(raw), work)
             except Exception as error:  # a hostile or buggy server must not take the site down
-                log.warning("refused a message from the server", extra={"site": self.name,
-                                                                         "error": _describe(error)})
+                log.warning(
+                    "refused a message from the server",
+                    extra={"site": self.name, "error": _describe(error)},
+                )
 
     async def _handle(self, message: Any, work: asyncio.TaskGroup) -> None:
         if isinstance(message, DeployJob):
@@ -184,9 +193,16 @@ class Site:
         elif isinstance(message, DeleteJob):
             work.create_task(self._delete_job(message.job_id))
 
-    async def _begin(self, work: asyncio.TaskGroup, step: str, task_id: str, job_id: str,
-                     coroutine: Coroutine[Any, Any, None]) -> None:
-        """Start a step of a task, unless it runs already or is done (then say again how it went)."""
+    async def _begin(
+        self,
+        work: asyncio.TaskGroup,
+        step: str,
+        task_id: str,
+        job_id: str,
+        coroutine: Coroutine[Any, Any, None],
+    ) -> None:
+        """Start a step of a task, unless it runs already or is done (then say again how it
+        went)."""
         key = (step, task_id)
         if key in self._tasks or (step == "train" and task_id in self._reports):
             coroutine.close()
@@ -217,7 +233,10 @@ class Site:
             self._deployed[message.job_id] = digest
         except HaulerError as error:  # reported with the job's first task
             self._refused[message.job_id] = str(error)
-            log.warning("refused a job", extra={"site": self.name, "job": message.job_id, "error": str(error)})
+            log.warning(
+                "refused a job",
+                extra={"site": self.name, "job": message.job_id, "error": str(error)},
+            )
 
     def _deploy(self, message: DeployJob) -> None:
         executor = parse(ExecutorConfig, message.executor, f"job {message.job_id} [executor]")
@@ -234,9 +253,11 @@ class Site:
         digest = code_digest(app_dir)
         if digest not in self.config.trusted_code:
             shutil.rmtree(app_dir, ignore_errors=True)
-            raise JobError(f"site {self.name} refuses this job's code: it runs only vetted code "
-                           f"(allow_custom_code = false) and {digest} is not in its trusted_code; "
-                           f"once the code is reviewed, add \"{digest}\" to trusted_code in site.toml")
+            raise JobError(
+                f"site {self.name} refuses this job's code: it runs only vetted code "
+                f"(allow_custom_code = false) and {digest} is not in its trusted_code; "
+                f'once the code is reviewed, add "{digest}" to trusted_code in site.toml'
+            )
 
     async def _end_job(self, job_id: str) -> None:
         """The job ended: stop its code and remove its model file, of no more use here."""
@@ -260,53 +281,101 @@ class Site:
             await trainer.stop()
 
     async def _guarded(self, job_id: str, task_id: str, work: Coroutine[Any, Any, None]) -> None:
-        """Run one step of a task; a failure is reported to the server instead of ending the site."""
+        """Run one step of a task; a failure is reported to the server instead of ending the
+        site."""
         try:
             await work
         except Exception as error:  # the job's code may raise anything; the site lives on
-            log.warning("task failed", extra={"site": self.name, "job": job_id, "task": task_id,
-                                              "error": _describe(error)})
+            log.warning(
+                "task failed",
+                extra={
+                    "site": self.name,
+                    "job": job_id,
+                    "task": task_id,
+                    "error": _describe(error),
+                },
+            )
             await self._report(job_id, TaskFailed(task_id=task_id, error=_describe(error)[:4000]))
 
     async def _train(self, task: Task) -> None:
-        """Receive the global model into the site's file, have the job's code train it, hash, announce."""
+        """Receive the global model into the site's file, have the job's code train it, hash,
+        announce."""
         if task.job_id not in self._trainers:
-            raise JobError(self._refused.get(task.job_id, f"job {task.job_id} was not deployed to this site"))
+            raise JobError(
+                self._refused.get(task.job_id, f"job {task.job_id} was not deployed to this site")
+            )
         trainer = self._trainers[task.job_id]
         manifest = Manifest.from_json(task.manifest)
         if manifest.total_bytes > self.config.max_model_gib * 2**30:
-            raise JobError(f"model of {manifest.total_bytes / 2**30:.1f} GiB exceeds this site's "
-                           f"max_model_gib = {self.config.max_model_gib:g}")
+            raise JobError(
+                f"model of {manifest.total_bytes / 2**30:.1f} GiB exceeds this site's "
+                f"max_model_gib = {self.config.max_model_gib:g}"
+            )
         model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
-        await fetch_model(self._data_address, task.download, ReceiveLedger(ChunkPlan(manifest), task.lanes), model,
-                          timeouts=self.config.timeouts,
-                          on_progress=self.track(f"job {task.job_id} round {task.round} download",
-                                                 manifest.total_bytes))
-        output = await trainer.train({"type": "task", "task_id": task.task_id, "job_id": task.job_id,
-                                      "site": self.name, "round": task.round, "config": trainer.executor.config,
-                                      "workdir": str(trainer.workdir), "settings": self.config.job_settings},
-                                     model)
-        log.info("trained round %d: weight %g, metrics %s", task.round, output.weight, output.metrics,
-                 extra={"site": self.name, "job": task.job_id, "task": task.task_id})
+        await fetch_model(
+            self._data_address,
+            task.download,
+            ReceiveLedger(ChunkPlan(manifest), task.lanes),
+            model,
+            timeouts=self.config.timeouts,
+            on_progress=self.track(
+                f"job {task.job_id} round {task.round} download", manifest.total_bytes
+            ),
+        )
+        output = await trainer.train(
+            {
+                "type": "task",
+                "task_id": task.task_id,
+                "job_id": task.job_id,
+                "site": self.name,
+                "round": task.round,
+                "config": trainer.executor.config,
+                "workdir": str(trainer.workdir),
+                "settings": self.config.job_settings,
+            },
+            model,
+        )
+        log.info(
+            "trained round %d: weight %g, metrics %s",
+            task.round,
+            output.weight,
+            output.metrics,
+            extra={"site": self.name, "job": task.job_id, "task": task.task_id},
+        )
         source = output.source or model
         trained = await asyncio.to_thread(source.compute_digests)
         self._results[task.task_id] = (task.job_id, trained, source)
-        await self._report(task.job_id, ResultReady(task_id=task.task_id, weight=output.weight,
-                                                    metrics=output.metrics, manifest=trained.to_json(),
-                                                    delta=output.delta))
+        await self._report(
+            task.job_id,
+            ResultReady(
+                task_id=task.task_id,
+                weight=output.weight,
+                metrics=output.metrics,
+                manifest=trained.to_json(),
+                delta=output.delta,
+            ),
+        )
 
     async def _upload(self, message: UploadReady) -> None:
         """Send a task's trained model from the site's file (the server may ask more than once)."""
         if message.task_id not in self._results:
             raise JobError(f"no result of task {message.task_id} to upload")
         job_id, manifest, source = self._results[message.task_id]
-        await push_model(self._data_address, message.upload, manifest, source, message.lanes,
-                         timeouts=self.config.timeouts,
-                         on_progress=self.track(f"job {job_id} upload", manifest.total_bytes))
+        await push_model(
+            self._data_address,
+            message.upload,
+            manifest,
+            source,
+            message.lanes,
+            timeouts=self.config.timeouts,
+            on_progress=self.track(f"job {job_id} upload", manifest.total_bytes),
+        )
 
     @property
     def _data_address(self) -> DataAddress:
-        return DataAddress(self.config.server_host, self.config.data_port, self.config.tls, self.config.dataplane)
+        return DataAddress(
+            self.config.server_host, self.config.data_port, self.config.tls, self.config.dataplane
+        )
 
     def _model_file(self, job_id: str, manifest: Manifest) -> ModelFile:
         """The site's one model file for a job, re-created only if the layout changes."""

@@ -52,7 +52,9 @@ def run_executor(executor: ExecutorConfig, app_dir: Path, job_id: str, link: Tra
         return
     script = app_dir / str(executor.script)
     if not script.is_file():
-        raise JobError(f"job {job_id}: the executor script {executor.script!r} is not in the job folder")
+        raise JobError(
+            f"job {job_id}: the executor script {executor.script!r} is not in the job folder"
+        )
     if str(app_dir) not in sys.path:
         sys.path.insert(0, str(app_dir))  # the script imports its sibling modules by name
     runpy.run_path(str(script), run_name="__main__")

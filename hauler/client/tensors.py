@@ -16,7 +16,8 @@ from hauler.core.errors import ConfigError, JobError
 
 
 def to_numpy(model: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """numpy arrays as they are; torch tensors as numpy views of their memory (GPU tensors are copied to CPU)."""
+    """numpy arrays as they are; torch tensors as numpy views of their memory (GPU tensors are
+    copied to CPU)."""
     arrays = {}
     for name, value in model.items():
         if isinstance(value, np.ndarray):
@@ -24,16 +25,23 @@ def to_numpy(model: Mapping[str, Any]) -> dict[str, np.ndarray]:
         elif type(value).__module__.startswith("torch"):
             arrays[name] = _torch_to_numpy(value)
         else:
-            raise JobError(f"{name!r} is a {type(value).__name__}; send numpy arrays or torch tensors")
+            raise JobError(
+                f"{name!r} is a {type(value).__name__}; send numpy arrays or torch tensors"
+            )
     return arrays
 
 
 def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """torch tensors viewing the arrays' memory (writes go through to it)."""
     torch = _import_torch()
-    return {name: (torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-                   if array.dtype == ml_dtypes.bfloat16 else torch.from_numpy(array))
-            for name, array in arrays.items()}
+    return {
+        name: (
+            torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+            if array.dtype == ml_dtypes.bfloat16
+            else torch.from_numpy(array)
+        )
+        for name, array in arrays.items()
+    }
 
 
 def _import_torch() -> Any:

@@ -73,7 +73,9 @@ class Trainer(abc.ABC):
                 self._alive = False  # the code ends after a failure; the next task starts it again
                 raise JobError(message["error"])
             else:
-                return TrainerResult(message["weight"], message["metrics"], message["delta"], message.get("source"))
+                return TrainerResult(
+                    message["weight"], message["metrics"], message["delta"], message.get("source")
+                )
 
     async def _ensure_started(self) -> None:
         if not self._alive:
@@ -125,8 +127,12 @@ class ThreadTrainer(Trainer):
 
         self._inbox = queue.Queue()
         link = TrainerLink(QueueChannel(self._inbox, threadsafe), in_process=True)
-        threading.Thread(target=run_trainer, args=(self.executor, self.app_dir, self.job_id, link), daemon=True,
-                         name=f"hauler-train-{self.job_id}").start()
+        threading.Thread(
+            target=run_trainer,
+            args=(self.executor, self.app_dir, self.job_id, link),
+            daemon=True,
+            name=f"hauler-train-{self.job_id}",
+        ).start()
 
     async def _post(self, message: dict[str, Any]) -> None:
         self._inbox.put(message)
@@ -138,7 +144,8 @@ class ThreadTrainer(Trainer):
 
 
 class ProcessTrainer(Trainer):
-    """The code runs as a child process that maps the site's model file; its output goes to trainer.log."""
+    """The code runs as a child process that maps the site's model file; its output goes to
+    trainer.log."""
 
     _process: asyncio.subprocess.Process
     _writer: asyncio.StreamWriter
@@ -170,16 +177,32 @@ class ProcessTrainer(Trainer):
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log, theirs:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "hauler.client.child", self.job_id, str(self.app_dir),
-                self.executor.model_dump_json(), cwd=self.workdir, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=log, pass_fds=(theirs.fileno(),),
-                env={**os.environ, TRAINER_FD_VARIABLE: str(theirs.fileno())})
+                sys.executable,
+                "-m",
+                "hauler.client.child",
+                self.job_id,
+                str(self.app_dir),
+                self.executor.model_dump_json(),
+                cwd=self.workdir,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(theirs.fileno(),),
+                env={**os.environ, TRAINER_FD_VARIABLE: str(theirs.fileno())},
+            )
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
-        self._relay = asyncio.create_task(self._pass_on(reader, self._process, self._deliver(generation)))
+        self._relay = asyncio.create_task(
+            self._pass_on(reader, self._process, self._deliver(generation))
+        )
 
-    async def _pass_on(self, reader: asyncio.StreamReader, process: asyncio.subprocess.Process,
-                     deliver: Callable[[dict[str, Any]], None]) -> None:
-        """Pass the child's messages on; when it goes, say how it ended (the child says, or its exit code)."""
+    async def _pass_on(
+        self,
+        reader: asyncio.StreamReader,
+        process: asyncio.subprocess.Process,
+        deliver: Callable[[dict[str, Any]], None],
+    ) -> None:
+        """Pass the child's messages on; when it goes, say how it ended (the child says, or its exit
+        code)."""
         exited = False
         while line := await reader.readline():
             message = json.loads(line)
@@ -187,12 +210,20 @@ class ProcessTrainer(Trainer):
             deliver(message)
         code = await process.wait()
         if not exited:
-            deliver({"type": "exited", "took": 0, "error": f"the training process exited with code {code}; "
-                                                            f"its output ends with:\n{self._log_tail()}"})
+            deliver(
+                {
+                    "type": "exited",
+                    "took": 0,
+                    "error": f"the training process exited with code {code}; "
+                    f"its output ends with:\n{self._log_tail()}",
+                }
+            )
 
     def _log_tail(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
+            return "\n".join(
+                self.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            )
         except FileNotFoundError:
             return "(no output)"
 
@@ -217,9 +248,16 @@ def trainer_for(executor: ExecutorConfig, app_dir: Path, job_id: str, workdir: P
     return kind(executor, app_dir, job_id, workdir)
 
 
-def run_trainer(executor: ExecutorConfig, app_dir: Path, job_id: str, link: TrainerLink, *,
-                process_wide: bool = False) -> bool:
-    """Run the code until it returns; a failure fails the current task. Ends with an `exited` message."""
+def run_trainer(
+    executor: ExecutorConfig,
+    app_dir: Path,
+    job_id: str,
+    link: TrainerLink,
+    *,
+    process_wide: bool = False,
+) -> bool:
+    """Run the code until it returns; a failure fails the current task. Ends with an `exited`
+    message."""
     error = ""
     with bound(link, process_wide=process_wide):
         try:
@@ -228,7 +266,10 @@ def run_trainer(executor: ExecutorConfig, app_dir: Path, job_id: str, link: Trai
             if not (isinstance(failure, SystemExit) and failure.code in (0, None)):
                 error = _describe(failure)
         if not error and link.pending_round is not None:
-            error = f"the training code returned in round {link.pending_round} without calling hauler.send()"
+            error = (
+                f"the training code returned in round {link.pending_round} without calling "
+                "hauler.send()"
+            )
         if error:
             link.fail(error)
         link.channel.put({"type": "exited", "error": error, "took": link.tasks_taken})

@@ -28,7 +28,9 @@ class Timeouts(Strict):
     """The seed's timeout names, each measuring silence, never duration."""
 
     streaming_read_timeout: float = Field(
-        300.0, gt=0, description="Receiver: seconds with no chunk arriving before the stream is dropped."
+        300.0,
+        gt=0,
+        description="Receiver: seconds with no chunk arriving before the stream is dropped.",
     )
     streaming_ack_wait: float = Field(
         300.0, gt=0, description="Sender: seconds with a full window and no acknowledgement."
@@ -46,20 +48,47 @@ class DataPlane(Strict):
     """How model bytes move on the tensor-stream connections."""
 
     chunk_bytes: int = Field(4 * MIB, ge=4096, le=64 * MIB, description="Bytes per chunk frame.")
-    window_chunks: int = Field(16, ge=1, le=4096, description="Unacknowledged chunks in flight, per connection.")
-    connections: int = Field(8, ge=1, le=64, description="Parallel connections (lanes) per transfer, which long "
-                             "fat links need (measured: 8 fill a 100 ms, 1 Gbit/s path where 4 are held back by "
-                             "the kernel's 4 MiB send buffers); the server's value is used for every transfer.")
-    hello_timeout_s: float = Field(10.0, gt=0, description="Seconds a new data connection has to "
-                                   "finish its TLS handshake and send its HELLO before it is dropped.")
-    max_connections_per_peer: int = Field(256, ge=1, description="Data connections one participant may "
-                                          "hold open at once (a transfer uses `connections` of them).")
-    congestion_control: str = Field("bbr", description="TCP congestion control for data connections where the "
-                                    "kernel offers it; \"\" keeps the system default.")
-    max_retries: int = Field(10, ge=0, le=1000, description="Reconnections per transfer before giving up; "
-                             "each resumes from the last acknowledged chunk.")
-    retry_backoff_s: float = Field(0.5, gt=0, description="First wait before reconnecting; doubles, with jitter.")
-    retry_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between reconnections.")
+    window_chunks: int = Field(
+        16, ge=1, le=4096, description="Unacknowledged chunks in flight, per connection."
+    )
+    connections: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Parallel connections (lanes) per transfer, which long "
+        "fat links need (measured: 8 fill a 100 ms, 1 Gbit/s path where 4 are held back by "
+        "the kernel's 4 MiB send buffers); the server's value is used for every transfer.",
+    )
+    hello_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a new data connection has to "
+        "finish its TLS handshake and send its HELLO before it is dropped.",
+    )
+    max_connections_per_peer: int = Field(
+        256,
+        ge=1,
+        description="Data connections one participant may "
+        "hold open at once (a transfer uses `connections` of them).",
+    )
+    congestion_control: str = Field(
+        "bbr",
+        description="TCP congestion control for data connections where the "
+        'kernel offers it; "" keeps the system default.',
+    )
+    max_retries: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="Reconnections per transfer before giving up; "
+        "each resumes from the last acknowledged chunk.",
+    )
+    retry_backoff_s: float = Field(
+        0.5, gt=0, description="First wait before reconnecting; doubles, with jitter."
+    )
+    retry_backoff_max_s: float = Field(
+        30.0, gt=0, description="Longest wait between reconnections."
+    )
 
 
 class TlsFiles(Strict):
@@ -79,27 +108,48 @@ class ServerConfig(Strict):
     data_port: int = Field(8003, ge=0, le=65535)
     workspace: Path = Path("server-workspace")
     memory_budget_mib: int = Field(
-        32, ge=0, description="Aggregator accumulators larger than this live in memory-mapped files."
+        32,
+        ge=0,
+        description="Aggregator accumulators larger than this live in memory-mapped files.",
     )
     keep_rounds: int = Field(
-        2, ge=2, description="Global round files kept per job besides round 0 (the initial model, "
-        "always kept): the served one and the one being built; older ones lend their inode to new rounds.")
+        2,
+        ge=2,
+        description="Global round files kept per job besides round 0 (the initial model, "
+        "always kept): the served one and the one being built; older ones lend their inode to "
+        "new rounds.",
+    )
     max_job_package_mib: int = Field(16, ge=1, description="Largest accepted job folder, zipped.")
     max_finished_jobs_gib: float | None = Field(
-        None, gt=0, description="Disk the model files of ended jobs may take; beyond it the oldest "
-        "jobs' model files are removed (their records, events and metrics stay). None: no cap.")
-    max_model_gib: float = Field(1024.0, gt=0, description="Largest initial model a job may upload.")
+        None,
+        gt=0,
+        description="Disk the model files of ended jobs may take; beyond it the oldest "
+        "jobs' model files are removed (their records, events and metrics stay). None: no cap.",
+    )
+    max_model_gib: float = Field(
+        1024.0, gt=0, description="Largest initial model a job may upload."
+    )
     allow_custom_code: bool = Field(
-        False, description="Let jobs ask the server to build their round 0 from their own model code "
-        "([model] build = \"server\"), in a confined child process. Off: no job code runs here.")
+        False,
+        description="Let jobs ask the server to build their round 0 from their own model code "
+        '([model] build = "server"), in a confined child process. Off: no job code runs here.',
+    )
     model_dirs: list[Path] = Field(
-        [], description="Folders whose safetensors files jobs may name as their initial model "
-        "([model] file = ...), e.g. pretrained checkpoints.")
-    tls: TlsFiles | None = Field(None, description="Mutual TLS on both planes; None only for local trials.")
-    revoked: list[str] = Field([], description="Names of participants refused at connect, whatever their certificate.")
+        [],
+        description="Folders whose safetensors files jobs may name as their initial model "
+        "([model] file = ...), e.g. pretrained checkpoints.",
+    )
+    tls: TlsFiles | None = Field(
+        None, description="Mutual TLS on both planes; None only for local trials."
+    )
+    revoked: list[str] = Field(
+        [], description="Names of participants refused at connect, whatever their certificate."
+    )
     sites: list[str] | None = Field(
-        None, description="The project's sites (`hauler provision` writes them): a job naming another "
-        "is refused at submission. None: not checked.")
+        None,
+        description="The project's sites (`hauler provision` writes them): a job naming another "
+        "is refused at submission. None: not checked.",
+    )
     timeouts: Timeouts = Timeouts()
     dataplane: DataPlane = DataPlane()
 
@@ -112,15 +162,24 @@ class SiteConfig(Strict):
     control_port: int = Field(8002, ge=1, le=65535)
     data_port: int = Field(8003, ge=1, le=65535)
     workspace: Path = Path("site-workspace")
-    allow_custom_code: bool = Field(True, description="Run any job's code; when false, run only the jobs "
-                                    "whose code digest is in `trusted_code`.")
+    allow_custom_code: bool = Field(
+        True,
+        description="Run any job's code; when false, run only the jobs "
+        "whose code digest is in `trusted_code`.",
+    )
     trusted_code: list[Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]] = Field(
-        [], description="Digests of vetted job code this site runs even with allow_custom_code = false "
-        "(`hauler jobs digest JOB_DIR` prints a job's).")
-    max_model_gib: float = Field(1024.0, gt=0, description="Largest model this site accepts to receive.")
+        [],
+        description="Digests of vetted job code this site runs even with allow_custom_code = false "
+        "(`hauler jobs digest JOB_DIR` prints a job's).",
+    )
+    max_model_gib: float = Field(
+        1024.0, gt=0, description="Largest model this site accepts to receive."
+    )
     job_settings: dict[str, Any] = Field(
-        {}, description="Settings of this site that every job's code reads as context.settings, "
-        "e.g. data_dir = \"/data/digits\"; they stay on the site.")
+        {},
+        description="Settings of this site that every job's code reads as context.settings, "
+        'e.g. data_dir = "/data/digits"; they stay on the site.',
+    )
     tls: TlsFiles | None = None
     timeouts: Timeouts = Timeouts()
     dataplane: DataPlane = DataPlane()
@@ -144,18 +203,26 @@ class WorkflowConfig(Strict):
     num_rounds: int = Field(1, ge=1)
     min_clients: int = Field(1, ge=1)
     train_timeout: float | None = Field(
-        None, gt=0, description="Seconds of local work per site, counted from when the model has arrived."
+        None,
+        gt=0,
+        description="Seconds of local work per site, counted from when the model has arrived.",
     )
     wait_time_after_min_received: float = Field(
         10.0, ge=0, description="Seconds to wait for more results once min_clients are in."
     )
     max_weight: float = Field(
-        1e9, gt=0, allow_inf_nan=False,
-        description="Largest weight a site may announce; a result above it fails that site's task.")
+        1e9,
+        gt=0,
+        allow_inf_nan=False,
+        description="Largest weight a site may announce; a result above it fails that site's task.",
+    )
     max_update_norm: float | None = Field(
-        None, gt=0, allow_inf_nan=False,
+        None,
+        gt=0,
+        allow_inf_nan=False,
         description="Largest norm of a site's update (its model minus the global model) relative "
-        "to the global model's; a site above it is dropped from the round. None: unchecked.")
+        "to the global model's; a site above it is dropped from the round. None: unchecked.",
+    )
 
 
 class ModelConfig(Strict):
@@ -164,21 +231,30 @@ class ModelConfig(Strict):
     server allows custom code; or a safetensors file in the server's model_dirs. `hauler submit
     --initial-model FILE` uploads a file instead of all three."""
 
-    module: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                               description="Module of the job folder with layout(config) and fill().")
+    module: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Module of the job folder with layout(config) and fill().",
+    )
     config: dict[str, Any] = {}
     build: Literal["submitter", "server"] = Field(
-        "submitter", description="Where `module` runs to build round 0: on the submitter's machine "
-        "(uploaded with the job) or, where allow_custom_code is set, confined on the server.")
-    file: str | None = Field(None, min_length=1, max_length=4096,
-                             description="A safetensors file in one of the server's model_dirs.")
+        "submitter",
+        description="Where `module` runs to build round 0: on the submitter's machine "
+        "(uploaded with the job) or, where allow_custom_code is set, confined on the server.",
+    )
+    file: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="A safetensors file in one of the server's model_dirs.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if self.module is not None and self.file is not None:
             raise ValueError("give `module` (build round 0) or `file` (a server file), not both")
         if self.build == "server" and self.module is None:
-            raise ValueError("build = \"server\" needs the `module` to build round 0 with")
+            raise ValueError('build = "server" needs the `module` to build round 0 with')
         return self
 
 
@@ -186,19 +262,29 @@ class ExecutorConfig(Strict):
     """How a site trains: a module's `train(model, context)`, or a script that calls
     `hauler.receive()` / `hauler.send()`; in the site process, or in a subprocess of it."""
 
-    module: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                               description="Module of the job folder with train(model, context).")
-    script: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./-]*\.py$",
-                               description="Python file of the job folder that uses hauler.receive()/send().")
+    module: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Module of the job folder with train(model, context).",
+    )
+    script: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./-]*\.py$",
+        description="Python file of the job folder that uses hauler.receive()/send().",
+    )
     mode: Literal["in_process", "subprocess"] = Field(
-        "in_process", description="Run the training code in a thread of the site process, or in a child "
-        "process that reaches the model through the site's memory-mapped model file.")
+        "in_process",
+        description="Run the training code in a thread of the site process, or in a child "
+        "process that reaches the model through the site's memory-mapped model file.",
+    )
     config: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _one_entry_point(self) -> ExecutorConfig:
         if (self.module is None) == (self.script is None):
-            raise ValueError("give exactly one of `module` (with train(model, context)) or `script`")
+            raise ValueError(
+                "give exactly one of `module` (with train(model, context)) or `script`"
+            )
         if self.script is not None and ".." in self.script.split("/"):
             raise ValueError(f"script {self.script!r} must stay inside the job folder")
         return self
@@ -210,8 +296,12 @@ class JobConfig(Strict):
     name: str = Field(min_length=1, max_length=128)
     workflow: WorkflowConfig = WorkflowConfig()
     model: ModelConfig = Field(ModelConfig(), description="Where round 0 comes from.")
-    executor: ExecutorConfig = Field(description="What every site runs to train: a module or a script.")
-    sites: list[str] | None = Field(None, description="Sites that take part; all connected sites if absent.")
+    executor: ExecutorConfig = Field(
+        description="What every site runs to train: a module or a script."
+    )
+    sites: list[str] | None = Field(
+        None, description="Sites that take part; all connected sites if absent."
+    )
 
 
 Config = TypeVar("Config", bound=BaseModel)
@@ -243,7 +333,9 @@ def load_toml(model: type[Config], path: Path, **overrides: Any) -> Config:
     try:
         data = tomllib.loads(Path(path).read_bytes().decode())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; check the path or run `hauler poc prepare`") from None
+        raise ConfigError(
+            f"{path}: no such file; check the path or run `hauler poc prepare`"
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read it as a TOML file: {error}") from None
     except tomllib.TOMLDecodeError as error:
@@ -257,8 +349,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     if isinstance(data.get("workspace"), str):
         data["workspace"] = str(base / data["workspace"])
     if isinstance(data.get("model_dirs"), list):
-        data["model_dirs"] = [str(base / value) if isinstance(value, str) else value
-                              for value in data["model_dirs"]]
+        data["model_dirs"] = [
+            str(base / value) if isinstance(value, str) else value for value in data["model_dirs"]
+        ]
     if isinstance(data.get("tls"), dict):
-        data["tls"] = {key: str(base / value) if isinstance(value, str) else value
-                       for key, value in data["tls"].items()}
+        data["tls"] = {
+            key: str(base / value) if isinstance(value, str) else value
+            for key, value in data["tls"].items()
+        }

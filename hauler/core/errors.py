@@ -3,7 +3,8 @@
     HaulerError
     ├── ConfigError            fix a file or flag; names the file and key
     ├── JobError               the job failed or was refused; read its message
-    │   ├── JobCodeError          the job's own code failed; shown to its submitter and project admins
+    │   ├── JobCodeError          the job's own code failed; shown to its submitter and project
+    admins
     │   └── UpdateRefused         a site's update broke a check: that site leaves the round
     ├── ProtocolError
     │   ├── RemoteProtocolError   the peer broke the protocol: close and report

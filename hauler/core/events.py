@@ -28,7 +28,9 @@ class Event:
 
 
 Subscriber = Callable[[Event], None]
-TrackTransfer = Callable[[str, int], Callable[[int], None]]  # (what, total bytes) -> told bytes moved
+TrackTransfer = Callable[
+    [str, int], Callable[[int], None]
+]  # (what, total bytes) -> told bytes moved
 
 
 def untracked(what: str, total: int) -> Callable[[int], None]:
@@ -84,8 +86,11 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_json_lines_page(path: Path, offset: int, max_bytes: int) -> tuple[list[dict[str, Any]], int]:
-    """The whole records in about `max_bytes` from byte `offset`, and the offset after the last of them,
+def read_json_lines_page(
+    path: Path, offset: int, max_bytes: int
+) -> tuple[list[dict[str, Any]], int]:
+    """The whole records in about `max_bytes` from byte `offset`, and the offset after the last of
+    them,
     so a growing file can be read in pages of bounded size (a line still being written waits)."""
     if not path.exists():
         return [], offset

@@ -37,8 +37,13 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, fields, traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time_s": round(record.created, 3), "level": record.levelname.lower(),
-                 "logger": record.name, "message": record.getMessage(), **fields_of(record)}
+        entry = {
+            "time_s": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **fields_of(record),
+        }
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -50,7 +55,8 @@ class ReadableFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         details = " ".join(f"{key}={value}" for key, value in fields_of(record).items())
-        line = f"{stamp} {record.levelname.lower()} {record.name} {record.getMessage()} {details}".rstrip()
+        level = record.levelname.lower()
+        line = f"{stamp} {level} {record.name} {record.getMessage()} {details}".rstrip()
         return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
 
 
@@ -68,7 +74,9 @@ class JobLogs(logging.Handler):
             return
         if len(self._lines) == self._lines.maxlen:
             self.dropped += 1
-        self._lines.append(line(job, record.levelname.lower(), format_message(record), time_s=record.created))
+        self._lines.append(
+            line(job, record.levelname.lower(), format_message(record), time_s=record.created)
+        )
 
     def add(self, job: str, level: str, message: str) -> None:
         """A line not from a log record (a training process's output)."""
@@ -79,8 +87,12 @@ class JobLogs(logging.Handler):
 
 
 def line(job: str, level: str, message: str, *, time_s: float | None = None) -> dict[str, Any]:
-    return {"t": round(time.time() if time_s is None else time_s, 3), "job": job, "level": level,
-            "message": message[:MAX_MESSAGE_CHARS]}
+    return {
+        "t": round(time.time() if time_s is None else time_s, 3),
+        "job": job,
+        "level": level,
+        "message": message[:MAX_MESSAGE_CHARS],
+    }
 
 
 def format_message(record: logging.LogRecord) -> str:
@@ -105,7 +117,9 @@ def configure(verbose: bool = False) -> None:
 def write_to(path: Path) -> None:
     """Also every INFO record, as JSON lines, to `path` (rotated)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILES)
+    handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILES
+    )
     handler.setFormatter(JsonFormatter())
     handler.setLevel(logging.INFO)
     logging.getLogger(ROOT).addHandler(handler)

@@ -60,7 +60,8 @@ class ResultReady(_Message):
     task_id: str
     weight: float  # checked by the server against [workflow] max_weight, so a refusal names it
     metrics: dict[Annotated[str, Field(max_length=MAX_METRIC_NAME)], float] = Field(
-        {}, max_length=MAX_METRICS)
+        {}, max_length=MAX_METRICS
+    )
     manifest: dict[str, Any]
     delta: bool = False  # the model is the update minus the global model the site received
 
@@ -128,8 +129,10 @@ class DeleteJob(_Message):
 
 
 SiteMessage = Annotated[Hello | Heartbeat | ResultReady | TaskFailed, Field(discriminator="type")]
-ServerMessage = Annotated[Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob | DeleteJob,
-                          Field(discriminator="type")]
+ServerMessage = Annotated[
+    Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob | DeleteJob,
+    Field(discriminator="type"),
+]
 _SITE = TypeAdapter(SiteMessage)
 _SERVER = TypeAdapter(ServerMessage)
 
@@ -142,7 +145,9 @@ def parse_site_message(data: dict[str, Any]) -> Hello | Heartbeat | ResultReady 
         raise RemoteProtocolError(f"bad message from site: {error.errors()[0]['msg']}") from None
 
 
-def parse_server_message(data: dict[str, Any]) -> Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob | DeleteJob:
+def parse_server_message(
+    data: dict[str, Any],
+) -> Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob | DeleteJob:
     """Validate a message the server sent."""
     try:
         return _SERVER.validate_python(data)

@@ -45,8 +45,17 @@ FILE_MODE, EXEC_MODE, FOLDER_MODE = 0o644, 0o755, 0o755  # only the owner's exec
 ACCEPTED_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}  # what pack writes; no more code
 # What zipfile, zlib and the OS raise on a hostile archive (UnicodeDecodeError is a ValueError,
 # encrypted entries raise RuntimeError, unknown methods NotImplementedError).
-READ_ERRORS = (zipfile.BadZipFile, zlib.error, struct.error, EOFError, OSError, ValueError,
-               OverflowError, NotImplementedError, RuntimeError)
+READ_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    EOFError,
+    OSError,
+    ValueError,
+    OverflowError,
+    NotImplementedError,
+    RuntimeError,
+)
 
 JOB_PATH = PurePosixPath(JOB_FILE)
 Layout = tuple[list[PurePosixPath], list[tuple[zipfile.ZipInfo, PurePosixPath]]]
@@ -56,8 +65,9 @@ def load_job(job_dir: Path) -> JobConfig:
     """Read and validate a job folder's job.toml."""
     path = Path(job_dir) / JOB_FILE
     if not path.exists():
-        raise ConfigError(f"{job_dir}: no {JOB_FILE}; "
-                          "a job is a folder with a job.toml and its code")
+        raise ConfigError(
+            f"{job_dir}: no {JOB_FILE}; a job is a folder with a job.toml and its code"
+        )
     return load_toml(JobConfig, path)
 
 
@@ -81,8 +91,9 @@ def pack(job_dir: Path, max_bytes: int) -> str:
         for relative, path in job_files(job_dir):
             archive.write(path, relative)
             if buffer.tell() > max_bytes:
-                raise ConfigError(f"{job_dir}: job package exceeds {max_bytes >> 20} MiB; "
-                                  "keep data out of it")
+                raise ConfigError(
+                    f"{job_dir}: job package exceeds {max_bytes >> 20} MiB; keep data out of it"
+                )
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -115,16 +126,18 @@ def _unpack_beside(archive: zipfile.ZipFile, layout: Layout, target: Path, limit
     try:
         with _as_job_error(f"cannot make a folder beside {target} to unpack into"):
             target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".unpacking",
-                                            dir=target.parent))
+            staging = Path(
+                tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".unpacking", dir=target.parent)
+            )
         return _unpack_into(archive, layout, staging, target, limit)
     except BaseException:
         _remove_empty(missing)
         raise
 
 
-def _unpack_into(archive: zipfile.ZipFile, layout: Layout, staging: Path, target: Path,
-                 limit: int) -> JobConfig:
+def _unpack_into(
+    archive: zipfile.ZipFile, layout: Layout, staging: Path, target: Path, limit: int
+) -> JobConfig:
     """Extract into `staging`, parse its job.toml, then move it to `target`; or remove it."""
     try:
         _extract(archive, *layout, staging, limit)
@@ -150,8 +163,9 @@ def _open_archive(package_b64: str, max_bytes: int) -> zipfile.ZipFile:
 def _layout(entries: list[zipfile.ZipInfo]) -> Layout:
     """The folders to make (parents first) and files to write; refuse unsafe or clashing ones."""
     if len(entries) > MAX_ENTRIES:
-        raise JobError(f"job package has {len(entries)} entries, "
-                       f"more than the {MAX_ENTRIES} a job may hold")
+        raise JobError(
+            f"job package has {len(entries)} entries, more than the {MAX_ENTRIES} a job may hold"
+        )
     seen: set[PurePosixPath] = set()
     folders: set[PurePosixPath] = set()
     files = []
@@ -180,8 +194,10 @@ def _check_extents(archive: zipfile.ZipFile) -> None:
     for entry, end in zip(entries, ends):
         name = entry.orig_filename.encode("utf-8" if entry.flag_bits & 0x800 else "cp437")
         if entry.header_offset + LOCAL_HEADER_BYTES + len(name) + entry.compress_size > end:
-            raise JobError(f"job package entry {entry.filename!r} declares {entry.compress_size} "
-                           "bytes of data, more than lie before the next entry")
+            raise JobError(
+                f"job package entry {entry.filename!r} declares {entry.compress_size} "
+                "bytes of data, more than lie before the next entry"
+            )
 
 
 def _checked_path(entry: zipfile.ZipInfo) -> PurePosixPath:
@@ -223,8 +239,13 @@ def _kind_fault(entry: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _extract(archive: zipfile.ZipFile, folders: list[PurePosixPath],
-             files: list[tuple[zipfile.ZipInfo, PurePosixPath]], staging: Path, limit: int) -> None:
+def _extract(
+    archive: zipfile.ZipFile,
+    folders: list[PurePosixPath],
+    files: list[tuple[zipfile.ZipInfo, PurePosixPath]],
+    staging: Path,
+    limit: int,
+) -> None:
     """Create the folders, then stream each file into place, counting the bytes really written."""
     for folder in folders:
         path = staging.joinpath(*folder.parts)
@@ -246,12 +267,16 @@ def _write_file(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, path: Path, ro
         while block := source.read(BLOCK):
             written += len(block)
             if written > room:
-                raise JobError(f"job package expands past {EXPANSION} times its size limit, "
-                               f"at entry {entry.filename!r}")
+                raise JobError(
+                    f"job package expands past {EXPANSION} times its size limit, "
+                    f"at entry {entry.filename!r}"
+                )
             sink.write(block)
     if written != entry.file_size:
-        raise JobError(f"job package entry {entry.filename!r} holds {written} bytes, "
-                       f"not the {entry.file_size} its header declares")
+        raise JobError(
+            f"job package entry {entry.filename!r} holds {written} bytes, "
+            f"not the {entry.file_size} its header declares"
+        )
     return written
 
 
@@ -323,5 +348,6 @@ def load_job_module(app_dir: Path, job_id: str, module: str) -> types.ModuleType
     try:
         return importlib.import_module(f"{package}.{module}")
     except ImportError as error:
-        raise JobError(f"job {job_id}: cannot import {module!r} from the job folder: "
-                       f"{error}") from None
+        raise JobError(
+            f"job {job_id}: cannot import {module!r} from the job folder: {error}"
+        ) from None

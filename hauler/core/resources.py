@@ -64,7 +64,8 @@ class ResourceSample(BaseModel):
 
 
 class ProcessMeter:
-    """Reads this process every SAMPLE_INTERVAL_S; its CPU percent covers the time since the last reading.
+    """Reads this process every SAMPLE_INTERVAL_S; its CPU percent covers the time since the last
+    reading.
 
     With `children`, a reading also adds up the processes this one started (a site's training
     code run as child processes), so a site's figures show everything it runs."""
@@ -86,10 +87,13 @@ class ProcessMeter:
                 anon += rss_anon_bytes(process.pid)
             except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
                 continue  # a child that just ended
-        return ResourceSample(t=round(time.time(), 3), cpu_percent=cpu, rss_bytes=int(rss), rss_anon_bytes=int(anon))
+        return ResourceSample(
+            t=round(time.time(), 3), cpu_percent=cpu, rss_bytes=int(rss), rss_anon_bytes=int(anon)
+        )
 
     def _current_children(self) -> list[psutil.Process]:
-        """Children alive now; one kept Process object each, so their CPU clocks run between readings."""
+        """Children alive now; one kept Process object each, so their CPU clocks run between
+        readings."""
         if self._children is None:
             return []
         alive = {child.pid: child for child in self._process.children(recursive=True)}
@@ -102,16 +106,20 @@ class ProcessMeter:
         return list(self._children.values())
 
     async def collect(self, duration_s: float) -> list[ResourceSample]:
-        """Read on every interval tick falling in the next `duration_s` seconds; returns those readings.
+        """Read on every interval tick falling in the next `duration_s` seconds; returns those
+        readings.
 
-        Ticks keep their pace across calls, so sampling stays every interval whatever `duration_s` is."""
+        Ticks keep their pace across calls, so sampling stays every interval whatever `duration_s`
+        is."""
         end = time.monotonic() + duration_s
         samples = []
         while (now := time.monotonic()) < end:
             if now >= self._next:
                 samples.append(self.read())
                 self._next += self.interval_s
-                if self._next <= now:  # fell behind (a busy loop): the next tick is one interval away
+                if (
+                    self._next <= now
+                ):  # fell behind (a busy loop): the next tick is one interval away
                     self._next = now + self.interval_s
             await asyncio.sleep(max(0.0, min(self._next, end) - now))
         return samples

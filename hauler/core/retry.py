@@ -29,7 +29,8 @@ def resumable(error: BaseException) -> bool:
 
 
 def backoff_s(attempt: int, policy: DataPlane) -> float:
-    """Wait before reconnection `attempt` (1, 2, ...): doubling from retry_backoff_s, capped, jittered."""
+    """Wait before reconnection `attempt` (1, 2, ...): doubling from retry_backoff_s, capped,
+    jittered."""
     ceiling = min(policy.retry_backoff_max_s, policy.retry_backoff_s * 2 ** (attempt - 1))
     return ceiling * random.uniform(0.5, 1.0)
 

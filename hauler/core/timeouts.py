@@ -32,16 +32,24 @@ class SilenceTimer:
         """Measure a different silence from now on (the next stage of an exchange)."""
         self.seconds, self.name = seconds, name
         if self._scope is not None and not self._scope.expired():
-            self._scope.reschedule(None if seconds is None else asyncio.get_running_loop().time() + seconds)
+            self._scope.reschedule(
+                None if seconds is None else asyncio.get_running_loop().time() + seconds
+            )
 
     async def __aenter__(self) -> SilenceTimer:
-        deadline = None if self.seconds is None else asyncio.get_running_loop().time() + self.seconds
+        deadline = (
+            None if self.seconds is None else asyncio.get_running_loop().time() + self.seconds
+        )
         self._scope = asyncio.timeout_at(deadline)
         await self._scope.__aenter__()
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        traceback: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         assert self._scope is not None
         try:
             await self._scope.__aexit__(kind, error, traceback)

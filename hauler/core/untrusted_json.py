@@ -38,4 +38,3 @@ def depth(value: Any, limit: int) -> int:
                 children = item.values() if isinstance(item, dict) else item
                 stack.extend((child, level + 1) for child in children)
     return deepest
-

@@ -7,6 +7,17 @@ from hauler.model.manifest import Chunk, Manifest, TensorEntry, chunk_checksum
 from hauler.model.plan import ChunkPlan
 
 __all__ = [
-    "DTYPES", "ArraySource", "Chunk", "ChunkPlan", "Manifest", "ModelFile", "TensorEntry", "accumulator_dtype",
-    "check_layout", "chunk_checksum", "dtype_name", "numpy_dtype", "read_manifest",
+    "DTYPES",
+    "ArraySource",
+    "Chunk",
+    "ChunkPlan",
+    "Manifest",
+    "ModelFile",
+    "TensorEntry",
+    "accumulator_dtype",
+    "check_layout",
+    "chunk_checksum",
+    "dtype_name",
+    "numpy_dtype",
+    "read_manifest",
 ]

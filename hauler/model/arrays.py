@@ -35,7 +35,8 @@ class ArraySource:
 
 
 def check_layout(manifest: Manifest, arrays: Mapping[str, np.ndarray]) -> None:
-    """Refuse arrays whose names, dtypes or shapes differ from the model's, naming each difference."""
+    """Refuse arrays whose names, dtypes or shapes differ from the model's, naming each
+    difference."""
     expected = {t.name: t for t in manifest.tensors}
     problems = [f"missing {name!r}" for name in expected if name not in arrays]
     problems += [f"unexpected {name!r}" for name in arrays if name not in expected]
@@ -44,11 +45,17 @@ def check_layout(manifest: Manifest, arrays: Mapping[str, np.ndarray]) -> None:
         if tensor is None:
             continue
         if np.dtype(array.dtype) != numpy_dtype(tensor.dtype):
-            problems.append(f"{name!r} is {array.dtype}, the model's is {numpy_dtype(tensor.dtype)}")
+            problems.append(
+                f"{name!r} is {array.dtype}, the model's is {numpy_dtype(tensor.dtype)}"
+            )
         elif tuple(array.shape) != tuple(tensor.shape):
-            problems.append(f"{name!r} has shape {tuple(array.shape)}, the model's is {tuple(tensor.shape)}")
+            problems.append(
+                f"{name!r} has shape {tuple(array.shape)}, the model's is {tuple(tensor.shape)}"
+            )
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
         raise JobError(f"the model sent does not match the one received: {shown}")
 
 

@@ -39,7 +39,8 @@ def dtype_name(dtype: np.dtype) -> str:
 
 
 def accumulator_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype a weighted sum of this dtype is folded in: float32 for narrow floats, else float64."""
+    """The dtype a weighted sum of this dtype is folded in: float32 for narrow floats, else
+    float64."""
     if dtype.kind == "f" and dtype.itemsize <= 4 or dtype == DTYPES["BF16"]:
         return np.dtype("<f4")
     return np.dtype("<f8")

@@ -86,8 +86,12 @@ class ModelFile:
         dtype = numpy_dtype(tensor.dtype)
         if tensor.length == 0:
             return np.zeros(tensor.shape, dtype)
-        flat = np.frombuffer(self._mmap, dtype=dtype, count=tensor.length // dtype.itemsize,
-                             offset=self.data_start + tensor.offset)
+        flat = np.frombuffer(
+            self._mmap,
+            dtype=dtype,
+            count=tensor.length // dtype.itemsize,
+            offset=self.data_start + tensor.offset,
+        )
         return flat.reshape(tensor.shape)
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -126,7 +130,9 @@ def _preallocate(fd: int, size: int, path: Path) -> None:
         if size:
             os.posix_fallocate(fd, 0, size)
     except OSError as error:
-        raise ConfigError(f"{path}: cannot reserve {size} bytes on disk ({error.strerror}); free space") from None
+        raise ConfigError(
+            f"{path}: cannot reserve {size} bytes on disk ({error.strerror}); free space"
+        ) from None
 
 
 def read_manifest(path: Path, chunk_bytes: int) -> tuple[Manifest, int]:
@@ -139,14 +145,18 @@ def read_manifest(path: Path, chunk_bytes: int) -> tuple[Manifest, int]:
             (header_len,) = _U64.unpack(prefix)
             size = os.fstat(handle.fileno()).st_size
             if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise RemoteProtocolError(f"{path}: header of {header_len} bytes exceeds the file or {MAX_HEADER_BYTES}")
+                raise RemoteProtocolError(
+                    f"{path}: header of {header_len} bytes exceeds the file or {MAX_HEADER_BYTES}"
+                )
             header = json.loads(handle.read(header_len))
     except (OSError, ValueError) as error:
         raise RemoteProtocolError(f"{path}: not a readable safetensors file ({error})") from None
     manifest = _manifest_from_header(header, chunk_bytes, path)
     data_start = 8 + header_len
     if data_start + manifest.total_bytes != size:
-        raise RemoteProtocolError(f"{path}: {size} bytes, but its header describes {data_start + manifest.total_bytes}")
+        raise RemoteProtocolError(
+            f"{path}: {size} bytes, but its header describes {data_start + manifest.total_bytes}"
+        )
     return manifest, data_start
 
 
@@ -162,5 +172,9 @@ def _manifest_from_header(header: object, chunk_bytes: int, path: Path) -> Manif
             rows.append([name, entry["dtype"], entry["shape"], begin, end - begin, ""])
         except (KeyError, TypeError, ValueError):
             raise RemoteProtocolError(f"{path}: tensor {name!r} has a malformed entry") from None
-    rows.sort(key=lambda row: (row[3], row[4]) if isinstance(row[3], int) and isinstance(row[4], int) else (-1, -1))
+    rows.sort(
+        key=lambda row: (
+            (row[3], row[4]) if isinstance(row[3], int) and isinstance(row[4], int) else (-1, -1)
+        )
+    )
     return Manifest.from_json({"chunk_bytes": chunk_bytes, "tensors": rows})

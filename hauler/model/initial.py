@@ -32,8 +32,9 @@ _FRAMES = 4  # frames of the job's own code shown with its error
 ERROR_TAIL_BYTES = 4000  # what is kept of a child's reason
 
 
-def write_initial_model(app_dir: Path, module: str, config: dict, chunk_bytes: int,
-                        out_file: Path) -> Manifest:
+def write_initial_model(
+    app_dir: Path, module: str, config: dict, chunk_bytes: int, out_file: Path
+) -> Manifest:
     """Write `out_file` from the module's layout and fill; return its digested manifest.
 
     The file is written under a temporary name beside `out_file` and renamed at the end, so a
@@ -61,7 +62,9 @@ def _fill(code: ModuleType, model: ModelFile, config: dict) -> None:
         code.fill(name, array, config)
 
 
-def import_initial_model(rounds: RoundStore, source: Path, chunk_bytes: int, *, move: bool) -> Manifest:
+def import_initial_model(
+    rounds: RoundStore, source: Path, chunk_bytes: int, *, move: bool
+) -> Manifest:
     """Make `source` round 0 (moved, or copied so the original stays as it is), after checking it
     as untrusted input; returns round 0's manifest, with digests."""
     final = rounds.path(INITIAL_ROUND)
@@ -85,38 +88,56 @@ def import_initial_model(rounds: RoundStore, source: Path, chunk_bytes: int, *, 
 def describe(error: BaseException, app_dir: Path) -> str:
     """`TypeName: message`, then the last frames of the traceback that are in the job's code."""
     root = os.path.join(os.path.realpath(app_dir), "")
-    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
-              if os.path.realpath(frame.filename).startswith(root)][-_FRAMES:]
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if os.path.realpath(frame.filename).startswith(root)
+    ][-_FRAMES:]
     text = f"{type(error).__name__}: {error}"
     return text + ("\n" + "".join(traceback.format_list(frames)).rstrip() if frames else "")
 
 
-async def build_in_child(app_dir: Path, module: str, config: dict, chunk_bytes: int,
-                         out_file: Path) -> Path:
+async def build_in_child(
+    app_dir: Path, module: str, config: dict, chunk_bytes: int, out_file: Path
+) -> Path:
     """Run the entry point below in a child process, unconfined: where a job is submitted or
     simulated, the job's code is its author's own. Raises JobError with the child's reason."""
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hauler.model.initial", str(Path(app_dir).resolve()), module,
-        json.dumps(config), str(chunk_bytes), str(out_file), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "hauler.model.initial",
+        str(Path(app_dir).resolve()),
+        module,
+        json.dumps(config),
+        str(chunk_bytes),
+        str(out_file),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, stderr = await child.communicate()
     if child.returncode != 0:
         reason = stderr.decode(errors="replace").strip()[-ERROR_TAIL_BYTES:]
-        raise JobError(f"building the initial model with {module}.py failed: "
-                       f"{reason or f'exit status {child.returncode}'}")
+        raise JobError(
+            f"building the initial model with {module}.py failed: "
+            f"{reason or f'exit status {child.returncode}'}"
+        )
     return Path(out_file)
 
 
 def main(argv: list[str]) -> int:
     """The child's entry point: 0 once the file is complete, 1 with the reason on stderr."""
     if len(argv) != 5:
-        print("usage: python -m hauler.model.initial APP_DIR MODULE CONFIG_JSON CHUNK_BYTES "
-              "OUT_FILE", file=sys.stderr)
+        print(
+            "usage: python -m hauler.model.initial APP_DIR MODULE CONFIG_JSON CHUNK_BYTES OUT_FILE",
+            file=sys.stderr,
+        )
         return 2
     app_dir, module, config, chunk_bytes, out_file = argv
     try:
-        write_initial_model(Path(app_dir), module, json.loads(config), int(chunk_bytes),
-                            Path(out_file))
+        write_initial_model(
+            Path(app_dir), module, json.loads(config), int(chunk_bytes), Path(out_file)
+        )
     except BaseException as error:  # the job's code may raise anything, SystemExit included
         print(describe(error, Path(app_dir)), file=sys.stderr)
         return 1

@@ -91,16 +91,24 @@ class Manifest:
         return self.layout() == other.layout() and self.chunk_bytes == other.chunk_bytes
 
     def digested(self, tensor_bytes: Callable[[int], memoryview]) -> Manifest:
-        """This manifest with every tensor's digest computed from `tensor_bytes(index)` (about 25 GB/s)."""
+        """This manifest with every tensor's digest computed from `tensor_bytes(index)` (about 25
+        GB/s)."""
         step = self.chunk_bytes
-        return self.with_digests([
-            digest_of_checksums([chunk_checksum(view[o : o + step]) for o in range(0, t.length, step)])
-            for t, view in ((t, tensor_bytes(i)) for i, t in enumerate(self.tensors))])
+        return self.with_digests(
+            [
+                digest_of_checksums(
+                    [chunk_checksum(view[o : o + step]) for o in range(0, t.length, step)]
+                )
+                for t, view in ((t, tensor_bytes(i)) for i, t in enumerate(self.tensors))
+            ]
+        )
 
     def with_digests(self, digests: Sequence[str]) -> Manifest:
         if len(digests) != len(self.tensors):
             raise ValueError("one digest per tensor")
-        return replace(self, tensors=tuple(replace(t, digest=d) for t, d in zip(self.tensors, digests)))
+        return replace(
+            self, tensors=tuple(replace(t, digest=d) for t, d in zip(self.tensors, digests))
+        )
 
     def chunks(self, start_seq: int = 0) -> Iterator[Chunk]:
         """Every chunk of the model in order, from `start_seq` on."""
@@ -124,17 +132,25 @@ class Manifest:
     def safetensors_header(self) -> bytes:
         """The file's header: 8-byte little-endian length, then space-padded JSON."""
         entries = {
-            t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.offset, t.offset + t.length]}
+            t.name: {
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "data_offsets": [t.offset, t.offset + t.length],
+            }
             for t in self.tensors
         }
-        body = json.dumps({"__metadata__": {"format": "np"}, **entries}, separators=(",", ":")).encode()
+        body = json.dumps(
+            {"__metadata__": {"format": "np"}, **entries}, separators=(",", ":")
+        ).encode()
         body += b" " * (-(len(body) + _U64.size) % HEADER_ALIGN)
         return _U64.pack(len(body)) + body
 
     def to_json(self) -> dict:
         return {
             "chunk_bytes": self.chunk_bytes,
-            "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.length, t.digest] for t in self.tensors],
+            "tensors": [
+                [t.name, t.dtype, list(t.shape), t.offset, t.length, t.digest] for t in self.tensors
+            ],
         }
 
     @classmethod
@@ -145,22 +161,31 @@ class Manifest:
             rows = data["tensors"]
             assert isinstance(rows, list) and len(rows) <= MAX_TENSORS
             tensors = tuple(
-                TensorEntry(str(n), str(d), tuple(s), o, length, str(g)) for n, d, s, o, length, g in rows
+                TensorEntry(str(n), str(d), tuple(s), o, length, str(g))
+                for n, d, s, o, length, g in rows
             )
             manifest = cls(tensors, data["chunk_bytes"])
         except (AssertionError, KeyError, TypeError, ValueError):
-            raise RemoteProtocolError("malformed manifest: expected {chunk_bytes, tensors: [...]}") from None
+            raise RemoteProtocolError(
+                "malformed manifest: expected {chunk_bytes, tensors: [...]}"
+            ) from None
         manifest.validate()
         return manifest
 
     def validate(self) -> None:
         """Check every limit and that tensors tile the data region exactly, in order."""
         if not isinstance(self.chunk_bytes, int) or not 8 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
-            raise RemoteProtocolError(f"chunk_bytes {self.chunk_bytes!r} outside 8..{MAX_CHUNK_BYTES}")
+            raise RemoteProtocolError(
+                f"chunk_bytes {self.chunk_bytes!r} outside 8..{MAX_CHUNK_BYTES}"
+            )
         if self.chunk_bytes % 8:
-            raise RemoteProtocolError("chunk_bytes must be a multiple of 8 so chunks hold whole elements")
+            raise RemoteProtocolError(
+                "chunk_bytes must be a multiple of 8 so chunks hold whole elements"
+            )
         if len(self.tensors) > MAX_TENSORS:
-            raise RemoteProtocolError(f"{len(self.tensors)} tensors exceed the limit of {MAX_TENSORS}")
+            raise RemoteProtocolError(
+                f"{len(self.tensors)} tensors exceed the limit of {MAX_TENSORS}"
+            )
         expected_offset, seen = 0, set()
         for tensor in self.tensors:
             _validate_tensor(tensor, expected_offset)
@@ -169,12 +194,19 @@ class Manifest:
             seen.add(tensor.name)
             expected_offset += tensor.length
         if expected_offset > MAX_MODEL_BYTES:
-            raise RemoteProtocolError(f"model of {expected_offset} bytes exceeds the limit of {MAX_MODEL_BYTES}")
+            raise RemoteProtocolError(
+                f"model of {expected_offset} bytes exceeds the limit of {MAX_MODEL_BYTES}"
+            )
 
 
 def _validate_tensor(tensor: TensorEntry, expected_offset: int) -> None:
     name = tensor.name
-    if not name or len(name.encode()) > MAX_NAME_BYTES or not name.isprintable() or name == "__metadata__":
+    if (
+        not name
+        or len(name.encode()) > MAX_NAME_BYTES
+        or not name.isprintable()
+        or name == "__metadata__"
+    ):
         raise RemoteProtocolError(f"tensor name {name[:80]!r} is empty, too long or not printable")
     itemsize = numpy_dtype(tensor.dtype).itemsize
     if len(tensor.shape) > MAX_DIMS or any(not isinstance(d, int) or d < 0 for d in tensor.shape):
@@ -185,7 +217,9 @@ def _validate_tensor(tensor: TensorEntry, expected_offset: int) -> None:
     if math.prod(tensor.shape) * itemsize != tensor.length:  # Python ints: no overflow
         raise RemoteProtocolError(f"tensor {name!r}: shape x dtype is not {tensor.length} bytes")
     if tensor.offset != expected_offset:
-        raise RemoteProtocolError(f"tensor {name!r}: offset {tensor.offset} leaves a hole or overlaps")
+        raise RemoteProtocolError(
+            f"tensor {name!r}: offset {tensor.offset} leaves a hole or overlaps"
+        )
 
 
 def chunk_checksum(data: memoryview) -> int:

@@ -93,7 +93,10 @@ class RoundStore:
 
     def remove_all(self) -> None:
         """Every round's file and manifest: the job keeps no model any more."""
-        for path in [*self.directory.glob("round-*.safetensors"), *self.directory.glob("round-*.manifest.json")]:
+        for path in [
+            *self.directory.glob("round-*.safetensors"),
+            *self.directory.glob("round-*.manifest.json"),
+        ]:
             path.unlink(missing_ok=True)
 
     def commit(self, round: int, manifest: Manifest) -> None:

@@ -19,7 +19,16 @@ from hauler.security.tls import (
 )
 
 __all__ = [
-    "Identity", "Role", "client_ssl_context", "grpc_channel_credentials", "grpc_server_credentials",
-    "grpc_tls_failure", "identity_from_grpc_auth_context", "identity_from_ssl_object", "load_project",
-    "provision", "server_ssl_context", "tls_failure",
+    "Identity",
+    "Role",
+    "client_ssl_context",
+    "grpc_channel_credentials",
+    "grpc_server_credentials",
+    "grpc_tls_failure",
+    "identity_from_grpc_auth_context",
+    "identity_from_ssl_object",
+    "load_project",
+    "provision",
+    "server_ssl_context",
+    "tls_failure",
 ]

@@ -51,64 +51,103 @@ class Issued:
 
 
 def create_authority(project: str) -> Issued:
-    """A new self-signed project CA, valid for CA_VALID; it signs every participant's certificate."""
+    """A new self-signed project CA, valid for CA_VALID; it signs every participant's
+    certificate."""
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{project} CA"),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, project)])
-    usage = x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                          crl_sign=True, encipher_only=False, decipher_only=False)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{project} CA"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, project),
+        ]
+    )
+    usage = x509.KeyUsage(
+        digital_signature=False,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
     not_after = datetime.datetime.now(datetime.UTC) + CA_VALID
-    builder = (_builder(subject, key.public_key(), not_after)
-               .issuer_name(subject)
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .add_extension(usage, critical=True)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
-                              critical=False))
+    builder = (
+        _builder(subject, key.public_key(), not_after)
+        .issuer_name(subject)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
+        )
+    )
     return Issued(builder.sign(key, hashes.SHA256()), key)
 
 
-def issue(authority: Issued, name: str, *, org: str, role: Role, hosts: Sequence[str] = ()) -> Issued:
+def issue(
+    authority: Issued, name: str, *, org: str, role: Role, hosts: Sequence[str] = ()
+) -> Issued:
     """A participant's key and certificate signed by `authority`.
 
     A server's certificate names `hosts` (plus LOCAL_HOSTS) so clients can check they reached
     the right machine, and may serve and dial (serverAuth + clientAuth); everyone else only dials.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
-                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value)])
-    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                          crl_sign=False, encipher_only=False, decipher_only=False)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+        ]
+    )
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
     purposes = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    builder = (_builder(subject, key.public_key(), authority.cert.not_valid_after_utc)
-               .issuer_name(authority.cert.subject)
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(usage, critical=True)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                   authority.key.public_key()), critical=False))
+    builder = (
+        _builder(subject, key.public_key(), authority.cert.not_valid_after_utc)
+        .issuer_name(authority.cert.subject)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()),
+            critical=False,
+        )
+    )
     if role is Role.SERVER:
         purposes.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
-        builder = builder.add_extension(x509.SubjectAlternativeName(_alt_names(hosts)), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(_alt_names(hosts)), critical=False
+        )
     builder = builder.add_extension(x509.ExtendedKeyUsage(purposes), critical=False)
     return Issued(builder.sign(authority.key, hashes.SHA256()), key)
 
 
-def _builder(subject: x509.Name, public_key: ec.EllipticCurvePublicKey,
-             not_after: datetime.datetime) -> x509.CertificateBuilder:
+def _builder(
+    subject: x509.Name, public_key: ec.EllipticCurvePublicKey, not_after: datetime.datetime
+) -> x509.CertificateBuilder:
     """What every certificate shares: subject, key, serial, validity and key identifier.
 
     A participant's certificate ends with its CA's, since no certificate outlives its issuer.
     """
     now = datetime.datetime.now(datetime.UTC)
-    return (x509.CertificateBuilder()
-            .subject_name(subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(not_after)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
 
 
 def _alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -129,8 +168,9 @@ def cert_pem(cert: x509.Certificate) -> bytes:
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     """The key unencrypted (PKCS#8): a kit must start unattended; file mode 0600 protects it."""
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def write_issued(issued: Issued, cert_path: Path, key_path: Path) -> None:

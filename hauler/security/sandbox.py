@@ -78,9 +78,15 @@ _SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "arm64": 219, "riscv64": 219}
 _KEYCTL_JOIN_SESSION_KEYRING = 1
 # statvfs reports a mount's flags with its own bit values; a remount must repeat those the
 # user namespace locked (ro, nosuid, nodev, noexec, atime), or the kernel refuses it
-_KEPT_FLAGS = ((os.ST_RDONLY, _MS_RDONLY), (os.ST_NOSUID, _MS_NOSUID), (os.ST_NODEV, _MS_NODEV),
-               (os.ST_NOEXEC, _MS_NOEXEC), (os.ST_NOATIME, _MS_NOATIME),
-               (os.ST_NODIRATIME, _MS_NODIRATIME), (os.ST_RELATIME, _MS_RELATIME))
+_KEPT_FLAGS = (
+    (os.ST_RDONLY, _MS_RDONLY),
+    (os.ST_NOSUID, _MS_NOSUID),
+    (os.ST_NODEV, _MS_NODEV),
+    (os.ST_NOEXEC, _MS_NOEXEC),
+    (os.ST_NOATIME, _MS_NOATIME),
+    (os.ST_NODIRATIME, _MS_NODIRATIME),
+    (os.ST_RELATIME, _MS_RELATIME),
+)
 
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
 _ETC = ("ld.so.cache", "localtime", "passwd", "group", "nsswitch.conf")
@@ -89,8 +95,9 @@ _REFUSED = ("/proc", "/sys", "/dev")  # never bound from the host
 _BASE, _OLD, _NEW = "/tmp", "/oldroot", "/newroot"  # the scaffold between the two pivots
 
 
-def confined_command(argv: Sequence[str], *, readable: Sequence[Path] = (),
-                     writable: Sequence[Path] = ()) -> list[str]:
+def confined_command(
+    argv: Sequence[str], *, readable: Sequence[Path] = (), writable: Sequence[Path] = ()
+) -> list[str]:
     """The argv that runs `argv` confined: it sees the Python installation and `readable`
     read-only, `writable` read-write, and nothing else (no network, no other process)."""
     options: list[str] = []
@@ -116,18 +123,23 @@ def unavailable(detail: str) -> SecurityError:
     return SecurityError(
         f"this server cannot confine job code here ({detail.strip() or 'no reason given'}), so "
         "it runs none: build round 0 where the job is submitted (the default: leave out [model] "
-        "build = \"server\"), or upload it with `hauler submit --initial-model FILE`; or let the "
+        'build = "server"), or upload it with `hauler submit --initial-model FILE`; or let the '
         "server confine job code by enabling unprivileged user namespaces (user."
         "max_user_namespaces > 0, kernel.unprivileged_userns_clone = 1 where it exists, and no "
-        "AppArmor restriction: kernel.apparmor_restrict_unprivileged_userns = 0)")
+        "AppArmor restriction: kernel.apparmor_restrict_unprivileged_userns = 0)"
+    )
 
 
 @functools.cache
 def _unavailable_reason() -> str | None:
     try:
-        done = subprocess.run(confined_command([sys.executable, "-c", "pass"]), timeout=120,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+        done = subprocess.run(
+            confined_command([sys.executable, "-c", "pass"]),
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
     except (OSError, subprocess.SubprocessError) as error:
         return f"the launcher did not run: {error}"
     if done.returncode == 0:
@@ -156,10 +168,13 @@ def _c(text: str | None) -> bytes | None:
     return None if text is None else text.encode()
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
-    _call(_libc.mount(_c(source), _c(target), _c(fstype), ctypes.c_ulong(flags), _c(data)),
-          f"mount {target}")
+def _mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    _call(
+        _libc.mount(_c(source), _c(target), _c(fstype), ctypes.c_ulong(flags), _c(data)),
+        f"mount {target}",
+    )
 
 
 def _prctl(option: int, value: int) -> int:
@@ -169,8 +184,10 @@ def _prctl(option: int, value: int) -> int:
 
 def _pivot_root(new_root: str, put_old: str) -> None:
     number = _SYS_PIVOT_ROOT[platform.machine()]
-    _call(_libc.syscall(ctypes.c_long(number), new_root.encode(), put_old.encode()),
-          f"pivot_root {new_root}")
+    _call(
+        _libc.syscall(ctypes.c_long(number), new_root.encode(), put_old.encode()),
+        f"pivot_root {new_root}",
+    )
 
 
 def _mirror(path: str, links: dict[str, str], depth: int = 0) -> str:
@@ -187,7 +204,7 @@ def _mirror(path: str, links: dict[str, str], depth: int = 0) -> str:
                 raise OSError(errno.ELOOP, f"{path}: too many levels of symbolic links")
             links[candidate] = target = os.readlink(candidate)
             base = "" if target.startswith("/") else current
-            return _mirror("/".join([base, target, *parts[index + 1:]]), links, depth + 1)
+            return _mirror("/".join([base, target, *parts[index + 1 :]]), links, depth + 1)
         current = candidate
     return current
 
@@ -196,8 +213,11 @@ def _python_paths() -> list[str]:
     """What the child's Python needs: its installation, its sys.path, the hauler package."""
     paths = [sys.base_prefix, sys.prefix, sys.executable, str(_HAULER_DIR)]
     inside = str(_HAULER_DIR) + "/"
-    return paths + [entry for entry in sys.path if os.path.exists(entry)
-                    and not inside.startswith(os.path.join(os.path.abspath(entry), ""))]
+    return paths + [
+        entry
+        for entry in sys.path
+        if os.path.exists(entry) and not inside.startswith(os.path.join(os.path.abspath(entry), ""))
+    ]
 
 
 def _plan(readable: list[str], writable: list[str]) -> tuple[dict[str, bool], dict[str, str]]:
@@ -206,8 +226,9 @@ def _plan(readable: list[str], writable: list[str]) -> tuple[dict[str, bool], di
     system += [p for name in _ETC if os.path.exists(p := f"/etc/{name}")]
     binds: dict[str, bool] = {}
     links: dict[str, str] = {}
-    for path, rw in [(p, False) for p in system + _python_paths() + readable] + \
-                    [(p, True) for p in writable]:
+    for path, rw in [(p, False) for p in system + _python_paths() + readable] + [
+        (p, True) for p in writable
+    ]:
         real = _mirror(path, links)
         if real == "/" or any(real == r or real.startswith(r + "/") for r in _REFUSED):
             raise ValueError(f"{path}: refusing to bind {real} into a confined root")
@@ -239,8 +260,12 @@ def _fresh_mounts() -> None:
     _mount("tmpfs", _NEW + "/dev", "tmpfs", _MS_NOSUID | _MS_NOEXEC, "mode=0755,size=64k")
     for name in _DEVICES:
         _bind(f"{_OLD}/dev/{name}", f"{_NEW}/dev/{name}", writable=True, devices=True)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{_NEW}/dev/{name}")
     os.mkdir(_NEW + "/dev/shm")
     _mount("tmpfs", _NEW + "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777,size=64m")
@@ -310,9 +335,15 @@ def _drop_privileges() -> None:
 
 
 def _environment() -> dict[str, str]:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp",
-            "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1",
-            "PYTHONPATH": str(_HAULER_DIR.parent)}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/tmp",
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONPATH": str(_HAULER_DIR.parent),
+    }
 
 
 def _enter_namespaces() -> None:
@@ -325,8 +356,9 @@ def _enter_namespaces() -> None:
             handle.write(text)
 
 
-def _child(command: list[str], plan: tuple[dict[str, bool], dict[str, str]], errors: int,
-           alive: int) -> NoReturn:
+def _child(
+    command: list[str], plan: tuple[dict[str, bool], dict[str, str]], errors: int, alive: int
+) -> NoReturn:
     """PID 1 of the namespace: build the root, drop privileges, exec; or say why not."""
     try:
         _call(_prctl(_PR_SET_PDEATHSIG, signal.SIGKILL), "prctl(PR_SET_PDEATHSIG)")

@@ -36,7 +36,10 @@ _ADVICE = (  # (what OpenSSL, BoringSSL or gRPC say, what to do); the first matc
     ("certificate is not yet valid", "its certificate is not valid yet; check both hosts' clocks"),
     ("unable to get local issuer certificate", f"the peer's certificate: {_FOREIGN}"),
     ("self-signed certificate", f"the peer's certificate: {_FOREIGN}"),
-    ("unsuitable certificate purpose", "its certificate is not a server's; start the server from its own kit"),
+    (
+        "unsuitable certificate purpose",
+        "its certificate is not a server's; start the server from its own kit",
+    ),
     ("mismatch, certificate is not valid for", _WRONG_HOST),  # OpenSSL, for a name or an address
     ("Hostname Verification Check failed", _WRONG_HOST),  # gRPC
     ("ALERT_UNKNOWN_CA", f"the peer does not trust our certificate: {_FOREIGN}"),
@@ -77,15 +80,17 @@ def client_ssl_context(files: TlsFiles) -> ssl.SSLContext:
 def grpc_server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     """Control-plane server credentials that refuse clients without a project certificate."""
     pems = _read_kit(files)
-    return grpc.ssl_server_credentials([(pems.key, pems.cert)], root_certificates=pems.ca_cert,
-                                       require_client_auth=True)
+    return grpc.ssl_server_credentials(
+        [(pems.key, pems.cert)], root_certificates=pems.ca_cert, require_client_auth=True
+    )
 
 
 def grpc_channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     """Control-plane channel credentials: present our certificate, trust only the project CA."""
     pems = _read_kit(files)
-    return grpc.ssl_channel_credentials(root_certificates=pems.ca_cert, private_key=pems.key,
-                                        certificate_chain=pems.cert)
+    return grpc.ssl_channel_credentials(
+        root_certificates=pems.ca_cert, private_key=pems.key, certificate_chain=pems.cert
+    )
 
 
 def identity_from_ssl_object(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Identity:
@@ -94,8 +99,11 @@ def identity_from_ssl_object(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Ident
     if not peer:
         raise SecurityError(f"the peer sent no certificate; {_KIT_ADVICE}")
     fields = {key: value for rdn in peer.get("subject", ()) for key, value in rdn}
-    return _identity(fields.get("commonName"), fields.get("organizationName"),
-                     fields.get("organizationalUnitName"))
+    return _identity(
+        fields.get("commonName"),
+        fields.get("organizationName"),
+        fields.get("organizationalUnitName"),
+    )
 
 
 def identity_from_grpc_auth_context(auth_context: Mapping[str, Sequence[bytes]]) -> Identity:
@@ -109,8 +117,11 @@ def identity_from_grpc_auth_context(auth_context: Mapping[str, Sequence[bytes]])
         values = subject.get_attributes_for_oid(oid)
         return str(values[0].value) if values else None
 
-    return _identity(field(NameOID.COMMON_NAME), field(NameOID.ORGANIZATION_NAME),
-                     field(NameOID.ORGANIZATIONAL_UNIT_NAME))
+    return _identity(
+        field(NameOID.COMMON_NAME),
+        field(NameOID.ORGANIZATION_NAME),
+        field(NameOID.ORGANIZATIONAL_UNIT_NAME),
+    )
 
 
 def tls_failure(error: ssl.SSLError, *, peer: str) -> SecurityError:
@@ -141,13 +152,16 @@ def _advice(text: str) -> str:
 def _identity(name: str | None, org: str | None, role: str | None) -> Identity:
     """An Identity from subject fields; any missing or unknown one means a foreign certificate."""
     if not (name and org and role in {member.value for member in Role}):
-        raise SecurityError(f"the peer's certificate (CN={name}, O={org}, OU={role}) was not issued "
-                            f"by `hauler provision`; {_KIT_ADVICE}")
+        raise SecurityError(
+            f"the peer's certificate (CN={name}, O={org}, OU={role}) was not issued "
+            f"by `hauler provision`; {_KIT_ADVICE}"
+        )
     return Identity(name, org, Role(role))
 
 
 def _ssl_context(protocol: int, files: TlsFiles) -> ssl.SSLContext:
-    """A context for either side: TLS 1.3 only, peer certificate required and checked against the CA."""
+    """A context for either side: TLS 1.3 only, peer certificate required and checked against the
+    CA."""
     pems = _read_kit(files)
     context = ssl.SSLContext(protocol)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -158,35 +172,47 @@ def _ssl_context(protocol: int, files: TlsFiles) -> ssl.SSLContext:
 
 
 def _read_kit(files: TlsFiles) -> _Pems:
-    """Read our kit's three files and check them: key private and ours, certificate from the CA and in date."""
-    pems = _Pems(_read(files.ca_cert, "ca_cert"), _read(files.cert, "cert"), _read(files.key, "key"))
+    """Read our kit's three files and check them: key private and ours, certificate from the CA and
+    in date."""
+    pems = _Pems(
+        _read(files.ca_cert, "ca_cert"), _read(files.cert, "cert"), _read(files.key, "key")
+    )
     if Path(files.key).stat().st_mode & 0o077:
-        raise SecurityError(f"{files.key}: others may read this private key; `chmod 600 {files.key}`")
+        raise SecurityError(
+            f"{files.key}: others may read this private key; `chmod 600 {files.key}`"
+        )
     try:
         ca_cert = x509.load_pem_x509_certificate(pems.ca_cert)
         cert = x509.load_pem_x509_certificate(pems.cert)
         key = serialization.load_pem_private_key(pems.key, password=None)
     except (ValueError, TypeError):
-        raise SecurityError(f"{files.ca_cert}, {files.cert} or {files.key} is not an unencrypted PEM "
-                            f"certificate or key; {_KIT_ADVICE}") from None
+        raise SecurityError(
+            f"{files.ca_cert}, {files.cert} or {files.key} is not an unencrypted PEM "
+            f"certificate or key; {_KIT_ADVICE}"
+        ) from None
     if key.public_key() != cert.public_key():
         raise SecurityError(f"{files.key} is not the key of {files.cert}; {_KIT_ADVICE}")
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
-        raise SecurityError(f"{files.cert} was not issued by the CA in {files.ca_cert}; {_KIT_ADVICE}") from None
+        raise SecurityError(
+            f"{files.cert} was not issued by the CA in {files.ca_cert}; {_KIT_ADVICE}"
+        ) from None
     _check_dates(cert, files.cert)
     return pems
 
 
 def _check_dates(cert: x509.Certificate, path: Path) -> None:
-    """Refuse our own certificate outside its validity: a peer would refuse it anyway, less clearly."""
+    """Refuse our own certificate outside its validity: a peer would refuse it anyway, less
+    clearly."""
     now = datetime.datetime.now(datetime.UTC)
     if now > cert.not_valid_after_utc:
         raise SecurityError(f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; {_REISSUE}")
     if now < cert.not_valid_before_utc:
-        raise SecurityError(f"{path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; "
-                            "check this host's clock")
+        raise SecurityError(
+            f"{path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; "
+            "check this host's clock"
+        )
 
 
 def _read(path: Path, key: str) -> bytes:
@@ -194,5 +220,7 @@ def _read(path: Path, key: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as error:
-        raise SecurityError(f"tls.{key}: cannot read {path} ({error.strerror}); {_KIT_ADVICE}, "
-                            "and keep its config's tls paths pointing at it") from None
+        raise SecurityError(
+            f"tls.{key}: cannot read {path} ({error.strerror}); {_KIT_ADVICE}, "
+            "and keep its config's tls paths pointing at it"
+        ) from None

@@ -2,7 +2,8 @@
 
 Sites may only run their own session and transfers. Admins act by role:
 `project_admin` everything; `org_admin` submits, and manages its own organisation's
-jobs; `member` reads (list, status, metrics, events, logs, sites, watch). Revoked names are refused at connect.
+jobs; `member` reads (list, status, metrics, events, logs, sites, watch). Revoked names are refused
+at connect.
 On a plaintext server (local trials only) there are no identities and no checks.
 """
 
@@ -23,7 +24,9 @@ class AccessPolicy:
 
     def _admitted(self, peer: Identity) -> None:
         if peer.name in self.revoked:
-            raise SecurityError(f"{peer.name}'s certificate is revoked on this server; ask the project admin")
+            raise SecurityError(
+                f"{peer.name}'s certificate is revoked on this server; ask the project admin"
+            )
 
     def check_site(self, peer: Peer, claimed: str) -> None:
         """A site session: the certificate must be a site's, and name the site that says hello."""
@@ -31,7 +34,9 @@ class AccessPolicy:
             return
         self._admitted(peer)
         if peer.role is not Role.SITE or peer.name != claimed:
-            raise SecurityError(f"certificate of {peer.name} ({peer.role.value}) cannot act as site {claimed!r}")
+            raise SecurityError(
+                f"certificate of {peer.name} ({peer.role.value}) cannot act as site {claimed!r}"
+            )
 
     def check_transfer(self, peer: Peer, owner: str) -> None:
         """A data-plane connection may only serve a transfer bound to its own name."""
@@ -52,8 +57,10 @@ class AccessPolicy:
             return
         if peer.role is Role.ORG_ADMIN and (operation == "submit" or job_org == peer.org):
             return
-        raise SecurityError(f"{peer.name} ({peer.role.value}, {peer.org}) may not {operation} "
-                            f"{'this job' if operation in JOB_OPERATIONS else 'jobs'}; ask a project_admin")
+        raise SecurityError(
+            f"{peer.name} ({peer.role.value}, {peer.org}) may not {operation} "
+            f"{'this job' if operation in JOB_OPERATIONS else 'jobs'}; ask a project_admin"
+        )
 
 
 def sees_private(peer: Peer, submitter_name: str) -> bool:

@@ -22,12 +22,12 @@ from hauler.core.errors import ConfigError, HaulerError, RemoteProtocolError
 from hauler.core.events import read_json_lines, read_json_lines_page
 from hauler.core.messages import Heartbeat, Hello, Welcome, dump, parse_site_message
 from hauler.model import Manifest
+from hauler.model.rounds import RoundStore
 from hauler.server.access import AccessPolicy, sees_private, submitter
 from hauler.server.joblogs import LOGS_FILE
 from hauler.server.jobstore import PRIVATE_ERROR, JobStore
 from hauler.server.lock import WorkspaceLock
 from hauler.server.refusals import RefusalLog
-from hauler.model.rounds import RoundStore
 from hauler.server.runner import JobRunner
 from hauler.server.sites import SiteRegistry
 from hauler.server.transfers import TransferRegistry
@@ -54,7 +54,9 @@ class Server:
         self.sites = SiteRegistry(grace_s=config.timeouts.communication_timeout)
         self.access = AccessPolicy(config.revoked)
         self.refusals = RefusalLog()
-        self.transfers = TransferRegistry(config.dataplane, config.timeouts, self.access, self.refusals)
+        self.transfers = TransferRegistry(
+            config.dataplane, config.timeouts, self.access, self.refusals
+        )
         self.runner = JobRunner(config, self.store, self.sites, self.transfers)
         self.control_port = self.data_port = 0
         self._data: Listener | None = None
@@ -66,12 +68,22 @@ class Server:
         if self.config.tls is None:
             log.warning("plaintext server: no TLS, no identities; for local trials only")
         control = ControlServer(session=self._session, call=self._call, watch=self._watch)
-        self.control_port = await control.start(self.config.host, self.config.control_port, self.config.tls)
-        self._data = await listen(self.config.host, self.config.data_port, self.transfers.handle, tls=self.config.tls,
-                                  congestion_control=self.config.dataplane.congestion_control,
-                                  handshake_timeout_s=self.config.dataplane.hello_timeout_s)
+        self.control_port = await control.start(
+            self.config.host, self.config.control_port, self.config.tls
+        )
+        self._data = await listen(
+            self.config.host,
+            self.config.data_port,
+            self.transfers.handle,
+            tls=self.config.tls,
+            congestion_control=self.config.dataplane.congestion_control,
+            handshake_timeout_s=self.config.dataplane.hello_timeout_s,
+        )
         self.data_port = self._data.port
-        log.info("server listening", extra={"control_port": self.control_port, "data_port": self.data_port})
+        log.info(
+            "server listening",
+            extra={"control_port": self.control_port, "data_port": self.data_port},
+        )
         _trace_allocations()
         self.runner.requeue_unfinished()
         logging.getLogger(logs.ROOT).addHandler(self.runner.joblogs)
@@ -92,7 +104,9 @@ class Server:
     async def _session(self, stream: MessageStream, peer: Peer) -> None:
         hello = await self._hello(stream, peer)
         await stream.send(dump(Welcome(site=hello.site)))  # first: a rejoin sends what waited
-        session = await self.sites.join(hello.site, hello.instance, stream, org="" if peer is None else peer.org)
+        session = await self.sites.join(
+            hello.site, hello.instance, stream, org="" if peer is None else peer.org
+        )
         log.info("site joined", extra={"site": hello.site, "instance": hello.instance})
         reason = "closed the stream"
         try:
@@ -121,7 +135,8 @@ class Server:
             log.info("site left", extra={"site": hello.site, "reason": reason})
 
     async def _hello(self, stream: MessageStream, peer: Peer) -> Hello:
-        """A site's first message, due within hello_timeout_s, from the site its certificate names."""
+        """A site's first message, due within hello_timeout_s, from the site its certificate
+        names."""
         who = "(plaintext peer)" if peer is None else peer.name
         try:
             async with asyncio.timeout(self.config.dataplane.hello_timeout_s):
@@ -131,7 +146,9 @@ class Server:
             self.access.check_site(peer, hello.site)
         except TimeoutError:
             self.refusals.refused(who, "hello", "no hello in time")
-            raise RemoteProtocolError(f"no hello within {self.config.dataplane.hello_timeout_s:g} s") from None
+            raise RemoteProtocolError(
+                f"no hello within {self.config.dataplane.hello_timeout_s:g} s"
+            ) from None
         except HaulerError as error:
             self.refusals.refused(who, "hello", str(error))
             raise
@@ -147,10 +164,16 @@ class Server:
         if op == "submit":
             return await self._submit(request, peer)
         if op == "info":
-            return {"chunk_bytes": self.config.dataplane.chunk_bytes,
-                    "max_model_bytes": int(self.config.max_model_gib * 2**30)}
+            return {
+                "chunk_bytes": self.config.dataplane.chunk_bytes,
+                "max_model_bytes": int(self.config.max_model_gib * 2**30),
+            }
         if op == "list_jobs":
-            return {"jobs": [r.to_json(private=sees_private(peer, r.submitter)) for r in self.store.list()]}
+            return {
+                "jobs": [
+                    r.to_json(private=sees_private(peer, r.submitter)) for r in self.store.list()
+                ]
+            }
         if op == "status":
             return self._status(job_id, peer)
         if op == "metrics":
@@ -175,7 +198,9 @@ class Server:
         """Take a job; if it brings its initial model, offer the upload of it on the data plane."""
         announced = request.get("initial_manifest")
         manifest = None if announced is None else Manifest.from_json(announced)
-        job_id = await self.runner.submit(str(request.get("package_b64", "")), submitter(peer), manifest)
+        job_id = await self.runner.submit(
+            str(request.get("package_b64", "")), submitter(peer), manifest
+        )
         if manifest is None:
             return {"job_id": job_id}
         transfer, model = self.runner.expect_initial(job_id, manifest, submitter(peer)[0])
@@ -187,14 +212,19 @@ class Server:
         """The job and its round and site records (its resource samples come with `metrics`)."""
         records = read_json_lines(self.runner.job_dir(job_id) / "metrics.jsonl")
         job = self.store.get(job_id)
-        return {"job": job.to_json(private=sees_private(peer, job.submitter)),
-                "metrics": [record for record in records if record.get("kind") != "resources"]}
+        return {
+            "job": job.to_json(private=sees_private(peer, job.submitter)),
+            "metrics": [record for record in records if record.get("kind") != "resources"],
+        }
 
     def _page(self, job_id: str, name: str, offset: Any) -> Message:
-        """One page of a job's file of records from byte `offset`; an empty page means all were read."""
+        """One page of a job's file of records from byte `offset`; an empty page means all were
+        read."""
         if not isinstance(offset, int) or offset < 0:
             raise ConfigError("offset must be the next_offset of the previous page")
-        records, next_offset = read_json_lines_page(self.runner.job_dir(job_id) / name, offset, METRICS_PAGE_BYTES)
+        records, next_offset = read_json_lines_page(
+            self.runner.job_dir(job_id) / name, offset, METRICS_PAGE_BYTES
+        )
         return {"records": records, "next_offset": next_offset}
 
     def _logs(self, job_id: str, offset: Any, peer: Peer) -> Message:
@@ -230,7 +260,12 @@ class Server:
                 model.close()
 
         self._background.create_task(serve_then_forget())
-        return {"transfer": transfer.id, "lanes": transfer.lanes, "round": latest, "manifest": model.manifest.to_json()}
+        return {
+            "transfer": transfer.id,
+            "lanes": transfer.lanes,
+            "round": latest,
+            "manifest": model.manifest.to_json(),
+        }
 
     async def _watch(self, request: Message, peer: Peer) -> AsyncIterator[Message]:
         self.access.check_admin(peer, "watch")
@@ -254,7 +289,9 @@ def _trace_allocations() -> None:
     tracemalloc.start(25)
 
     def dump() -> None:
-        tracemalloc.take_snapshot().dump(str(Path(folder) / f"server-{time.time():.3f}.tracemalloc"))
+        tracemalloc.take_snapshot().dump(
+            str(Path(folder) / f"server-{time.time():.3f}.tracemalloc")
+        )
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 from hauler.aggregate import RoundAggregate, UploadBuffers, check_weight, folding
 from hauler.core.config import JobConfig, ServerConfig
 from hauler.core.errors import ConnectionLost, HaulerError, JobError, TransferTimeout
-from hauler.core.resources import rss_anon_bytes
 from hauler.core.messages import AbortTask, DeployJob, ResultReady, Task, UploadReady
+from hauler.core.resources import rss_anon_bytes
 from hauler.model import Manifest
 from hauler.server.sites import SiteRegistry, SiteRestarted, SiteSession
 from hauler.server.transfers import TransferRegistry
@@ -36,20 +36,35 @@ MAX_TASK_RESTARTS = 3  # a site restarting in a loop cannot hold a round open fo
 
 
 class JobFederation:
-    def __init__(self, *, job_id: str, job_dir: Path, job: JobConfig, package_b64: str,
-                 server: ServerConfig, sites: SiteRegistry, transfers: TransferRegistry,
-                 emit: Callable[..., None], record: Callable[[dict], None],
-                 note: Callable[[str], None] = lambda text: None) -> None:
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        job_dir: Path,
+        job: JobConfig,
+        package_b64: str,
+        server: ServerConfig,
+        sites: SiteRegistry,
+        transfers: TransferRegistry,
+        emit: Callable[..., None],
+        record: Callable[[dict], None],
+        note: Callable[[str], None] = lambda text: None,
+    ) -> None:
         self.job_id, self.job_dir, self.job, self.server = job_id, job_dir, job, server
         self.sites, self.transfers = sites, transfers
         self.emit, self.note = emit, note
-        self.aggregate = RoundAggregate(job_dir, keep_rounds=server.keep_rounds,
-                                        memory_budget_bytes=server.memory_budget_mib << 20)
+        self.aggregate = RoundAggregate(
+            job_dir,
+            keep_rounds=server.keep_rounds,
+            memory_budget_bytes=server.memory_budget_mib << 20,
+        )
         self.rounds = self.aggregate.rounds
         self.records = RoundRecords(record)
         self._package_b64 = package_b64
         self._buffers: dict[str, UploadBuffers] = {}
-        self._results: dict[str, tuple[str, ResultReady]] = {}  # site -> (task id, result), this round
+        self._results: dict[
+            str, tuple[str, ResultReady]
+        ] = {}  # site -> (task id, result), this round
         self._upload_statistics: dict[str, dict[str, int]] = {}
 
     async def wait_for_sites(self, count: int, wanted: list[str] | None) -> list[str]:
@@ -58,8 +73,11 @@ class JobFederation:
 
         def waiting(connected: list[str]) -> None:
             missing = sorted(set(wanted) - set(connected)) if wanted else []
-            note = (f"waiting: {len(connected)} of {count} sites connected ({', '.join(connected) or 'none'})"
-                    + (f"; not connected: {', '.join(missing)}" if missing else ""))
+            note = (
+                f"waiting: {len(connected)} of {count} sites connected "
+                f"({', '.join(connected) or 'none'})"
+                + (f"; not connected: {', '.join(missing)}" if missing else "")
+            )
             self.emit("sites.waiting", count=count, connected=connected, note=note)
             self.note(note)
 
@@ -97,12 +115,24 @@ class JobFederation:
         clock = time.perf_counter
         try:
             start, started_s = clock(), time.time()
-            await session.request(task_id, Task(task_id=task_id, job_id=self.job_id, round=round,
-                                                manifest=manifest.to_json(), download=download.id,
-                                                lanes=download.lanes))
-            await self._unless_lost(session, download.wait(self.server.timeouts.communication_timeout,
-                                                           f"sending round {round} to {site}"),
-                                    refusal=result_future)
+            await session.request(
+                task_id,
+                Task(
+                    task_id=task_id,
+                    job_id=self.job_id,
+                    round=round,
+                    manifest=manifest.to_json(),
+                    download=download.id,
+                    lanes=download.lanes,
+                ),
+            )
+            await self._unless_lost(
+                session,
+                download.wait(
+                    self.server.timeouts.communication_timeout, f"sending round {round} to {site}"
+                ),
+                refusal=result_future,
+            )
             arrived = clock()
             result = await self._unless_lost(session, self._train_result(result_future, site))
             trained = clock()
@@ -116,31 +146,54 @@ class JobFederation:
         finally:
             session.forget(task_id)
             self.transfers.discard(download)
-        timings = {"download_s": arrived - start, "train_s": trained - arrived, "upload_s": uploaded - trained}
+        timings = {
+            "download_s": arrived - start,
+            "train_s": trained - arrived,
+            "upload_s": uploaded - trained,
+        }
         accepted = TrainResult(site, result.weight, result.metrics, timings)
-        self.records.site(accepted, started_s=started_s, model_bytes=manifest.total_bytes,
-                          download=download.statistics(), upload=self._upload_statistics.pop(site, {}))
+        self.records.site(
+            accepted,
+            started_s=started_s,
+            model_bytes=manifest.total_bytes,
+            download=download.statistics(),
+            upload=self._upload_statistics.pop(site, {}),
+        )
         self.emit("site.result", round=round, site=site, weight=result.weight, **timings)
         return accepted
 
-    async def _collect(self, session: SiteSession, task_id: str, result: ResultReady, round: int) -> None:
+    async def _collect(
+        self, session: SiteSession, task_id: str, result: ResultReady, round: int
+    ) -> None:
         """Receive a site's update and fold each chunk into the aggregate as it lands."""
         manifest = self._check_result(result, session.name)
-        contribution = self.aggregate.contribution(result.weight, delta=result.delta,
-                                                   max_update_norm=self.job.workflow.max_update_norm)
+        contribution = self.aggregate.contribution(
+            result.weight, delta=result.delta, max_update_norm=self.job.workflow.max_update_norm
+        )
         buffers = self._buffers.get(session.name)
         if buffers is None:
-            buffers = self._buffers[session.name] = UploadBuffers(manifest.chunk_bytes, self.server.dataplane.connections)
-        upload = self.transfers.expect(session.name, manifest, buffers,
-                                       on_chunk=folding(contribution, buffers, session.name))
-        buffers.ledger = upload.ledger  # before the site hears of the upload: no chunk can come sooner
+            buffers = self._buffers[session.name] = UploadBuffers(
+                manifest.chunk_bytes, self.server.dataplane.connections
+            )
+        upload = self.transfers.expect(
+            session.name, manifest, buffers, on_chunk=folding(contribution, buffers, session.name)
+        )
+        buffers.ledger = (
+            upload.ledger
+        )  # before the site hears of the upload: no chunk can come sooner
         upload.listeners.append(self._progress(session.name, round, "upload", manifest.total_bytes))
         failure = session.expect_result(task_id)  # the site's TaskFailed, should it fail to upload
         try:
-            await session.request(task_id, UploadReady(task_id=task_id, upload=upload.id, lanes=upload.lanes))
-            await self._unless_lost(session, upload.wait(self.server.timeouts.communication_timeout,
-                                                         f"receiving {session.name}'s update"),
-                                    refusal=failure)
+            await session.request(
+                task_id, UploadReady(task_id=task_id, upload=upload.id, lanes=upload.lanes)
+            )
+            await self._unless_lost(
+                session,
+                upload.wait(
+                    self.server.timeouts.communication_timeout, f"receiving {session.name}'s update"
+                ),
+                refusal=failure,
+            )
             contribution.complete()
             self._upload_statistics[session.name] = upload.statistics()
         finally:
@@ -154,7 +207,9 @@ class JobFederation:
             async with asyncio.timeout(seconds):
                 return await future
         except TimeoutError:
-            raise TransferTimeout("train_timeout", seconds or 0, f"waiting for {site} to train") from None
+            raise TransferTimeout(
+                "train_timeout", seconds or 0, f"waiting for {site} to train"
+            ) from None
 
     def _check_result(self, result: ResultReady, site: str) -> Manifest:
         """Refuse a result before any of it is folded: its weight, then its layout."""
@@ -167,12 +222,18 @@ class JobFederation:
     async def _deploy(self, session: SiteSession) -> None:
         if self.job_id in session.deployed_jobs:
             return
-        await session.send(DeployJob(job_id=self.job_id, package_b64=self._package_b64,
-                                     executor=self.job.executor.model_dump()))
+        await session.send(
+            DeployJob(
+                job_id=self.job_id,
+                package_b64=self._package_b64,
+                executor=self.job.executor.model_dump(),
+            )
+        )
         session.deployed_jobs.add(self.job_id)
 
-    async def _unless_lost(self, session: SiteSession, work: Awaitable[T],
-                           refusal: asyncio.Future | None = None) -> T:
+    async def _unless_lost(
+        self, session: SiteSession, work: Awaitable[T], refusal: asyncio.Future | None = None
+    ) -> T:
         """Await `work`, failing with ConnectionLost if the site's session ends first, or with
         the site's own failure report if `refusal` (its result future) fails first."""
         task = asyncio.ensure_future(work)
@@ -181,7 +242,10 @@ class JobFederation:
             while not task.done() and not session.closed.done():
                 if refusal is not None and refusal.done() and refusal.exception() is not None:
                     raise refusal.exception()
-                pending = [*watched, *([refusal] if refusal is not None and not refusal.done() else [])]
+                pending = [
+                    *watched,
+                    *([refusal] if refusal is not None and not refusal.done() else []),
+                ]
                 await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not task.done():
@@ -198,8 +262,14 @@ class JobFederation:
             now = time.monotonic()
             if now - state["emitted"] >= PROGRESS_EVERY_S or state["bytes"] >= total:
                 state["emitted"] = now
-                self.emit("transfer.progress", round=round, site=site, direction=direction,
-                          bytes=state["bytes"], total=total)
+                self.emit(
+                    "transfer.progress",
+                    round=round,
+                    site=site,
+                    direction=direction,
+                    bytes=state["bytes"],
+                    total=total,
+                )
 
         return listener
 
@@ -210,7 +280,8 @@ class JobFederation:
         self.records.end(results, server_rss_anon_bytes=rss_anon_bytes())
 
     async def _refold(self, round: int, results: list[TrainResult]) -> list[TrainResult]:
-        """A site died mid-upload and left partial folds: start the sum again from the completed sites."""
+        """A site died mid-upload and left partial folds: start the sum again from the completed
+        sites."""
         self.emit("round.refold", round=round, sites=[r.site for r in results])
         self.aggregate.fedavg.restart()
         kept = []
@@ -224,8 +295,10 @@ class JobFederation:
                 self.aggregate.fedavg.restart()
                 return await self._refold(round, [r for r in results if r.site != result.site])
         if len(kept) < self.job.workflow.min_clients:
-            raise JobError(f"round {round}: only {len(kept)} sites could re-send their update after a "
-                           f"site failed mid-upload; fewer than min_clients={self.job.workflow.min_clients}")
+            raise JobError(
+                f"round {round}: only {len(kept)} sites could re-send their update after a "
+                f"site failed mid-upload; fewer than min_clients={self.job.workflow.min_clients}"
+            )
         return kept
 
     def close(self) -> None:

@@ -23,8 +23,9 @@ OUTPUT_NAME = "initial.safetensors"
 STDERR_TAIL_BYTES = 4096  # what is kept of the child's stderr, however much it writes
 
 
-async def build_on_server(app_dir: Path, module: str, config: dict, chunk_bytes: int,
-                          out_dir: Path) -> Path:
+async def build_on_server(
+    app_dir: Path, module: str, config: dict, chunk_bytes: int, out_dir: Path
+) -> Path:
     """Run the job's `module` confined to write `out_dir/initial.safetensors`; return its path.
 
     Raises JobCodeError (the job's code failed: its message is for the job's submitter and
@@ -32,15 +33,24 @@ async def build_on_server(app_dir: Path, module: str, config: dict, chunk_bytes:
     app_dir, out_dir = Path(app_dir).resolve(), Path(out_dir).resolve()
     await asyncio.to_thread(_fresh_folder, out_dir)
     out = out_dir / OUTPUT_NAME
-    command = [sys.executable, "-m", "hauler.model.initial", str(app_dir), module,
-               json.dumps(config), str(chunk_bytes), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "hauler.model.initial",
+        str(app_dir),
+        module,
+        json.dumps(config),
+        str(chunk_bytes),
+        str(out),
+    ]
     argv = sandbox.confined_command(command, readable=[app_dir], writable=[out_dir])
     status, stderr = await _run(argv)
     if status == sandbox.CANNOT_CONFINE:
         raise sandbox.unavailable(stderr)
     if status != 0:
-        raise JobCodeError(f"building round 0 with {module}.py failed: "
-                           f"{stderr or f'exit status {status}'}")
+        raise JobCodeError(
+            f"building round 0 with {module}.py failed: {stderr or f'exit status {status}'}"
+        )
     _check_output(out, module)
     return out
 
@@ -48,8 +58,11 @@ async def build_on_server(app_dir: Path, module: str, config: dict, chunk_bytes:
 async def _run(argv: list[str]) -> tuple[int, str]:
     """The child's exit status and the tail of its stderr; killed if we are cancelled."""
     child = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         assert child.stderr is not None
         tail = bytearray()
@@ -75,8 +88,11 @@ def _check_output(out: Path, module: str) -> None:
     try:
         info = os.lstat(out)
     except FileNotFoundError:
-        raise JobCodeError(f"building round 0 with {module}.py ended without writing "
-                           f"{out.name}") from None
+        raise JobCodeError(
+            f"building round 0 with {module}.py ended without writing {out.name}"
+        ) from None
     if not stat.S_ISREG(info.st_mode):
-        raise JobCodeError(f"building round 0 with {module}.py left {out.name} as something "
-                           "other than a regular file")
+        raise JobCodeError(
+            f"building round 0 with {module}.py left {out.name} as something "
+            "other than a regular file"
+        )

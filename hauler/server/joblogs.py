@@ -32,7 +32,9 @@ class JobLogRecorder(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         job = getattr(record, "job", None)
         if isinstance(job, str) and (self.jobs_dir / job).is_dir():
-            entry = line(job, record.levelname.lower(), format_message(record), time_s=record.created)
+            entry = line(
+                job, record.levelname.lower(), format_message(record), time_s=record.created
+            )
             self._write(job, [{**entry, "process": SERVER}])
 
     def record(self, site: str, lines: list[LogLine]) -> None:

@@ -47,8 +47,9 @@ class JobRecord:
         return record
 
 
-PRIVATE_ERROR = ("the job's own code failed; its message is shown to the job's submitter and "
-                 "project admins")
+PRIVATE_ERROR = (
+    "the job's own code failed; its message is shown to the job's submitter and project admins"
+)
 
 
 _SCHEMA = """
@@ -61,8 +62,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     note TEXT NOT NULL DEFAULT ''
 )
 """
-_ADDED_COLUMNS = {"error_private": "INTEGER NOT NULL DEFAULT 0",  # stores made by earlier versions
-                  "note": "TEXT NOT NULL DEFAULT ''"}
+_ADDED_COLUMNS = {
+    "error_private": "INTEGER NOT NULL DEFAULT 0",  # stores made by earlier versions
+    "note": "TEXT NOT NULL DEFAULT ''",
+}
 _FIELDS = set(JobRecord.__dataclass_fields__)
 
 
@@ -93,19 +96,24 @@ class JobStore:
         if unknown:
             raise ValueError(f"unknown job fields {sorted(unknown)}")
         assignments = ", ".join(f"{key} = ?" for key in fields)
-        values = [value.value if isinstance(value, JobStatus) else value for value in fields.values()]
+        values = [
+            value.value if isinstance(value, JobStatus) else value for value in fields.values()
+        ]
         self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values, job_id))
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobRecord:
-        row = self._db.execute(f"SELECT {', '.join(JobRecord.__dataclass_fields__)} FROM jobs WHERE id = ?",
-                               (job_id,)).fetchone()
+        row = self._db.execute(
+            f"SELECT {', '.join(JobRecord.__dataclass_fields__)} FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
         if row is None:
             raise JobError(f"no job {job_id!r}; `hauler jobs list` shows the jobs there are")
         return _record(row)
 
     def list(self) -> list[JobRecord]:
-        rows = self._db.execute(f"SELECT {', '.join(JobRecord.__dataclass_fields__)} FROM jobs ORDER BY submitted_s")
+        rows = self._db.execute(
+            f"SELECT {', '.join(JobRecord.__dataclass_fields__)} FROM jobs ORDER BY submitted_s"
+        )
         return [_record(row) for row in rows]
 
     def remove(self, job_id: str) -> None:

@@ -24,8 +24,10 @@ class WorkspaceLock:
         except BlockingIOError:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self._fd)
-            raise ConfigError(f"{workspace}: another server (PID {holder}) runs on this workspace; "
-                              "stop it first, or give this server a workspace of its own") from None
+            raise ConfigError(
+                f"{workspace}: another server (PID {holder}) runs on this workspace; "
+                "stop it first, or give this server a workspace of its own"
+            ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 

@@ -14,7 +14,9 @@ PERIOD_S = 60.0
 class RefusalLog:
     def __init__(self, period_s: float = PERIOD_S) -> None:
         self.period_s = period_s
-        self._counts: dict[tuple[str, str], tuple[float, int]] = {}  # (peer, kind) -> (logged at, since)
+        self._counts: dict[
+            tuple[str, str], tuple[float, int]
+        ] = {}  # (peer, kind) -> (logged at, since)
 
     def refused(self, peer: str, kind: str, reason: str) -> None:
         """Count a refusal of `peer`; log it if none of its kind was logged in the last period."""
@@ -24,8 +26,16 @@ class RefusalLog:
             self._counts[peer, kind] = (logged_at, since + 1)
             return
         self._counts[peer, kind] = (now, 0)
-        log.warning("refused", extra={"peer": peer, "kind": kind, "reason": reason[:300],
-                                      "refused_since_last_logged": since + 1})
+        log.warning(
+            "refused",
+            extra={
+                "peer": peer,
+                "kind": kind,
+                "reason": reason[:300],
+                "refused_since_last_logged": since + 1,
+            },
+        )
         if len(self._counts) > 10_000:  # many peers: forget those quiet for a period
-            self._counts = {key: value for key, value in self._counts.items()
-                            if now - value[0] < self.period_s}
+            self._counts = {
+                key: value for key, value in self._counts.items() if now - value[0] < self.period_s
+            }

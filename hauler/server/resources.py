@@ -35,7 +35,8 @@ class _Window:
 
 
 class ResourceRecorder:
-    """Writes each process's samples into the metrics of the running (or just ended) jobs it is part of."""
+    """Writes each process's samples into the metrics of the running (or just ended) jobs it is part
+    of."""
 
     def __init__(self, sites: SiteRegistry, grace_s: float) -> None:
         self.sites, self.grace_s = sites, grace_s
@@ -43,7 +44,8 @@ class ResourceRecorder:
 
     def open(self, job_id: str, metrics: JsonLines) -> None:
         """A job started: from now on, samples of the server and of the job's sites go to `metrics`,
-        the job's one writer of its metrics file, which this recorder closes once the job is over."""
+        the job's one writer of its metrics file, which this recorder closes once the job is
+        over."""
         self._jobs[job_id] = _Window(metrics, time.time())
 
     def close(self, job_id: str, *, late: bool = True) -> None:
@@ -69,7 +71,8 @@ class ResourceRecorder:
         window.metrics.close()
 
     def record(self, process: str, samples: list[ResourceSample]) -> None:
-        """Write `process`'s samples into the metrics of every job it is part of, within the job's span."""
+        """Write `process`'s samples into the metrics of every job it is part of, within the job's
+        span."""
         for job_id, window in self._jobs.items():
             if process != SERVER and not self._takes_part(job_id, window, process):
                 continue
@@ -93,7 +96,8 @@ class ResourceRecorder:
         return site in window.sites
 
     async def sample_server(self) -> None:
-        """Sample the server process every second into the running jobs' metrics, until cancelled."""
+        """Sample the server process every second into the running jobs' metrics, until
+        cancelled."""
         meter = ProcessMeter()
         while True:
             self.record(SERVER, await meter.collect(meter.interval_s))

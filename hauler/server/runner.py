@@ -21,15 +21,15 @@ from hauler.core.errors import HaulerError, JobCodeError, JobError
 from hauler.core.events import Event, EventBus, JsonLines, read_json_lines
 from hauler.core.messages import DeleteJob, EndJob
 from hauler.core.package import load_job, unpack
+from hauler.model import Manifest, ModelFile
+from hauler.model.initial import import_initial_model
+from hauler.model.rounds import INITIAL_ROUND, RoundStore
+from hauler.server import initial
 from hauler.server.federation import JobFederation
 from hauler.server.joblogs import JobLogRecorder
 from hauler.server.jobstore import JobStatus, JobStore
 from hauler.server.resources import ResourceRecorder
-from hauler.model import Manifest, ModelFile
-from hauler.server import initial
-from hauler.model.initial import import_initial_model
 from hauler.server.round_zero import check_initial_manifest, resolve_model_file
-from hauler.model.rounds import INITIAL_ROUND, RoundStore
 from hauler.server.sites import SiteRegistry
 from hauler.server.transfers import Transfer, TransferRegistry
 from hauler.workflows import ScatterAndGather
@@ -38,7 +38,13 @@ log = logging.getLogger("hauler.server")
 
 
 class JobRunner:
-    def __init__(self, config: ServerConfig, store: JobStore, sites: SiteRegistry, transfers: TransferRegistry) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: JobStore,
+        sites: SiteRegistry,
+        transfers: TransferRegistry,
+    ) -> None:
         self.config, self.store, self.sites, self.transfers = config, store, sites, transfers
         self.jobs_dir = config.workspace / "jobs"
         self._queue: asyncio.Queue[str] = asyncio.Queue()
@@ -52,11 +58,15 @@ class JobRunner:
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
-    async def submit(self, package_b64: str, submitter: tuple[str, str], initial: Manifest | None) -> str:
+    async def submit(
+        self, package_b64: str, submitter: tuple[str, str], initial: Manifest | None
+    ) -> str:
         """Validate and store a job package, and queue the job, unless its initial model is still
         to be uploaded (`initial`: what the submitter announced)."""
         job_id = uuid.uuid4().hex[:12]
-        job = await asyncio.to_thread(self._unpack, job_id, package_b64, initial)  # slow for big packages
+        job = await asyncio.to_thread(
+            self._unpack, job_id, package_b64, initial
+        )  # slow for big packages
         self.store.add(job_id, job.name, job.workflow.num_rounds, submitter)
         if initial is None:
             self._queue.put_nowait(job_id)
@@ -65,7 +75,9 @@ class JobRunner:
     def _unpack(self, job_id: str, package_b64: str, initial: Manifest | None) -> JobConfig:
         """The job's folder from its package, or nothing of it if the job is refused."""
         try:
-            job = unpack(package_b64, self.job_dir(job_id) / "app", self.config.max_job_package_mib << 20)
+            job = unpack(
+                package_b64, self.job_dir(job_id) / "app", self.config.max_job_package_mib << 20
+            )
             self._check_sites(job)
             self._check_initial_source(job, initial)
             (self.job_dir(job_id) / "package.b64").write_text(package_b64)
@@ -79,37 +91,54 @@ class JobRunner:
         known = self.config.sites
         unknown = sorted(set(job.sites or []) - set(known or []))
         if known is not None and unknown:
-            raise JobError(f"job.toml: sites: {', '.join(unknown)} is not a site of this project "
-                           f"(its sites: {', '.join(known)})")
+            raise JobError(
+                f"job.toml: sites: {', '.join(unknown)} is not a site of this project "
+                f"(its sites: {', '.join(known)})"
+            )
 
     def _check_initial_source(self, job: JobConfig, initial: Manifest | None) -> None:
         """Refuse, at submission, a job whose round 0 this server cannot have."""
         if initial is not None:
-            check_initial_manifest(initial, chunk_bytes=self.config.dataplane.chunk_bytes,
-                                   max_bytes=int(self.config.max_model_gib * 2**30))
+            check_initial_manifest(
+                initial,
+                chunk_bytes=self.config.dataplane.chunk_bytes,
+                max_bytes=int(self.config.max_model_gib * 2**30),
+            )
         elif job.model.file is not None:
             resolve_model_file(job.model.file, self.config.model_dirs)
         elif job.model.build == "server":
             if not self.config.allow_custom_code:
-                raise JobError("this server runs no job code (allow_custom_code = false in its config): "
-                               "drop [model] build = \"server\" to build round 0 where you submit, or "
-                               "upload it with `hauler submit --initial-model FILE`")
+                raise JobError(
+                    "this server runs no job code (allow_custom_code = false in its config): "
+                    'drop [model] build = "server" to build round 0 where you submit, or '
+                    "upload it with `hauler submit --initial-model FILE`"
+                )
         else:
-            raise JobError("the job brings no initial model: name a [model] module or file in job.toml, "
-                           "or upload one with `hauler submit --initial-model FILE`")
+            raise JobError(
+                "the job brings no initial model: name a [model] module or file in job.toml, "
+                "or upload one with `hauler submit --initial-model FILE`"
+            )
 
-    def expect_initial(self, job_id: str, manifest: Manifest, peer: str) -> tuple[Transfer, ModelFile]:
+    def expect_initial(
+        self, job_id: str, manifest: Manifest, peer: str
+    ) -> tuple[Transfer, ModelFile]:
         """Round 0's file, ready to receive the upload of the job's initial model from `peer`."""
-        model = RoundStore(self.job_dir(job_id), self.config.keep_rounds).create(INITIAL_ROUND, manifest)
+        model = RoundStore(self.job_dir(job_id), self.config.keep_rounds).create(
+            INITIAL_ROUND, manifest
+        )
         return self.transfers.expect(peer, manifest, model, on_chunk=lambda chunk: None), model
 
     async def receive_initial(self, job_id: str, transfer: Transfer, model: ModelFile) -> None:
         """Wait for the initial model's upload (silence: communication_timeout), commit it as
         round 0 and queue the job; a failed upload fails the job."""
         try:
-            await transfer.wait(self.config.timeouts.communication_timeout, "receiving the initial model")
+            await transfer.wait(
+                self.config.timeouts.communication_timeout, "receiving the initial model"
+            )
             await asyncio.to_thread(model.flush)
-            RoundStore(self.job_dir(job_id), self.config.keep_rounds).commit(INITIAL_ROUND, model.manifest)
+            RoundStore(self.job_dir(job_id), self.config.keep_rounds).commit(
+                INITIAL_ROUND, model.manifest
+            )
         except HaulerError as error:
             reason = f"the initial model's upload did not complete: {error}"
             self.store.update(job_id, status=JobStatus.FAILED, finished_s=time.time(), error=reason)
@@ -118,7 +147,9 @@ class JobRunner:
         finally:
             self.transfers.discard(transfer)
             model.close()
-        self.events(job_id).emit("initial_model.received", job=job_id, bytes=model.manifest.total_bytes)
+        self.events(job_id).emit(
+            "initial_model.received", job=job_id, bytes=model.manifest.total_bytes
+        )
         self._queue.put_nowait(job_id)
 
     def requeue_unfinished(self) -> None:
@@ -156,7 +187,9 @@ class JobRunner:
         """Remove an ended job: its folder here, its record, and what its sites still keep."""
         record = self.store.get(job_id)
         if not record.status.ended:
-            raise JobError(f"job {job_id} is {record.status.value}; abort it first (`hauler jobs abort`)")
+            raise JobError(
+                f"job {job_id} is {record.status.value}; abort it first (`hauler jobs abort`)"
+            )
         self._buses.pop(job_id, None)
         await asyncio.to_thread(shutil.rmtree, self.job_dir(job_id), True)
         self.store.remove(job_id)
@@ -176,7 +209,9 @@ class JobRunner:
             if total <= cap * 2**30:
                 return
             if size:
-                await asyncio.to_thread(RoundStore(self.job_dir(record.id), self.config.keep_rounds).remove_all)
+                await asyncio.to_thread(
+                    RoundStore(self.job_dir(record.id), self.config.keep_rounds).remove_all
+                )
                 self.events(record.id).emit("job.reclaimed", job=record.id, bytes=size)
                 total -= size
 
@@ -191,26 +226,44 @@ class JobRunner:
         """Run a job and record how it ended. A server that stops mid-job leaves it running,
         so a restart resumes it; only an admin's abort marks it aborted."""
         bus, metrics = self.events(job_id), JsonLines(self.job_dir(job_id) / "metrics.jsonl")
-        self.store.update(job_id, status=JobStatus.RUNNING, started_s=time.time(), error="", error_private=False)
-        self.resources.open(job_id, metrics)  # it closes the metrics when the job's last samples are in
+        self.store.update(
+            job_id, status=JobStatus.RUNNING, started_s=time.time(), error="", error_private=False
+        )
+        self.resources.open(
+            job_id, metrics
+        )  # it closes the metrics when the job's last samples are in
         status, error, private = JobStatus.FINISHED, "", False
         try:
             await self._execute(job_id, bus, metrics)
         except HaulerError as failure:
-            status, error, private = JobStatus.FAILED, str(failure), isinstance(failure, JobCodeError)
+            status, error, private = (
+                JobStatus.FAILED,
+                str(failure),
+                isinstance(failure, JobCodeError),
+            )
         except asyncio.CancelledError:
             if job_id not in self._aborting:
                 self.resources.close(job_id, late=False)
                 raise
             self._aborting.discard(job_id)
             status, error = JobStatus.ABORTED, "aborted by an admin"
-        except Exception as failure:  # the job's own code, or a bug: the job fails, the server lives
+        except (
+            Exception
+        ) as failure:  # the job's own code, or a bug: the job fails, the server lives
             log.exception("job failed unexpectedly", extra={"job": job_id})
             status, error = JobStatus.FAILED, f"{type(failure).__name__}: {failure}"
         rounds = RoundStore(self.job_dir(job_id), self.config.keep_rounds).latest() or 0
-        self.store.update(job_id, status=status, finished_s=time.time(), error=error, error_private=private,
-                          rounds_done=rounds)
-        bus.emit(f"job.{status.value}", job=job_id, error=error, rounds_done=rounds, **_privacy(private))
+        self.store.update(
+            job_id,
+            status=status,
+            finished_s=time.time(),
+            error=error,
+            error_private=private,
+            rounds_done=rounds,
+        )
+        bus.emit(
+            f"job.{status.value}", job=job_id, error=error, rounds_done=rounds, **_privacy(private)
+        )
         self.resources.close(job_id)
         await self._end_on_sites(job_id)
         await self.reclaim()
@@ -219,9 +272,15 @@ class JobRunner:
         job_dir = self.job_dir(job_id)
         job = load_job(job_dir / "app")
         federation = JobFederation(
-            job_id=job_id, job_dir=job_dir, job=job, package_b64=(job_dir / "package.b64").read_text(),
-            server=self.config, sites=self.sites, transfers=self.transfers,
-            emit=_emitter(bus, job_id), record=metrics.write,
+            job_id=job_id,
+            job_dir=job_dir,
+            job=job,
+            package_b64=(job_dir / "package.b64").read_text(),
+            server=self.config,
+            sites=self.sites,
+            transfers=self.transfers,
+            emit=_emitter(bus, job_id),
+            record=metrics.write,
             note=lambda text: self.store.update(job_id, note=text),
         )
         try:
@@ -231,7 +290,9 @@ class JobRunner:
         finally:
             federation.close()
 
-    async def _first_round(self, job_id: str, job: JobConfig, bus: EventBus, rounds: RoundStore) -> int:
+    async def _first_round(
+        self, job_id: str, job: JobConfig, bus: EventBus, rounds: RoundStore
+    ) -> int:
         """The newest intact round (torn ones are skipped, and the events say why); round 0 is
         made again where it can be."""
         latest, skipped = await asyncio.to_thread(rounds.latest_intact)
@@ -250,12 +311,19 @@ class JobRunner:
             await asyncio.to_thread(import_initial_model, rounds, source, chunk_bytes, move=False)
         elif job.model.build == "server" and job.model.module is not None:
             self._check_initial_source(job, None)
-            built = await initial.build_on_server(self.job_dir(job_id) / "app", job.model.module, job.model.config,
-                                          chunk_bytes, self.job_dir(job_id) / "initial")
+            built = await initial.build_on_server(
+                self.job_dir(job_id) / "app",
+                job.model.module,
+                job.model.config,
+                chunk_bytes,
+                self.job_dir(job_id) / "initial",
+            )
             await asyncio.to_thread(import_initial_model, rounds, built, chunk_bytes, move=True)
         else:
-            raise JobError("the job's initial model, uploaded with it, is missing or damaged on the "
-                           "server; submit the job again")
+            raise JobError(
+                "the job's initial model, uploaded with it, is missing or damaged on the "
+                "server; submit the job again"
+            )
 
     async def _end_on_sites(self, job_id: str) -> None:
         for session in list(self.sites.sites.values()):
@@ -312,5 +380,3 @@ def _emitter(bus: EventBus, job_id: str) -> Callable[..., None]:
 
 def _privacy(private: bool) -> dict[str, bool]:
     return {"private": True} if private else {}
-
-

@@ -32,8 +32,15 @@ class SiteRestarted(ConnectionLost):
 class SiteSession:
     """A site process: send it messages, await the results of its tasks, across reconnections."""
 
-    def __init__(self, name: str, instance: str, stream: MessageStream | None, *, grace_s: float,
-                 org: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        instance: str,
+        stream: MessageStream | None,
+        *,
+        grace_s: float,
+        org: str = "",
+    ) -> None:
         self.name, self.instance, self.org = name, instance, org
         self._stream = stream
         self._grace_s = grace_s
@@ -98,12 +105,15 @@ class SiteSession:
             await self.send(message)
 
     def detach(self, stream: MessageStream, reason: str) -> None:
-        """`stream` ended; unless a newer one replaced it, close after the grace if nobody comes back."""
+        """`stream` ended; unless a newer one replaced it, close after the grace if nobody comes
+        back."""
         if self._stream is not stream or self.closed.done():
             return
         self._stream = None
-        error = ConnectionLost(f"site {self.name} disconnected ({reason}) and did not come back "
-                               f"within {self._grace_s:g} s (communication_timeout)")
+        error = ConnectionLost(
+            f"site {self.name} disconnected ({reason}) and did not come back "
+            f"within {self._grace_s:g} s (communication_timeout)"
+        )
         self._expiry = asyncio.get_running_loop().call_later(self._grace_s, self.close, error)
 
     def close(self, error: HaulerError) -> None:
@@ -121,8 +131,14 @@ class SiteSession:
 
     def describe(self) -> dict[str, Any]:
         """What `hauler sites` shows of it: who, since when, alive when, doing what."""
-        return {"name": self.name, "org": self.org, "connected_s": self.connected_s,
-                "heartbeat_s": self.heartbeat_s, "attached": self.attached, "task": self.doing()}
+        return {
+            "name": self.name,
+            "org": self.org,
+            "connected_s": self.connected_s,
+            "heartbeat_s": self.heartbeat_s,
+            "attached": self.attached,
+            "task": self.doing(),
+        }
 
     def doing(self) -> str:
         """The task the server waits on it for, in a few words."""
@@ -142,17 +158,26 @@ class SiteRegistry:
         self.sites: dict[str, SiteSession] = {}
         self._changed = asyncio.Event()
 
-    async def join(self, name: str, instance: str, stream: MessageStream | None, *, org: str = "") -> SiteSession:
+    async def join(
+        self, name: str, instance: str, stream: MessageStream | None, *, org: str = ""
+    ) -> SiteSession:
         """The session of a site saying hello: its own, re-attached, if the same process is back
         (an empty `instance` never matches); else a new one, closing the old."""
         current = self.sites.get(name)
-        if current is not None and instance and current.instance == instance and not current.closed.done():
+        if (
+            current is not None
+            and instance
+            and current.instance == instance
+            and not current.closed.done()
+        ):
             assert stream is not None
             await current.attach(stream)
             self._notify()
             return current
         if current is not None:
-            current.close(SiteRestarted(f"site {name} restarted; what it had under way starts again"))
+            current.close(
+                SiteRestarted(f"site {name} restarted; what it had under way starts again")
+            )
         session = SiteSession(name, instance, stream, grace_s=self.grace_s, org=org)
         session.closed.add_done_callback(lambda _: self._remove(session))
         self.sites[name] = session
@@ -187,12 +212,18 @@ class SiteRegistry:
                 async with asyncio.timeout_at(deadline):
                     await changed.wait()
             except TimeoutError:
-                raise ConnectionLost(f"site {name} is not connected and did not join within "
-                                     f"{within_s:g} s (communication_timeout)") from None
+                raise ConnectionLost(
+                    f"site {name} is not connected and did not join within "
+                    f"{within_s:g} s (communication_timeout)"
+                ) from None
         return session
 
-    async def wait_for(self, count: int, wanted: list[str] | None,
-                       waiting: Callable[[list[str]], None] = lambda connected: None) -> list[str]:
+    async def wait_for(
+        self,
+        count: int,
+        wanted: list[str] | None,
+        waiting: Callable[[list[str]], None] = lambda connected: None,
+    ) -> list[str]:
         """Names of attached sites (among `wanted`, if given) once there are at least `count`;
         until then `waiting` is told who is there, each time that changes."""
         while len(eligible := self.attached(wanted)) < count:
@@ -201,5 +232,8 @@ class SiteRegistry:
         return eligible
 
     def attached(self, wanted: list[str] | None = None) -> list[str]:
-        return sorted(name for name, session in self.sites.items()
-                      if session.attached and (wanted is None or name in wanted))
+        return sorted(
+            name
+            for name, session in self.sites.items()
+            if session.attached and (wanted is None or name in wanted)
+        )

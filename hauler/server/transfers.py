@@ -55,7 +55,11 @@ class Transfer:
 
     @property
     def complete(self) -> bool:
-        return self.ledger.done if self.ledger is not None else self.schedule is not None and self.schedule.done
+        return (
+            self.ledger.done
+            if self.ledger is not None
+            else self.schedule is not None and self.schedule.done
+        )
 
     @property
     def failed(self) -> bool:
@@ -66,9 +70,17 @@ class Transfer:
         """Bytes moved and re-sent, and reconnections, for the job's metrics."""
         # A sender knows what it sent twice; a receiver, the part-chunks a dropped link wasted
         # (chunks it acknowledged are never re-sent).
-        resent = self.schedule.statistics().bytes_resent if self.schedule is not None else self.bytes_discarded
-        return {"bytes": self.bytes_done, "bytes_resent": resent, "lanes": self.lanes,
-                "reconnects": max(0, self.connections - self.lanes)}
+        resent = (
+            self.schedule.statistics().bytes_resent
+            if self.schedule is not None
+            else self.bytes_discarded
+        )
+        return {
+            "bytes": self.bytes_done,
+            "bytes_resent": resent,
+            "lanes": self.lanes,
+            "reconnects": max(0, self.connections - self.lanes),
+        }
 
     def progressed(self, nbytes: int) -> None:
         self.bytes_done += nbytes
@@ -76,7 +88,8 @@ class Transfer:
             listener(nbytes)
 
     async def wait(self, seconds: float | None, what: str) -> None:
-        """Wait for the transfer to finish; fail after `seconds` (communication_timeout) of no progress."""
+        """Wait for the transfer to finish; fail after `seconds` (communication_timeout) of no
+        progress."""
         try:
             async with SilenceTimer(seconds, "communication_timeout", what) as timer:
                 self.listeners.append(timer.touch)
@@ -86,16 +99,24 @@ class Transfer:
                     self.listeners.remove(timer.touch)
         except TransferTimeout as error:
             if self.interruption:
-                raise TransferTimeout(error.timeout_name, error.seconds,
-                                      f"{what} (its last connection ended: {self.interruption})") from None
+                raise TransferTimeout(
+                    error.timeout_name,
+                    error.seconds,
+                    f"{what} (its last connection ended: {self.interruption})",
+                ) from None
             raise
 
 
 class TransferRegistry:
     """Creates transfers and serves them on the data plane."""
 
-    def __init__(self, dataplane: DataPlane, timeouts: Timeouts, access: AccessPolicy,
-                 refusals: RefusalLog | None = None) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        timeouts: Timeouts,
+        access: AccessPolicy,
+        refusals: RefusalLog | None = None,
+    ) -> None:
         self.dataplane = dataplane
         self.timeouts = timeouts
         self.access = access
@@ -105,15 +126,41 @@ class TransferRegistry:
 
     def offer(self, peer: str, manifest: Manifest, source: ChunkSource) -> Transfer:
         """A model the server will send to `peer` when it connects, on one connection per lane."""
-        schedule = SendSchedule(ChunkPlan(manifest), self.dataplane.window_chunks, self.dataplane.connections)
-        return self._add(Transfer(secrets.token_hex(16), peer, "download", manifest, source, _future(),
-                                  lanes=len(schedule.windows), schedule=schedule))
+        schedule = SendSchedule(
+            ChunkPlan(manifest), self.dataplane.window_chunks, self.dataplane.connections
+        )
+        return self._add(
+            Transfer(
+                secrets.token_hex(16),
+                peer,
+                "download",
+                manifest,
+                source,
+                _future(),
+                lanes=len(schedule.windows),
+                schedule=schedule,
+            )
+        )
 
-    def expect(self, peer: str, manifest: Manifest, sink: ChunkSink, on_chunk: Callable[[Chunk], None]) -> Transfer:
-        """A model the server will receive from `peer`: chunks land in `sink`, then go to `on_chunk`."""
+    def expect(
+        self, peer: str, manifest: Manifest, sink: ChunkSink, on_chunk: Callable[[Chunk], None]
+    ) -> Transfer:
+        """A model the server will receive from `peer`: chunks land in `sink`, then go to
+        `on_chunk`."""
         ledger = ReceiveLedger(ChunkPlan(manifest), self.dataplane.connections)
-        return self._add(Transfer(secrets.token_hex(16), peer, "upload", manifest, sink, _future(),
-                                  lanes=ledger.lanes, ledger=ledger, on_chunk=on_chunk))
+        return self._add(
+            Transfer(
+                secrets.token_hex(16),
+                peer,
+                "upload",
+                manifest,
+                sink,
+                _future(),
+                lanes=ledger.lanes,
+                ledger=ledger,
+                on_chunk=on_chunk,
+            )
+        )
 
     def _add(self, transfer: Transfer) -> Transfer:
         self._transfers[transfer.id] = transfer
@@ -143,8 +190,13 @@ class TransferRegistry:
         A peer holds at most `max_connections_per_peer` connections; refusals are logged."""
         peer = _peer_name(connection)
         if self._open[peer] >= self.dataplane.max_connections_per_peer:
-            self._refuse(connection, peer, "connections", f"more than {self.dataplane.max_connections_per_peer} "
-                         "data connections open at once (max_connections_per_peer)")
+            self._refuse(
+                connection,
+                peer,
+                "connections",
+                f"more than {self.dataplane.max_connections_per_peer} "
+                "data connections open at once (max_connections_per_peer)",
+            )
             return
         self._open[peer] += 1
         try:
@@ -165,7 +217,9 @@ class TransferRegistry:
             raise
         transfer = self._transfers.get(transfer_id)
         if transfer is None or transfer.failed or lane >= transfer.lanes:
-            self._refuse(connection, peer, "transfer", "unknown or failed transfer, or no such lane")
+            self._refuse(
+                connection, peer, "transfer", "unknown or failed transfer, or no such lane"
+            )
             return None
         try:
             self.access.check_transfer(connection.identity, transfer.peer)
@@ -191,7 +245,9 @@ class TransferRegistry:
             except HaulerError as error:
                 transfer.interruption = str(error)
                 if not resumable(error) and not transfer.done.done():
-                    transfer.done.set_exception(error)  # a refused update, or data and manifest disagree
+                    transfer.done.set_exception(
+                        error
+                    )  # a refused update, or data and manifest disagree
                 raise
             finally:
                 del transfer.serving[lane]
@@ -202,13 +258,26 @@ class TransferRegistry:
     async def _run(self, connection: Connection, transfer: Transfer, lane: int) -> None:
         if transfer.direction == "download":
             assert transfer.schedule is not None
-            await send_model(connection, transfer.manifest, transfer.file, window_chunks=self.dataplane.window_chunks,
-                             timeouts=self.timeouts, on_progress=transfer.progressed,
-                             window=transfer.schedule.windows[lane])
+            await send_model(
+                connection,
+                transfer.manifest,
+                transfer.file,
+                window_chunks=self.dataplane.window_chunks,
+                timeouts=self.timeouts,
+                on_progress=transfer.progressed,
+                window=transfer.schedule.windows[lane],
+            )
         else:
             assert transfer.ledger is not None and transfer.on_chunk is not None
-            await receive_model(connection, transfer.ledger, transfer.file, timeouts=self.timeouts, lane=lane,
-                                on_chunk=transfer.on_chunk, on_progress=transfer.progressed)
+            await receive_model(
+                connection,
+                transfer.ledger,
+                transfer.file,
+                timeouts=self.timeouts,
+                lane=lane,
+                on_chunk=transfer.on_chunk,
+                on_progress=transfer.progressed,
+            )
 
 
 def _peer_name(connection: Connection) -> str:

@@ -34,25 +34,42 @@ Settings = dict[str, dict[str, Any]]  # site -> its settings (context.settings)
 
 
 class SimulatedFederation:
-    def __init__(self, *, job_id: str, job_dir: Path, job: JobConfig, pool: WorkerPool, settings: Settings,
-                 aggregate: RoundAggregate, emit: Callable[..., None], record: Callable[[dict], None],
-                 dataplane: DataPlane, timeouts: Timeouts) -> None:
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        job_dir: Path,
+        job: JobConfig,
+        pool: WorkerPool,
+        settings: Settings,
+        aggregate: RoundAggregate,
+        emit: Callable[..., None],
+        record: Callable[[dict], None],
+        dataplane: DataPlane,
+        timeouts: Timeouts,
+    ) -> None:
         self.job_id, self.job_dir, self.job, self.pool = job_id, job_dir, job, pool
         self.settings, self.aggregate, self.emit = settings, aggregate, emit
         self.records = RoundRecords(record)
         self.dataplane, self.timeouts = dataplane, timeouts
         self.sites = list(settings)
-        self._base_squares: float | None = None  # the round's global model's squared norm, if bounded
+        self._base_squares: float | None = (
+            None  # the round's global model's squared norm, if bounded
+        )
 
     async def wait_for_sites(self, count: int, wanted: list[str] | None) -> list[str]:
         """Every virtual site (those the job names, if it names some): they are all there."""
         unknown = sorted(set(wanted or []) - set(self.sites))
         if unknown:
-            raise ConfigError(f"job.toml: sites: {', '.join(unknown)} are not among the simulated "
-                              f"sites site-1..site-{len(self.sites)}")
+            raise ConfigError(
+                f"job.toml: sites: {', '.join(unknown)} are not among the simulated "
+                f"sites site-1..site-{len(self.sites)}"
+            )
         chosen = [site for site in self.sites if wanted is None or site in wanted]
         if len(chosen) < count:
-            raise JobError(f"the job needs min_clients = {count} sites; the simulation has {len(chosen)}")
+            raise JobError(
+                f"the job needs min_clients = {count} sites; the simulation has {len(chosen)}"
+            )
         return chosen
 
     async def begin_round(self, round: int) -> None:
@@ -61,7 +78,9 @@ class SimulatedFederation:
         self._base_squares = None
         if self.job.workflow.max_update_norm is not None:  # measured once a round, not once a site
             served = self.aggregate.global_model
-            screen = await asyncio.to_thread(screen_update, served.manifest, served, None, measure_norm=True)
+            screen = await asyncio.to_thread(
+                screen_update, served.manifest, served, None, measure_norm=True
+            )
             self._base_squares = screen.update_squares
 
     async def train(self, site: str, round: int) -> TrainResult:
@@ -70,31 +89,63 @@ class SimulatedFederation:
             served = self.aggregate.global_model
             await worker.receive(served)
             arrived = time.perf_counter()
-            update = await worker.train(self._task(site, round),
-                                        measure_norm=self.job.workflow.max_update_norm is not None)
+            update = await worker.train(
+                self._task(site, round), measure_norm=self.job.workflow.max_update_norm is not None
+            )
             trained = time.perf_counter()
             await self._fold(site, worker, update)
             uploaded = time.perf_counter()
-        timings = {"download_s": arrived - started, "train_s": trained - arrived, "upload_s": uploaded - trained}
+        timings = {
+            "download_s": arrived - started,
+            "train_s": trained - arrived,
+            "upload_s": uploaded - trained,
+        }
         result = TrainResult(site, update.weight, update.metrics, timings)
-        figures = {"bytes": served.manifest.total_bytes, "bytes_resent": 0, "lanes": 1, "reconnects": 0}
-        self.records.site(result, started_s=started_s, model_bytes=served.manifest.total_bytes,
-                          download=figures, upload=figures)
-        self.emit("site.result", round=round, site=site, weight=update.weight, metrics=update.metrics,
-                  worker=worker.index + 1, **timings)
+        figures = {
+            "bytes": served.manifest.total_bytes,
+            "bytes_resent": 0,
+            "lanes": 1,
+            "reconnects": 0,
+        }
+        self.records.site(
+            result,
+            started_s=started_s,
+            model_bytes=served.manifest.total_bytes,
+            download=figures,
+            upload=figures,
+        )
+        self.emit(
+            "site.result",
+            round=round,
+            site=site,
+            weight=update.weight,
+            metrics=update.metrics,
+            worker=worker.index + 1,
+            **timings,
+        )
         return result
 
     def _task(self, site: str, round: int) -> dict[str, Any]:
         """What the training code receives, as a site would give it, for virtual site `site`; the
         worker adds where the site's files go (`workdir`), on its own machine."""
-        return {"type": "task", "task_id": secrets.token_hex(8), "job_id": self.job_id, "site": site,
-                "round": round, "config": self.job.executor.config, "settings": self.settings[site]}
+        return {
+            "type": "task",
+            "task_id": secrets.token_hex(8),
+            "job_id": self.job_id,
+            "site": site,
+            "round": round,
+            "config": self.job.executor.config,
+            "settings": self.settings[site],
+        }
 
     async def _fold(self, site: str, worker: Worker, update: Update) -> None:
-        """Check the site's update as a server checks it, then stream it from its worker into the fold."""
+        """Check the site's update as a server checks it, then stream it from its worker into the
+        fold."""
         workflow = self.job.workflow
         check_weight(update.weight, site, workflow.max_weight)
-        check_screen(update.screen, site, base_squares=self._base_squares, limit=workflow.max_update_norm)
+        check_screen(
+            update.screen, site, base_squares=self._base_squares, limit=workflow.max_update_norm
+        )
         contribution = self.aggregate.contribution(update.weight, delta=update.delta)
         assert worker.buffers is not None
         try:
@@ -105,8 +156,10 @@ class SimulatedFederation:
 
     async def end_round(self, round: int, results: list[TrainResult]) -> None:
         if self.aggregate.fedavg.tainted:
-            raise JobError(f"round {round}: an update was refused after part of it was folded (see the "
-                           "events); the simulator keeps no site's model once folded, so it cannot refold")
+            raise JobError(
+                f"round {round}: an update was refused after part of it was folded (see the "
+                "events); the simulator keeps no site's model once folded, so it cannot refold"
+            )
         await asyncio.to_thread(self.aggregate.finish, round)
         self.records.end(results)
 

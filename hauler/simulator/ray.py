@@ -37,9 +37,24 @@ import numpy as np
 from hauler.aggregate import UploadBuffers
 from hauler.client.trainer import trainer_for
 from hauler.core.config import ExecutorConfig, JobConfig
-from hauler.core.errors import ConfigError, DigestError, HaulerError, IntegrityError, JobError, LocalProtocolError
+from hauler.core.errors import (
+    ConfigError,
+    DigestError,
+    HaulerError,
+    IntegrityError,
+    JobError,
+    LocalProtocolError,
+)
 from hauler.core.package import pack, unpack
-from hauler.model import ArraySource, Chunk, ChunkPlan, Manifest, ModelFile, check_layout, chunk_checksum
+from hauler.model import (
+    ArraySource,
+    Chunk,
+    ChunkPlan,
+    Manifest,
+    ModelFile,
+    check_layout,
+    chunk_checksum,
+)
 from hauler.simulator.workers import (
     ChunkSource,
     Update,
@@ -58,7 +73,9 @@ try:
     import ray
     import ray.exceptions
 except ImportError:  # said as a fix, not as a traceback
-    raise ConfigError("--ray needs Ray on this machine and every node: pip install 'hauler[ray]'") from None
+    raise ConfigError(
+        "--ray needs Ray on this machine and every node: pip install 'hauler[ray]'"
+    ) from None
 
 MAX_PACKAGE_BYTES = 64 << 20  # as the runner's: the job's code, not its data
 CONNECT_CHECK_S = 10.0  # to open a TCP connection to the cluster's address before ray.init
@@ -75,7 +92,9 @@ class SiteActor:
         self.folder = Path(tempfile.mkdtemp(prefix=f"hauler-{job_id}-worker-{index + 1}-"))
         app_dir = self.folder / "app"
         unpack(package, app_dir, MAX_PACKAGE_BYTES)
-        self.trainer = trainer_for(ExecutorConfig.model_validate_json(executor_json), app_dir, job_id, self.folder)
+        self.trainer = trainer_for(
+            ExecutorConfig.model_validate_json(executor_json), app_dir, job_id, self.folder
+        )
         self.model: ModelFile | None = None
         self.base: ArraySource | None = None
         self.sending: tuple[Manifest, ChunkSource] | None = None
@@ -85,12 +104,15 @@ class SiteActor:
         return ray.get_runtime_context().get_node_id()
 
     async def receive(self, manifest_json: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Copy the round's global model from the object store (read-only views) into the model file."""
+        """Copy the round's global model from the object store (read-only views) into the model
+        file."""
         manifest = Manifest.from_json(manifest_json)
         check_layout(manifest, arrays)
         self.model = model_file_for(self.model, self.folder / "model.safetensors", manifest)
         await asyncio.to_thread(_copy_into, self.model, arrays)
-        self.base = ArraySource(manifest, arrays)  # the views keep this node's copy until the next round
+        self.base = ArraySource(
+            manifest, arrays
+        )  # the views keep this node's copy until the next round
 
     async def train(self, task: dict[str, Any], measure_norm: bool) -> dict[str, Any]:
         """Run one site's task; returns what it said, its update's manifest and how it screened."""
@@ -99,14 +121,22 @@ class SiteActor:
         workdir = self.folder / "sites" / task["site"]
         workdir.mkdir(parents=True, exist_ok=True)
         output = await self.trainer.train({**task, "workdir": str(workdir)}, self.model)
-        update, source = await finish_training(output, self.model, self.base, measure_norm=measure_norm)
+        update, source = await finish_training(
+            output, self.model, self.base, measure_norm=measure_norm
+        )
         self.sending = (update.manifest, source)
-        return {"weight": update.weight, "metrics": update.metrics, "delta": update.delta,
-                "manifest": update.manifest.to_json(), "refusal": update.screen.refusal,
-                "update_squares": update.screen.update_squares}
+        return {
+            "weight": update.weight,
+            "metrics": update.metrics,
+            "delta": update.delta,
+            "manifest": update.manifest.to_json(),
+            "refusal": update.screen.refusal,
+            "update_squares": update.screen.update_squares,
+        }
 
     def window(self, start_seq: int, count: int) -> tuple[np.ndarray, list[int]]:
-        """Chunks `start_seq`.. (at most `count`) of the update, end to end, and each one's checksum."""
+        """Chunks `start_seq`.. (at most `count`) of the update, end to end, and each one's
+        checksum."""
         if self.sending is None:
             raise LocalProtocolError("window() before train()")
         manifest, source = self.sending
@@ -130,15 +160,18 @@ class SiteActor:
 
 
 def _copy_into(model: ModelFile, arrays: dict[str, np.ndarray]) -> None:
-    """Write `arrays` into `model` and check they hash to the manifest's digests (if it has them)."""
+    """Write `arrays` into `model` and check they hash to the manifest's digests (if it has
+    them)."""
     expected = model.manifest
     for index, tensor in enumerate(expected.tensors):
         np.copyto(model.array(index), arrays[tensor.name])
     received = model.compute_digests()
     for want, got in zip(expected.tensors, received.tensors):
         if want.digest and want.digest != got.digest:
-            raise DigestError(f"tensor {want.name!r} of the global model differs from the served one after "
-                              "the object store; the round cannot go on on this node")
+            raise DigestError(
+                f"tensor {want.name!r} of the global model differs from the served one after "
+                "the object store; the round cannot go on on this node"
+            )
 
 
 class GlobalModel:
@@ -163,8 +196,15 @@ class GlobalModel:
 class RayWorker:
     """The driver's side of one actor: the `Worker` steps, as calls to it."""
 
-    def __init__(self, index: int, actor: Any, global_model: GlobalModel, window_chunks: int) -> None:
-        self.index, self.actor, self.global_model, self.window_chunks = index, actor, global_model, window_chunks
+    def __init__(
+        self, index: int, actor: Any, global_model: GlobalModel, window_chunks: int
+    ) -> None:
+        self.index, self.actor, self.global_model, self.window_chunks = (
+            index,
+            actor,
+            global_model,
+            window_chunks,
+        )
         self.buffers: UploadBuffers | None = None
         self._served: Manifest | None = None
         self._update: Manifest | None = None
@@ -179,14 +219,22 @@ class RayWorker:
         said = await _call(self, self.actor.train.remote(task, measure_norm))
         manifest = Manifest.from_json(said["manifest"])
         if self._served is None or not manifest.same_layout(self._served):
-            raise JobError(f"Ray worker {self.index + 1} sent an update whose layout is not the global model's")
+            raise JobError(
+                f"Ray worker {self.index + 1} sent an update whose layout is not the global model's"
+            )
         squares = said["update_squares"]
         self._update = manifest
-        return Update(float(said["weight"]), dict(said["metrics"]), bool(said["delta"]), manifest,
-                      UpdateScreen(str(said["refusal"]), None if squares is None else float(squares)))
+        return Update(
+            float(said["weight"]),
+            dict(said["metrics"]),
+            bool(said["delta"]),
+            manifest,
+            UpdateScreen(str(said["refusal"]), None if squares is None else float(squares)),
+        )
 
     async def send_update(self, on_chunk: Callable[[Chunk], None]) -> None:
-        """Pull the update a window at a time, the next window already asked for while this one lands."""
+        """Pull the update a window at a time, the next window already asked for while this one
+        lands."""
         if self._update is None or self.buffers is None:
             raise LocalProtocolError("send_update() before train()")
         plan = ChunkPlan(self._update)
@@ -204,30 +252,49 @@ class RayWorker:
             data, checksums = await _call(self, current)
             self._land(ledger, start, data, checksums, on_chunk)
         if not ledger.done:
-            raise IntegrityError(f"Ray worker {self.index + 1} sent {ledger.held(0)} of {plan.total} "
-                                 "chunks of its update")
+            raise IntegrityError(
+                f"Ray worker {self.index + 1} sent {ledger.held(0)} of {plan.total} "
+                "chunks of its update"
+            )
 
-    def _land(self, ledger: ReceiveLedger, start: int, data: np.ndarray, checksums: list[int],
-              on_chunk: Callable[[Chunk], None]) -> None:
-        """Land one window: each chunk in the buffer, checked, folded, then recorded in the ledger."""
+    def _land(
+        self,
+        ledger: ReceiveLedger,
+        start: int,
+        data: np.ndarray,
+        checksums: list[int],
+        on_chunk: Callable[[Chunk], None],
+    ) -> None:
+        """Land one window: each chunk in the buffer, checked, folded, then recorded in the
+        ledger."""
         assert self.buffers is not None
         if len(checksums) != min(self.window_chunks, ledger.plan.total - start):
-            raise IntegrityError(f"Ray worker {self.index + 1} sent {len(checksums)} chunks for a window of "
-                                 f"{self.window_chunks} from chunk {start}; the update is dropped")
+            raise IntegrityError(
+                f"Ray worker {self.index + 1} sent {len(checksums)} chunks for a window of "
+                f"{self.window_chunks} from chunk {start}; the update is dropped"
+            )
         window = memoryview(data).cast("B")
         position = 0
         for seq, checksum in zip(range(start, start + len(checksums)), checksums):
             planned = ledger.plan.chunk(seq)
-            chunk = ledger.expect(FrameHeader(Kind.DATA, planned.tensor, planned.offset, planned.length))
+            chunk = ledger.expect(
+                FrameHeader(Kind.DATA, planned.tensor, planned.offset, planned.length)
+            )
             if position + chunk.length > len(window):
-                raise IntegrityError(f"Ray worker {self.index + 1} sent a window shorter than its chunks")
+                raise IntegrityError(
+                    f"Ray worker {self.index + 1} sent a window shorter than its chunks"
+                )
             landed = self.buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
             landed[:] = window[position : position + chunk.length]
             if chunk_checksum(landed) != checksum:
-                raise IntegrityError(f"chunk {chunk.seq} of Ray worker {self.index + 1}'s update fails its "
-                                     "checksum; the update is dropped")
+                raise IntegrityError(
+                    f"chunk {chunk.seq} of Ray worker {self.index + 1}'s update fails its "
+                    "checksum; the update is dropped"
+                )
             on_chunk(chunk)
-            ledger.commit(chunk, checksum)  # checks each completed tensor against the manifest's digest
+            ledger.commit(
+                chunk, checksum
+            )  # checks each completed tensor against the manifest's digest
             position += chunk.length
 
     async def close(self) -> None:
@@ -246,20 +313,33 @@ async def _call(worker: RayWorker, pending: Awaitable[Any]) -> Any:
             raise error.cause from None
         raise JobError(f"Ray worker {worker.index + 1} failed: {error.cause!r}") from None
     except ray.exceptions.RayError as error:  # the actor died, its node was lost, the object too
-        raise JobError(f"Ray worker {worker.index + 1} is gone ({type(error).__name__}: {error}); "
-                       "see the Ray cluster's logs") from None
+        raise JobError(
+            f"Ray worker {worker.index + 1} is gone ({type(error).__name__}: {error}); "
+            "see the Ray cluster's logs"
+        ) from None
 
 
-async def ray_pool(plan: SimulationPlan, job: JobConfig, job_id: str, app_dir: Path, workers: int) -> WorkerPool:
+async def ray_pool(
+    plan: SimulationPlan, job: JobConfig, job_id: str, app_dir: Path, workers: int
+) -> WorkerPool:
     """`workers` actors on the cluster at `plan.ray`, each with `plan.worker_cpus` CPUs and
     `plan.worker_gpus` GPUs, started and ready; closing the pool ends them and disconnects."""
     owned = await asyncio.to_thread(_connect, plan.ray)
     _check_room(plan.worker_cpus, plan.worker_gpus, workers)
     package = pack(app_dir, MAX_PACKAGE_BYTES)
-    actor_class = ray.remote(SiteActor).options(num_cpus=plan.worker_cpus, num_gpus=plan.worker_gpus)
+    actor_class = ray.remote(SiteActor).options(
+        num_cpus=plan.worker_cpus, num_gpus=plan.worker_gpus
+    )
     global_model = GlobalModel()
-    pool = [RayWorker(index, actor_class.remote(package, job.executor.model_dump_json(), job_id, index),
-                      global_model, plan.dataplane.window_chunks) for index in range(workers)]
+    pool = [
+        RayWorker(
+            index,
+            actor_class.remote(package, job.executor.model_dump_json(), job_id, index),
+            global_model,
+            plan.dataplane.window_chunks,
+        )
+        for index in range(workers)
+    ]
 
     async def disconnect() -> None:
         if owned:
@@ -282,8 +362,10 @@ def _connect(address: str) -> bool:
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, ValueError, RuntimeError) as error:
-        raise ConfigError(f"--ray {address}: cannot join the Ray cluster there ({error}); start one with "
-                          "`ray start --head`, or give its address") from None
+        raise ConfigError(
+            f"--ray {address}: cannot join the Ray cluster there ({error}); start one with "
+            "`ray start --head`, or give its address"
+        ) from None
     return True
 
 
@@ -295,8 +377,10 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_CHECK_S).close()
     except OSError as error:
-        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({error}); start one with "
-                          "`ray start --head`, or give its address") from None
+        raise ConfigError(
+            f"--ray {address}: no Ray cluster answers there ({error}); start one with "
+            "`ray start --head`, or give its address"
+        ) from None
 
 
 def _check_room(cpus: float, gpus: float, workers: int) -> None:
@@ -304,5 +388,7 @@ def _check_room(cpus: float, gpus: float, workers: int) -> None:
     room = ray.cluster_resources()
     for name, each in (("CPU", cpus), ("GPU", gpus)):
         if each * workers > room.get(name, 0.0):
-            raise ConfigError(f"--workers {workers} x --worker-{name.lower()}s {each:g} needs {each * workers:g} "
-                              f"{name}s; the Ray cluster has {room.get(name, 0.0):g}")
+            raise ConfigError(
+                f"--workers {workers} x --worker-{name.lower()}s {each:g} needs {each * workers:g} "
+                f"{name}s; the Ray cluster has {room.get(name, 0.0):g}"
+            )

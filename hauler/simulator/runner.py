@@ -32,7 +32,9 @@ from hauler.workflows import ScatterAndGather
 PROCESS = "simulator"  # the name its resource samples carry in the job's metrics
 MAX_PACKAGE_BYTES = 64 << 20
 KEEP_ROUNDS = 2
-MEMORY_BUDGET_BYTES = 32 << 20  # side accumulators larger than this are memory-mapped, as on a server
+MEMORY_BUDGET_BYTES = (
+    32 << 20
+)  # side accumulators larger than this are memory-mapped, as on a server
 
 
 @dataclass(frozen=True)
@@ -80,14 +82,31 @@ async def simulate(plan: SimulationPlan, on_event: Callable[[Event], None] | Non
     return job_id
 
 
-async def _run(plan: SimulationPlan, job: JobConfig, job_id: str, job_dir: Path, pool: WorkerPool,
-               bus: EventBus, metrics: JsonLines) -> None:
-    aggregate = RoundAggregate(job_dir, keep_rounds=KEEP_ROUNDS, memory_budget_bytes=MEMORY_BUDGET_BYTES)
+async def _run(
+    plan: SimulationPlan,
+    job: JobConfig,
+    job_id: str,
+    job_dir: Path,
+    pool: WorkerPool,
+    bus: EventBus,
+    metrics: JsonLines,
+) -> None:
+    aggregate = RoundAggregate(
+        job_dir, keep_rounds=KEEP_ROUNDS, memory_budget_bytes=MEMORY_BUDGET_BYTES
+    )
     await _initial_model(plan, job, job_dir, aggregate)
     federation = SimulatedFederation(
-        job_id=job_id, job_dir=job_dir, job=job, pool=pool, settings=site_settings(plan),
-        aggregate=aggregate, emit=lambda name, **fields: bus.emit(name, job=job_id, **_said(fields)),
-        record=metrics.write, dataplane=plan.dataplane, timeouts=plan.timeouts)
+        job_id=job_id,
+        job_dir=job_dir,
+        job=job,
+        pool=pool,
+        settings=site_settings(plan),
+        aggregate=aggregate,
+        emit=lambda name, **fields: bus.emit(name, job=job_id, **_said(fields)),
+        record=metrics.write,
+        dataplane=plan.dataplane,
+        timeouts=plan.timeouts,
+    )
     every_site = job.workflow.model_copy(update={"min_clients": len(job.sites or federation.sites)})
     try:
         await ScatterAndGather(every_site, job.sites).run(federation)
@@ -96,7 +115,9 @@ async def _run(plan: SimulationPlan, job: JobConfig, job_id: str, job_dir: Path,
 
 
 @contextlib.asynccontextmanager
-async def _pool(plan: SimulationPlan, job: JobConfig, job_id: str, job_dir: Path) -> AsyncIterator[WorkerPool]:
+async def _pool(
+    plan: SimulationPlan, job: JobConfig, job_id: str, job_dir: Path
+) -> AsyncIterator[WorkerPool]:
     """The job's code unpacked as a site unpacks it, and the workers that run it."""
     app_dir = job_dir / "app"
     unpack(pack(plan.job_dir, MAX_PACKAGE_BYTES), app_dir, MAX_PACKAGE_BYTES)
@@ -106,27 +127,43 @@ async def _pool(plan: SimulationPlan, job: JobConfig, job_id: str, job_dir: Path
 
         pool = await ray_pool(plan, job, job_id, app_dir, workers)
     else:
-        pool = WorkerPool.local(workers, job.executor, app_dir, job_id, job_dir, dataplane=plan.dataplane,
-                                timeouts=plan.timeouts)
+        pool = WorkerPool.local(
+            workers,
+            job.executor,
+            app_dir,
+            job_id,
+            job_dir,
+            dataplane=plan.dataplane,
+            timeouts=plan.timeouts,
+        )
     try:
         yield pool
     finally:
         await pool.close()
 
 
-async def _initial_model(plan: SimulationPlan, job: JobConfig, job_dir: Path, aggregate: RoundAggregate) -> None:
+async def _initial_model(
+    plan: SimulationPlan, job: JobConfig, job_dir: Path, aggregate: RoundAggregate
+) -> None:
     """Round 0: the given file, the job's [model] file, or built by its model module, here."""
     chunk_bytes, rounds = plan.dataplane.chunk_bytes, aggregate.rounds
     if plan.initial_model is not None or job.model.file is not None:
         source = plan.initial_model or (plan.job_dir / str(job.model.file))
         await asyncio.to_thread(import_initial_model, rounds, Path(source), chunk_bytes, move=False)
     elif job.model.module is not None:
-        built = await build_in_child(job_dir / "app", job.model.module, job.model.config, chunk_bytes,
-                                     job_dir / "initial.safetensors")
+        built = await build_in_child(
+            job_dir / "app",
+            job.model.module,
+            job.model.config,
+            chunk_bytes,
+            job_dir / "initial.safetensors",
+        )
         await asyncio.to_thread(import_initial_model, rounds, built, chunk_bytes, move=True)
     else:
-        raise ConfigError(f"{plan.job_dir}: job.toml names no [model] module or file; name one, or "
-                          "give the initial model with --initial-model FILE")
+        raise ConfigError(
+            f"{plan.job_dir}: job.toml names no [model] module or file; name one, or "
+            "give the initial model with --initial-model FILE"
+        )
 
 
 def site_settings(plan: SimulationPlan) -> Settings:
@@ -141,10 +178,14 @@ def site_settings(plan: SimulationPlan) -> Settings:
     names = [f"site-{k}" for k in range(1, plan.sites + 1)]
     unknown = sorted(set(given) - set(names))
     if unknown or any(not isinstance(value, dict) for value in given.values()):
-        raise ConfigError(f"site settings: expected a table per site among {names[0]}..{names[-1]}; "
-                          f"got {', '.join(unknown) or 'a value that is not a table'}")
-    return {name: {"site_index": index, "num_sites": plan.sites, **given.get(name, {})}
-            for index, name in enumerate(names)}
+        raise ConfigError(
+            f"site settings: expected a table per site among {names[0]}..{names[-1]}; "
+            f"got {', '.join(unknown) or 'a value that is not a table'}"
+        )
+    return {
+        name: {"site_index": index, "num_sites": plan.sites, **given.get(name, {})}
+        for index, name in enumerate(names)
+    }
 
 
 @contextlib.asynccontextmanager

@@ -3,13 +3,29 @@
 Nothing here imports asyncio, socket, ssl or grpc; `hauler.transport` moves the bytes.
 """
 
-from hauler.transfer.frames import FrameHeader, Kind, ack_frame, control_frame, hello_frame, parse_hello
+from hauler.transfer.frames import (
+    FrameHeader,
+    Kind,
+    ack_frame,
+    control_frame,
+    hello_frame,
+    parse_hello,
+)
 from hauler.transfer.ledger import ReceiveLedger
 from hauler.transfer.reader import Frame, FrameReader
 from hauler.transfer.window import SendSchedule, SendWindow, WindowStatistics
 
 __all__ = [
-    "Frame", "FrameHeader", "FrameReader", "Kind", "ReceiveLedger",
-    "SendSchedule", "SendWindow", "WindowStatistics", "ack_frame", "control_frame", "hello_frame",
+    "Frame",
+    "FrameHeader",
+    "FrameReader",
+    "Kind",
+    "ReceiveLedger",
+    "SendSchedule",
+    "SendWindow",
+    "WindowStatistics",
+    "ack_frame",
+    "control_frame",
+    "hello_frame",
     "parse_hello",
 ]

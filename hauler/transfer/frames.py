@@ -56,7 +56,9 @@ class FrameHeader:
     @classmethod
     def data(cls, tensor: int, offset: int, length: int, payload_checksum: int) -> FrameHeader:
         """The header of a chunk whose payload has checksum `payload_checksum`."""
-        return cls(Kind.DATA, tensor, offset, length, data_check(tensor, offset, length, payload_checksum))
+        return cls(
+            Kind.DATA, tensor, offset, length, data_check(tensor, offset, length, payload_checksum)
+        )
 
     def check_for(self, payload_checksum: int) -> int:
         """The check this header must carry when its payload has checksum `payload_checksum`."""
@@ -67,7 +69,9 @@ class FrameHeader:
         return payload_checksum
 
     def encode(self) -> bytes:
-        return HEADER.pack(MAGIC, self.kind, 0, 0, self.tensor, self.offset, self.length, self.checksum)
+        return HEADER.pack(
+            MAGIC, self.kind, 0, 0, self.tensor, self.offset, self.length, self.checksum
+        )
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> FrameHeader:
@@ -91,7 +95,12 @@ def control_frame(kind: Kind, payload: bytes = b"") -> bytes:
     """A HELLO, ERROR or END frame with its payload."""
     if len(payload) > MAX_CONTROL_PAYLOAD:
         raise ValueError("control payload too large")
-    return FrameHeader(kind, length=len(payload), checksum=chunk_checksum(memoryview(payload))).encode() + payload
+    return (
+        FrameHeader(
+            kind, length=len(payload), checksum=chunk_checksum(memoryview(payload))
+        ).encode()
+        + payload
+    )
 
 
 def hello_frame(transfer_id: str, lane: int) -> bytes:

@@ -29,7 +29,9 @@ class ReceiveLedger:
         self._arriving: list[int | None] = [None] * self.lanes  # the chunk each lane is landing
         self._held = [0] * self.lanes
         self._checksums = array("Q", bytes(8 * plan.total))
-        self._missing = [plan.first_seq[i + 1] - plan.first_seq[i] for i in range(len(plan.manifest.tensors))]
+        self._missing = [
+            plan.first_seq[i + 1] - plan.first_seq[i] for i in range(len(plan.manifest.tensors))
+        ]
         self.bytes_received = 0
         self._begun = False
 
@@ -42,7 +44,8 @@ class ReceiveLedger:
         return sum(self._held) == self.plan.total
 
     def lane_of(self, tensor: int, offset: int) -> int:
-        """The lane the chunk at (`tensor`, `offset`) is arriving on, between `expect` and `commit`."""
+        """The lane the chunk at (`tensor`, `offset`) is arriving on, between `expect` and
+        `commit`."""
         return self._arriving.index(self.plan.seq_of(tensor, offset))
 
     def expect(self, header: FrameHeader, lane: int = 0) -> Chunk:
@@ -51,7 +54,9 @@ class ReceiveLedger:
             raise RemoteProtocolError(f"unexpected {header.kind.name} frame")
         chunk = self._planned(header)
         if self._landed[chunk.seq]:
-            raise RemoteProtocolError(f"chunk {chunk.seq} (tensor {chunk.tensor}, offset {chunk.offset}) sent twice")
+            raise RemoteProtocolError(
+                f"chunk {chunk.seq} (tensor {chunk.tensor}, offset {chunk.offset}) sent twice"
+            )
         if chunk.seq in self._arriving and self._arriving[lane] != chunk.seq:
             raise RemoteProtocolError(f"chunk {chunk.seq} is already arriving on another lane")
         self._arriving[lane] = chunk.seq
@@ -63,10 +68,16 @@ class ReceiveLedger:
             seq = self.plan.seq_of(header.tensor, header.offset)
             if seq < self.plan.total:
                 chunk = self.plan.chunk(seq)
-                if (chunk.tensor, chunk.offset, chunk.length) == (header.tensor, header.offset, header.length):
+                if (chunk.tensor, chunk.offset, chunk.length) == (
+                    header.tensor,
+                    header.offset,
+                    header.length,
+                ):
                     return chunk
-        raise RemoteProtocolError(f"chunk ({header.tensor}, {header.offset}, {header.length}) "
-                                  "is not one of the manifest's")
+        raise RemoteProtocolError(
+            f"chunk ({header.tensor}, {header.offset}, {header.length}) "
+            "is not one of the manifest's"
+        )
 
     def begin(self) -> list[int]:
         """Tensors complete before any chunk arrives (the empty ones); [] on later calls."""
@@ -76,7 +87,8 @@ class ReceiveLedger:
         return [index for index, missing in enumerate(self._missing) if missing == 0]
 
     def commit(self, chunk: Chunk, checksum: int, lane: int = 0) -> list[int]:
-        """Record a chunk landed on `lane`; returns the tensors it completed, each checked against its digest."""
+        """Record a chunk landed on `lane`; returns the tensors it completed, each checked against
+        its digest."""
         self._checksums[chunk.seq] = checksum
         self._landed[chunk.seq] = 1
         self._arriving[lane] = None
@@ -93,5 +105,7 @@ class ReceiveLedger:
         seqs = slice(self.plan.first_seq[index], self.plan.first_seq[index + 1])
         digest = digest_of_checksums(self._checksums[seqs])
         if tensor.digest and digest != tensor.digest:
-            raise DigestError(f"tensor {tensor.name!r}: its chunks hash to {digest}, not to the manifest's "
-                              f"{tensor.digest}; the sender's data and manifest disagree")
+            raise DigestError(
+                f"tensor {tensor.name!r}: its chunks hash to {digest}, not to the manifest's "
+                f"{tensor.digest}; the sender's data and manifest disagree"
+            )

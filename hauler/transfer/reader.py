@@ -79,6 +79,10 @@ class FrameReader:
                 f"{header.kind.name} frame for tensor {header.tensor} at offset {header.offset}: "
                 "checksum mismatch; the chunk must be re-sent"
             )
-        frame = Frame(header, checksum=checksum) if header.kind is Kind.DATA else Frame(header, bytes(payload))
+        frame = (
+            Frame(header, checksum=checksum)
+            if header.kind is Kind.DATA
+            else Frame(header, bytes(payload))
+        )
         self._current, self._target, self._filled = None, memoryview(self._header), 0
         return frame

@@ -28,8 +28,12 @@ class WindowStatistics:
     resumes: int
 
     def __add__(self, other: WindowStatistics) -> WindowStatistics:
-        return WindowStatistics(self.bytes_sent + other.bytes_sent, self.bytes_acked + other.bytes_acked,
-                                self.bytes_resent + other.bytes_resent, self.resumes + other.resumes)
+        return WindowStatistics(
+            self.bytes_sent + other.bytes_sent,
+            self.bytes_acked + other.bytes_acked,
+            self.bytes_resent + other.bytes_resent,
+            self.resumes + other.resumes,
+        )
 
 
 class ChunkCursor:
@@ -59,7 +63,9 @@ class SendSchedule:
     def __init__(self, plan: ChunkPlan, window_chunks: int, lanes: int = 1) -> None:
         self.plan = plan
         self.cursor = ChunkCursor(plan)
-        self.windows = [SendWindow(self.cursor, window_chunks) for _ in range(max(1, min(lanes, plan.total)))]
+        self.windows = [
+            SendWindow(self.cursor, window_chunks) for _ in range(max(1, min(lanes, plan.total)))
+        ]
 
     @property
     def done(self) -> bool:
@@ -71,7 +77,8 @@ class SendSchedule:
 
 
 class SendWindow:
-    """One lane: at most `window_chunks` unacknowledged chunks; `take` the next, `on_ack` frees room."""
+    """One lane: at most `window_chunks` unacknowledged chunks; `take` the next, `on_ack` frees
+    room."""
 
     def __init__(self, cursor: ChunkCursor, window_chunks: int) -> None:
         self.cursor = cursor
@@ -103,10 +110,13 @@ class SendWindow:
         return chunk
 
     def on_ack(self, held: int) -> int:
-        """The receiver holds the first `held` chunks of this lane; returns bytes newly acknowledged."""
+        """The receiver holds the first `held` chunks of this lane; returns bytes newly
+        acknowledged."""
         if not self.acked <= held <= self.acked + len(self._in_flight):
-            raise RemoteProtocolError(f"ack of {held} chunks on a lane that sent {self.acked + len(self._in_flight)}, "
-                                      f"{self.acked} of them acknowledged before")
+            raise RemoteProtocolError(
+                f"ack of {held} chunks on a lane that sent {self.acked + len(self._in_flight)}, "
+                f"{self.acked} of them acknowledged before"
+            )
         freed = 0
         for _ in range(held - self.acked):
             freed += self._in_flight.popleft().length
@@ -115,7 +125,8 @@ class SendWindow:
         return freed
 
     def resume(self, held: int) -> None:
-        """A connection begins: the receiver's first ACK says it holds `held` of this lane's chunks."""
+        """A connection begins: the receiver's first ACK says it holds `held` of this lane's
+        chunks."""
         self.on_ack(held)
         if not self._started:
             self._started = True
@@ -126,4 +137,6 @@ class SendWindow:
         self._resumes += 1
 
     def statistics(self) -> WindowStatistics:
-        return WindowStatistics(self._bytes_sent, self._bytes_acked, self._bytes_resent, self._resumes)
+        return WindowStatistics(
+            self._bytes_sent, self._bytes_acked, self._bytes_resent, self._resumes
+        )

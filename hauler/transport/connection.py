@@ -32,6 +32,8 @@ FrameHandler = Callable[[Frame], None]
 
 def _discard(frame: Frame) -> None:
     """The handler of a connection that has ended."""
+
+
 WRITE_HIGH_WATER = 2 << 20  # bytes queued in the transport before writers wait (per connection)
 
 
@@ -109,8 +111,11 @@ class Connection:
         """Who the peer is, by its certificate; None on a plaintext connection."""
         return None if self._ssl_object is None else identity_from_ssl_object(self._ssl_object)
 
-    def set_handler(self, handler: FrameHandler | None, destination: Destination | None = None) -> None:
-        """Route frames to `handler` (None: back to `next_frame`); DATA payloads land in `destination`.
+    def set_handler(
+        self, handler: FrameHandler | None, destination: Destination | None = None
+    ) -> None:
+        """Route frames to `handler` (None: back to `next_frame`); DATA payloads land in
+        `destination`.
 
         Frames that arrived before the handler was set (a peer may send its first frame
         right behind the HELLO) are handed to it now, in order."""
@@ -166,7 +171,11 @@ class Connection:
 
     def lost(self, exc: Exception | None) -> None:
         """The transport is gone (asyncio's connection_lost): nothing more can arrive or leave."""
-        self._end(ConnectionLost("connection closed by the peer" if exc is None else f"connection lost: {exc}"))
+        self._end(
+            ConnectionLost(
+                "connection closed by the peer" if exc is None else f"connection lost: {exc}"
+            )
+        )
         self.can_write.set()
         self._release()
 
@@ -205,16 +214,24 @@ def _server_context(tls: TlsFiles) -> ssl.SSLContext:
     return server_ssl_context(tls)
 
 
-async def connect(host: str, port: int, *, tls: TlsFiles | None = None, congestion_control: str = "") -> Connection:
+async def connect(
+    host: str, port: int, *, tls: TlsFiles | None = None, congestion_control: str = ""
+) -> Connection:
     """Open a data-plane connection to `host:port`, with mutual TLS when `tls` is given."""
     loop = asyncio.get_running_loop()
     try:
-        _, protocol = await loop.create_connection(lambda: _FrameProtocol(congestion_control), host, port,
-                                                   ssl=_client_context(tls) if tls else None)
+        _, protocol = await loop.create_connection(
+            lambda: _FrameProtocol(congestion_control),
+            host,
+            port,
+            ssl=_client_context(tls) if tls else None,
+        )
     except ssl.SSLError as error:
         raise tls_failure(error, peer=f"{host}:{port}") from None
     except OSError as error:
-        raise ConnectionLost(f"cannot reach the data plane at {host}:{port}: {error.strerror or error}") from None
+        raise ConnectionLost(
+            f"cannot reach the data plane at {host}:{port}: {error.strerror or error}"
+        ) from None
     return await protocol.made
 
 
@@ -247,8 +264,15 @@ async def serve(connection: Connection, handler: ConnectionHandler) -> None:
         connection.close()
 
 
-async def listen(host: str, port: int, handler: ConnectionHandler, *, tls: TlsFiles | None = None,
-                 congestion_control: str = "", handshake_timeout_s: float = 60.0) -> Listener:
+async def listen(
+    host: str,
+    port: int,
+    handler: ConnectionHandler,
+    *,
+    tls: TlsFiles | None = None,
+    congestion_control: str = "",
+    handshake_timeout_s: float = 60.0,
+) -> Listener:
     """Accept data-plane connections on `host:port` (0 picks a free port); mutual TLS when `tls` is
     given, its handshake done within `handshake_timeout_s` or the connection dropped."""
     tasks: set[asyncio.Task] = set()
@@ -266,10 +290,16 @@ async def listen(host: str, port: int, handler: ConnectionHandler, *, tls: TlsFi
 
     try:
         server = await asyncio.get_running_loop().create_server(
-            factory, host, port, ssl=_server_context(tls) if tls else None,
-            ssl_handshake_timeout=handshake_timeout_s if tls else None)
+            factory,
+            host,
+            port,
+            ssl=_server_context(tls) if tls else None,
+            ssl_handshake_timeout=handshake_timeout_s if tls else None,
+        )
     except OSError as error:
-        raise HaulerError(f"cannot listen on {host}:{port}: {error.strerror}; pick another data_port") from None
+        raise HaulerError(
+            f"cannot listen on {host}:{port}: {error.strerror}; pick another data_port"
+        ) from None
     return Listener(server, tasks)
 
 

@@ -18,7 +18,6 @@ import grpc
 from grpc import aio
 
 from hauler.core.config import TlsFiles
-from hauler.core.untrusted_json import parse_object
 from hauler.core.errors import (
     ConfigError,
     ConnectionLost,
@@ -27,6 +26,7 @@ from hauler.core.errors import (
     RemoteProtocolError,
     SecurityError,
 )
+from hauler.core.untrusted_json import parse_object
 from hauler.security import (
     Identity,
     grpc_channel_credentials,
@@ -75,7 +75,10 @@ def _decode(data: bytes) -> Message:
 
 def map_rpc_error(error: grpc.RpcError, where: str) -> HaulerError:
     """The Hauler error for a failed RPC: refusals keep their type, the rest is a lost link."""
-    if isinstance(error, aio.AioRpcError) and (refusal := grpc_tls_failure(error, peer=where)) is not None:
+    if (
+        isinstance(error, aio.AioRpcError)
+        and (refusal := grpc_tls_failure(error, peer=where)) is not None
+    ):
         return refusal
     code, details = error.code(), error.details() or ""  # type: ignore[attr-defined]
     kind = _ERRORS.get(code)
@@ -147,7 +150,9 @@ class ControlServer:
         async def call_rpc(request: Message, context: aio.ServicerContext) -> Message:
             return await self._guard(context, call(request, self._identify(context)))
 
-        async def watch_rpc(request: Message, context: aio.ServicerContext) -> AsyncIterator[Message]:
+        async def watch_rpc(
+            request: Message, context: aio.ServicerContext
+        ) -> AsyncIterator[Message]:
             try:
                 async for message in watch(request, self._identify(context)):
                     yield message
@@ -159,7 +164,9 @@ class ControlServer:
             "Call": grpc.unary_unary_rpc_method_handler(call_rpc, _decode, _encode),
             "Watch": grpc.unary_stream_rpc_method_handler(watch_rpc, _decode, _encode),
         }
-        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+        self._server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE, handlers)]
+        )
 
     def _identify(self, context: aio.ServicerContext) -> Peer:
         return identity_from_grpc_auth_context(context.auth_context()) if self._tls else None
@@ -173,8 +180,11 @@ class ControlServer:
     async def start(self, host: str, port: int, tls: TlsFiles | None = None) -> int:
         """Listen on `host:port` (0 picks a port, returned); mutual TLS when `tls` is given."""
         address, self._tls = f"{host}:{port}", tls is not None
-        bound = (self._server.add_secure_port(address, grpc_server_credentials(tls)) if tls
-                 else self._server.add_insecure_port(address))
+        bound = (
+            self._server.add_secure_port(address, grpc_server_credentials(tls))
+            if tls
+            else self._server.add_insecure_port(address)
+        )
         if not bound:
             raise HaulerError(f"cannot listen on {address}; pick another control_port")
         await self._server.start()
@@ -198,16 +208,22 @@ async def _probe(host: str, port: int, target: str) -> None:
                 continue
             raise _not_there(target, (error.strerror or str(error)).lower()) from None
         except (OSError, TimeoutError) as error:
-            reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error)).lower()
+            reason = (
+                "no answer"
+                if isinstance(error, TimeoutError)
+                else (error.strerror or str(error)).lower()
+            )
             raise _not_there(target, reason) from None
         writer.close()
         return
 
 
 def _not_there(target: str, reason: str) -> ConnectionLost:
-    return ConnectionLost(f"no server at {target} ({reason}, for {PROBE_S:g} s); start it (`hauler poc "
-                          "start` for a POC, the server kit's start.sh otherwise), or check server_host and "
-                          "control_port in the admin's config")
+    return ConnectionLost(
+        f"no server at {target} ({reason}, for {PROBE_S:g} s); start it (`hauler poc "
+        "start` for a POC, the server kit's start.sh otherwise), or check server_host and "
+        "control_port in the admin's config"
+    )
 
 
 def _status(error: HaulerError) -> grpc.StatusCode:
@@ -247,8 +263,11 @@ class ControlChannel:
     def __init__(self, host: str, port: int, tls: TlsFiles | None = None) -> None:
         target = f"{host}:{port}"
         self.target, self._host, self._port = target, host, port
-        self._channel = (aio.secure_channel(target, grpc_channel_credentials(tls), options=_OPTIONS) if tls
-                         else aio.insecure_channel(target, options=_OPTIONS))
+        self._channel = (
+            aio.secure_channel(target, grpc_channel_credentials(tls), options=_OPTIONS)
+            if tls
+            else aio.insecure_channel(target, options=_OPTIONS)
+        )
 
     def session(self) -> _ClientStream:
         method = self._channel.stream_stream(f"/{SERVICE}/Session", _encode, _decode)
@@ -269,7 +288,9 @@ class ControlChannel:
         except grpc.RpcError as error:
             raise map_rpc_error(error, f"watch at {self.target}") from None
 
-    async def wait_ready(self, timeout_s: float, *, on_wait: Callable[[str], None] | None = None) -> None:
+    async def wait_ready(
+        self, timeout_s: float, *, on_wait: Callable[[str], None] | None = None
+    ) -> None:
         """Wait until the server answers, at most `timeout_s`. A port nobody listens on fails
         within PROBE_S, saying what was tried; a server that accepts but is slow to answer is
         waited for, and `on_wait` is told so."""
@@ -278,11 +299,15 @@ class ControlChannel:
         try:
             done, _ = await asyncio.wait([ready], timeout=min(PROBE_S, timeout_s))
             if not done and on_wait is not None:
-                on_wait(f"waiting for the server at {self.target} to answer (up to {timeout_s:g} s) ...")
+                on_wait(
+                    f"waiting for the server at {self.target} to answer (up to {timeout_s:g} s) ..."
+                )
             await asyncio.wait_for(asyncio.shield(ready), max(0.0, timeout_s - PROBE_S))
         except TimeoutError:
-            raise ConnectionLost(f"the server at {self.target} accepts connections but did not answer "
-                                 f"within {timeout_s:g} s; it may be overloaded or not a Hauler server") from None
+            raise ConnectionLost(
+                f"the server at {self.target} accepts connections but did not answer "
+                f"within {timeout_s:g} s; it may be overloaded or not a Hauler server"
+            ) from None
         finally:
             ready.cancel()
 

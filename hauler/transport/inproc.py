@@ -77,7 +77,8 @@ class _Pipe(asyncio.Transport):
                 self._feed(view)
         except Exception as error:  # a bug below the protocol's own handling: end the link
             self._loop.call_exception_handler(
-                {"message": "in-process delivery failed", "exception": error, "transport": self})
+                {"message": "in-process delivery failed", "exception": error, "transport": self}
+            )
             self._lose(error, error)
             return
         if self._closing and not self._dead:
@@ -181,7 +182,8 @@ class InprocListener:
 
 # Listeners by name, per event loop: a name, like a port, means something only where it listens.
 _listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, InprocListener]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 _fresh_names = (f"listener-{number}" for number in itertools.count(1))
 
 
@@ -192,8 +194,10 @@ async def listen_inproc(name: str, handler: ConnectionHandler) -> InprocListener
     if not name:
         name = next(fresh for fresh in _fresh_names if fresh not in listeners)
     if name in listeners:
-        raise HaulerError(f"cannot listen on inproc://{name}: another listener holds that name in "
-                          "this event loop; pick another name")
+        raise HaulerError(
+            f"cannot listen on inproc://{name}: another listener holds that name in "
+            "this event loop; pick another name"
+        )
     listeners[name] = listener = InprocListener(name, handler)
     return listener
 
@@ -202,8 +206,10 @@ async def connect_inproc(name: str) -> Connection:
     """Open an in-process data-plane connection to the listener at `name`."""
     listener = _listeners.get(asyncio.get_running_loop(), {}).get(name)
     if listener is None:
-        raise ConnectionLost(f"cannot reach the data plane at inproc://{name}: nothing listens "
-                             "there in this event loop; is the listener started, or closed?")
+        raise ConnectionLost(
+            f"cannot reach the data plane at inproc://{name}: nothing listens "
+            "there in this event loop; is the listener started, or closed?"
+        )
     return listener._accept()
 
 

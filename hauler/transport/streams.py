@@ -78,7 +78,9 @@ async def send_model(
     window = window or SendSchedule(ChunkPlan(manifest), window_chunks).windows[0]
     acked = asyncio.Event()
     started = False
-    async with SilenceTimer(timeouts.communication_timeout, "communication_timeout", "sending a model") as silence:
+    async with SilenceTimer(
+        timeouts.communication_timeout, "communication_timeout", "sending a model"
+    ) as silence:
 
         def on_frame(frame: Frame) -> None:
             nonlocal started
@@ -152,7 +154,9 @@ async def receive_model(
         pending.append(chunk)
         return sink.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
 
-    async with SilenceTimer(timeouts.streaming_read_timeout, "streaming_read_timeout", "receiving a model") as silence:
+    async with SilenceTimer(
+        timeouts.streaming_read_timeout, "streaming_read_timeout", "receiving a model"
+    ) as silence:
 
         def on_frame(frame: Frame) -> None:
             if frame.header.kind is Kind.ERROR:
@@ -175,7 +179,9 @@ async def receive_model(
         def on_bytes(nbytes: int) -> None:
             nonlocal last_ack
             silence.touch()
-            if time.monotonic() - last_ack >= KEEPALIVE_ACK_S:  # a sign of life, for both ends' waiters
+            if (
+                time.monotonic() - last_ack >= KEEPALIVE_ACK_S
+            ):  # a sign of life, for both ends' waiters
                 last_ack = time.monotonic()
                 connection.write(ack_frame(ledger.held(lane)))
                 on_progress(0)
@@ -188,9 +194,17 @@ async def receive_model(
         await _wait(connection, ended)
 
 
-async def open_transfer(host: str, port: int, transfer_id: str, *, lane: int = 0, tls: TlsFiles | None = None,
-                        congestion_control: str = "") -> Connection:
-    """Dial the data plane and bind the connection to one lane of `transfer_id` with a HELLO frame."""
+async def open_transfer(
+    host: str,
+    port: int,
+    transfer_id: str,
+    *,
+    lane: int = 0,
+    tls: TlsFiles | None = None,
+    congestion_control: str = "",
+) -> Connection:
+    """Dial the data plane and bind the connection to one lane of `transfer_id` with a HELLO
+    frame."""
     connection = await connect(host, port, tls=tls, congestion_control=congestion_control)
     connection.write(hello_frame(transfer_id, lane))
     return connection
@@ -203,7 +217,9 @@ async def read_hello(connection: Connection, seconds: float) -> tuple[str, int]:
         async with asyncio.timeout(seconds):
             frame = await connection.next_frame()
     except TimeoutError:
-        raise TransferTimeout("hello_timeout_s", seconds, "waiting for a data connection's HELLO") from None
+        raise TransferTimeout(
+            "hello_timeout_s", seconds, "waiting for a data connection's HELLO"
+        ) from None
     return parse_hello(frame.header, frame.payload)
 
 
@@ -223,47 +239,87 @@ class DataAddress:
     policy: DataPlane
 
 
-async def fetch_model(address: DataAddress, transfer_id: str, ledger: ReceiveLedger, sink: ChunkSink, *,
-                      timeouts: Timeouts, on_progress: Progress = _no_progress) -> None:
+async def fetch_model(
+    address: DataAddress,
+    transfer_id: str,
+    ledger: ReceiveLedger,
+    sink: ChunkSink,
+    *,
+    timeouts: Timeouts,
+    on_progress: Progress = _no_progress,
+) -> None:
     """Receive a transfer on one connection per lane of `ledger`, each reconnecting and resuming."""
 
     async def lane(index: int) -> None:
         async with _lane_connection(address, transfer_id, index) as connection:
-            await receive_model(connection, ledger, sink, timeouts=timeouts, lane=index, on_progress=on_progress)
+            await receive_model(
+                connection, ledger, sink, timeouts=timeouts, lane=index, on_progress=on_progress
+            )
 
     await _all_lanes(lane, ledger.lanes, address.policy, f"receiving transfer {transfer_id[:8]}")
     if not ledger.done:
-        raise RemoteProtocolError(f"the sender ended transfer {transfer_id[:8]} with chunks missing")
+        raise RemoteProtocolError(
+            f"the sender ended transfer {transfer_id[:8]} with chunks missing"
+        )
 
 
-async def push_model(address: DataAddress, transfer_id: str, manifest: Manifest, source: ChunkSource, lanes: int, *,
-                     timeouts: Timeouts, on_progress: Progress = _no_progress) -> WindowStatistics:
+async def push_model(
+    address: DataAddress,
+    transfer_id: str,
+    manifest: Manifest,
+    source: ChunkSource,
+    lanes: int,
+    *,
+    timeouts: Timeouts,
+    on_progress: Progress = _no_progress,
+) -> WindowStatistics:
     """Send a transfer on `lanes` connections that share out its chunks, each reconnecting and
     resuming from its acknowledgements."""
     schedule = SendSchedule(ChunkPlan(manifest), address.policy.window_chunks, lanes)
 
     async def lane(index: int) -> None:
         async with _lane_connection(address, transfer_id, index) as connection:
-            await send_model(connection, manifest, source, window=schedule.windows[index],
-                             window_chunks=address.policy.window_chunks, timeouts=timeouts, on_progress=on_progress)
+            await send_model(
+                connection,
+                manifest,
+                source,
+                window=schedule.windows[index],
+                window_chunks=address.policy.window_chunks,
+                timeouts=timeouts,
+                on_progress=on_progress,
+            )
 
-    await _all_lanes(lane, len(schedule.windows), address.policy, f"sending transfer {transfer_id[:8]}")
+    await _all_lanes(
+        lane, len(schedule.windows), address.policy, f"sending transfer {transfer_id[:8]}"
+    )
     return schedule.statistics()
 
 
-async def _all_lanes(run: Callable[[int], Awaitable[None]], lanes: int, policy: DataPlane, what: str) -> None:
+async def _all_lanes(
+    run: Callable[[int], Awaitable[None]], lanes: int, policy: DataPlane, what: str
+) -> None:
     try:
         async with asyncio.TaskGroup() as group:
             for index in range(lanes):
-                group.create_task(with_retries(lambda index=index: run(index), policy, f"{what}, lane {index}"))
+                group.create_task(
+                    with_retries(lambda index=index: run(index), policy, f"{what}, lane {index}")
+                )
     except* HaulerError as errors:
         raise errors.exceptions[0] from None
 
 
 @contextlib.asynccontextmanager
-async def _lane_connection(address: DataAddress, transfer_id: str, lane: int) -> AsyncIterator[Connection]:
-    connection = await open_transfer(address.host, address.port, transfer_id, lane=lane, tls=address.tls,
-                                     congestion_control=address.policy.congestion_control)
+async def _lane_connection(
+    address: DataAddress, transfer_id: str, lane: int
+) -> AsyncIterator[Connection]:
+    connection = await open_transfer(
+        address.host,
+        address.port,
+        transfer_id,
+        lane=lane,
+        tls=address.tls,
+        congestion_control=address.policy.congestion_control,
+    )
     try:
         yield connection
     finally:

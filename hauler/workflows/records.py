@@ -25,25 +25,53 @@ class RoundRecords:
         self.round, self._timings = round, []
         self._started, self._started_s = time.perf_counter(), time.time()
 
-    def site(self, result: TrainResult, *, started_s: float, model_bytes: int,
-             download: dict[str, Any], upload: dict[str, Any]) -> None:
+    def site(
+        self,
+        result: TrainResult,
+        *,
+        started_s: float,
+        model_bytes: int,
+        download: dict[str, Any],
+        upload: dict[str, Any],
+    ) -> None:
         """One site's contribution: its phase seconds, weight, transfer figures and metrics."""
         timings = result.timings
         self._timings.append(timings)
         self.last_upload_done = time.perf_counter()
-        self.record({"kind": "site", "round": self.round, "site": result.site, "started_s": started_s,
-                     "weight": result.weight, **timings,
-                     "download": {**download, "mb_per_s": rate(model_bytes, timings["download_s"])},
-                     "upload": {**upload, "mb_per_s": rate(model_bytes, timings["upload_s"])},
-                     "metrics": result.metrics})
+        self.record(
+            {
+                "kind": "site",
+                "round": self.round,
+                "site": result.site,
+                "started_s": started_s,
+                "weight": result.weight,
+                **timings,
+                "download": {**download, "mb_per_s": rate(model_bytes, timings["download_s"])},
+                "upload": {**upload, "mb_per_s": rate(model_bytes, timings["upload_s"])},
+                "metrics": result.metrics,
+            }
+        )
 
     def end(self, results: list[TrainResult], **extra: Any) -> None:
         """The round: its sites, the slowest site's phases, aggregation and round seconds."""
         done = time.perf_counter()
-        slowest = {key: max(t[key] for t in self._timings) for key in self._timings[0]} if self._timings else {}
-        self.record({"kind": "round", "round": self.round, "started_s": self._started_s,
-                     "sites": [r.site for r in results], "round_s": done - self._started, **slowest,
-                     "aggregate_s": done - (self.last_upload_done or done), **extra})
+        slowest = (
+            {key: max(t[key] for t in self._timings) for key in self._timings[0]}
+            if self._timings
+            else {}
+        )
+        self.record(
+            {
+                "kind": "round",
+                "round": self.round,
+                "started_s": self._started_s,
+                "sites": [r.site for r in results],
+                "round_s": done - self._started,
+                **slowest,
+                "aggregate_s": done - (self.last_upload_done or done),
+                **extra,
+            }
+        )
 
 
 def rate(nbytes: int, seconds: float) -> float:

@@ -31,12 +31,15 @@ class ScatterAndGather:
             if len(results) < self.config.min_clients:
                 raise JobError(
                     f"round {round}: {len(results)} of {len(sites)} sites returned a result, "
-                    f"fewer than min_clients={self.config.min_clients}; see the job's events for why"
+                    f"fewer than min_clients={self.config.min_clients}; "
+                    "see the job's events for why"
                 )
             await federation.end_round(round, results)
             federation.emit("round.complete", round=round, sites=[r.site for r in results])
 
-    async def gather(self, federation: Federation, sites: list[str], round: int) -> list[TrainResult]:
+    async def gather(
+        self, federation: Federation, sites: list[str], round: int
+    ) -> list[TrainResult]:
         """Train on every site at once; stop waiting once the round is complete."""
         results: list[TrainResult] = []
 
@@ -51,7 +54,9 @@ class ScatterAndGather:
             while pending and len(results) < self.config.min_clients:
                 _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if pending:
-                _, pending = await asyncio.wait(pending, timeout=self.config.wait_time_after_min_received)
+                _, pending = await asyncio.wait(
+                    pending, timeout=self.config.wait_time_after_min_received
+                )
             for task in pending:
                 federation.emit("site.cancelled", round=round, reason="round complete without it")
                 task.cancel()
