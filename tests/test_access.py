@@ -33,7 +33,7 @@ from hauler.core.package import pack
 from hauler.model import ChunkPlan, Manifest, ModelFile
 from hauler.security import provision
 from hauler.server import Server
-from hauler.transfer import Kind, ReceiveLedger
+from hauler.transfer import FileSink, Kind, ReceiveLedger
 from hauler.transport import (
     ControlChannel,
     DataAddress,
@@ -195,11 +195,12 @@ async def _other_sites_transfers(kits: Path, server: Server, tmp_path: Path) -> 
     manifest = Manifest.from_json(task.manifest)
     with ModelFile.create(tmp_path / "site-1.safetensors", manifest) as model:
         address = DataAddress("127.0.0.1", server.data_port, site_1.tls, site_1.dataplane)
+        plan = ChunkPlan(manifest)
         await fetch_model(
             address,
             task.download,
-            ReceiveLedger(ChunkPlan(manifest), task.lanes),
-            model,
+            ReceiveLedger(plan, task.lanes),
+            FileSink(model, plan),
             timeouts=site_1.timeouts,
         )
         trained = model.compute_digests()

@@ -14,18 +14,17 @@ from hauler.core import untrusted_json
 from hauler.core.errors import IntegrityError, RemoteProtocolError
 from hauler.core.untrusted_json import parse_object
 from hauler.model import ChunkPlan, chunk_checksum
-from hauler.model.manifest import MAX_CHUNK_BYTES
 from hauler.transfer import (
     FrameHeader,
     FrameReader,
+    Hello,
     Kind,
     ReceiveLedger,
     ack_frame,
     control_frame,
-    hello_frame,
-    parse_hello,
 )
-from hauler.transfer.frames import HEADER, MAGIC, MAX_CONTROL_PAYLOAD
+from hauler.transfer.frames import HEADER, MAGIC, MAX_CONTROL_PAYLOAD, MAX_ENCODED_CHUNK_BYTES
+from hauler.transfer.sinks import FileSink
 
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 
@@ -33,47 +32,46 @@ U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 @st.composite
 def headers(draw: st.DrawFn) -> FrameHeader:
     kind = draw(st.sampled_from(Kind))
-    limit = {Kind.DATA: MAX_CHUNK_BYTES, Kind.ACK: 0, Kind.END: 0}.get(kind, MAX_CONTROL_PAYLOAD)
+    limit = {Kind.DATA: MAX_ENCODED_CHUNK_BYTES, Kind.ACK: 0, Kind.END: 0}.get(
+        kind, MAX_CONTROL_PAYLOAD
+    )
     return FrameHeader(
-        kind,
-        draw(st.integers(0, U32)),
-        draw(st.integers(0, U64)),
-        draw(st.integers(0, limit)),
-        draw(st.integers(0, U64)),
+        kind, draw(st.integers(0, U64)), draw(st.integers(0, limit)), draw(st.integers(0, U64))
     )
 
 
-def data_frame(tensor: int, offset: int, payload: bytes) -> bytes:
-    return (
-        FrameHeader.data(tensor, offset, len(payload), chunk_checksum(memoryview(payload))).encode()
-        + payload
-    )
+def data_frame(seq: int, payload: bytes) -> bytes:
+    checksum = chunk_checksum(memoryview(payload))
+    return FrameHeader.data(seq, len(payload), checksum).encode() + payload
 
 
 def raw_header(
     kind: int,
     *,
-    tensor: int = 0,
-    offset: int = 0,
+    seq: int = 0,
     length: int = 0,
     checksum: int = 0,
     magic: bytes = MAGIC,
     flags: int = 0,
     spare: int = 0,
+    reserved: int = 0,
 ) -> bytes:
-    return HEADER.pack(magic, kind, flags, spare, tensor, offset, length, checksum)
+    return HEADER.pack(magic, kind, flags, spare, reserved, seq, length, checksum)
 
 
 class Recorder:
-    """A destination that records what it was asked for and lands payloads in one buffer."""
+    """A destination that records what it was asked for and lands payloads one after another
+    in one buffer."""
 
     def __init__(self, size: int = 1 << 16) -> None:
         self.sink = bytearray(size)
         self.asked: list[FrameHeader] = []
+        self.position = 0
 
     def __call__(self, header: FrameHeader) -> memoryview:
         self.asked.append(header)
-        return memoryview(self.sink)[header.offset : header.offset + header.length]
+        start, self.position = self.position, self.position + header.length
+        return memoryview(self.sink)[start : self.position]
 
 
 @given(headers())
@@ -101,7 +99,7 @@ def test_header_of_the_wrong_size_is_a_remote_protocol_error(data):
 @pytest.mark.parametrize(
     "header",
     [
-        raw_header(Kind.DATA, length=MAX_CHUNK_BYTES + 1),
+        raw_header(Kind.DATA, length=MAX_ENCODED_CHUNK_BYTES + 1),
         raw_header(Kind.DATA, length=U32),
         raw_header(Kind.HELLO, length=MAX_CONTROL_PAYLOAD + 1),
         raw_header(Kind.ERROR, length=U32),
@@ -109,6 +107,7 @@ def test_header_of_the_wrong_size_is_a_remote_protocol_error(data):
         raw_header(Kind.DATA, length=8, magic=b"HTTP"),
         raw_header(Kind.DATA, length=8, flags=1),
         raw_header(Kind.DATA, length=8, spare=7),
+        raw_header(Kind.DATA, length=8, reserved=1),
         raw_header(0, length=8),
         raw_header(9, length=8),
     ],
@@ -121,6 +120,7 @@ def test_header_of_the_wrong_size_is_a_remote_protocol_error(data):
         "magic",
         "flags",
         "spare",
+        "reserved",
         "kind0",
         "kind9",
     ],
@@ -143,8 +143,8 @@ def test_bad_header_is_refused_before_any_payload_buffer_is_handed_out(header):
 def test_data_payloads_land_in_their_destination_however_the_stream_is_split(payloads, piece_bytes):
     destination = Recorder()
     stream, offset, placed = b"", 0, []
-    for payload in payloads:
-        stream += data_frame(1, offset, payload)
+    for seq, payload in enumerate(payloads):
+        stream += data_frame(seq, payload)
         placed.append((offset, payload))
         offset += len(payload)
     frames = feed(FrameReader(destination), stream, piece_bytes)
@@ -159,7 +159,7 @@ def test_data_payloads_land_in_their_destination_however_the_stream_is_split(pay
 def test_control_frames_carry_their_payload(kind, payload, piece_bytes):
     frames = feed(FrameReader(), control_frame(kind, payload) + ack_frame(7), piece_bytes)
     assert [(f.header.kind, f.payload) for f in frames] == [(kind, payload), (Kind.ACK, b"")]
-    assert frames[1].header.offset == 7
+    assert frames[1].header.seq == 7
 
 
 def test_control_payload_above_the_limit_cannot_be_built():
@@ -170,14 +170,14 @@ def test_control_payload_above_the_limit_cannot_be_built():
 @pytest.mark.parametrize("kind", [Kind.DATA, Kind.HELLO])
 def test_payload_that_does_not_match_its_checksum_is_an_integrity_error(kind):
     payload = b"model bytes" * 10
-    header = FrameHeader(kind, 0, 0, len(payload), chunk_checksum(memoryview(payload)))
+    header = FrameHeader(kind, 0, len(payload), chunk_checksum(memoryview(payload)))
     with pytest.raises(IntegrityError):
         feed(FrameReader(Recorder()), header.encode() + payload[:-1] + b"!")
 
 
 def test_data_frame_on_a_connection_that_is_not_receiving_is_refused():
     with pytest.raises(RemoteProtocolError):
-        feed(FrameReader(destination=None), data_frame(0, 0, b"12345678"))
+        feed(FrameReader(destination=None), data_frame(0, b"12345678"))
 
 
 @st.composite
@@ -186,8 +186,7 @@ def frame_like(draw: st.DrawFn) -> bytes:
     length = draw(st.integers(0, 600))
     header = raw_header(
         draw(st.integers(0, 5)),
-        tensor=draw(st.integers(0, 4)),
-        offset=draw(st.sampled_from([0, 8, 64, 4096, U64])),
+        seq=draw(st.sampled_from([0, 1, 2, 3, 4096, U64])),
         length=length,
         checksum=draw(st.integers(0, U64)),
         flags=draw(st.sampled_from([0, 0, 0, 1])),
@@ -200,9 +199,7 @@ def frame_like(draw: st.DrawFn) -> bytes:
 
 GARBLED = manifest_of([("a", "F32", (40,)), ("b", "U8", (9,))], chunk_bytes=64)
 planned_frames = st.sampled_from(list(GARBLED.chunks())).flatmap(  # frames the ledger expects
-    lambda c: st.binary(min_size=c.length, max_size=c.length).map(
-        lambda p: data_frame(c.tensor, c.offset, p)
-    )
+    lambda c: st.binary(min_size=c.length, max_size=c.length).map(lambda p: data_frame(c.seq, p))
 )
 
 
@@ -219,15 +216,18 @@ def test_garbage_on_the_wire_raises_only_protocol_or_integrity_errors(
     sink = bytearray(manifest.total_bytes)
     pending = []
 
+    file = FileSink(Bytes(sink), ChunkPlan(manifest))
+
     def destination(header: FrameHeader) -> memoryview:  # as receive_model does
         chunk = ledger.expect(header)
         pending.append(chunk)
-        start = manifest.tensors[chunk.tensor].offset + chunk.offset
-        return memoryview(sink)[start : start + chunk.length]
+        return file.landing(chunk, 0, header.length)
 
     def on_frame(frame):
         if frame.header.kind is Kind.DATA:
-            ledger.commit(pending.pop(), frame.header.checksum)
+            chunk = pending.pop()
+            file.landed(chunk, 0, frame.landed, frame.checksum)
+            ledger.commit(chunk, frame.checksum, frame.header.length)
 
     try:
         feed(FrameReader(destination), b"".join(pieces), piece_bytes, on_frame)
@@ -235,24 +235,39 @@ def test_garbage_on_the_wire_raises_only_protocol_or_integrity_errors(
         pass
 
 
+class Bytes:
+    """A model's data region held in memory, as a FileSink lands chunks in it."""
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = memoryview(data)
+
+    def chunk_view(self, chunk) -> memoryview:
+        return self.data[chunk.offset : chunk.offset + chunk.length]
+
+
 # ----- HELLO: the first frame of a data connection, and JSON from peers in general -------------
 
 
 def test_hello_round_trips():
-    frame = feed(FrameReader(), hello_frame("a" * 32, 5))[0]
-    assert parse_hello(frame.header, frame.payload) == ("a" * 32, 5)
+    frame = feed(FrameReader(), Hello("a" * 32, 5).encode())[0]
+    assert Hello.decode(frame.header, frame.payload) == Hello("a" * 32, 5)
 
 
+ID = b'"' + b"0123456789abcdef" * 2 + b'"'
 HOSTILE_HELLOS = {
-    "nested_deep": b'{"transfer": "x", "lane": 0, "n": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
-    "nested_a_little": b'{"transfer": "x", "lane": 0, "n": [[1]]}',
+    "nested_deep": b'{"transfer": ' + ID + b', "lane": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+    "nested_a_little": b'{"transfer": ' + ID + b', "lane": [[1]]}',
     "not_an_object": b'["x", 0]',
     "not_json": b"\xff\xfe",
     "no_transfer": b'{"lane": 0}',
-    "long_transfer": b'{"transfer": "' + b"x" * 200 + b'", "lane": 0}',
-    "lane_too_high": b'{"transfer": "x", "lane": 64}',
-    "lane_not_an_int": b'{"transfer": "x", "lane": true}',
-    "lane_a_float": b'{"transfer": "x", "lane": 1.0}',
+    "no_lane": b'{"transfer": ' + ID + b"}",
+    "another_key": b'{"transfer": ' + ID + b', "lane": 0, "then": 1}',
+    "long_transfer": b'{"transfer": "' + b"a" * 200 + b'", "lane": 0}',
+    "short_transfer": b'{"transfer": "abc", "lane": 0}',
+    "not_hex": b'{"transfer": "' + b"g" * 32 + b'", "lane": 0}',
+    "lane_too_high": b'{"transfer": ' + ID + b', "lane": 64}',
+    "lane_not_an_int": b'{"transfer": ' + ID + b', "lane": true}',
+    "lane_a_float": b'{"transfer": ' + ID + b', "lane": 1.0}',
 }
 
 
@@ -260,13 +275,13 @@ HOSTILE_HELLOS = {
 def test_a_hostile_hello_is_a_remote_protocol_error_and_nothing_else(payload):
     frame = feed(FrameReader(), control_frame(Kind.HELLO, payload))[0]
     with pytest.raises(RemoteProtocolError):
-        parse_hello(frame.header, frame.payload)
+        Hello.decode(frame.header, frame.payload)
 
 
 def test_a_first_frame_that_is_not_a_hello_is_refused():
     frame = feed(FrameReader(), ack_frame(3))[0]
     with pytest.raises(RemoteProtocolError, match="first frame must be HELLO"):
-        parse_hello(frame.header, frame.payload)
+        Hello.decode(frame.header, frame.payload)
 
 
 @given(

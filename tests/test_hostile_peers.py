@@ -80,7 +80,7 @@ def test_idle_and_surplus_data_connections_are_dropped_and_refused(poc_federatio
         refusal = await asyncio.wait_for(surplus.next_frame(), 10)  # refused at once
         assert refusal.header.kind is Kind.ERROR and b"max_connections_per_peer" in refusal.payload
         for connection in idle:  # said nothing: each is dropped after hello_timeout_s
-            await asyncio.wait_for(asyncio.wait([connection.closed]), 10 * HELLO_TIMEOUT_S)
+            await asyncio.wait_for(connection.wait_closed(), 10 * HELLO_TIMEOUT_S)
         again = await open_idle(config, MAX_CONNECTIONS)  # they were counted out again
         for connection in again:
             connection.abort()
@@ -109,7 +109,7 @@ def test_a_hostile_hello_is_refused_and_the_server_goes_on(poc_federation, paylo
     async def attack() -> None:
         connection = await connect(config.server_host, config.data_port, tls=config.tls)
         connection.write(control_frame(Kind.HELLO, payload))
-        await asyncio.wait_for(asyncio.wait([connection.closed]), 10)
+        await asyncio.wait_for(connection.wait_closed(), 10)
         async with Admin(poc.admin_config(workspace)) as admin:  # still answering
             assert [site["name"] for site in await admin.sites() if site["attached"]] == ["site-1"]
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import tracemalloc
 
+import numpy as np
 import pytest
 from helpers import MIXED_LAYOUT, manifest_of
 from hypothesis import given
 from hypothesis import strategies as st
 
 from hauler.core.errors import RemoteProtocolError
-from hauler.model import DTYPES, ChunkPlan, Manifest
+from hauler.model import DTYPES, ChunkPlan, Manifest, ModelFile
 from hauler.model.manifest import (
     MAX_CHUNK_BYTES,
     MAX_DIMS,
@@ -23,7 +24,7 @@ from hauler.model.manifest import (
 
 names = st.text(
     st.characters(codec="utf-8", categories=("L", "N", "Pc", "Pd")), min_size=1, max_size=20
-)
+).filter(lambda name: name != "__metadata__")
 layouts = st.lists(
     st.tuples(
         names, st.sampled_from(sorted(DTYPES)), st.lists(st.integers(0, 40), max_size=3).map(tuple)
@@ -52,30 +53,74 @@ def test_json_round_trip_keeps_every_field(layout, chunk_bytes):
 
 
 @given(layouts, chunk_sizes)
-def test_tensors_tile_the_data_region_in_order(layout, chunk_bytes):
+def test_tensors_tile_the_data_region_widest_first_each_aligned(layout, chunk_bytes):
     manifest = Manifest.build(layout, chunk_bytes)
+    widest_first = sorted(layout, key=lambda row: -DTYPES[row[1]].itemsize)  # stable
+    assert [t.name for t in manifest.tensors] == [name for name, _, _ in widest_first]
     position = 0
-    for tensor, (name, dtype, shape) in zip(manifest.tensors, layout):
+    for tensor, (name, dtype, shape) in zip(manifest.tensors, widest_first):
         assert (tensor.name, tensor.offset) == (name, position)
         assert tensor.length == DTYPES[dtype].itemsize * int(math.prod(shape))
+        assert tensor.offset % DTYPES[dtype].itemsize == 0
         position += tensor.length
     assert manifest.total_bytes == position
 
 
 @given(layouts, chunk_sizes, st.integers(0, 200))
-def test_chunks_cover_every_byte_once_and_agree_with_the_plan(layout, chunk_bytes, start_seq):
+def test_chunks_tile_the_data_region_and_their_pieces_tile_every_tensor(
+    layout, chunk_bytes, start_seq
+):
     manifest = Manifest.build(layout, chunk_bytes)
     chunks = list(manifest.chunks())
     plan = ChunkPlan(manifest)
     assert plan.total == len(chunks) == manifest.chunk_count()
     assert [plan.chunk(seq) for seq in range(plan.total)] == chunks
     assert list(manifest.chunks(start_seq)) == chunks[start_seq:]
+    assert [c.offset for c in chunks] == list(range(0, manifest.total_bytes, chunk_bytes))
+    assert all(0 < c.length <= chunk_bytes for c in chunks)
+    assert sum(c.length for c in chunks) == manifest.total_bytes
+    pieces = [(c, p) for c in chunks for p in plan.pieces(c)]
     for index, tensor in enumerate(manifest.tensors):
-        mine = [c for c in chunks if c.tensor == index]
-        assert sum(c.length for c in mine) == tensor.length
-        assert [c.offset for c in mine] == list(range(0, tensor.length, chunk_bytes))
-        assert all(0 < c.length <= chunk_bytes for c in mine)
-    assert sum(plan.chunk(seq).length for seq in range(plan.total)) == manifest.total_bytes
+        mine = [(c, p) for c, p in pieces if p.tensor == index]
+        assert [p.offset for _, p in mine] == [start for start, _ in manifest.tensor_pieces(tensor)]
+        assert sum(p.length for _, p in mine) == tensor.length
+        assert [c.seq for c, _ in mine] == list(plan.seqs_of(index))
+        assert all(c.offset + p.start == tensor.offset + p.offset for c, p in mine)
+        assert all(p.length % tensor.itemsize == 0 for _, p in mine)  # whole elements only
+
+
+def test_a_tied_name_is_stored_once_and_kept_through_json_and_files(tmp_path):
+    layout = [("wte", "F32", (8, 4)), ("lm_head", "F32", (8, 4), "wte"), ("b", "F16", (3,))]
+    manifest = Manifest.build(layout, 64)
+    assert manifest.names == ["wte", "b"] and manifest.ties == (("lm_head", "wte"),)
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    with ModelFile.create(tmp_path / "tied.safetensors", manifest) as model:
+        arrays = model.arrays()
+        arrays["wte"][...] = 3.0
+        assert np.shares_memory(arrays["lm_head"], arrays["wte"])
+    with ModelFile.open(tmp_path / "tied.safetensors", chunk_bytes=64) as model:
+        assert model.manifest.ties == manifest.ties
+        assert float(model.arrays()["lm_head"].sum()) == 3.0 * 32
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [("a", "F32", (4,)), ("b", "F32", (4,), "missing")],
+        [("a", "F32", (4,)), ("b", "F32", (2, 2), "a")],
+        [("a", "F32", (4,)), ("b", "F16", (4,), "a")],
+    ],
+    ids=["no-such-tensor", "other-shape", "other-dtype"],
+)
+def test_a_tie_to_a_tensor_not_alike_is_refused(layout):
+    with pytest.raises(RemoteProtocolError, match="tied"):
+        Manifest.build(layout, 64)
+
+
+def test_an_unaligned_tensor_is_refused_naming_it():
+    rows = [["h", "F16", [1], 0, 2, ""], ["w", "F32", [1], 2, 4, ""]]
+    with pytest.raises(RemoteProtocolError, match="'w'.*multiple of its element size"):
+        Manifest.from_json({"chunk_bytes": 64, "tensors": rows})
 
 
 def test_same_layout_ignores_digests_but_not_shapes():
@@ -123,6 +168,11 @@ HOSTILE = {
     "chunk_bytes_string": {"chunk_bytes": "4096", "tensors": []},
     "not_an_object": ["chunk_bytes", 4096],
     "null": None,
+    "tie_to_nothing": {**valid_json(), "ties": [["c", "z"]]},
+    "tie_twice": {**valid_json(), "ties": [["c", "a"], ["c", "b"]]},
+    "tie_over_a_tensor": {**valid_json(), "ties": [["a", "b"]]},
+    "tie_not_a_pair": {**valid_json(), "ties": [["c"]]},
+    "ties_not_a_list": {**valid_json(), "ties": {"c": "a"}},
     "model_larger_than_the_limit": {
         "chunk_bytes": 4096,
         "tensors": [

@@ -75,7 +75,8 @@ def test_site_console_shows_its_transfers_on_a_terminal_only(tmp_path):
     )
     os.close(slave)
     try:
-        job = hello_job(tmp_path, rounds=2, min_clients=1, arrays=2, array_bytes=2_000_000)
+        # 12 MB: three 4 MiB chunks, so each bar moves more than once and shows a speed
+        job = hello_job(tmp_path, rounds=2, min_clients=1, arrays=2, array_bytes=6_000_000)
         submitted = hauler("submit", job, "--workspace", workspace, "--wait")
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         job_id = submitted_job_id(submitted.stdout)
@@ -86,7 +87,7 @@ def test_site_console_shows_its_transfers_on_a_terminal_only(tmp_path):
             f"job {job_id} upload",
         ):
             assert what in shown, shown[-2000:]
-        assert "4.0 MB" in shown and "/s" in shown  # bytes of the 4 MB model, and a speed
+        assert "12.0 MB" in shown and "/s" in shown  # bytes of the 12 MB model, and a speed
     finally:
         for process in (site, server):
             process.terminate()

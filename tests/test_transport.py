@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 from helpers import MIXED_LAYOUT, SMALL_CHUNK, create_model, tensor_bytes
 
+from hauler.aggregate import LaneBuffers
 from hauler.core.config import DataPlane, Timeouts, TlsFiles
 from hauler.core.errors import (
     ConnectionLost,
@@ -22,7 +23,6 @@ from hauler.core.errors import (
     TransferTimeout,
 )
 from hauler.model import ChunkPlan, Manifest, ModelFile, chunk_checksum
-from hauler.model.manifest import MAX_CHUNK_BYTES
 from hauler.security import Role
 from hauler.security.ca import (
     cert_pem,
@@ -32,18 +32,18 @@ from hauler.security.ca import (
     write_issued,
 )
 from hauler.server.access import AccessPolicy
-from hauler.server.federation import UploadBuffers
 from hauler.server.transfers import TransferRegistry
 from hauler.transfer import (
+    FileSink,
     FrameHeader,
+    Hello,
     Kind,
     ReceiveLedger,
     SendSchedule,
     ack_frame,
     control_frame,
-    hello_frame,
 )
-from hauler.transfer.frames import HEADER
+from hauler.transfer.frames import HEADER, MAX_ENCODED_CHUNK_BYTES
 from hauler.transport import (
     Connection,
     DataAddress,
@@ -111,7 +111,7 @@ class Backend:
         sockets)."""
         if self.name == "inproc":
             connection = await connect_inproc(listener.name)
-            connection.write(hello_frame(transfer_id, lane))
+            connection.write(Hello(transfer_id, lane).encode())
             return connection
         return await open_transfer(HOST, listener.port, transfer_id, lane=lane, tls=self.site_tls)
 
@@ -133,7 +133,7 @@ def registry(
     """The server's transfers: chunks of SMALL_CHUNK, `lanes` parallel connections per transfer."""
     dataplane = DataPlane(
         chunk_bytes=SMALL_CHUNK,
-        window_chunks=4,
+        window_bytes=4 * SMALL_CHUNK,
         connections=lanes,
         retry_backoff_s=0.05,
         hello_timeout_s=hello_timeout_s,
@@ -154,25 +154,31 @@ def sink(tmp_path, source):
 
 
 def data_frame(model: ModelFile, chunk) -> bytes:
-    payload = bytes(model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-    return (
-        FrameHeader.data(
-            chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload))
-        ).encode()
-        + payload
-    )
+    payload = bytes(model.chunk_view(chunk))
+    checksum = chunk_checksum(memoryview(payload))
+    return FrameHeader.data(chunk.seq, len(payload), checksum).encode() + payload
+
+
+def window(manifest: Manifest, window_bytes: int = 4 * SMALL_CHUNK):
+    """A sender's one lane of a transfer of `manifest`."""
+    return SendSchedule(ChunkPlan(manifest), window_bytes).windows[0]
 
 
 class Recorder:
-    """A sink that records which chunks it was asked to place."""
+    """A sink that lands each lane's chunk in a buffer of its own (as the server's upload sink
+    does) and records where it was asked to place what, and what it was handed, whole."""
 
-    def __init__(self, manifest: Manifest) -> None:
-        self.buffer = bytearray(manifest.chunk_bytes)
-        self.asked: list[tuple[int, int, int]] = []
+    def __init__(self, manifest: Manifest, lanes: int = 1) -> None:
+        self.buffers = LaneBuffers(lanes, manifest.chunk_bytes)
+        self.asked: list[tuple[int, int]] = []  # (seq, lane)
+        self.handed: list[tuple[int, bytes]] = []  # (seq, its payload once whole and checked)
 
-    def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview:
-        self.asked.append((tensor, offset, length))
-        return memoryview(self.buffer)[:length]
+    def landing(self, chunk, lane: int, nbytes: int) -> memoryview:
+        self.asked.append((chunk.seq, lane))
+        return self.buffers.landing(lane, nbytes)
+
+    def landed(self, chunk, lane: int, view: memoryview, checksum: int) -> None:
+        self.handed.append((chunk.seq, bytes(view)))
 
 
 async def serve_once(backend: Backend, handler):
@@ -192,18 +198,19 @@ async def serve_once(backend: Backend, handler):
     return await backend.listen(run), result
 
 
-@pytest.mark.parametrize("window_chunks", [1, 16])
+@pytest.mark.parametrize("window_bytes", [1, 16 * SMALL_CHUNK])
 @pytest.mark.parametrize("direction", ["server_sends", "site_sends"])
-async def test_model_arrives_bit_identical(backend, source, sink, direction, window_chunks):
-    ledger, completed = ReceiveLedger(ChunkPlan(source.manifest)), []
+async def test_model_arrives_bit_identical(backend, source, sink, direction, window_bytes):
+    plan = ChunkPlan(source.manifest)
+    ledger, landing = ReceiveLedger(plan), FileSink(sink, plan)
 
     async def send(connection):
         return await send_model(
-            connection, source.manifest, source, window_chunks=window_chunks, timeouts=TIMEOUTS
+            connection, source, window(source.manifest, window_bytes), timeouts=TIMEOUTS
         )
 
     async def receive(connection):
-        await receive_model(connection, ledger, sink, timeouts=TIMEOUTS, on_tensor=completed.append)
+        await receive_model(connection, ledger, landing, timeouts=TIMEOUTS)
 
     listener, served = await serve_once(backend, send if direction == "server_sends" else receive)
     connection = await backend.connect(listener)
@@ -215,12 +222,10 @@ async def test_model_arrives_bit_identical(backend, source, sink, direction, win
         connection.close()
         await listener.close()
     assert tensor_bytes(sink) == tensor_bytes(source)
-    assert sorted(completed) == list(
-        range(len(source.manifest.tensors))
-    )  # each tensor checked, once
+    assert landing.digests.complete  # every tensor checked against its digest as it completed
     assert statistics.bytes_sent == statistics.bytes_acked == source.manifest.total_bytes
     assert statistics.bytes_resent == 0
-    assert ledger.plan.total > 20  # many chunks, several per tensor
+    assert ledger.plan.total > 5  # several chunks, most of them across tensors
 
 
 @pytest.mark.parametrize(
@@ -228,48 +233,36 @@ async def test_model_arrives_bit_identical(backend, source, sink, direction, win
 )  # fetch_model and push_model dial a DataAddress
 @pytest.mark.parametrize("lanes", [1, 3])
 async def test_registry_serves_a_download_and_takes_an_upload_chunk_by_chunk(
-    backend, tmp_path, source, sink, lanes
+    backend, source, sink, lanes
 ):
     transfers = registry(lanes=lanes)
     listener = await backend.listen(transfers.handle)
     address = DataAddress(HOST, listener.port, backend.site_tls, transfers.dataplane)
-    landing = ModelFile.create(tmp_path / "landing.safetensors", source.manifest)
-    landed = []
+    plan = ChunkPlan(source.manifest)
+    landing = Recorder(source.manifest, lanes)
     try:
-        download = transfers.offer("site-1", source.manifest, source)
+        download = transfers.offer("site-1", plan, source)
         assert download.lanes == lanes
-        await fetch_model(
-            address,
-            download.id,
-            ReceiveLedger(ChunkPlan(source.manifest), download.lanes),
-            sink,
-            timeouts=TIMEOUTS,
-        )
+        ledger = ReceiveLedger(plan, download.lanes)
+        await fetch_model(address, download.id, ledger, FileSink(sink, plan), timeouts=TIMEOUTS)
         await download.wait(10, "download")
         assert tensor_bytes(sink) == tensor_bytes(source)
         assert download.bytes_done == source.manifest.total_bytes
 
-        upload = transfers.expect(
-            "site-1",
-            source.manifest,
-            landing,
-            on_chunk=lambda chunk: landed.append(
-                (chunk, bytes(landing.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)))
-            ),
-        )
+        upload = transfers.expect("site-1", transfers.ledger_for(plan), landing)
         statistics = await push_model(
-            address, upload.id, source.manifest, source, upload.lanes, timeouts=TIMEOUTS
+            address, upload.id, plan, source, upload.lanes, timeouts=TIMEOUTS
         )
         await upload.wait(10, "upload")
     finally:
         await listener.close()
-        landing.close()
-    assert sorted(chunk.seq for chunk, _ in landed) == [
+    assert sorted(seq for seq, _ in landing.handed) == [
         chunk.seq for chunk in source.manifest.chunks()
     ]
-    for chunk, payload in landed:  # each chunk was whole when it was handed on, exactly once
-        assert payload == bytes(source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
+    for seq, payload in landing.handed:  # each chunk was whole when it was handed on, exactly once
+        assert payload == bytes(source.chunk_view(plan.chunk(seq)))
     assert statistics.bytes_resent == 0  # a clean link: nothing sent twice
+    assert upload.statistics()["wire_bytes"] == source.manifest.total_bytes
 
 
 async def test_a_download_is_done_only_once_every_connected_lane_has_had_its_end(
@@ -279,48 +272,39 @@ async def test_a_download_is_done_only_once_every_connected_lane_has_had_its_end
     off and, reconnecting, find no transfer."""
     transfers = registry(lanes=2)
     listener = await backend.listen(transfers.handle)
-    ledger = ReceiveLedger(ChunkPlan(source.manifest), 2)
+    plan = ChunkPlan(source.manifest)
+    ledger, landing = ReceiveLedger(plan, 2), FileSink(sink, plan)
     try:
-        download = transfers.offer("site-1", source.manifest, source)
-        late = await backend.open_transfer(
-            listener, download.id, lane=1
-        )  # connected, silent for now
+        download = transfers.offer("site-1", plan, source)
+        late = await backend.open_transfer(listener, download.id, lane=1)  # connected, silent
         while download.connections < 1:
             await asyncio.sleep(0.001)
         first = await backend.open_transfer(listener, download.id, lane=0)
-        await receive_model(first, ledger, sink, timeouts=TIMEOUTS, lane=0)  # every chunk, then END
-        assert ledger.done and ledger.held(0) == ChunkPlan(source.manifest).total
+        await receive_model(first, ledger, landing, timeouts=TIMEOUTS, lane=0)  # all, then END
+        assert ledger.done and ledger.held(0) == plan.total
         await asyncio.sleep(0.1)
         assert not download.done.done()  # lane 1 has not been told yet
-        await receive_model(
-            late, ledger, sink, timeouts=TIMEOUTS, lane=1
-        )  # its first ACK, then END at once
+        await receive_model(late, ledger, landing, timeouts=TIMEOUTS, lane=1)  # ACK, then END
         await download.wait(5, "download")
     finally:
         await listener.close()
     assert tensor_bytes(sink) == tensor_bytes(source)
 
 
-def landed_at_server(buffers: UploadBuffers, chunk, prefix: bytes) -> bool:
-    """Whether the chunk's first bytes are in its upload buffer (False until its header is read)."""
-    try:
-        landing = buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
-    except ValueError:  # the server has not read the chunk's header yet
+def landed_at_server(recorder: Recorder, lane: int, prefix: bytes) -> bool:
+    """Whether a chunk's first bytes are in its lane's buffer (False until its header is read)."""
+    if not recorder.asked:
         return False
-    return bytes(landing[: len(prefix)]) == prefix
+    return bytes(recorder.buffers.landing(lane, len(prefix))) == prefix
 
 
 async def test_a_chunk_half_landed_on_one_lane_survives_a_chunk_on_another(backend, source):
     transfers = registry(lanes=2)
     listener = await backend.listen(transfers.handle)
     plan = ChunkPlan(source.manifest)
-    buffers = UploadBuffers(
-        source.manifest.chunk_bytes, 2
-    )  # where the server lands upload chunks before folding
-    landed = []
+    landing = Recorder(source.manifest, 2)  # where the server lands upload chunks before folding
     try:
-        upload = transfers.expect("site-1", source.manifest, buffers, on_chunk=landed.append)
-        buffers.ledger = upload.ledger
+        upload = transfers.expect("site-1", transfers.ledger_for(plan), landing)
         first = [plan.chunk(0), plan.chunk(1)]  # lane 0 carries chunk 0, lane 1 chunk 1
         connections = [await backend.open_transfer(listener, upload.id, lane=k) for k in range(2)]
         for connection in connections:
@@ -328,30 +312,30 @@ async def test_a_chunk_half_landed_on_one_lane_survives_a_chunk_on_another(backe
         frames = [data_frame(source, chunk) for chunk in first]
         half = len(frames[0]) // 2
         connections[0].write(frames[0][:half])  # lane 0: header and part of its chunk...
-        while not landed_at_server(buffers, first[0], frames[0][32:half]):
+        while not landed_at_server(landing, 0, frames[0][32:half]):
             await asyncio.sleep(0.001)  # ...until those bytes have landed at the server
         connections[1].write(frames[1])  # lane 1: a whole chunk
         assert (await connections[1].next_frame()).header.kind is Kind.ACK
         connections[0].write(frames[0][half:])  # lane 0: the rest of its chunk
         ack = await connections[0].next_frame()
-        assert ack.header.kind is Kind.ACK and ack.header.offset == 1  # one chunk of lane 0 held
+        assert ack.header.kind is Kind.ACK and ack.header.seq == 1  # one chunk of lane 0 held
     finally:
         await listener.close()
-    assert sorted(chunk.seq for chunk in landed) == [0, 1]
+    assert sorted(seq for seq, _ in landing.handed) == [0, 1]
+    assert dict(landing.handed)[0] == frames[0][32:]  # lane 1's chunk did not overwrite it
 
 
 async def test_a_chunk_arriving_on_one_lane_is_refused_on_another(backend, source):
     transfers = registry(lanes=2)
     listener = await backend.listen(transfers.handle)
-    landed = []
+    plan = ChunkPlan(source.manifest)
+    landing = Recorder(source.manifest, 2)
     try:
-        upload = transfers.expect(
-            "site-1", source.manifest, Recorder(source.manifest), on_chunk=landed.append
-        )
+        upload = transfers.expect("site-1", transfers.ledger_for(plan), landing)
         connections = [await backend.open_transfer(listener, upload.id, lane=k) for k in range(2)]
         for connection in connections:
             await connection.next_frame()
-        frame = data_frame(source, ChunkPlan(source.manifest).chunk(0))
+        frame = data_frame(source, plan.chunk(0))
         connections[0].write(frame[:40])  # chunk 0 begins on lane 0
         await asyncio.sleep(0.05)
         connections[1].write(frame)  # and again, whole, on lane 1
@@ -359,10 +343,10 @@ async def test_a_chunk_arriving_on_one_lane_is_refused_on_another(backend, sourc
             await connections[1].next_frame()
         connections[0].write(frame[40:])
         ack = await connections[0].next_frame()
-        assert ack.header.kind is Kind.ACK and ack.header.offset == 1
+        assert ack.header.kind is Kind.ACK and ack.header.seq == 1
     finally:
         await listener.close()
-    assert [chunk.seq for chunk in landed] == [0]
+    assert [seq for seq, _ in landing.handed] == [0]
 
 
 async def test_unknown_transfer_is_refused_with_a_reason(backend):
@@ -379,30 +363,21 @@ async def test_unknown_transfer_is_refused_with_a_reason(backend):
 
 def bad_frames(manifest: Manifest) -> dict[str, tuple[bytes, str]]:
     """Frames a receiver must refuse before placing a byte, and what its refusal says."""
-    first = next(manifest.chunks())
+    plan = ChunkPlan(manifest)
+    first = plan.chunk(0)
     payload = bytes(first.length)
     checksum = chunk_checksum(memoryview(payload))
 
-    def header(tensor: int, offset: int, length: int, check: int = checksum) -> bytes:
-        return FrameHeader(Kind.DATA, tensor, offset, length, check).encode()
+    def header(seq: int, length: int, check: int = checksum) -> bytes:
+        return FrameHeader(Kind.DATA, seq, length, check).encode()
 
-    off_plan = "is not one of the manifest's"
+    allows = "where this transfer allows"
     return {
-        "wrong_tensor": (header(first.tensor + 1, first.offset, first.length) + payload, off_plan),
-        "wrong_offset": (header(first.tensor, first.offset + 8, first.length) + payload, off_plan),
-        "shorter_than_planned": (
-            header(first.tensor, first.offset, first.length - 8) + payload[:-8],
-            off_plan,
-        ),
-        "longer_than_planned": (
-            header(first.tensor, first.offset, first.length + 8) + payload + bytes(8),
-            off_plan,
-        ),
-        "past_max_chunk_bytes": (
-            header(first.tensor, first.offset, MAX_CHUNK_BYTES + 1),
-            "exceeds",
-        ),
-        "tensor_out_of_range": (header(2**32 - 1, 0, first.length) + payload, off_plan),
+        "seq_past_the_end": (header(plan.total, first.length) + payload, "not one of the model's"),
+        "seq_far_out": (header(2**64 - 1, first.length) + payload, "not one of the model's"),
+        "shorter_than_planned": (header(0, first.length - 8) + payload[:-8], allows),
+        "longer_than_planned": (header(0, first.length + 8) + payload + bytes(8), allows),
+        "past_max_frame_bytes": (header(0, MAX_ENCODED_CHUNK_BYTES + 1), "exceeds"),
     }
 
 
@@ -416,27 +391,24 @@ BAD = list(bad_frames(Manifest.build(MIXED_LAYOUT, SMALL_CHUNK)))
 async def test_data_frame_off_the_plan_is_refused_and_the_connection_closed(backend, source, bad):
     transfers = registry()
     listener = await backend.listen(transfers.handle)
-    sink, landed = Recorder(source.manifest), []
+    landing = Recorder(source.manifest)
     try:
-        upload = transfers.expect("site-1", source.manifest, sink, on_chunk=landed.append)
+        upload = transfers.expect(
+            "site-1", transfers.ledger_for(ChunkPlan(source.manifest)), landing
+        )
         connection = await backend.open_transfer(listener, upload.id)
         first = await connection.next_frame()
-        assert (first.header.kind, first.header.offset) == (
-            Kind.ACK,
-            0,
-        )  # the receiver says where to start
+        assert (first.header.kind, first.header.seq) == (Kind.ACK, 0)  # where to start
         frame, reason = bad_frames(source.manifest)[bad]
         connection.write(frame)
         with pytest.raises((RemoteProtocolError, ConnectionLost)):  # the server hangs up on us
             await connection.next_frame()
-        with pytest.raises(
-            HaulerError
-        ) as raised:  # nobody comes back: the transfer fails, saying why
+        with pytest.raises(HaulerError) as raised:  # nobody comes back: the transfer fails
             await upload.wait(0.2, "upload")  # the server has hung up already: it knows why
         assert reason in str(raised.value)
     finally:
         await listener.close()
-    assert sink.asked == [] and landed == []  # no byte of the bad frame was placed, nothing folded
+    assert landing.asked == [] and landing.handed == []  # no byte placed, nothing folded
 
 
 @pytest.mark.parametrize(
@@ -445,10 +417,11 @@ async def test_data_frame_off_the_plan_is_refused_and_the_connection_closed(back
 async def test_control_frame_sent_to_a_receiver_is_a_remote_protocol_error(
     backend, source, sink, frame
 ):
+    plan = ChunkPlan(source.manifest)
     listener, served = await serve_once(
         backend,
         lambda connection: receive_model(
-            connection, ReceiveLedger(ChunkPlan(source.manifest)), sink, timeouts=TIMEOUTS
+            connection, ReceiveLedger(plan), FileSink(sink, plan), timeouts=TIMEOUTS
         ),
     )
     connection = await backend.connect(listener)
@@ -465,29 +438,26 @@ async def test_control_frame_sent_to_a_receiver_is_a_remote_protocol_error(
 async def test_corrupt_chunk_is_never_consumed_and_is_resent_on_reconnect(backend, source):
     transfers = registry()
     listener = await backend.listen(transfers.handle)
-    landed = []
+    plan = ChunkPlan(source.manifest)
+    landing = Recorder(source.manifest)
     try:
-        upload = transfers.expect(
-            "site-1", source.manifest, Recorder(source.manifest), on_chunk=landed.append
-        )
+        upload = transfers.expect("site-1", transfers.ledger_for(plan), landing)
         connection = await backend.open_transfer(listener, upload.id)
         await connection.next_frame()
-        chunk = next(source.manifest.chunks())
-        payload = bytes(source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-        header = FrameHeader.data(
-            chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload))
-        )
+        chunk = plan.chunk(0)
+        payload = bytes(source.chunk_view(chunk))
+        header = FrameHeader.data(chunk.seq, chunk.length, chunk_checksum(memoryview(payload)))
         connection.write(header.encode() + payload[:-1] + bytes([payload[-1] ^ 1]))
         with pytest.raises((IntegrityError, ConnectionLost)):  # the server hangs up on us
             await connection.next_frame()
-        assert landed == []  # the corrupt chunk reached nothing
-        again = await backend.open_transfer(listener, upload.id)  # the site reconnects and resumes
-        await send_model(again, source.manifest, source, window_chunks=4, timeouts=TIMEOUTS)
+        assert landing.handed == []  # the corrupt chunk reached nothing
+        again = await backend.open_transfer(listener, upload.id)  # the site reconnects, resumes
+        await send_model(again, source, window(source.manifest), timeouts=TIMEOUTS)
         await upload.wait(10, "upload")
         again.close()
     finally:
         await listener.close()
-    assert landed == list(source.manifest.chunks())  # every chunk consumed exactly once, in order
+    assert [seq for seq, _ in landing.handed] == list(range(plan.total))  # each once, in order
 
 
 async def test_connection_that_never_says_hello_is_dropped(backend):
@@ -507,17 +477,15 @@ async def test_silent_peer_times_out(backend, source, sink, side):
         backend, lambda connection: asyncio.sleep(30)
     )  # accepts, then says nothing
     connection = await backend.connect(listener)
+    plan = ChunkPlan(source.manifest)
     try:
         async with asyncio.timeout(3):  # 15 x the configured silence
             with pytest.raises(TransferTimeout) as raised:
                 if side == "receiver":
-                    await receive_model(
-                        connection, ReceiveLedger(ChunkPlan(source.manifest)), sink, timeouts=SHORT
-                    )
+                    landing = FileSink(sink, plan)
+                    await receive_model(connection, ReceiveLedger(plan), landing, timeouts=SHORT)
                 else:
-                    await send_model(
-                        connection, source.manifest, source, window_chunks=4, timeouts=SHORT
-                    )
+                    await send_model(connection, source, window(source.manifest), timeouts=SHORT)
         names = (
             {"streaming_read_timeout"}
             if side == "receiver"
@@ -532,37 +500,36 @@ async def test_silent_peer_times_out(backend, source, sink, side):
 async def test_transfer_resumes_on_a_new_connection_resending_at_most_one_window(
     backend, source, sink
 ):
-    ledger = ReceiveLedger(ChunkPlan(source.manifest))
-    window = SendSchedule(ChunkPlan(source.manifest), window_chunks=2).windows[
-        0
-    ]  # the sender's, kept across connections
+    plan = ChunkPlan(source.manifest)
+    ledger, landing = ReceiveLedger(plan), FileSink(sink, plan)
+    lane = window(source.manifest, 2 * SMALL_CHUNK)  # the sender's, kept across connections
 
     async def send(connection):
-        await send_model(
-            connection, source.manifest, source, window=window, window_chunks=2, timeouts=TIMEOUTS
-        )
+        await send_model(connection, source, lane, timeouts=TIMEOUTS)
 
     listener = await backend.listen(send)
     try:
         first = await backend.connect(listener)
         landed = []
 
-        def drop_after_five(nbytes: int) -> None:
+        def drop_after_two(nbytes: int) -> None:
             landed.append(nbytes)
-            if len(landed) == 5:
-                first.abort()
+            if len(landed) == 2:
+                first.fail(ConnectionLost("cut"))
 
         with pytest.raises((RemoteProtocolError, ConnectionLost)):
-            await receive_model(first, ledger, sink, timeouts=TIMEOUTS, on_progress=drop_after_five)
-        assert ledger.held(0) == 5
+            await receive_model(
+                first, ledger, landing, timeouts=TIMEOUTS, on_progress=drop_after_two
+            )
+        assert ledger.held(0) == 2
         second = await backend.connect(listener)
-        await receive_model(second, ledger, sink, timeouts=TIMEOUTS)
+        await receive_model(second, ledger, landing, timeouts=TIMEOUTS)
         second.close()
     finally:
         await listener.close()
-    assert tensor_bytes(sink) == tensor_bytes(source)
-    statistics = window.statistics()
-    assert statistics.resumes == 1 and statistics.bytes_resent <= 2 * source.manifest.chunk_bytes
+    assert tensor_bytes(sink) == tensor_bytes(source) and landing.digests.complete
+    statistics = lane.statistics()
+    assert statistics.resumes == 1 and statistics.bytes_resent <= 3 * SMALL_CHUNK
     assert statistics.bytes_sent == source.manifest.total_bytes + statistics.bytes_resent
 
 
@@ -588,12 +555,13 @@ async def test_each_end_knows_its_peer_by_certificate_or_not_at_all(backend):
 async def test_a_connection_pair_carries_a_model_without_a_listener(source, sink):
     """How the simulator runs a transfer: two ends, a sender on one and a receiver on the other."""
     sending, receiving = connection_pair()
-    ledger = ReceiveLedger(ChunkPlan(source.manifest))
+    plan = ChunkPlan(source.manifest)
+    ledger = ReceiveLedger(plan)
     async with asyncio.TaskGroup() as group:
         sent = group.create_task(
-            send_model(sending, source.manifest, source, window_chunks=4, timeouts=TIMEOUTS)
+            send_model(sending, source, window(source.manifest), timeouts=TIMEOUTS)
         )
-        group.create_task(receive_model(receiving, ledger, sink, timeouts=TIMEOUTS))
+        group.create_task(receive_model(receiving, ledger, FileSink(sink, plan), timeouts=TIMEOUTS))
     assert tensor_bytes(sink) == tensor_bytes(source) and ledger.done
     assert sent.result().bytes_resent == 0
     assert sending.identity is receiving.identity is None
@@ -604,25 +572,15 @@ async def test_inproc_payload_from_a_mapping_lands_in_a_mapping_in_one_copy(sour
     sending, receiving = connection_pair()
     chunk = max(source.manifest.chunks(), key=lambda chunk: chunk.length)
     frames, reads = [], []
-    receiving.on_bytes = reads.append
-    receiving.set_handler(
-        frames.append, lambda header: sink.chunk_bytes(header.tensor, header.offset, header.length)
-    )
-    view = source.chunk_bytes(
-        chunk.tensor, chunk.offset, chunk.length
-    )  # a view of the source's mapping
-    sending.write(
-        FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(view)).encode()
-    )
+    receiving.set_handler(frames.append, lambda header: sink.chunk_view(chunk), reads.append)
+    view = source.chunk_view(chunk)  # a view of the source's mapping
+    sending.write(FrameHeader.data(chunk.seq, chunk.length, chunk_checksum(view)).encode())
     sending.write(view)
     assert reads == []  # nothing is delivered inside `write`
     while not frames:
         await asyncio.sleep(0)
-    assert reads == [
-        HEADER.size,
-        chunk.length,
-    ]  # the payload went in one piece, straight into the sink's mapping
-    assert bytes(sink.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)) == bytes(view)
+    assert reads == [HEADER.size, chunk.length]  # the payload in one piece, into the mapping
+    assert bytes(sink.chunk_view(chunk)) == bytes(view)
     sending.close()
 
 
@@ -631,11 +589,11 @@ async def test_inproc_writer_pauses_past_the_high_water_mark_until_delivered():
     payload = memoryview(secrets.token_bytes(WRITE_HIGH_WATER + (1 << 20)))
     landing, frames = bytearray(len(payload)), []
     receiving.set_handler(frames.append, lambda header: memoryview(landing))
-    sending.write(FrameHeader.data(0, 0, len(payload), chunk_checksum(payload)).encode())
+    sending.write(FrameHeader.data(0, len(payload), chunk_checksum(payload)).encode())
     sending.write(payload[: WRITE_HIGH_WATER - HEADER.size])
-    assert sending.can_write.is_set()  # exactly at the mark: still writable
+    assert sending._can_write.is_set()  # exactly at the mark: still writable
     sending.write(payload[WRITE_HIGH_WATER - HEADER.size :])
-    assert not sending.can_write.is_set()  # past it: `drain` waits
+    assert not sending._can_write.is_set()  # past it: `drain` waits
     await sending.drain()
     assert len(frames) == 1 and landing == payload  # resumed once all of it was delivered
     sending.close()

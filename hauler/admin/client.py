@@ -17,7 +17,7 @@ from hauler.core.events import TrackTransfer, untracked
 from hauler.core.package import load_job, pack
 from hauler.model import ChunkPlan, Manifest, ModelFile
 from hauler.model.initial import build_in_child
-from hauler.transfer import ReceiveLedger
+from hauler.transfer import FileSink, ReceiveLedger
 from hauler.transport import ControlChannel, DataAddress, fetch_model, push_model
 
 MAX_PACKAGE_BYTES = 16 << 20
@@ -68,7 +68,7 @@ class Admin:
                 await push_model(
                     self._data_address,
                     upload["transfer"],
-                    manifest,
+                    ChunkPlan(manifest),
                     model,
                     int(upload["lanes"]),
                     timeouts=self.config.timeouts,
@@ -134,11 +134,12 @@ class Admin:
         final = out_dir / "global.safetensors"
         partial = out_dir / ".global.safetensors.partial"
         with ModelFile.create(partial, manifest) as model:
+            plan = ChunkPlan(manifest)
             await fetch_model(
                 self._data_address,
                 offer["transfer"],
-                ReceiveLedger(ChunkPlan(manifest), offer["lanes"]),
-                model,
+                ReceiveLedger(plan, offer["lanes"]),
+                FileSink(model, plan),
                 timeouts=self.config.timeouts,
             )
             model.flush()

@@ -7,12 +7,13 @@
     admins
     │   └── UpdateRefused         a site's update broke a check: that site leaves the round
     ├── ProtocolError
-    │   ├── RemoteProtocolError   the peer broke the protocol: close and report
+    │   ├── RemoteProtocolError   the peer broke the protocol: close and report, never retried
+    │   │   └── DigestError          its data contradicts its own manifest
     │   └── LocalProtocolError    our own bug: report it
-    ├── TransferTimeout        a peer went silent for one of the seed's timeouts
+    ├── TransferTimeout        a peer went silent for one of the seed's timeouts: resume
     ├── ConnectionLost         the link dropped: reconnect and resume
     ├── IntegrityError         a chunk failed its checksum: re-send it
-    │   └── DigestError           a whole tensor does not match its manifest: not retried
+    ├── SiteRestarted          a site came back as a new process: its task starts over
     └── SecurityError          refused on security grounds: fatal, never retried
 
 Every error ends with what to do about it. Errors from grpc, ssl, the OS and
@@ -81,9 +82,15 @@ class IntegrityError(HaulerError):
     """Received bytes do not match their checksum; the chunk must be re-sent."""
 
 
-class DigestError(IntegrityError):
-    """Every chunk matched its checksum, yet the tensor does not match the manifest's digest:
-    the sender's data and manifest disagree, so sending again would not help."""
+class DigestError(RemoteProtocolError):
+    """Every chunk matched its checksum, yet a tensor (or a whole encoded stream) does not match
+    the digest its sender announced: the sender's data and manifest disagree, so sending again
+    would not help."""
+
+
+class SiteRestarted(HaulerError):
+    """A site came back as a new process: the work it had under way is gone, and its task
+    starts over from the beginning (no transfer of the old process can be resumed)."""
 
 
 class SecurityError(HaulerError):

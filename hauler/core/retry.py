@@ -9,23 +9,17 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from hauler.core.config import DataPlane
-from hauler.core.errors import (
-    ConnectionLost,
-    DigestError,
-    IntegrityError,
-    RemoteProtocolError,
-    TransferTimeout,
-)
+from hauler.core.errors import ConnectionLost, IntegrityError, TransferTimeout
 
 T = TypeVar("T")
-RESUMABLE = (ConnectionLost, IntegrityError, RemoteProtocolError, TransferTimeout)
+RESUMABLE = (ConnectionLost, IntegrityError, TransferTimeout)
 log = logging.getLogger("hauler.retry")
 
 
 def resumable(error: BaseException) -> bool:
     """Whether trying again can help: a dropped, stalled or corrupted link, not data that
     contradicts its manifest nor an update the receiver refused."""
-    return isinstance(error, RESUMABLE) and not isinstance(error, DigestError)
+    return isinstance(error, RESUMABLE)
 
 
 def backoff_s(attempt: int, policy: DataPlane) -> float:
@@ -44,7 +38,7 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], policy: DataPlane, w
             return await attempt()
         except RESUMABLE as error:
             failures += 1
-            if failures > policy.max_retries or not resumable(error):
+            if failures > policy.max_retries:
                 raise
             log.info("retrying", extra={"what": what, "attempt": failures, "error": str(error)})
             await asyncio.sleep(backoff_s(failures, policy))

@@ -18,7 +18,7 @@ import numpy as np
 
 from hauler.core.errors import ConfigError, RemoteProtocolError
 from hauler.model.dtypes import numpy_dtype
-from hauler.model.manifest import MAX_HEADER_BYTES, Manifest
+from hauler.model.manifest import MAX_HEADER_BYTES, TIES_KEY, Chunk, Manifest
 
 _U64 = struct.Struct("<Q")
 
@@ -75,10 +75,18 @@ class ModelFile:
         start = self.data_start + tensor.offset
         return self._buffer[start : start + tensor.length]
 
-    def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview:
-        """A chunk of one tensor as a view of the mapping (the caller has validated the range)."""
-        start = self.data_start + self.manifest.tensors[tensor].offset + offset
-        return self._buffer[start : start + length]
+    def chunk_view(self, chunk: Chunk) -> memoryview:
+        """A chunk (a byte range of the data region) as a view of the mapping."""
+        start = self.data_start + chunk.offset
+        return self._buffer[start : start + chunk.length]
+
+    def chunk_views(self, chunk: Chunk) -> list[memoryview]:
+        """What a sender writes for `chunk`: one view of the mapping."""
+        return [self.chunk_view(chunk)]
+
+    def payload_bytes(self, chunk: Chunk) -> int:
+        """A raw chunk weighs its length on the wire."""
+        return chunk.length
 
     def array(self, index: int) -> np.ndarray:
         """Tensor `index` as a numpy array viewing the file."""
@@ -95,8 +103,10 @@ class ModelFile:
         return flat.reshape(tensor.shape)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Every tensor as a numpy view, by name; writes go to the file when writable."""
-        return {t.name: self.array(i) for i, t in enumerate(self.manifest.tensors)}
+        """Every tensor as a numpy view, by name, tied names viewing their tensor's memory;
+        writes go to the file when writable."""
+        arrays = {t.name: self.array(i) for i, t in enumerate(self.manifest.tensors)}
+        return arrays | {alias: arrays[target] for alias, target in self.manifest.ties}
 
     def compute_digests(self) -> Manifest:
         """Hash every chunk (about 25 GB/s) and return the manifest with tensor digests."""
@@ -109,7 +119,10 @@ class ModelFile:
             self._mmap.flush()
 
     def close(self) -> None:
-        """Release the mapping. Views handed out earlier must not be used afterwards."""
+        """Release the mapping (once; again is a no-op). Views handed out earlier must not be
+        used afterwards."""
+        if self._fd < 0:
+            return
         self._buffer.release()
         if self._mmap is not None:
             try:
@@ -117,6 +130,7 @@ class ModelFile:
             except BufferError:  # a numpy view still holds it; the GC closes it with the view
                 pass
         os.close(self._fd)
+        self._fd = -1
 
     def __enter__(self) -> ModelFile:
         return self
@@ -177,4 +191,18 @@ def _manifest_from_header(header: object, chunk_bytes: int, path: Path) -> Manif
             (row[3], row[4]) if isinstance(row[3], int) and isinstance(row[4], int) else (-1, -1)
         )
     )
-    return Manifest.from_json({"chunk_bytes": chunk_bytes, "tensors": rows})
+    ties = _ties_from_metadata(header.get("__metadata__"), path)
+    return Manifest.from_json({"chunk_bytes": chunk_bytes, "tensors": rows, "ties": ties})
+
+
+def _ties_from_metadata(metadata: object, path: Path) -> list:
+    """The tied names a Hauler-written file lists in its metadata (none in other files)."""
+    if not isinstance(metadata, dict) or TIES_KEY not in metadata:
+        return []
+    try:
+        ties = json.loads(metadata[TIES_KEY])
+    except (TypeError, ValueError):
+        raise RemoteProtocolError(f"{path}: metadata {TIES_KEY!r} is not a JSON list") from None
+    if not isinstance(ties, list) or not all(isinstance(t, list) and len(t) == 2 for t in ties):
+        raise RemoteProtocolError(f"{path}: metadata {TIES_KEY!r} is not a list of name pairs")
+    return ties

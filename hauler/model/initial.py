@@ -40,7 +40,7 @@ def write_initial_model(
     The file is written under a temporary name beside `out_file` and renamed at the end, so a
     crash never leaves a partial file under the final name."""
     code = load_job_module(Path(app_dir), JOB_ID, module)
-    layout = [(name, dtype, tuple(shape)) for name, dtype, shape in code.layout(config)]
+    layout = [(name, dtype, tuple(shape), *tie) for name, dtype, shape, *tie in code.layout(config)]
     manifest = Manifest.build(layout, chunk_bytes)
     out_file = Path(out_file)
     partial = out_file.with_name(out_file.name + ".partial")
@@ -57,9 +57,10 @@ def write_initial_model(
 
 
 def _fill(code: ModuleType, model: ModelFile, config: dict) -> None:
-    """Each tensor by the module's fill, in file order; the views die with this frame."""
-    for name, array in model.arrays().items():
-        code.fill(name, array, config)
+    """Each stored tensor by the module's fill, in file order (a tied name shares its tensor's
+    values, filled once); the views die with this frame."""
+    for index, tensor in enumerate(model.manifest.tensors):
+        code.fill(tensor.name, model.array(index), config)
 
 
 def import_initial_model(

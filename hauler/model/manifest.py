@@ -1,10 +1,25 @@
 """Manifests: the names, dtypes, shapes, byte ranges and digests of a model's tensors.
 
 A manifest is all a receiver needs to pre-size a model file and check every chunk
-before it lands. Its byte layout is the safetensors layout: tensors packed in order,
-contiguous, from offset 0 of the data region. Every manifest from a peer or a file
-passes `Manifest.validate` before anything is allocated: the limits below are the
-reasons a hostile manifest cannot make us allocate or write out of bounds.
+before it lands. Its byte layout is the safetensors layout: tensors packed one after
+another, contiguous, from offset 0 of the data region, each at an offset that is a
+multiple of its element size (safetensors orders tensors by element size for this, and
+`Manifest.build` does the same), so no chunk boundary ever cuts an element.
+
+A chunk is a byte range of the data region, not of one tensor: chunk k covers
+[k x chunk_bytes, (k + 1) x chunk_bytes), whatever tensors lie there, so a model of
+thousands of small tensors moves in as few chunks as one tensor of the same size. A
+tensor's digest is xxh3-64 over the checksums of its pieces (its intersections with the
+chunk grid), so a receiver checks it from bytes it has just landed, with no second pass.
+
+Tensors that share storage in the training code (GPT-2's `lm_head.weight` and
+`transformer.wte.weight`) are stored, sent and folded once: the manifest lists the other
+names as `ties` (alias -> tensor), the safetensors header keeps them in its metadata, and
+readers hand the same array out under both names.
+
+Every manifest from a peer or a file passes `Manifest.validate` before anything is
+allocated: the limits below are the reasons a hostile manifest cannot make us allocate or
+write out of bounds.
 """
 
 from __future__ import annotations
@@ -27,7 +42,10 @@ MAX_MODEL_BYTES = 1 << 46  # 64 TiB: far past the seed's 128 GB, far short of ov
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap on a header
 MAX_CHUNK_BYTES = 64 << 20  # one frame; the receiver's buffers are sized by it
 HEADER_ALIGN = 8  # safetensors pads the JSON header to 8 bytes with spaces
+TIES_KEY = "hauler.ties"  # the safetensors metadata entry that lists tied names
 _U64 = struct.Struct("<Q")
+
+Layout = Sequence[tuple[str, str, Sequence[int]] | tuple[str, str, Sequence[int], str]]
 
 
 @dataclass(frozen=True)
@@ -45,135 +63,148 @@ class TensorEntry:
     def itemsize(self) -> int:
         return numpy_dtype(self.dtype).itemsize
 
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
 
 @dataclass(frozen=True)
 class Chunk:
-    """A piece of one tensor as it travels: `seq` orders chunks across the whole model."""
+    """A byte range of the model's data region as it travels: chunk `seq` starts at
+    `offset` = seq x chunk_bytes and may hold pieces of several tensors."""
 
     seq: int
-    tensor: int
     offset: int
     length: int
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """The tensors of a model in file order, and the chunk size their digests use."""
+    """The tensors of a model in file order, the chunk size their digests use, and the names
+    tied to them (alias, tensor)."""
 
     tensors: tuple[TensorEntry, ...]
     chunk_bytes: int
+    ties: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def build(cls, layout: Sequence[tuple[str, str, Sequence[int]]], chunk_bytes: int) -> Manifest:
-        """Pack `(name, dtype, shape)` tensors one after another, as safetensors does."""
+    def build(cls, layout: Layout, chunk_bytes: int) -> Manifest:
+        """Pack `(name, dtype, shape)` tensors one after another, widest elements first so
+        every tensor is aligned (as safetensors does); a row `(name, dtype, shape, other)`
+        ties `name` to tensor `other`, which must have the same dtype and shape."""
+        rows = [row for row in layout if len(row) == 3]
+        rows.sort(key=lambda row: -numpy_dtype(row[1]).itemsize)  # stable: order kept otherwise
         tensors, offset = [], 0
-        for name, dtype, shape in layout:
+        for name, dtype, shape in rows:
             length = math.prod(shape) * numpy_dtype(dtype).itemsize
             tensors.append(TensorEntry(name, dtype, tuple(int(d) for d in shape), offset, length))
             offset += length
-        manifest = cls(tuple(tensors), chunk_bytes)
+        manifest = cls(tuple(tensors), chunk_bytes, _ties_of(layout, tensors))
         manifest.validate()
         return manifest
 
     @property
     def total_bytes(self) -> int:
-        return self.tensors[-1].offset + self.tensors[-1].length if self.tensors else 0
+        return self.tensors[-1].end if self.tensors else 0
 
     @property
     def names(self) -> list[str]:
+        """The stored tensors' names (tied aliases are not among them)."""
         return [t.name for t in self.tensors]
 
     def layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return [(t.name, t.dtype, t.shape) for t in self.tensors]
 
     def same_layout(self, other: Manifest) -> bool:
-        """True when both describe the same names, dtypes and shapes (digests may differ)."""
-        return self.layout() == other.layout() and self.chunk_bytes == other.chunk_bytes
+        """True when both describe the same names, dtypes, shapes and ties (digests may differ)."""
+        return (self.layout(), self.ties, self.chunk_bytes) == (
+            other.layout(),
+            other.ties,
+            other.chunk_bytes,
+        )
+
+    def tensor_pieces(self, tensor: TensorEntry) -> Iterator[tuple[int, int]]:
+        """(start, length) within `tensor` of each of its pieces: its parts in successive chunks."""
+        position = tensor.offset
+        while position < tensor.end:
+            cut = min(tensor.end, (position // self.chunk_bytes + 1) * self.chunk_bytes)
+            yield position - tensor.offset, cut - position
+            position = cut
 
     def digested(self, tensor_bytes: Callable[[int], memoryview]) -> Manifest:
-        """This manifest with every tensor's digest computed from `tensor_bytes(index)` (about 25
-        GB/s)."""
-        step = self.chunk_bytes
-        return self.with_digests(
-            [
-                digest_of_checksums(
-                    [chunk_checksum(view[o : o + step]) for o in range(0, t.length, step)]
-                )
-                for t, view in ((t, tensor_bytes(i)) for i, t in enumerate(self.tensors))
-            ]
-        )
+        """This manifest with every tensor's digest computed from `tensor_bytes(index)` (about
+        25 GB/s)."""
+        digests = []
+        for index, tensor in enumerate(self.tensors):
+            view = tensor_bytes(index)
+            pieces = self.tensor_pieces(tensor)
+            digests.append(
+                digest_of_checksums([chunk_checksum(view[s : s + n]) for s, n in pieces])
+            )
+        return self.with_digests(digests)
 
     def with_digests(self, digests: Sequence[str]) -> Manifest:
         if len(digests) != len(self.tensors):
             raise ValueError("one digest per tensor")
-        return replace(
-            self, tensors=tuple(replace(t, digest=d) for t, d in zip(self.tensors, digests))
-        )
+        tensors = tuple(replace(t, digest=d) for t, d in zip(self.tensors, digests))
+        return replace(self, tensors=tensors)
+
+    @property
+    def digest(self) -> str:
+        """One digest of the whole model: layout and every tensor's digest (which must be set)."""
+        return xxhash.xxh3_128_hexdigest(json.dumps(self.to_json(), sort_keys=True).encode())
 
     def chunks(self, start_seq: int = 0) -> Iterator[Chunk]:
         """Every chunk of the model in order, from `start_seq` on."""
-        seq = 0
-        for index, tensor in enumerate(self.tensors):
-            count = self.chunk_count(tensor)
-            if seq + count <= start_seq:
-                seq += count
-                continue
-            for k in range(max(0, start_seq - seq), count):
-                offset = k * self.chunk_bytes
-                yield Chunk(seq + k, index, offset, min(self.chunk_bytes, tensor.length - offset))
-            seq += count
+        for seq in range(start_seq, self.chunk_count()):
+            offset = seq * self.chunk_bytes
+            yield Chunk(seq, offset, min(self.chunk_bytes, self.total_bytes - offset))
 
-    def chunk_count(self, tensor: TensorEntry | None = None) -> int:
-        """Chunks in one tensor, or in the whole model."""
-        if tensor is not None:
-            return -(-tensor.length // self.chunk_bytes)
-        return sum(self.chunk_count(t) for t in self.tensors)
+    def chunk_count(self) -> int:
+        """Chunks in the whole model."""
+        return -(-self.total_bytes // self.chunk_bytes)
 
     def safetensors_header(self) -> bytes:
         """The file's header: 8-byte little-endian length, then space-padded JSON."""
         entries = {
-            t.name: {
-                "dtype": t.dtype,
-                "shape": list(t.shape),
-                "data_offsets": [t.offset, t.offset + t.length],
-            }
+            t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.offset, t.end]}
             for t in self.tensors
         }
-        body = json.dumps(
-            {"__metadata__": {"format": "np"}, **entries}, separators=(",", ":")
-        ).encode()
+        metadata = {"format": "np", **({TIES_KEY: json.dumps(self.ties)} if self.ties else {})}
+        body = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
         body += b" " * (-(len(body) + _U64.size) % HEADER_ALIGN)
         return _U64.pack(len(body)) + body
 
     def to_json(self) -> dict:
-        return {
-            "chunk_bytes": self.chunk_bytes,
-            "tensors": [
-                [t.name, t.dtype, list(t.shape), t.offset, t.length, t.digest] for t in self.tensors
-            ],
-        }
+        rows = [
+            [t.name, t.dtype, list(t.shape), t.offset, t.length, t.digest] for t in self.tensors
+        ]
+        ties = {"ties": [list(tie) for tie in self.ties]} if self.ties else {}
+        return {"chunk_bytes": self.chunk_bytes, "tensors": rows, **ties}
 
     @classmethod
     def from_json(cls, data: object) -> Manifest:
         """Parse and validate a manifest received from a peer or read from disk."""
         try:
             assert isinstance(data, dict)
-            rows = data["tensors"]
+            rows, ties = data["tensors"], data.get("ties", [])
             assert isinstance(rows, list) and len(rows) <= MAX_TENSORS
+            assert isinstance(ties, list) and len(ties) <= MAX_TENSORS
             tensors = tuple(
                 TensorEntry(str(n), str(d), tuple(s), o, length, str(g))
                 for n, d, s, o, length, g in rows
             )
-            manifest = cls(tensors, data["chunk_bytes"])
+            manifest = cls(tensors, data["chunk_bytes"], tuple((str(a), str(b)) for a, b in ties))
         except (AssertionError, KeyError, TypeError, ValueError):
             raise RemoteProtocolError(
-                "malformed manifest: expected {chunk_bytes, tensors: [...]}"
+                "malformed manifest: expected {chunk_bytes, tensors: [...], ties: [...]}"
             ) from None
         manifest.validate()
         return manifest
 
     def validate(self) -> None:
-        """Check every limit and that tensors tile the data region exactly, in order."""
+        """Check every limit, that tensors tile the data region exactly, in order, each aligned
+        to its element size, and that every tie names a tensor of the model."""
         if not isinstance(self.chunk_bytes, int) or not 8 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise RemoteProtocolError(
                 f"chunk_bytes {self.chunk_bytes!r} outside 8..{MAX_CHUNK_BYTES}"
@@ -197,10 +228,27 @@ class Manifest:
             raise RemoteProtocolError(
                 f"model of {expected_offset} bytes exceeds the limit of {MAX_MODEL_BYTES}"
             )
+        _validate_ties(self.ties, seen)
 
 
-def _validate_tensor(tensor: TensorEntry, expected_offset: int) -> None:
-    name = tensor.name
+def _ties_of(layout: Layout, tensors: list[TensorEntry]) -> tuple[tuple[str, str], ...]:
+    """The (alias, tensor) rows of a layout, each of the same dtype and shape as its tensor."""
+    by_name = {t.name: t for t in tensors}
+    ties = []
+    for row in layout:
+        if len(row) == 4:
+            name, dtype, shape, other = row
+            target = by_name.get(other)
+            if target is None or (dtype, tuple(shape)) != (target.dtype, target.shape):
+                raise RemoteProtocolError(
+                    f"tensor {name!r} is tied to {other!r}, which is not a tensor of the same "
+                    "dtype and shape in the layout"
+                )
+            ties.append((name, other))
+    return tuple(ties)
+
+
+def _validate_name(name: str) -> None:
     if (
         not name
         or len(name.encode()) > MAX_NAME_BYTES
@@ -208,6 +256,11 @@ def _validate_tensor(tensor: TensorEntry, expected_offset: int) -> None:
         or name == "__metadata__"
     ):
         raise RemoteProtocolError(f"tensor name {name[:80]!r} is empty, too long or not printable")
+
+
+def _validate_tensor(tensor: TensorEntry, expected_offset: int) -> None:
+    name = tensor.name
+    _validate_name(name)
     itemsize = numpy_dtype(tensor.dtype).itemsize
     if len(tensor.shape) > MAX_DIMS or any(not isinstance(d, int) or d < 0 for d in tensor.shape):
         raise RemoteProtocolError(f"tensor {name!r}: shape {tensor.shape!r} is not a list of sizes")
@@ -220,6 +273,23 @@ def _validate_tensor(tensor: TensorEntry, expected_offset: int) -> None:
         raise RemoteProtocolError(
             f"tensor {name!r}: offset {tensor.offset} leaves a hole or overlaps"
         )
+    if tensor.offset % itemsize:
+        raise RemoteProtocolError(
+            f"tensor {name!r} starts at byte {tensor.offset}, not a multiple of its element size "
+            f"{itemsize}; save the model with safetensors, which aligns every tensor"
+        )
+
+
+def _validate_ties(ties: tuple[tuple[str, str], ...], tensors: set[str]) -> None:
+    """Each alias a new valid name, each tied to a stored tensor."""
+    aliases: set[str] = set()
+    for alias, target in ties:
+        _validate_name(alias)
+        if alias in tensors or alias in aliases:
+            raise RemoteProtocolError(f"tied name {alias!r} appears twice")
+        if target not in tensors:
+            raise RemoteProtocolError(f"{alias!r} is tied to {target!r}, which is not a tensor")
+        aliases.add(alias)
 
 
 def chunk_checksum(data: memoryview) -> int:
@@ -228,7 +298,7 @@ def chunk_checksum(data: memoryview) -> int:
 
 
 def digest_of_checksums(checksums: Sequence[int]) -> str:
-    """A tensor's digest: xxh3-64 over its chunks' checksums, so receivers need no second pass."""
+    """A tensor's digest: xxh3-64 over its pieces' checksums, so receivers need no second pass."""
     hasher = xxhash.xxh3_64()
     for checksum in checksums:
         hasher.update(_U64.pack(checksum))

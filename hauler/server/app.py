@@ -21,7 +21,7 @@ from hauler.core.config import ServerConfig
 from hauler.core.errors import ConfigError, HaulerError, RemoteProtocolError
 from hauler.core.events import read_json_lines, read_json_lines_page
 from hauler.core.messages import Heartbeat, Hello, Welcome, dump, parse_site_message
-from hauler.model import Manifest
+from hauler.model import ChunkPlan, Manifest
 from hauler.model.rounds import RoundStore
 from hauler.server.access import AccessPolicy, sees_private, submitter
 from hauler.server.joblogs import LOGS_FILE
@@ -247,7 +247,7 @@ class Server:
         if latest is None:
             raise ConfigError(f"job {job_id} has no global model yet")
         model = rounds.open(latest)
-        transfer = self.transfers.offer(peer, model.manifest, model)
+        transfer = self.transfers.offer(peer, ChunkPlan(model.manifest), model)
         assert self._background is not None
 
         async def serve_then_forget() -> None:

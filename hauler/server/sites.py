@@ -18,15 +18,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from hauler.core.errors import ConnectionLost, HaulerError, JobCodeError
+from hauler.core.errors import ConnectionLost, HaulerError, JobCodeError, SiteRestarted
 from hauler.core.messages import ResultReady, Task, TaskFailed, UploadReady, dump
 from hauler.transport import MessageStream
 
 MAX_OUTBOX = 256  # messages kept for a site while it is away; requests are kept apart, all of them
-
-
-class SiteRestarted(ConnectionLost):
-    """The site came back as a new process: the work it had under way is gone."""
 
 
 class SiteSession:

@@ -1,18 +1,20 @@
 """The server's open transfers, and the data-plane handler that serves them.
 
-Each transfer is bound to one site and one direction when the control plane
-creates it; a data-plane connection names it in its HELLO. Ids are random 128-bit
-tokens, so a transfer cannot be guessed.
+A transfer is a `Download` (the server sends a model from a source) or an `Upload` (the server
+receives one into a sink), bound to one peer when the control plane creates it; a data-plane
+connection names it in its HELLO. Ids are random 128-bit tokens, so a transfer cannot be
+guessed. A transfer outlives its connections: its schedule (downloads) or ledger (uploads)
+says where each lane resumes.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import secrets
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from hauler.core.config import DataPlane, Timeouts
 from hauler.core.errors import (
@@ -23,61 +25,57 @@ from hauler.core.errors import (
 )
 from hauler.core.retry import resumable
 from hauler.core.timeouts import SilenceTimer
-from hauler.model import Chunk, ChunkPlan, Manifest
+from hauler.model import ChunkPlan
 from hauler.server.access import AccessPolicy
 from hauler.server.refusals import RefusalLog
-from hauler.transfer import ReceiveLedger, SendSchedule
+from hauler.transfer import PayloadBytes, ReceiveLedger, SendSchedule
 from hauler.transport import Connection, read_hello, receive_model, refuse, send_model
 from hauler.transport.streams import ChunkSink, ChunkSource
 
+T = TypeVar("T", bound="Transfer")
 
-@dataclass
-class Transfer:
-    """One model moving between the server and a site (or admin)."""
 
-    id: str
-    peer: str
-    direction: Literal["download", "upload"]  # as seen by the peer: download = server sends
-    manifest: Manifest
-    file: ChunkSource
-    done: asyncio.Future[None]
-    lanes: int = 1  # parallel connections, sharing out the chunks
-    ledger: ReceiveLedger | None = None  # uploads: what has landed, across lanes and reconnects
-    schedule: SendSchedule | None = None  # downloads: what each lane sent, across reconnects
-    on_chunk: Callable[[Chunk], None] | None = None
-    bytes_done: int = 0
-    bytes_discarded: int = 0
-    interruption: str = ""  # why the last connection ended early, for the error a waiter sees
-    connections: int = 0
-    serving: dict[int, Connection] = field(default_factory=dict)
-    locks: dict[int, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
-    listeners: list[Callable[[int], None]] = field(default_factory=list)
+class Transfer(abc.ABC):
+    """One model moving between the server and a peer, on `lanes` connections at once."""
+
+    def __init__(self, peer: str, lanes: int) -> None:
+        self.id = secrets.token_hex(16)
+        self.peer, self.lanes = peer, lanes
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.bytes_done = 0  # model bytes moved (their payload may have been encoded smaller)
+        self.connections = 0
+        self.interruption = ""  # why the last connection ended early, for a waiter's error
+        self.serving: dict[int, Connection] = {}
+        self.locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.listeners: list[Callable[[int], None]] = []
 
     @property
+    @abc.abstractmethod
     def complete(self) -> bool:
-        return (
-            self.ledger.done
-            if self.ledger is not None
-            else self.schedule is not None and self.schedule.done
-        )
+        """Every chunk acknowledged (a download) or landed (an upload)."""
+
+    @abc.abstractmethod
+    async def run(self, connection: Connection, lane: int, timeouts: Timeouts) -> None:
+        """Serve one lane on one connection, until that lane ends or the connection drops."""
+
+    @abc.abstractmethod
+    def wire_statistics(self) -> dict[str, int]:
+        """Payload bytes on the wire and re-sent, as this side knows them."""
 
     @property
     def failed(self) -> bool:
         """Ended without its model (discarded, or data that contradicts its manifest)."""
         return self.done.done() and self.done.exception() is not None
 
+    @abc.abstractmethod
+    def connection_ended(self, connection: Connection) -> None:
+        """A connection of this transfer is over: count what it wasted."""
+
     def statistics(self) -> dict[str, int]:
-        """Bytes moved and re-sent, and reconnections, for the job's metrics."""
-        # A sender knows what it sent twice; a receiver, the part-chunks a dropped link wasted
-        # (chunks it acknowledged are never re-sent).
-        resent = (
-            self.schedule.statistics().bytes_resent
-            if self.schedule is not None
-            else self.bytes_discarded
-        )
+        """Model and wire bytes, bytes re-sent, lanes and reconnections, for the job's metrics."""
         return {
             "bytes": self.bytes_done,
-            "bytes_resent": resent,
+            **self.wire_statistics(),
             "lanes": self.lanes,
             "reconnects": max(0, self.connections - self.lanes),
         }
@@ -90,21 +88,66 @@ class Transfer:
     async def wait(self, seconds: float | None, what: str) -> None:
         """Wait for the transfer to finish; fail after `seconds` (communication_timeout) of no
         progress."""
-        try:
-            async with SilenceTimer(seconds, "communication_timeout", what) as timer:
-                self.listeners.append(timer.touch)
-                try:
-                    await asyncio.shield(self.done)
-                finally:
-                    self.listeners.remove(timer.touch)
-        except TransferTimeout as error:
-            if self.interruption:
-                raise TransferTimeout(
-                    error.timeout_name,
-                    error.seconds,
-                    f"{what} (its last connection ended: {self.interruption})",
-                ) from None
-            raise
+        await wait_any([self], seconds, what)
+
+
+class Download(Transfer):
+    """A model the server sends from `source`; its lanes share out the schedule's chunks."""
+
+    def __init__(self, peer: str, source: ChunkSource, schedule: SendSchedule) -> None:
+        super().__init__(peer, len(schedule.windows))
+        self.source, self.schedule = source, schedule
+
+    @property
+    def complete(self) -> bool:
+        return self.schedule.done
+
+    async def run(self, connection: Connection, lane: int, timeouts: Timeouts) -> None:
+        window = self.schedule.windows[lane]
+        await send_model(
+            connection, self.source, window, timeouts=timeouts, on_progress=self.progressed
+        )
+
+    def connection_ended(self, connection: Connection) -> None:
+        """Nothing to count: the windows know what they send again."""
+
+    def wire_statistics(self) -> dict[str, int]:
+        """What the lanes sent that was acknowledged, and what a dropped link made them send
+        again."""
+        sent = self.schedule.statistics()
+        return {"wire_bytes": sent.bytes_acked, "bytes_resent": sent.bytes_resent}
+
+
+class Upload(Transfer):
+    """A model the server receives into `sink`, as `ledger` allows; the ledger says what each
+    lane holds across reconnections."""
+
+    def __init__(self, peer: str, ledger: ReceiveLedger, sink: ChunkSink) -> None:
+        super().__init__(peer, ledger.lanes)
+        self.ledger, self.sink = ledger, sink
+        self.bytes_discarded = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.ledger.done
+
+    async def run(self, connection: Connection, lane: int, timeouts: Timeouts) -> None:
+        await receive_model(
+            connection,
+            self.ledger,
+            self.sink,
+            timeouts=timeouts,
+            lane=lane,
+            on_progress=self.progressed,
+        )
+
+    def connection_ended(self, connection: Connection) -> None:
+        """A receiver re-gets only the part-chunk a dropped link cut (acknowledged chunks are
+        never re-sent)."""
+        self.bytes_discarded += connection.partial_payload_bytes
+
+    def wire_statistics(self) -> dict[str, int]:
+        return {"wire_bytes": self.ledger.bytes_received, "bytes_resent": self.bytes_discarded}
 
 
 class TransferRegistry:
@@ -124,45 +167,31 @@ class TransferRegistry:
         self._transfers: dict[str, Transfer] = {}
         self._open: defaultdict[str, int] = defaultdict(int)  # peer -> data connections open
 
-    def offer(self, peer: str, manifest: Manifest, source: ChunkSource) -> Transfer:
-        """A model the server will send to `peer` when it connects, on one connection per lane."""
+    def offer(
+        self,
+        peer: str,
+        plan: ChunkPlan,
+        source: ChunkSource,
+        payload_bytes: PayloadBytes | None = None,
+    ) -> Download:
+        """A model the server will send to `peer` when it connects, on one connection per lane;
+        `payload_bytes` weighs encoded chunks (raw ones weigh their length)."""
+        weigh = payload_bytes or (lambda chunk: chunk.length)
         schedule = SendSchedule(
-            ChunkPlan(manifest), self.dataplane.window_chunks, self.dataplane.connections
+            plan, self.dataplane.window_bytes, self.dataplane.connections, weigh
         )
-        return self._add(
-            Transfer(
-                secrets.token_hex(16),
-                peer,
-                "download",
-                manifest,
-                source,
-                _future(),
-                lanes=len(schedule.windows),
-                schedule=schedule,
-            )
-        )
+        return self._add(Download(peer, source, schedule))
 
-    def expect(
-        self, peer: str, manifest: Manifest, sink: ChunkSink, on_chunk: Callable[[Chunk], None]
-    ) -> Transfer:
-        """A model the server will receive from `peer`: chunks land in `sink`, then go to
-        `on_chunk`."""
-        ledger = ReceiveLedger(ChunkPlan(manifest), self.dataplane.connections)
-        return self._add(
-            Transfer(
-                secrets.token_hex(16),
-                peer,
-                "upload",
-                manifest,
-                sink,
-                _future(),
-                lanes=ledger.lanes,
-                ledger=ledger,
-                on_chunk=on_chunk,
-            )
-        )
+    def expect(self, peer: str, ledger: ReceiveLedger, sink: ChunkSink) -> Upload:
+        """A model the server will receive from `peer`: chunks land where `sink` says, as
+        `ledger` (made with `ledger_for`) allows."""
+        return self._add(Upload(peer, ledger, sink))
 
-    def _add(self, transfer: Transfer) -> Transfer:
+    def ledger_for(self, plan: ChunkPlan, **options: object) -> ReceiveLedger:
+        """A ledger for an upload on the server's number of lanes."""
+        return ReceiveLedger(plan, self.dataplane.connections, **options)  # type: ignore[arg-type]
+
+    def _add(self, transfer: T) -> T:
         self._transfers[transfer.id] = transfer
         return transfer
 
@@ -211,11 +240,11 @@ class TransferRegistry:
     async def _bind(self, connection: Connection, peer: str) -> tuple[Transfer, int] | None:
         """The transfer and lane a connection's HELLO names, if it may serve them."""
         try:
-            transfer_id, lane = await read_hello(connection, self.dataplane.hello_timeout_s)
+            hello = await read_hello(connection, self.dataplane.hello_timeout_s)
         except HaulerError as error:
             self.refusals.refused(peer, "hello", str(error))
             raise
-        transfer = self._transfers.get(transfer_id)
+        transfer, lane = self._transfers.get(hello.transfer), hello.lane
         if transfer is None or transfer.failed or lane >= transfer.lanes:
             self._refuse(
                 connection, peer, "transfer", "unknown or failed transfer, or no such lane"
@@ -241,7 +270,7 @@ class TransferRegistry:
                 return
             transfer.serving[lane], transfer.connections = connection, transfer.connections + 1
             try:
-                await self._run(connection, transfer, lane)
+                await transfer.run(connection, lane, self.timeouts)
             except HaulerError as error:
                 transfer.interruption = str(error)
                 if not resumable(error) and not transfer.done.done():
@@ -251,33 +280,9 @@ class TransferRegistry:
                 raise
             finally:
                 del transfer.serving[lane]
-                transfer.bytes_discarded += connection.reader.partial_payload_bytes
+                transfer.connection_ended(connection)
                 if transfer.complete and not transfer.serving and not transfer.done.done():
                     transfer.done.set_result(None)  # once no lane is still sending its END
-
-    async def _run(self, connection: Connection, transfer: Transfer, lane: int) -> None:
-        if transfer.direction == "download":
-            assert transfer.schedule is not None
-            await send_model(
-                connection,
-                transfer.manifest,
-                transfer.file,
-                window_chunks=self.dataplane.window_chunks,
-                timeouts=self.timeouts,
-                on_progress=transfer.progressed,
-                window=transfer.schedule.windows[lane],
-            )
-        else:
-            assert transfer.ledger is not None and transfer.on_chunk is not None
-            await receive_model(
-                connection,
-                transfer.ledger,
-                transfer.file,
-                timeouts=self.timeouts,
-                lane=lane,
-                on_chunk=transfer.on_chunk,
-                on_progress=transfer.progressed,
-            )
 
 
 def _peer_name(connection: Connection) -> str:
@@ -289,5 +294,43 @@ def _peer_name(connection: Connection) -> str:
     return "(plaintext peers)" if identity is None else identity.name
 
 
-def _future() -> asyncio.Future[None]:
-    return asyncio.get_running_loop().create_future()
+async def wait_any(transfers: Sequence[T], seconds: float | None, what: str) -> T:
+    """The first of `transfers` to finish (a peer offered several ways to get one model takes
+    one); fails once all have failed, or after `seconds` (communication_timeout) without
+    progress on any."""
+    try:
+        async with SilenceTimer(seconds, "communication_timeout", what) as timer:
+            for transfer in transfers:
+                transfer.listeners.append(timer.touch)
+            try:
+                return await _first_done(transfers)
+            finally:
+                for transfer in transfers:
+                    transfer.listeners.remove(timer.touch)
+    except TransferTimeout as error:
+        interruptions = [t.interruption for t in transfers if t.interruption]
+        if not interruptions:
+            raise
+        raise TransferTimeout(
+            error.timeout_name,
+            error.seconds,
+            f"{what} (its last connection ended: {interruptions[-1]})",
+        ) from None
+
+
+async def _first_done(transfers: Sequence[T]) -> T:
+    waiting = {asyncio.ensure_future(asyncio.shield(t.done)): t for t in transfers}
+    failure: BaseException | None = None
+    try:
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                transfer = waiting.pop(future)
+                if future.exception() is None:
+                    return transfer
+                failure = future.exception()
+        assert failure is not None
+        raise failure
+    finally:
+        for future in waiting:
+            future.cancel()

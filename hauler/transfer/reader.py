@@ -18,12 +18,13 @@ from hauler.transfer.frames import HEADER, FrameHeader, Kind
 
 @dataclass(frozen=True)
 class Frame:
-    """A complete frame: DATA payloads are already in their destination, with their `checksum`;
-    others carry `payload`."""
+    """A complete frame: a DATA payload is already in its destination (`landed`, the view it
+    filled), with its `checksum`; others carry `payload`."""
 
     header: FrameHeader
     payload: bytes = b""
     checksum: int = 0
+    landed: memoryview = memoryview(b"")
 
 
 Destination = Callable[[FrameHeader], memoryview]
@@ -76,11 +77,11 @@ class FrameReader:
         checksum = chunk_checksum(payload)
         if header.check_for(checksum) != header.checksum:
             raise IntegrityError(
-                f"{header.kind.name} frame for tensor {header.tensor} at offset {header.offset}: "
-                "checksum mismatch; the chunk must be re-sent"
+                f"{header.kind.name} frame (seq {header.seq}): checksum mismatch; the chunk must "
+                "be re-sent"
             )
         frame = (
-            Frame(header, checksum=checksum)
+            Frame(header, checksum=checksum, landed=payload)
             if header.kind is Kind.DATA
             else Frame(header, bytes(payload))
         )

@@ -4,20 +4,24 @@ where to resume.
 A transfer's chunks are handed out in plan order to whichever lane (parallel connection)
 has room first, so a fast connection carries more and all of them finish together: fixed
 runs per connection left the slowest one sending alone at the end, on a path its peers had
-just given up. Each lane keeps its chunks in the order it sent them. The receiver
-acknowledges a lane by how many of them it holds durably, never by "written to the
-socket"; after a reconnect its first ACK says how many, and the lane sends again, in order,
-only what was not acknowledged: at most one window.
+just given up. A lane's room is counted in payload bytes (`window_bytes`), since encoded
+chunks differ in size; it always has room for one chunk. Each lane keeps its chunks in the
+order it sent them. The receiver acknowledges a lane by how many of them it holds durably,
+never by "written to the socket"; after a reconnect its first ACK says how many, and the
+lane sends again, in order, only what was not acknowledged: at most one window.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hauler.core.errors import RemoteProtocolError
 from hauler.model.manifest import Chunk
 from hauler.model.plan import ChunkPlan
+
+PayloadBytes = Callable[[Chunk], int]  # what a chunk weighs on the wire
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,9 @@ class WindowStatistics:
 class ChunkCursor:
     """The next chunk of a transfer no lane has taken yet, shared by its lanes' windows."""
 
-    def __init__(self, plan: ChunkPlan) -> None:
+    def __init__(self, plan: ChunkPlan, payload_bytes: PayloadBytes) -> None:
         self.plan = plan
+        self.payload_bytes = payload_bytes
         self._next_seq = 0
 
     @property
@@ -60,12 +65,17 @@ class SendSchedule:
     (The windows share a cursor rather than point back here: no reference cycle, so a finished
     transfer's state is freed at once.)"""
 
-    def __init__(self, plan: ChunkPlan, window_chunks: int, lanes: int = 1) -> None:
+    def __init__(
+        self,
+        plan: ChunkPlan,
+        window_bytes: int,
+        lanes: int = 1,
+        payload_bytes: PayloadBytes = lambda chunk: chunk.length,
+    ) -> None:
         self.plan = plan
-        self.cursor = ChunkCursor(plan)
-        self.windows = [
-            SendWindow(self.cursor, window_chunks) for _ in range(max(1, min(lanes, plan.total)))
-        ]
+        self.cursor = ChunkCursor(plan, payload_bytes)
+        count = max(1, min(lanes, plan.total))
+        self.windows = [SendWindow(self.cursor, window_bytes) for _ in range(count)]
 
     @property
     def done(self) -> bool:
@@ -73,18 +83,19 @@ class SendSchedule:
         return all(window.done for window in self.windows)
 
     def statistics(self) -> WindowStatistics:
-        return sum((window.statistics() for window in self.windows), WindowStatistics(0, 0, 0, 0))
+        return sum((w.statistics() for w in self.windows), WindowStatistics(0, 0, 0, 0))
 
 
 class SendWindow:
-    """One lane: at most `window_chunks` unacknowledged chunks; `take` the next, `on_ack` frees
-    room."""
+    """One lane: at most `window_bytes` unacknowledged (and always room for one chunk); `take`
+    the next, `on_ack` frees room."""
 
-    def __init__(self, cursor: ChunkCursor, window_chunks: int) -> None:
+    def __init__(self, cursor: ChunkCursor, window_bytes: int) -> None:
         self.cursor = cursor
-        self.window_chunks = window_chunks
+        self.window_bytes = window_bytes
         self.acked = 0  # chunks of this lane the receiver holds
         self._in_flight: deque[Chunk] = deque()  # sent, not yet acknowledged, in sending order
+        self._in_flight_bytes = 0
         self._resend: deque[Chunk] = deque()  # in flight when a connection dropped; they go first
         self._started = False
         self._bytes_sent = self._bytes_acked = self._bytes_resent = self._resumes = 0
@@ -94,35 +105,36 @@ class SendWindow:
         """Nothing of this lane unacknowledged and nothing left for any lane."""
         return not self._in_flight and not self._resend and self.cursor.exhausted
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     def has_room(self) -> bool:
         more = bool(self._resend) or not self.cursor.exhausted
-        return more and len(self._in_flight) < self.window_chunks
+        return more and (not self._in_flight or self._in_flight_bytes < self.window_bytes)
 
     def take(self) -> Chunk:
         """The next chunk to send on this lane; the caller checked `has_room()`."""
         chunk = self._resend.popleft() if self._resend else self.cursor.next_chunk()
+        nbytes = self.cursor.payload_bytes(chunk)
         self._in_flight.append(chunk)
-        self._bytes_sent += chunk.length
+        self._in_flight_bytes += nbytes
+        self._bytes_sent += nbytes
         return chunk
 
     def on_ack(self, held: int) -> int:
-        """The receiver holds the first `held` chunks of this lane; returns bytes newly
-        acknowledged."""
+        """The receiver holds the first `held` chunks of this lane; returns the model bytes they
+        stand for, newly acknowledged (their payload may have been smaller)."""
         if not self.acked <= held <= self.acked + len(self._in_flight):
             raise RemoteProtocolError(
                 f"ack of {held} chunks on a lane that sent {self.acked + len(self._in_flight)}, "
                 f"{self.acked} of them acknowledged before"
             )
-        freed = 0
+        raw = 0
         for _ in range(held - self.acked):
-            freed += self._in_flight.popleft().length
+            chunk = self._in_flight.popleft()
+            payload = self.cursor.payload_bytes(chunk)
+            self._in_flight_bytes -= payload
+            self._bytes_acked += payload
+            raw += chunk.length
         self.acked = held
-        self._bytes_acked += freed
-        return freed
+        return raw
 
     def resume(self, held: int) -> None:
         """A connection begins: the receiver's first ACK says it holds `held` of this lane's
@@ -131,9 +143,10 @@ class SendWindow:
         if not self._started:
             self._started = True
             return
-        self._bytes_resent += sum(chunk.length for chunk in self._in_flight)
+        self._bytes_resent += self._in_flight_bytes
         self._resend.extendleft(reversed(self._in_flight))
         self._in_flight.clear()
+        self._in_flight_bytes = 0
         self._resumes += 1
 
     def statistics(self) -> WindowStatistics:

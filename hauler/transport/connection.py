@@ -14,9 +14,11 @@ import functools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from hauler.core.config import TlsFiles
 from hauler.core.errors import ConnectionLost, HaulerError
+from hauler.core.waiting import unless_ended
 from hauler.security import (
     Identity,
     client_ssl_context,
@@ -28,6 +30,7 @@ from hauler.transfer import Frame, FrameReader
 from hauler.transfer.reader import Destination
 
 FrameHandler = Callable[[Frame], None]
+T = TypeVar("T")
 
 
 def _discard(frame: Frame) -> None:
@@ -65,26 +68,26 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         assert self.connection is not None
-        return self.connection.reader.get_buffer()
+        return self.connection._reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         assert self.connection is not None
-        self.connection.bytes_received(nbytes)
+        self.connection._received(nbytes)
 
     def eof_received(self) -> bool:
         return False
 
     def pause_writing(self) -> None:
         assert self.connection is not None
-        self.connection.can_write.clear()
+        self.connection._can_write.clear()
 
     def resume_writing(self) -> None:
         assert self.connection is not None
-        self.connection.can_write.set()
+        self.connection._can_write.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.connection is not None:
-            self.connection.lost(exc)
+            self.connection._lost(exc)
         # asyncio's TLS protocol keeps our bound methods after the end: hold nothing that leads
         # back to it, or its buffers would wait for the cyclic GC.
         self.connection = None
@@ -92,18 +95,19 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
 
 class Connection:
-    """One data-plane connection: `write` frames, get frames through a handler, `abort` to end."""
+    """One data-plane connection: `write` frames, get frames through a handler (or
+    `next_frame`), wait on events unless it ends first, `close` or `fail` to end."""
 
     def __init__(self, transport: asyncio.Transport, protocol: _FrameProtocol) -> None:
         self._transport = transport
         self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.reader = FrameReader()
-        self.can_write = asyncio.Event()
-        self.can_write.set()
-        self.closed = asyncio.get_running_loop().create_future()
+        self._reader = FrameReader()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._closed = asyncio.get_running_loop().create_future()
         self._inbox: asyncio.Queue[Frame] = asyncio.Queue()
         self._handler: FrameHandler = self._inbox.put_nowait
-        self.on_bytes: Callable[[int], None] | None = None  # told of every read, even mid-frame
+        self._on_bytes: Callable[[int], None] | None = None
         self._ssl_object = transport.get_extra_info("ssl_object")
 
     @functools.cached_property
@@ -111,27 +115,36 @@ class Connection:
         """Who the peer is, by its certificate; None on a plaintext connection."""
         return None if self._ssl_object is None else identity_from_ssl_object(self._ssl_object)
 
+    @property
+    def partial_payload_bytes(self) -> int:
+        """Bytes of a DATA payload that had begun to arrive but was not complete."""
+        return self._reader.partial_payload_bytes
+
     def set_handler(
-        self, handler: FrameHandler | None, destination: Destination | None = None
+        self,
+        handler: FrameHandler | None,
+        destination: Destination | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         """Route frames to `handler` (None: back to `next_frame`); DATA payloads land in
-        `destination`.
+        `destination`; `on_bytes` is told of every read, even mid-frame.
 
         Frames that arrived before the handler was set (a peer may send its first frame
         right behind the HELLO) are handed to it now, in order."""
         self._handler = handler or self._inbox.put_nowait
-        self.reader.destination = destination
+        self._reader.destination = destination
+        self._on_bytes = on_bytes
         try:
             while handler is not None and not self._inbox.empty():
                 handler(self._inbox.get_nowait())
         except HaulerError as error:
             self.fail(error)
 
-    def bytes_received(self, nbytes: int) -> None:
+    def _received(self, nbytes: int) -> None:
         try:
-            if self.on_bytes is not None:
-                self.on_bytes(nbytes)
-            frame = self.reader.buffer_updated(nbytes)
+            if self._on_bytes is not None:
+                self._on_bytes(nbytes)
+            frame = self._reader.buffer_updated(nbytes)
             if frame is not None:
                 self._handler(frame)
         except HaulerError as error:
@@ -139,68 +152,65 @@ class Connection:
 
     async def next_frame(self) -> Frame:
         """The next frame, for the handshake phase before a handler is set."""
-        getter = asyncio.ensure_future(self._inbox.get())
-        await asyncio.wait([getter, self.closed], return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            return getter.result()
-        getter.cancel()
-        self.closed.result()  # raises why it closed
-        raise ConnectionLost("connection closed by the peer")
+        return await self._unless_closed(self._inbox.get())
+
+    async def wait(self, event: asyncio.Event) -> None:
+        """Wait for `event`; if the connection ends first, raise why."""
+        if not event.is_set():
+            await self._unless_closed(event.wait())
 
     def write(self, data: bytes | memoryview) -> None:
-        if self.closed.done():
-            self.closed.result()
+        if self._closed.done():
+            self._closed.result()
             raise ConnectionLost("write on a closed connection")
         self._transport.write(data)
 
     async def drain(self) -> None:
-        """Wait until the transport's buffer has room (or the connection ends)."""
-        if self.can_write.is_set():
-            return
-        waiter = asyncio.ensure_future(self.can_write.wait())
-        await asyncio.wait([waiter, self.closed], return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done():
-            waiter.cancel()
-            self.closed.result()
-            raise ConnectionLost("connection closed while sending")
+        """Wait until the transport's buffer has room (or raise why the connection ended)."""
+        await self.wait(self._can_write)
+
+    async def _unless_closed(self, work: Awaitable[T]) -> T:
+        """The result of `work`, unless the connection ends first: then why it ended."""
+        return await unless_ended(work, self._closed, lambda: ConnectionLost("connection closed"))
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended, however it ended."""
+        await asyncio.wait([self._closed])
 
     def fail(self, error: BaseException) -> None:
-        """End the connection because of `error`; waiters on `closed` see it."""
+        """End the connection because of `error`; its waiters see it."""
         self._end(error)
         self._transport.abort()
 
-    def lost(self, exc: Exception | None) -> None:
+    def _lost(self, exc: Exception | None) -> None:
         """The transport is gone (asyncio's connection_lost): nothing more can arrive or leave."""
-        self._end(
-            ConnectionLost(
-                "connection closed by the peer" if exc is None else f"connection lost: {exc}"
-            )
-        )
-        self.can_write.set()
+        reason = "connection closed by the peer" if exc is None else f"connection lost: {exc}"
+        self._end(ConnectionLost(reason))
+        self._can_write.set()
         self._release()
 
     def _end(self, error: BaseException) -> None:
-        if not self.closed.done():
-            self.closed.set_exception(error.with_traceback(None))  # no frames kept alive through it
-            self.closed.exception()  # mark it seen: nobody need be waiting on a closed connection
+        if not self._closed.done():
+            self._closed.set_exception(error.with_traceback(None))  # keeps no frames alive
+            self._closed.exception()  # mark it seen: nobody need be waiting on a closed connection
 
     def _release(self) -> None:
         """Drop what the drivers handed in: their closures refer back to this connection, and
         such cycles would keep its TLS state (megabytes of buffers) until the cyclic GC runs."""
         self._handler = _discard
-        self.on_bytes = None
-        self.reader.destination = None
+        self._on_bytes = None
+        self._reader.destination = None
 
     def close(self) -> None:
         """Close after queued bytes are sent."""
-        if not self.closed.done():
-            self.closed.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
         self._transport.close()
 
     def abort(self) -> None:
         """Drop the connection at once, discarding unsent bytes."""
-        if not self.closed.done():
-            self.closed.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
         self._transport.abort()
 
 

@@ -1,10 +1,10 @@
 """Drive a transfer over one connection: the sans-I/O window and ledger meet real bytes here.
 
 `send_model` writes chunks from memoryviews of the source as the window allows;
-`receive_model` lands chunks in the sink and acknowledges each. Each enforces the
-seed's timeout for its side as a scope rescheduled on every sign of progress:
-`streaming_ack_wait` (sender: no acknowledgement) and `streaming_read_timeout`
-(receiver: no chunk). A transfer that keeps moving never times out.
+`receive_model` lands each chunk where the sink says, hands it to the sink once it matched
+its checksum, then acknowledges it. Each enforces the seed's timeout for its side as a scope
+rescheduled on every sign of progress: `streaming_ack_wait` (sender: no acknowledgement) and
+`streaming_read_timeout` (receiver: no chunk). A transfer that keeps moving never times out.
 """
 
 from __future__ import annotations
@@ -12,19 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import xxhash
+
 from hauler.core.config import DataPlane, Timeouts, TlsFiles
-from hauler.core.errors import HaulerError, RemoteProtocolError, TransferTimeout
+from hauler.core.errors import ConnectionLost, HaulerError, RemoteProtocolError, TransferTimeout
 from hauler.core.retry import with_retries
 from hauler.core.timeouts import SilenceTimer
-from hauler.model import ChunkPlan
-from hauler.model.manifest import Chunk, Manifest, chunk_checksum
+from hauler.model import Chunk, ChunkPlan
 from hauler.transfer import (
     Frame,
     FrameHeader,
+    Hello,
     Kind,
     ReceiveLedger,
     SendSchedule,
@@ -32,8 +34,7 @@ from hauler.transfer import (
     WindowStatistics,
     ack_frame,
     control_frame,
-    hello_frame,
-    parse_hello,
+    error_frame,
 )
 from hauler.transport.connection import Connection, connect
 
@@ -45,11 +46,20 @@ Progress = Callable[[int], None]  # bytes newly landed; 0 is a sign of life mid-
 
 
 class ChunkSource(Protocol):
-    def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview: ...
+    """What a sender reads: a chunk's payload as views (one per piece, or one in all), and
+    what it weighs on the wire."""
+
+    def chunk_views(self, chunk: Chunk) -> Sequence[memoryview]: ...
+    def payload_bytes(self, chunk: Chunk) -> int: ...
 
 
 class ChunkSink(Protocol):
-    def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview: ...
+    """What a receiver writes into: where a chunk's payload lands (a file region, a lane's
+    buffer), and what to do with it once it has landed and matched its checksum (check its
+    tensors, decode it, fold it); raising refuses the chunk."""
+
+    def landing(self, chunk: Chunk, lane: int, nbytes: int) -> memoryview: ...
+    def landed(self, chunk: Chunk, lane: int, view: memoryview, checksum: int) -> None: ...
 
 
 def _no_progress(nbytes: int) -> None:
@@ -62,24 +72,22 @@ def _peer_error(frame: Frame) -> RemoteProtocolError:
 
 async def send_model(
     connection: Connection,
-    manifest: Manifest,
     source: ChunkSource,
+    window: SendWindow,
     *,
-    window_chunks: int,
     timeouts: Timeouts,
     on_progress: Progress = _no_progress,
-    window: SendWindow | None = None,
 ) -> WindowStatistics:
     """Send chunks on one lane as its window has room, until no chunk is left for any lane and
     every one sent here is acknowledged; then END the lane.
 
     Pass the same `window` to every connection of one lane: the receiver's first ACK on each
     says how much of the lane it holds, and the window counts what had to be sent again."""
-    window = window or SendSchedule(ChunkPlan(manifest), window_chunks).windows[0]
     acked = asyncio.Event()
     started = False
+    what = "sending a model"
     async with SilenceTimer(
-        timeouts.communication_timeout, "communication_timeout", "sending a model"
+        timeouts.communication_timeout, "communication_timeout", what
     ) as silence:
 
         def on_frame(frame: Frame) -> None:
@@ -89,47 +97,38 @@ async def send_model(
             if frame.header.kind is not Kind.ACK:
                 raise RemoteProtocolError(f"sender got a {frame.header.kind.name} frame")
             if not started:  # the receiver's first ACK says where to start
-                window.resume(frame.header.offset)
+                window.resume(frame.header.seq)
                 started = True
                 silence.switch(timeouts.streaming_ack_wait, "streaming_ack_wait")
             else:
-                on_progress(window.on_ack(frame.header.offset))
+                on_progress(window.on_ack(frame.header.seq))
                 silence.touch()
             acked.set()
 
         connection.set_handler(on_frame)
-        await _wait(connection, acked)
+        await connection.wait(acked)
         while not window.done:
             while window.has_room():
                 await _write_chunk(connection, window.take(), source)
             if not window.done:
                 acked.clear()
-                await _wait(connection, acked)
+                await connection.wait(acked)
     connection.write(control_frame(Kind.END))
     return window.statistics()
 
 
 async def _write_chunk(connection: Connection, chunk: Chunk, source: ChunkSource) -> None:
-    view = source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
-    header = FrameHeader.data(chunk.tensor, chunk.offset, chunk.length, chunk_checksum(view))
-    connection.write(header.encode())
-    for start in range(0, chunk.length, WRITE_SLICE):
-        connection.write(view[start : start + WRITE_SLICE])
-        await connection.drain()
-
-
-async def _wait(connection: Connection, event: asyncio.Event) -> None:
-    """Wait for `event`, or re-raise why the connection closed."""
-    if event.is_set():
-        return
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait([waiter, connection.closed], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-    if not event.is_set():
-        connection.closed.result()
-        raise RemoteProtocolError("peer closed the connection before the transfer finished")
+    """A DATA header, then the chunk's views as they are: nothing is copied into a message."""
+    views = source.chunk_views(chunk)
+    hasher = xxhash.xxh3_64()
+    for view in views:
+        hasher.update(view)
+    length = sum(len(view) for view in views)
+    connection.write(FrameHeader.data(chunk.seq, length, hasher.intdigest()).encode())
+    for view in views:
+        for start in range(0, len(view), WRITE_SLICE):
+            connection.write(view[start : start + WRITE_SLICE])
+            await connection.drain()
 
 
 async def receive_model(
@@ -139,24 +138,21 @@ async def receive_model(
     *,
     timeouts: Timeouts,
     lane: int = 0,
-    on_chunk: Callable[[Chunk], None] = lambda chunk: None,
-    on_tensor: Callable[[int], None] = lambda index: None,
     on_progress: Progress = _no_progress,
 ) -> None:
-    """Land the chunks the sender puts on this lane in `sink`, acknowledging each once `on_chunk`
-    has consumed it, until the sender ENDs the lane; `on_tensor` runs for each tensor whose
-    chunks all arrived and matched its digest."""
+    """Land the chunks the sender puts on this lane where `sink` says, hand each to the sink
+    once it matched its checksum, and acknowledge it, until the sender ENDs the lane."""
     ended = asyncio.Event()
     pending: list[Chunk] = []
 
     def destination(header: FrameHeader) -> memoryview:
         chunk = ledger.expect(header, lane)
         pending.append(chunk)
-        return sink.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
+        return sink.landing(chunk, lane, header.length)
 
-    async with SilenceTimer(
-        timeouts.streaming_read_timeout, "streaming_read_timeout", "receiving a model"
-    ) as silence:
+    what = "receiving a model"
+    timeout = timeouts.streaming_read_timeout
+    async with SilenceTimer(timeout, "streaming_read_timeout", what) as silence:
 
         def on_frame(frame: Frame) -> None:
             if frame.header.kind is Kind.ERROR:
@@ -167,11 +163,10 @@ async def receive_model(
             if frame.header.kind is not Kind.DATA:
                 raise RemoteProtocolError(f"receiver got a {frame.header.kind.name} frame")
             chunk = pending.pop()
-            on_chunk(chunk)
-            for index in ledger.commit(chunk, frame.checksum, lane):
-                on_tensor(index)
+            sink.landed(chunk, lane, frame.landed, frame.checksum)
+            ledger.commit(chunk, frame.checksum, frame.header.length, lane)
             connection.write(ack_frame(ledger.held(lane)))
-            on_progress(frame.header.length)
+            on_progress(chunk.length)
             silence.touch()
 
         last_ack = time.monotonic()
@@ -179,19 +174,14 @@ async def receive_model(
         def on_bytes(nbytes: int) -> None:
             nonlocal last_ack
             silence.touch()
-            if (
-                time.monotonic() - last_ack >= KEEPALIVE_ACK_S
-            ):  # a sign of life, for both ends' waiters
+            if time.monotonic() - last_ack >= KEEPALIVE_ACK_S:  # a sign of life for both ends
                 last_ack = time.monotonic()
                 connection.write(ack_frame(ledger.held(lane)))
                 on_progress(0)
 
-        connection.on_bytes = on_bytes
-        connection.set_handler(on_frame, destination)
-        for index in ledger.begin():  # empty tensors complete at once
-            on_tensor(index)
+        connection.set_handler(on_frame, destination, on_bytes)
         connection.write(ack_frame(ledger.held(lane)))  # where the sender should resume
-        await _wait(connection, ended)
+        await connection.wait(ended)
 
 
 async def open_transfer(
@@ -203,15 +193,14 @@ async def open_transfer(
     tls: TlsFiles | None = None,
     congestion_control: str = "",
 ) -> Connection:
-    """Dial the data plane and bind the connection to one lane of `transfer_id` with a HELLO
-    frame."""
+    """Dial the data plane and bind the connection to one lane of `transfer_id` with a HELLO."""
     connection = await connect(host, port, tls=tls, congestion_control=congestion_control)
-    connection.write(hello_frame(transfer_id, lane))
+    connection.write(Hello(transfer_id, lane).encode())
     return connection
 
 
-async def read_hello(connection: Connection, seconds: float) -> tuple[str, int]:
-    """The transfer id and lane a freshly accepted connection asks for in its first frame, which
+async def read_hello(connection: Connection, seconds: float) -> Hello:
+    """The transfer and lane a freshly accepted connection asks for in its first frame, which
     must come within `seconds` (a connection that says nothing is dropped, not kept)."""
     try:
         async with asyncio.timeout(seconds):
@@ -220,12 +209,12 @@ async def read_hello(connection: Connection, seconds: float) -> tuple[str, int]:
         raise TransferTimeout(
             "hello_timeout_s", seconds, "waiting for a data connection's HELLO"
         ) from None
-    return parse_hello(frame.header, frame.payload)
+    return Hello.decode(frame.header, frame.payload)
 
 
 def refuse(connection: Connection, reason: str) -> None:
     """Tell the peer why, then drop the connection."""
-    connection.write(control_frame(Kind.ERROR, reason.encode()[:1024]))
+    connection.write(error_frame(reason))
     connection.close()
 
 
@@ -258,15 +247,13 @@ async def fetch_model(
 
     await _all_lanes(lane, ledger.lanes, address.policy, f"receiving transfer {transfer_id[:8]}")
     if not ledger.done:
-        raise RemoteProtocolError(
-            f"the sender ended transfer {transfer_id[:8]} with chunks missing"
-        )
+        raise ConnectionLost(f"the sender ended transfer {transfer_id[:8]} with chunks missing")
 
 
 async def push_model(
     address: DataAddress,
     transfer_id: str,
-    manifest: Manifest,
+    plan: ChunkPlan,
     source: ChunkSource,
     lanes: int,
     *,
@@ -275,19 +262,12 @@ async def push_model(
 ) -> WindowStatistics:
     """Send a transfer on `lanes` connections that share out its chunks, each reconnecting and
     resuming from its acknowledgements."""
-    schedule = SendSchedule(ChunkPlan(manifest), address.policy.window_chunks, lanes)
+    schedule = SendSchedule(plan, address.policy.window_bytes, lanes, source.payload_bytes)
 
     async def lane(index: int) -> None:
         async with _lane_connection(address, transfer_id, index) as connection:
-            await send_model(
-                connection,
-                manifest,
-                source,
-                window=schedule.windows[index],
-                window_chunks=address.policy.window_chunks,
-                timeouts=timeouts,
-                on_progress=on_progress,
-            )
+            window = schedule.windows[index]
+            await send_model(connection, source, window, timeouts=timeouts, on_progress=on_progress)
 
     await _all_lanes(
         lane, len(schedule.windows), address.policy, f"sending transfer {transfer_id[:8]}"
@@ -301,9 +281,8 @@ async def _all_lanes(
     try:
         async with asyncio.TaskGroup() as group:
             for index in range(lanes):
-                group.create_task(
-                    with_retries(lambda index=index: run(index), policy, f"{what}, lane {index}")
-                )
+                attempt = lambda index=index: run(index)  # noqa: E731
+                group.create_task(with_retries(attempt, policy, f"{what}, lane {index}"))
     except* HaulerError as errors:
         raise errors.exceptions[0] from None
 

@@ -1,0 +1,58 @@
+"""Tensor digests checked as chunks land, from bytes already in cache: no second pass.
+
+A tensor's digest is xxh3-64 over the checksums of its pieces (`Manifest.tensor_pieces`).
+When a chunk lands (or is decoded into place), each of its pieces is hashed (a chunk that is
+one whole piece reuses its frame's checksum) and kept, 8 bytes a piece; the tensor whose last
+piece this was, on whichever lane, is checked against the manifest at once. A mismatch after
+every frame matched means the sender's data and manifest disagree: `DigestError`, never
+retried.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from hauler.core.errors import DigestError
+from hauler.model.manifest import Chunk, chunk_checksum, digest_of_checksums
+from hauler.model.plan import ChunkPlan
+
+
+class DigestCheck:
+    """The tensors of one transfer, each checked the moment its last piece lands."""
+
+    def __init__(self, plan: ChunkPlan) -> None:
+        self.plan = plan
+        self._first = [plan.seqs_of(i).start for i in range(len(plan.manifest.tensors))]
+        self._missing = [len(plan.seqs_of(i)) for i in range(len(plan.manifest.tensors))]
+        self._checksums = [array("Q", bytes(8 * count)) for count in self._missing]
+        for index, missing in enumerate(self._missing):
+            if not missing:  # an empty tensor is complete before anything arrives
+                self._verify(index)
+
+    @property
+    def complete(self) -> bool:
+        """Every tensor has landed whole and matched its digest."""
+        return not any(self._missing)
+
+    def landed(self, chunk: Chunk, view: memoryview, checksum: int | None = None) -> None:
+        """The raw bytes of `chunk` are in place (`checksum`: theirs, if known)."""
+        for piece in self.plan.pieces(chunk):
+            whole = piece.length == chunk.length and checksum is not None
+            found = (
+                checksum
+                if whole
+                else chunk_checksum(view[piece.start : piece.start + piece.length])
+            )
+            self._checksums[piece.tensor][chunk.seq - self._first[piece.tensor]] = found
+            self._missing[piece.tensor] -= 1
+            if not self._missing[piece.tensor]:
+                self._verify(piece.tensor)
+
+    def _verify(self, index: int) -> None:
+        tensor = self.plan.manifest.tensors[index]
+        digest = digest_of_checksums(self._checksums[index])
+        if tensor.digest and digest != tensor.digest:
+            raise DigestError(
+                f"tensor {tensor.name!r}: its chunks hash to {digest}, not to the manifest's "
+                f"{tensor.digest}; the sender's data and manifest disagree"
+            )
