@@ -8,13 +8,17 @@ drive federations use `hauler.connect()` and `hauler.simulate()` (see hauler.adm
 from typing import Any
 
 __version__ = "0.1.0"
-CLIENT_API = ["context", "is_running", "receive", "send"]
+CLIENT_API = ["context", "is_running", "layout_of", "receive", "send"]
 ADMIN_API = ["connect", "simulate"]
 __all__ = [*CLIENT_API, *ADMIN_API]
 
 
 def __getattr__(name: str) -> Any:
     """Imported on first use, so `import hauler` stays light for training code and the server."""
+    if name == "layout_of":
+        from hauler.client.tensors import layout_of
+
+        return layout_of
     if name in CLIENT_API:
         from hauler.client import api
 

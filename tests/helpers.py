@@ -299,3 +299,25 @@ def feed(
             if on_frame is not None:
                 on_frame(frame)
     return frames
+
+
+# Faults: a POC whose sites retry fast, and that can be routed through a FaultProxy.
+FAST_RETRIES = {
+    "chunk_bytes": 256 << 10,  # small models still travel as many chunks
+    "retry_backoff_s": 0.05,
+    "retry_backoff_max_s": 0.5,
+    "max_retries": 50,
+    "connections": 4,
+}
+
+
+def route_sites_through(workspace: Path, port: int) -> None:
+    """Make every site of a POC dial the data plane at `port` (a FaultProxy's)."""
+    for config in workspace.glob("site-*/site.toml"):
+        data = tomllib.loads(config.read_text())
+        config.write_text(tomli_w.dumps({**data, "data_port": port}))
+
+
+def server_data_port(workspace: Path) -> int:
+    """The data port a POC's server listens on."""
+    return tomllib.loads((workspace / "server" / "server.toml").read_text())["data_port"]

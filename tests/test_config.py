@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import re
+from typing import get_args
+
 import pytest
 
+from hauler.aggregate import OPTIMIZER_NAMES, Recipe
 from hauler.core.config import (
     AdminConfig,
+    CodecName,
     JobConfig,
+    OptimizerName,
     ServerConfig,
     SiteConfig,
+    TransferConfig,
     load_toml,
+    parse,
 )
 from hauler.core.errors import ConfigError
+from hauler.model.codecs import CODEC_NAMES, DEFAULT_BLOCK_ELEMENTS
 
 JOB = 'name = "j"\n[model]\nmodule = "model"\n[executor]\nmodule = "train"\n'
 
@@ -134,3 +143,42 @@ def test_defaults_are_the_seeds_timeouts(tmp_path):
         timeouts.streaming_ack_wait,
         timeouts.communication_timeout,
     ) == (300,) * 3
+
+
+def test_the_job_config_offers_exactly_the_codecs_and_optimizers_there_are():
+    """job.toml's names are checked by pydantic at load; they must be the ones the codec and
+    optimizer modules make, and the default block the codecs' own."""
+    assert set(get_args(CodecName)) == set(CODEC_NAMES)
+    assert set(get_args(OptimizerName)) == set(OPTIMIZER_NAMES)
+    assert TransferConfig().block_elements == DEFAULT_BLOCK_ELEMENTS == Recipe().block_elements
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({"transfer": {"upload": "int3"}}, "transfer.upload: Input should be 'none', "),
+        ({"transfer": {"download": "gzip"}}, "not 'gzip'"),
+        ({"workflow": {"optimizer": "adam"}}, "workflow.optimizer.name: Input should be 'fedavg'"),
+        ({"workflow": {"optimizer": {"name": "fedadam", "lr": 0}}}, None),
+        ({"workflow": {"integers": {"*": "median"}}}, "workflow.integers.*: Input should be"),
+    ],
+)
+def test_an_unknown_codec_optimizer_or_policy_is_named_with_the_valid_ones(table, message):
+    data = {"name": "x", "executor": {"module": "train"}, **table}
+    if message is None:  # a value pydantic lets through: the optimizer refuses it by name
+        job = parse(JobConfig, data, "job.toml")
+        with pytest.raises(ConfigError, match="lr = 0"):
+            Recipe.of(job)
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(JobConfig, data, "job.toml")
+
+
+def test_a_setting_the_optimizer_does_not_use_is_refused_naming_it():
+    data = {
+        "name": "x",
+        "executor": {"module": "train"},
+        "workflow": {"optimizer": {"name": "nesterov", "beta2": 0.9}},
+    }
+    with pytest.raises(ConfigError, match="does not use beta2; its settings are lr, momentum"):
+        Recipe.of(parse(JobConfig, data, "job.toml"))

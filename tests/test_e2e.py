@@ -36,7 +36,7 @@ def poc(tmp_path_factory):
     (workspace.parent / "models").mkdir()
 
     def configure(workspace):
-        edit_configs(workspace, "dataplane", {"chunk_bytes": 256 << 10, "window_chunks": 4})
+        edit_configs(workspace, "dataplane", {"chunk_bytes": 256 << 10, "window_bytes": 1 << 20})
         edit_configs(
             workspace, None, {"model_dirs": [str(workspace.parent / "models")]}, roles="server"
         )

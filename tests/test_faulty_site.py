@@ -45,7 +45,7 @@ from hauler.core.messages import (
     parse_server_message,
 )
 from hauler.model import ChunkPlan, Manifest, ModelFile, chunk_checksum
-from hauler.transfer import FrameHeader, Kind, ReceiveLedger, control_frame
+from hauler.transfer import FileSink, FrameHeader, Kind, ReceiveLedger, control_frame
 from hauler.transport import (
     Connection,
     ControlChannel,
@@ -59,7 +59,7 @@ pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not s
 # The server waits communication_timeout for a broken upload to resume before it gives up on it.
 FAST = {"communication_timeout": 2, "streaming_read_timeout": 5, "streaming_ack_wait": 5}
 CHUNK_BYTES = 16384
-LANES = 2  # tensors of 7 chunks: lane 0 carries tensors 0 and 1, lane 1 tensors 2 and 3
+LANES = 2  # the model is 25 chunks; the faulty site sends every one on lane 0
 GARBAGE = 1e6
 MODES = ["drop_connection", "cancel_session", "corrupt_chunk", "bad_digest"]
 
@@ -110,7 +110,7 @@ def poc(tmp_path_factory):
         edit_configs(
             workspace,
             "dataplane",
-            {"chunk_bytes": CHUNK_BYTES, "window_chunks": 4, "connections": LANES},
+            {"chunk_bytes": CHUNK_BYTES, "window_bytes": 4 * CHUNK_BYTES, "connections": LANES},
         )
         (workspace / "site-2").rename(workspace / FAULTY_KIT)
 
@@ -164,11 +164,12 @@ class FaultySite:
     async def train(self, stream, task: Task) -> None:
         manifest = Manifest.from_json(task.manifest)
         model = ModelFile.create(self.folder / f"{task.task_id}.safetensors", manifest)
+        plan = ChunkPlan(manifest)
         await fetch_model(
             self.address,
             task.download,
-            ReceiveLedger(ChunkPlan(manifest), task.lanes),
-            model,
+            ReceiveLedger(plan, task.lanes),
+            FileSink(model, plan),
             timeouts=self.timeouts,
         )
         self.downloads += 1
@@ -213,7 +214,8 @@ class FaultySite:
                 connection.write(b"".join(b"".join(frame(model, chunk)) for chunk in lane))
                 await wait_for_hang_up(connection)
             elif self.mode.startswith("bad_digest"):  # every chunk of the first tensor
-                first_tensor = [chunk for chunk in lane if chunk.tensor == 0]
+                plan = ChunkPlan(manifest)
+                first_tensor = [c for c in lane if any(p.tensor == 0 for p in plan.pieces(c))]
                 await send_and_wait_for_acks(connection, model, first_tensor[:-1])
                 connection.write(b"".join(frame(model, first_tensor[-1])))
                 await wait_for_hang_up(connection)
@@ -235,14 +237,12 @@ class FaultySite:
         )
         start = await connection.next_frame()
         assert start.header.kind is Kind.ACK
-        return connection, start.header.offset
+        return connection, start.header.seq
 
 
 def frame(model: ModelFile, chunk) -> tuple[bytes, bytes]:
-    payload = bytes(model.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
-    header = FrameHeader.data(
-        chunk.tensor, chunk.offset, chunk.length, chunk_checksum(memoryview(payload))
-    )
+    payload = bytes(model.chunk_view(chunk))
+    header = FrameHeader.data(chunk.seq, chunk.length, chunk_checksum(memoryview(payload)))
     return header.encode(), payload
 
 
@@ -256,7 +256,7 @@ async def send_and_wait_for_acks(connection: Connection, model: ModelFile, chunk
     while True:
         ack = await connection.next_frame()
         assert ack.header.kind is Kind.ACK
-        if ack.header.offset == chunks[-1].seq + 1:
+        if ack.header.seq == chunks[-1].seq + 1:
             return
 
 

@@ -19,7 +19,14 @@ import pytest
 import safetensors.numpy
 import tomli_w
 from faultproxy import FaultProxy
-from helpers import assert_models_equal, hello_expected, hello_job
+from helpers import (
+    FAST_RETRIES,
+    assert_models_equal,
+    hello_expected,
+    hello_job,
+    route_sites_through,
+    server_data_port,
+)
 
 from hauler.admin import Admin, poc
 from hauler.core.events import read_json_lines
@@ -28,12 +35,6 @@ from hauler.model.rounds import RoundStore
 pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
-FAST_RETRIES = {
-    "retry_backoff_s": 0.05,
-    "retry_backoff_max_s": 0.5,
-    "max_retries": 50,
-    "connections": 4,
-}
 
 
 def _job(
@@ -60,16 +61,6 @@ def _job(
     return job
 
 
-def _route_sites_through(workspace: Path, port: int) -> None:
-    for config in workspace.glob("site-*/site.toml"):
-        data = tomllib.loads(config.read_text())
-        config.write_text(tomli_w.dumps({**data, "data_port": port}))
-
-
-def _server_data_port(workspace: Path) -> int:
-    return tomllib.loads((workspace / "server" / "server.toml").read_text())["data_port"]
-
-
 async def _run_job(workspace: Path, job: Path, on_event=None) -> tuple[str, str]:
     """Submit, follow the events; returns the job id and its final event."""
     async with Admin(poc.admin_config(workspace)) as admin:
@@ -88,33 +79,8 @@ async def _download(workspace: Path, job_id: str, out: Path) -> bytes:
     return path.read_bytes()
 
 
-@pytest.fixture
-def federation(tmp_path):
-    """A plaintext POC (so bit flips reach our checksums rather than TLS's) whose sites dial
-    the data plane through a FaultProxy; yields (workspace, proxy)."""
-    workspace = tmp_path / "poc"
-    poc.prepare(
-        workspace,
-        2,
-        plaintext=True,
-        dataplane=FAST_RETRIES,
-        timeouts={
-            "communication_timeout": 20.0,
-            "streaming_read_timeout": 10.0,
-            "streaming_ack_wait": 10.0,
-        },
-    )
-    with FaultProxy(_server_data_port(workspace)) as proxy:
-        _route_sites_through(workspace, proxy.port)
-        poc.start(workspace)
-        try:
-            yield workspace, proxy
-        finally:
-            poc.stop(workspace)
-
-
-def test_twenty_cuts_and_bit_flips_leave_the_model_bit_identical(federation, tmp_path):
-    workspace, proxy = federation
+def test_twenty_cuts_and_bit_flips_leave_the_model_bit_identical(faulty_federation, tmp_path):
+    workspace, proxy = faulty_federation
     job = _job(tmp_path, rounds=2, min_clients=2)
     traffic = 2 * 2 * 2 * 4 * (2 * 2**20 + 4)  # rounds x sites x directions x model bytes
     chooser = random.Random(20261124)
@@ -164,9 +130,9 @@ def test_a_stopped_site_times_out_by_silence_and_the_job_goes_on(tmp_path):
         },
     )
     with FaultProxy(
-        _server_data_port(workspace), rate_bytes_per_s=1e6
+        server_data_port(workspace), rate_bytes_per_s=1e6
     ) as proxy:  # a download takes seconds
-        _route_sites_through(workspace, proxy.port)
+        route_sites_through(workspace, proxy.port)
         pids = poc.start(workspace)
         stopped = []
 
@@ -210,8 +176,8 @@ TEARS = {
 def test_a_server_killed_mid_job_resumes_it_after_a_restart(tmp_path, tear):
     workspace = tmp_path / "poc"
     poc.prepare(workspace, 2, dataplane=FAST_RETRIES)
-    with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=20e6) as proxy:
-        _route_sites_through(workspace, proxy.port)
+    with FaultProxy(server_data_port(workspace), rate_bytes_per_s=20e6) as proxy:
+        route_sites_through(workspace, proxy.port)
         pids = poc.start(workspace)
         try:
             job_id = asyncio.run(
@@ -290,8 +256,8 @@ def _sync_download(workspace: Path, job_id: str, out: Path) -> Path:
 def test_a_site_killed_mid_download_and_back_within_a_second_is_given_its_task_again(tmp_path):
     workspace = tmp_path / "poc"
     poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES)
-    with FaultProxy(_server_data_port(workspace), rate_bytes_per_s=2e6) as proxy:
-        _route_sites_through(workspace, proxy.port)
+    with FaultProxy(server_data_port(workspace), rate_bytes_per_s=2e6) as proxy:
+        route_sites_through(workspace, proxy.port)
         pids = poc.start(workspace)
         killed = []
 
@@ -339,10 +305,10 @@ def test_a_site_whose_control_stream_drops_keeps_its_task_and_its_transfers_go_o
     workspace = tmp_path / "poc"
     poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES)
     with (
-        FaultProxy(_server_data_port(workspace), rate_bytes_per_s=2e6) as data,
+        FaultProxy(server_data_port(workspace), rate_bytes_per_s=2e6) as data,
         FaultProxy(_server_control_port(workspace)) as control,
     ):
-        _route_sites_through(workspace, data.port)
+        route_sites_through(workspace, data.port)
         _route_control_of(workspace / "site-2", control.port)
         poc.start(workspace)
         dropped = []

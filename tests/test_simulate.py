@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 import hauler as api
 from hauler.admin.report import FIGURES
 from hauler.core.errors import ConfigError
+from hauler.model import ModelFile
 from hauler.simulator import SimulationPlan
 from hauler.simulator.runner import site_settings
 
@@ -162,3 +163,79 @@ def test_hello_pytorch_learns_under_the_simulator_in_two_rounds(tmp_path):
     }  # the same model on every site
     assert start[0] < 0.3 and start[1] > start[0] + 0.3, start
     assert {r["site"] for r in sites} == {"site-1", "site-2", "site-3"}
+
+
+TIED_MODEL = '''"""hello-numpy's model with a second name tied to array_0, as an output layer
+tied to an embedding; and a counter."""
+
+import numpy as np
+
+from .model_base import fill as base_fill, layout as base_layout
+
+
+def layout(config):
+    rows = base_layout(config)
+    name, dtype, shape = rows[0]
+    return [*rows, ("tied_head", dtype, shape, name), ("count", "I64", (2,))]
+
+
+def fill(name, out, config):
+    if name == "count":
+        out[...] = [3, 4]
+    else:
+        base_fill(name, out, config)
+'''
+
+TIED_TRAIN = '''"""Adds `increment` once to every tensor the model holds (a tied name is the
+same memory)."""
+
+import numpy as np
+
+import hauler
+
+
+def main():
+    while hauler.is_running():
+        model = hauler.receive()
+        assert np.shares_memory(model["tied_head"], model["array_0"]), "received untied"
+        trained = {name: np.array(array) for name, array in model.items() if name != "tied_head"}
+        for name, array in trained.items():
+            array += 1 if name == "count" else np.float32(hauler.context().config["increment"])
+        trained["tied_head"] = trained["array_0"]  # tied in what is sent too
+        hauler.send(trained, weight=1.0)
+
+
+main()
+'''
+
+
+def test_codecs_an_optimizer_and_tied_weights_in_the_simulator(tmp_path):
+    """int8 both ways, server momentum and a tied tensor under `hauler.simulate`: the tied
+    tensor is stored and folded once, the counter follows its policy, every upload and every
+    later download is encoded, and the model lands where server momentum puts it."""
+    job_dir = hello_job(tmp_path, rounds=3, min_clients=2, arrays=2, array_bytes=200_004)
+    (job_dir / "model.py").rename(job_dir / "model_base.py")
+    (job_dir / "model.py").write_text(TIED_MODEL)
+    (job_dir / "train.py").write_text(TIED_TRAIN)
+    config = tomllib.loads((job_dir / "job.toml").read_text())
+    config["executor"] = {"script": "train.py", "config": {"increment": 0.125}}
+    config["workflow"].update(optimizer="fedavgm", integers={"count": "sum"})
+    config["transfer"] = {"upload": "int8", "download": "int8"}
+    (job_dir / "job.toml").write_text(tomli_w.dumps(config))
+    job = api.simulate(job_dir, sites=3, workers=2, workspace=tmp_path / "sim")
+    assert job.record()["status"] == "finished"
+    rounds = job.folder.folder / "global"
+    with ModelFile.open(rounds / "round-0.safetensors", chunk_bytes=4 << 20) as first:
+        start = {name: np.array(array) for name, array in first.arrays().items()}
+    with ModelFile.open(rounds / "round-3.safetensors", chunk_bytes=4 << 20) as final:
+        assert final.manifest.ties == (("tied_head", "array_0"),)
+        arrays = final.arrays()
+        moved = 0.125 * (1 + 1.9 + 2.71)  # fedavgm, momentum 0.9: steps d, 1.9 d, 2.71 d
+        np.testing.assert_allclose(arrays["array_0"], start["array_0"] + moved, atol=1e-3)
+        assert np.shares_memory(arrays["tied_head"], arrays["array_0"])
+        assert arrays["count"].tolist() == [3 + 3 * 3, 4 + 3 * 3]  # sum: every site's +1, kept
+    sites = [r for r in job.metrics() if r.get("kind") == "site"]
+    assert all(r["upload"]["codec"] == "int8" for r in sites)
+    assert [r["download"]["codec"] for r in sites if r["round"] == 0] == ["none"] * 3
+    assert all(r["download"]["codec"] == "int8" for r in sites if r["round"] > 0)
+    assert all(r["upload"]["wire_bytes"] < 0.3 * r["upload"]["bytes"] for r in sites)

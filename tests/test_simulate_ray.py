@@ -234,7 +234,7 @@ def test_updates_sent_from_the_codes_memory_come_back_in_many_windows(
         tmp_path / "sim",
         workers=WORKERS,
         ray=ray_head,
-        dataplane=DataPlane(connections=1, chunk_bytes=4096, window_chunks=3),
+        dataplane=DataPlane(connections=1, chunk_bytes=4096, window_bytes=3 * 4096),
     )
 
     asyncio.run(run_simulation(plan))

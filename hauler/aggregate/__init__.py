@@ -1,16 +1,27 @@
-"""Streaming aggregators: fold contributions into a running weighted sum, then finish."""
+"""Streaming aggregators: fold contributions into a running weighted sum, then finish it into
+the next global model (server optimizer, download codec) chunk by chunk."""
 
-from hauler.aggregate.fedavg import AggregateStatistics, Contribution, FedAvg
-from hauler.aggregate.rounds import RoundAggregate
+from hauler.aggregate.fedavg import Contribution, FedAvg
+from hauler.aggregate.optimizers import (
+    OPTIMIZER_NAMES,
+    OptimizerSettings,
+    ServerOptimizer,
+    make_optimizer,
+)
+from hauler.aggregate.rounds import Recipe, RoundAggregate
 from hauler.aggregate.screening import check_weight
-from hauler.aggregate.uploads import UploadBuffers, folding
+from hauler.aggregate.uploads import LaneBuffers, UploadSink
 
 __all__ = [
-    "AggregateStatistics",
+    "OPTIMIZER_NAMES",
     "Contribution",
     "FedAvg",
+    "LaneBuffers",
+    "OptimizerSettings",
+    "Recipe",
     "RoundAggregate",
-    "UploadBuffers",
+    "ServerOptimizer",
+    "UploadSink",
     "check_weight",
-    "folding",
+    "make_optimizer",
 ]

@@ -28,13 +28,16 @@ class FiniteCheck:
         np.isfinite(block, out=flags)
         return bool(flags.all())
 
-    def check_folded(self, block: np.ndarray, manifest: Manifest, chunk: Chunk) -> None:
-        """Refuse a block holding NaN or infinity (sent by the site, or an overflow once folded)."""
+    def check_folded(
+        self, block: np.ndarray, manifest: Manifest, chunk: Chunk, tensor: int
+    ) -> None:
+        """Refuse a block of tensor `tensor` holding NaN or infinity (sent by the site, or an
+        overflow once folded)."""
         if not self.all_finite(block):
-            tensor = manifest.tensors[chunk.tensor]
+            name = manifest.tensors[tensor].name
             raise UpdateRefused(
-                f"non-finite values in tensor {tensor.name!r} (chunk at byte "
-                f"{chunk.offset}); the update is dropped from the round"
+                f"non-finite values in tensor {name!r} (chunk {chunk.seq}); the update is "
+                "dropped from the round"
             )
 
 

@@ -1,37 +1,66 @@
-"""Where an update's chunks land before they are folded, and the fold of each as it lands."""
+"""Where a site's update lands before it is folded, and the fold of each chunk as it lands.
+
+Each lane lands one chunk at a time into its own buffer, kept all job long (`LaneBuffers`).
+Once a chunk has landed and matched its checksum, the `UploadSink` checks it (a raw chunk's
+tensors against the site's digests; an encoded stream is checked whole by its ledger), decodes
+it if it is encoded (into one reused buffer: chunks are handled one at a time), and folds it.
+So the server never holds more than a chunk per lane of any site's update.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from hauler.aggregate.fedavg import Contribution
 from hauler.core.errors import UpdateRefused
-from hauler.model import Chunk
-from hauler.transfer import ReceiveLedger
+from hauler.model import Chunk, ChunkPlan
+from hauler.model.codecs import Codec
+from hauler.transfer import DigestCheck
 
 
-class UploadBuffers:
-    """One chunk-sized buffer per lane (each lands one chunk at a time), reused all job long.
-    Which lane a chunk is arriving on is for the `ledger` of the upload in progress to say."""
+class LaneBuffers:
+    """One landing buffer per lane, reused all job long (grown if a larger chunk comes)."""
 
-    def __init__(self, chunk_bytes: int, lanes: int) -> None:
-        self._buffers = [memoryview(bytearray(chunk_bytes)) for _ in range(lanes)]
-        self.ledger: ReceiveLedger | None = None
+    def __init__(self, lanes: int, nbytes: int) -> None:
+        self._buffers = [memoryview(bytearray(nbytes)) for _ in range(lanes)]
 
-    def chunk_bytes(self, tensor: int, offset: int, length: int) -> memoryview:
-        assert self.ledger is not None, "no upload in progress"
-        return self._buffers[self.ledger.lane_of(tensor, offset)][:length]
+    def landing(self, lane: int, nbytes: int) -> memoryview:
+        if lane >= len(self._buffers):
+            self._buffers += [
+                memoryview(bytearray(nbytes)) for _ in range(lane + 1 - len(self._buffers))
+            ]
+        if len(self._buffers[lane]) < nbytes:
+            self._buffers[lane] = memoryview(bytearray(nbytes))
+        return self._buffers[lane][:nbytes]
 
 
-def folding(
-    contribution: Contribution, buffers: UploadBuffers, site: str
-) -> Callable[[Chunk], None]:
-    """Fold each landed chunk of `site`'s upload; a refusal names the site."""
+class UploadSink:
+    """A site's model or update as it lands: each chunk checked, decoded and folded."""
 
-    def fold(chunk: Chunk) -> None:
+    def __init__(
+        self,
+        buffers: LaneBuffers,
+        contribution: Contribution,
+        plan: ChunkPlan,
+        *,
+        site: str,
+        codec: Codec | None = None,
+    ) -> None:
+        self.buffers, self.contribution, self.plan, self.site = buffers, contribution, plan, site
+        self.codec = codec
+        self.digests = DigestCheck(plan) if codec is None else None
+        self._decoded = memoryview(bytearray(plan.max_wide_bytes if codec else 0))
+
+    def landing(self, chunk: Chunk, lane: int, nbytes: int) -> memoryview:
+        return self.buffers.landing(lane, nbytes)
+
+    def landed(self, chunk: Chunk, lane: int, view: memoryview, checksum: int) -> None:
+        if self.codec is not None:
+            values = self.plan.wide_arrays(chunk, self._decoded)
+            self.codec.decode(view, [array for _, array in values])
+        else:
+            assert self.digests is not None
+            self.digests.landed(chunk, view, checksum)
+            values = self.plan.arrays(chunk, view)
         try:
-            contribution.fold(chunk, buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length))
+            self.contribution.fold(chunk, values)
         except UpdateRefused as error:
-            raise UpdateRefused(f"{site}'s update: {error}") from None
-
-    return fold
+            raise UpdateRefused(f"{self.site}'s update: {error}") from None

@@ -28,7 +28,7 @@ import numpy as np
 from hauler.client.executor import TrainContext
 from hauler.client.tensors import to_numpy, to_torch
 from hauler.core.errors import JobError
-from hauler.model import ArraySource, Manifest, ModelFile, check_layout
+from hauler.model import ArraySource, Manifest, ModelFile, check_layout, is_float
 
 TRAINER_FD_VARIABLE = (
     "HAULER_TRAINER_FD"  # set by the site for a training script run as a child process
@@ -167,20 +167,24 @@ class TrainerLink:
             self._task = None
 
     def _place(self, arrays: dict[str, np.ndarray], delta: bool) -> ArraySource | None:
-        """Where the site sends from: the arrays themselves (in-process), else the model file."""
+        """Where the site sends from: the arrays themselves (in-process), else the model file.
+        With `delta`, float tensors become the update (sent minus received, in the file) and
+        the others are sent as they are; tied names are their tensor's."""
         assert self._model is not None
+        manifest = self._model.manifest
         if self.in_process and not delta:
-            return ArraySource(self._model.manifest, arrays)
+            return ArraySource(manifest, arrays)
         views = self._model.arrays()
+        stored = [(t.name, is_float(t.dtype)) for t in manifest.tensors]
         if delta:
-            for name, array in arrays.items():  # every check before the first write: all or nothing
-                _check_delta(name, array, views[name])
-            for name, array in arrays.items():
-                _subtract_into(array, views[name])
-            return None
-        for name, array in arrays.items():
-            if not np.shares_memory(array, views[name]):
-                np.copyto(views[name], array)
+            for name, floating in stored:  # every check before the first write: all or nothing
+                if floating:
+                    _check_delta(name, arrays[name], views[name])
+        for name, floating in stored:
+            if delta and floating:
+                _subtract_into(arrays[name], views[name])
+            elif not np.shares_memory(arrays[name], views[name]):
+                np.copyto(views[name], arrays[name])
         return None
 
     def _open(self, task: dict[str, Any]) -> ModelFile:
@@ -209,10 +213,6 @@ def _check_delta(name: str, array: np.ndarray, received: np.ndarray) -> None:
         raise JobError(
             f"delta=True: {name!r} was trained in place in the received model, so the received "
             "values are gone; train on a copy (e.g. load_state_dict) or send the full model"
-        )
-    if array.dtype.kind == "b":
-        raise JobError(
-            f"delta=True: {name!r} is boolean, which has no difference; send the full model"
         )
 
 

@@ -1,8 +1,10 @@
 """The site process: dial the server, keep the session alive, run the tasks it offers.
 
-A task is: receive the global model into the site's model file (pre-sized once,
-overwritten in place every round), train on it in place, hash it, announce the
-result, then upload from the same file. The model never has to fit in memory.
+A task is: receive the global model into the site's global file (pre-sized once, overwritten
+in place every round; as the encoded delta from the round the site holds, where the job has a
+download codec), train on it (on a copy, where the job has codecs: client/jobfiles.py), hash
+the result or encode the update, announce it, then upload it. The model never has to fit in
+memory.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hauler.client.jobfiles import JobFiles
 from hauler.client.trainer import Trainer, trainer_for
 from hauler.core import logs
-from hauler.core.config import ExecutorConfig, SiteConfig, parse
+from hauler.core.config import ExecutorConfig, SiteConfig, TransferConfig, parse
 from hauler.core.errors import ConnectionLost, HaulerError, JobError, SecurityError
 from hauler.core.events import TrackTransfer, untracked
 from hauler.core.logs import JobLogs
@@ -30,6 +33,7 @@ from hauler.core.messages import (
     AbortTask,
     DeleteJob,
     DeployJob,
+    Encoding,
     EndJob,
     Heartbeat,
     Hello,
@@ -46,7 +50,11 @@ from hauler.core.package import code_digest, unpack
 from hauler.core.resources import ProcessMeter
 from hauler.core.retry import backoff_s
 from hauler.model import ArraySource, ChunkPlan, Manifest, ModelFile
-from hauler.transfer import ReceiveLedger
+from hauler.model.codecs import Codec, make_codec
+from hauler.model.encoded import EncodedFile, encoded_limit
+from hauler.model.updates import encode_update
+from hauler.transfer import FileSink, ReceiveLedger
+from hauler.transfer.deltas import DeltaSink
 from hauler.transport import (
     ControlChannel,
     DataAddress,
@@ -54,6 +62,7 @@ from hauler.transport import (
     fetch_model,
     push_model,
 )
+from hauler.transport.streams import ChunkSource, Progress
 
 log = logging.getLogger("hauler.client")
 MAX_PACKAGE_BYTES = 64 << 20
@@ -75,13 +84,11 @@ class Site:
         self._deployed: dict[str, str] = {}  # job id -> digest of the package it runs
         self._refused: dict[str, str] = {}  # job id -> why this site will not run it
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}  # (step, task id) -> running
-        self._models: dict[str, ModelFile] = {}
-        self._results: dict[
-            str, tuple[str, Manifest, ModelFile | ArraySource]
-        ] = {}  # task id -> (job, what, where)
-        self._reports: dict[
-            str, tuple[str, Any]
-        ] = {}  # task id -> (job, its last report), said again if asked
+        self._files: dict[str, JobFiles] = {}  # job id -> its model files here
+        # task id -> (job, what, where it is sent from)
+        self._results: dict[str, tuple[str, Manifest, ChunkSource]] = {}
+        # task id -> (job, its last report), said again if asked
+        self._reports: dict[str, tuple[str, Any]] = {}
         self._stream: MessageStream | None = None
         self.connected = asyncio.Event()
         self.job_lines = JobLogs()  # what this site logs about jobs, sent with its heartbeats
@@ -217,7 +224,9 @@ class Site:
 
     def _forget_results(self, job_id: str) -> None:
         for task_id in [t for t, (job, *_) in self._results.items() if job == job_id]:
-            del self._results[task_id]
+            _, _, source = self._results.pop(task_id)
+            if isinstance(source, EncodedFile):
+                source.close()  # its file is written again next round
         for task_id in [t for t, (job, _) in self._reports.items() if job == job_id]:
             del self._reports[task_id]
 
@@ -240,6 +249,7 @@ class Site:
 
     def _deploy(self, message: DeployJob) -> None:
         executor = parse(ExecutorConfig, message.executor, f"job {message.job_id} [executor]")
+        transfer = parse(TransferConfig, message.transfer, f"job {message.job_id} [transfer]")
         workdir = self.jobs_dir / message.job_id
         app_dir = workdir / "app"
         unpack(message.package_b64, app_dir, MAX_PACKAGE_BYTES)
@@ -247,6 +257,10 @@ class Site:
             self._check_vetted(app_dir)
         self._refused.pop(message.job_id, None)
         self._trainers[message.job_id] = trainer_for(executor, app_dir, message.job_id, workdir)
+        previous = self._files.pop(message.job_id, None)
+        if previous is not None:
+            previous.close()
+        self._files[message.job_id] = JobFiles(workdir, transfer)
 
     def _check_vetted(self, app_dir: Path) -> None:
         """A locked-down site runs only job code whose digest it lists in trusted_code."""
@@ -260,15 +274,14 @@ class Site:
             )
 
     async def _end_job(self, job_id: str) -> None:
-        """The job ended: stop its code and remove its model file, of no more use here."""
+        """The job ended: stop its code and remove its model files, of no more use here."""
         self._refused.pop(job_id, None)
         self._deployed.pop(job_id, None)
         self._forget_results(job_id)
         await self._stop_trainer(job_id)
-        model = self._models.pop(job_id, None)
-        if model is not None:
-            model.close()
-            model.path.unlink(missing_ok=True)
+        files = self._files.pop(job_id, None)
+        if files is not None:
+            files.remove()
 
     async def _delete_job(self, job_id: str) -> None:
         """Everything of the job this site still keeps (its logs, its code) goes too."""
@@ -298,43 +311,22 @@ class Site:
             await self._report(job_id, TaskFailed(task_id=task_id, error=_describe(error)[:4000]))
 
     async def _train(self, task: Task) -> None:
-        """Receive the global model into the site's file, have the job's code train it, hash,
-        announce."""
+        """Receive the global model, have the job's code train a copy of it, then hash it or
+        encode the update, and announce the result."""
         if task.job_id not in self._trainers:
             raise JobError(
                 self._refused.get(task.job_id, f"job {task.job_id} was not deployed to this site")
             )
-        trainer = self._trainers[task.job_id]
+        trainer, files = self._trainers[task.job_id], self._files[task.job_id]
         manifest = Manifest.from_json(task.manifest)
         if manifest.total_bytes > self.config.max_model_gib * 2**30:
             raise JobError(
                 f"model of {manifest.total_bytes / 2**30:.1f} GiB exceeds this site's "
                 f"max_model_gib = {self.config.max_model_gib:g}"
             )
-        model = await asyncio.to_thread(self._model_file, task.job_id, manifest)
-        await fetch_model(
-            self._data_address,
-            task.download,
-            ReceiveLedger(ChunkPlan(manifest), task.lanes),
-            model,
-            timeouts=self.config.timeouts,
-            on_progress=self.track(
-                f"job {task.job_id} round {task.round} download", manifest.total_bytes
-            ),
-        )
-        output = await trainer.train(
-            {
-                "type": "task",
-                "task_id": task.task_id,
-                "job_id": task.job_id,
-                "site": self.name,
-                "round": task.round,
-                "config": trainer.executor.config,
-                "workdir": str(trainer.workdir),
-                "settings": self.config.job_settings,
-            },
-            model,
-        )
+        await self._receive_global(task, files, manifest)
+        model = await asyncio.to_thread(files.training_copy)
+        output = await trainer.train(self._task_message(task, trainer), model)
         log.info(
             "trained round %d: weight %g, metrics %s",
             task.round,
@@ -343,28 +335,116 @@ class Site:
             extra={"site": self.name, "job": task.job_id, "task": task.task_id},
         )
         source = output.source or model
-        trained = await asyncio.to_thread(source.compute_digests)
-        self._results[task.task_id] = (task.job_id, trained, source)
-        await self._report(
-            task.job_id,
-            ResultReady(
-                task_id=task.task_id,
-                weight=output.weight,
-                metrics=output.metrics,
-                manifest=trained.to_json(),
-                delta=output.delta,
-            ),
+        if files.transfer.upload == "none":
+            trained = await asyncio.to_thread(source.compute_digests)
+            self._results[task.task_id] = (task.job_id, trained, source)
+            encoding = None
+        else:
+            encoded = await asyncio.to_thread(self._encode, files, manifest, source, output.delta)
+            self._results[task.task_id] = (task.job_id, manifest, encoded)
+            index = encoded.index
+            encoding = Encoding(
+                codec=index.codec, block_elements=index.block_elements, digest=index.digest
+            )
+        ready = ResultReady(
+            task_id=task.task_id,
+            weight=output.weight,
+            metrics=output.metrics,
+            manifest=self._results[task.task_id][1].to_json(),
+            delta=output.delta or encoding is not None,
+            encoding=encoding,
+        )
+        await self._report(task.job_id, ready)
+
+    def _task_message(self, task: Task, trainer: Trainer) -> dict[str, Any]:
+        return {
+            "type": "task",
+            "task_id": task.task_id,
+            "job_id": task.job_id,
+            "site": self.name,
+            "round": task.round,
+            "config": trainer.executor.config,
+            "workdir": str(trainer.workdir),
+            "settings": self.config.job_settings,
+        }
+
+    async def _receive_global(self, task: Task, files: JobFiles, manifest: Manifest) -> None:
+        """The round's global model into the site's global file: as the encoded delta from the
+        model the site holds, if offered one for it, else (or if that fails) whole."""
+        offer = task.delta
+        track = self.track(f"job {task.job_id} round {task.round} download", manifest.total_bytes)
+        if offer is not None and files.held() == offer.base:
+            codec = make_codec(offer.encoding.codec, block_elements=offer.encoding.block_elements)
+            try:
+                await self._fetch_delta(task, files, manifest, codec, track)
+                return
+            except HaulerError as error:
+                log.warning(
+                    "the round's delta could not be applied; downloading the whole model",
+                    extra={"site": self.name, "job": task.job_id, "error": str(error)},
+                )
+        model = await asyncio.to_thread(files.global_file, manifest)
+        plan = ChunkPlan(manifest)
+        ledger = ReceiveLedger(plan, task.lanes)
+        address = self._data_address
+        timeouts = self.config.timeouts
+        await fetch_model(
+            address,
+            task.download,
+            ledger,
+            FileSink(model, plan),
+            timeouts=timeouts,
+            on_progress=track,
+        )
+        await asyncio.to_thread(files.mark_received, manifest)
+
+    async def _fetch_delta(
+        self, task: Task, files: JobFiles, manifest: Manifest, codec: Codec, track: Progress
+    ) -> None:
+        assert task.delta is not None
+        model = await asyncio.to_thread(files.global_file, manifest)
+        plan = ChunkPlan(manifest)
+        limit, digest = encoded_limit(codec, plan), task.delta.encoding.digest
+        ledger = ReceiveLedger(plan, task.lanes, payload_limit=limit, stream_digest=digest)
+        sink = DeltaSink(model, plan, codec, ledger.lanes)
+        timeouts = self.config.timeouts
+        await fetch_model(
+            self._data_address,
+            task.delta.transfer,
+            ledger,
+            sink,
+            timeouts=timeouts,
+            on_progress=track,
+        )
+        await asyncio.to_thread(files.mark_received, manifest)
+
+    def _encode(
+        self, files: JobFiles, manifest: Manifest, source: ModelFile | ArraySource, delta: bool
+    ) -> EncodedFile:
+        """The trained model's update, encoded into the job's update file (with error feedback
+        through its residual file)."""
+        transfer = files.transfer
+        codec = make_codec(transfer.upload, block_elements=transfer.block_elements)
+        base = None if delta else files.received
+        return encode_update(
+            ChunkPlan(manifest),
+            source,
+            base,
+            codec,
+            files.update_path,
+            block_elements=transfer.block_elements,
+            residual=files.residual(manifest),
         )
 
     async def _upload(self, message: UploadReady) -> None:
-        """Send a task's trained model from the site's file (the server may ask more than once)."""
+        """Send a task's trained model or encoded update (the server may ask more than once)."""
         if message.task_id not in self._results:
             raise JobError(f"no result of task {message.task_id} to upload")
         job_id, manifest, source = self._results[message.task_id]
         await push_model(
             self._data_address,
             message.upload,
-            manifest,
+            ChunkPlan(manifest),
             source,
             message.lanes,
             timeouts=self.config.timeouts,
@@ -376,18 +456,6 @@ class Site:
         return DataAddress(
             self.config.server_host, self.config.data_port, self.config.tls, self.config.dataplane
         )
-
-    def _model_file(self, job_id: str, manifest: Manifest) -> ModelFile:
-        """The site's one model file for a job, re-created only if the layout changes."""
-        model = self._models.get(job_id)
-        if model is not None and model.manifest.same_layout(manifest):
-            model.manifest = manifest
-            return model
-        if model is not None:
-            model.close()
-        model = ModelFile.create(self.jobs_dir / job_id / "model.safetensors", manifest)
-        self._models[job_id] = model
-        return model
 
 
 def _describe(error: Exception) -> str:

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from hauler.core.errors import ConfigError, JobError
+from hauler.model import dtype_name
 
 
 def to_numpy(model: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -29,6 +30,24 @@ def to_numpy(model: Mapping[str, Any]) -> dict[str, np.ndarray]:
                 f"{name!r} is a {type(value).__name__}; send numpy arrays or torch tensors"
             )
     return arrays
+
+
+def layout_of(model: Mapping[str, Any]) -> list[tuple]:
+    """A model module's `layout(config)` from a state_dict (numpy arrays or torch tensors):
+    `(name, dtype, shape)` per tensor, and `(name, dtype, shape, other)` for a name whose tensor
+    shares its memory with `other`'s (tied weights, such as GPT-2's lm_head and wte), which
+    Hauler then stores, sends and folds once and hands back tied."""
+    rows: list[tuple] = []
+    first: dict[tuple, str] = {}
+    for name, array in to_numpy(model).items():
+        row = (name, dtype_name(array.dtype), tuple(array.shape))
+        key = (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype.str)
+        if array.size and key in first:
+            rows.append((*row, first[key]))
+        else:
+            first.setdefault(key, name)
+            rows.append(row)
+    return rows
 
 
 def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hauler.core.errors import ConfigError
 
@@ -47,9 +47,20 @@ class Timeouts(Strict):
 class DataPlane(Strict):
     """How model bytes move on the tensor-stream connections."""
 
-    chunk_bytes: int = Field(4 * MIB, ge=4096, le=64 * MIB, description="Bytes per chunk frame.")
-    window_chunks: int = Field(
-        16, ge=1, le=4096, description="Unacknowledged chunks in flight, per connection."
+    chunk_bytes: int = Field(
+        4 * MIB,
+        ge=4096,
+        le=64 * MIB,
+        multiple_of=8,
+        description="Bytes of the model per chunk frame (before any codec); a chunk may span "
+        "several tensors.",
+    )
+    window_bytes: int = Field(
+        64 * MIB,
+        ge=4096,
+        le=4096 * MIB,
+        description="Unacknowledged payload bytes in flight per connection (at least one chunk "
+        "is always allowed).",
     )
     connections: int = Field(
         8,
@@ -196,6 +207,23 @@ class AdminConfig(Strict):
     timeouts: Timeouts = Timeouts()
 
 
+CodecName = Literal["none", "bf16", "fp16", "int8", "int4", "zstd"]
+OptimizerName = Literal["fedavg", "fedavgm", "nesterov", "fedadam", "fedyogi", "fedadagrad"]
+IntegerPolicy = Literal["mean", "sum", "max", "keep"]
+
+
+class OptimizerConfig(Strict):
+    """A server optimizer and its settings (unset ones take the optimizer's defaults; a
+    setting it does not use is an error)."""
+
+    name: OptimizerName = "fedavg"
+    lr: float | None = Field(None, description="Server learning rate.")
+    momentum: float | None = Field(None, description="fedavgm and nesterov.")
+    beta1: float | None = Field(None, description="fedadam, fedyogi and fedadagrad.")
+    beta2: float | None = Field(None, description="fedadam and fedyogi.")
+    tau: float | None = Field(None, description="The adaptive optimizers' epsilon.")
+
+
 class WorkflowConfig(Strict):
     """ScatterAndGather (FedAvg): the seed's workflow and its arguments."""
 
@@ -222,6 +250,49 @@ class WorkflowConfig(Strict):
         allow_inf_nan=False,
         description="Largest norm of a site's update (its model minus the global model) relative "
         "to the global model's; a site above it is dropped from the round. None: unchecked.",
+    )
+    optimizer: OptimizerConfig = Field(
+        OptimizerConfig(),
+        description="The server optimizer that turns the round's averaged update into the next "
+        "global model: a name, or a table with `name` and its settings.",
+    )
+    integers: dict[str, IntegerPolicy] = Field(
+        {},
+        description="How non-float tensors (counters, flags) are aggregated, by name pattern "
+        "(fnmatch; the first match wins): mean (weighted, rounded half to even: the default), "
+        "sum (the global value plus every site's change), max, or keep (the global value).",
+    )
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_by_name(cls, value: object) -> object:
+        """`optimizer = "fedadam"` is short for `optimizer = { name = "fedadam" }`."""
+        return {"name": value} if isinstance(value, str) else value
+
+
+class TransferConfig(Strict):
+    """What travels between the server and the sites: codecs per direction.
+
+    With a codec, a site uploads its update (its model minus the round's global model) encoded
+    chunk by chunk, and a site that holds the previous round downloads the round's global delta,
+    encoded once by the server, instead of the whole model. Non-float tensors always travel
+    exact."""
+
+    upload: CodecName = Field("none", description="Codec of the sites' updates.")
+    download: CodecName = Field(
+        "none", description="Codec of the global model's change from the previous round."
+    )
+    error_feedback: bool = Field(
+        True,
+        description="Carry what a lossy codec dropped into the next round (a residual per site "
+        "for uploads, on the server for downloads) instead of losing it.",
+    )
+    block_elements: int = Field(
+        512,
+        ge=16,
+        le=1 << 16,
+        description="Elements sharing one scale and offset in int8 and int4 (smaller: less error, "
+        "more bytes; bench.codecs measures the trade-off).",
     )
 
 
@@ -299,6 +370,9 @@ class JobConfig(Strict):
     executor: ExecutorConfig = Field(
         description="What every site runs to train: a module or a script."
     )
+    transfer: TransferConfig = Field(
+        TransferConfig(), description="Codecs of the updates and of the global model."
+    )
     sites: list[str] | None = Field(
         None, description="Sites that take part; all connected sites if absent."
     )
@@ -313,6 +387,8 @@ def describe_errors(source: str, error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        if item["type"] == "literal_error":
+            message += f", not {item['input']!r}"
         lines.append(f"{source}: {key}: {message}")
     return "\n".join(lines)
 

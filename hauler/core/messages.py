@@ -53,8 +53,19 @@ class Heartbeat(_Message):
     logs: list[LogLine] = Field([], max_length=MAX_HEARTBEAT_LINES)
 
 
+class Encoding(_Message):
+    """How a model travels encoded: the codec and its block size, and the digest of its
+    encoded chunks' checksums (which the receiver's ledger checks once all have landed)."""
+
+    codec: str = Field(min_length=1, max_length=16)
+    block_elements: int = Field(ge=1, le=1 << 20)
+    digest: str = Field(min_length=1, max_length=64)
+
+
 class ResultReady(_Message):
-    """The site trained; its model (described by `manifest`) waits to be uploaded."""
+    """The site trained; its model (described by `manifest`) waits to be uploaded. With
+    `delta`, its float tensors are its update (its model minus the global one); with
+    `encoding`, that update travels encoded."""
 
     type: Literal["result_ready"] = "result_ready"
     task_id: str
@@ -63,7 +74,8 @@ class ResultReady(_Message):
         {}, max_length=MAX_METRICS
     )
     manifest: dict[str, Any]
-    delta: bool = False  # the model is the update minus the global model the site received
+    delta: bool = False  # float tensors hold the update minus the global model received
+    encoding: Encoding | None = None
 
 
 class TaskFailed(_Message):
@@ -79,12 +91,22 @@ class Welcome(_Message):
 
 
 class DeployJob(_Message):
-    """A job's code, zipped and base64-encoded, and how to run its executor."""
+    """A job's code, zipped and base64-encoded, how to run its executor, and its codecs."""
 
     type: Literal["deploy_job"] = "deploy_job"
     job_id: str
     package_b64: str
     executor: dict[str, Any]  # the job's [executor] table, validated by the site as ExecutorConfig
+    transfer: dict[str, Any] = {}  # the job's [transfer] table, validated as TransferConfig
+
+
+class DeltaOffer(_Message):
+    """The round's global model as its encoded change from the model whose digest is `base`:
+    a site holding that model may download transfer `transfer` instead of the whole model."""
+
+    transfer: str
+    base: str = Field(min_length=1, max_length=64)
+    encoding: Encoding
 
 
 class Task(_Message):
@@ -97,6 +119,7 @@ class Task(_Message):
     manifest: dict[str, Any]
     download: str
     lanes: int = Field(1, ge=1, le=64)
+    delta: DeltaOffer | None = None
 
 
 class UploadReady(_Message):

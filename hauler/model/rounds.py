@@ -7,10 +7,15 @@ oldest lends its inode to the next round, renamed and overwritten in place, so s
 rounds write into pages already in the page cache. A job therefore holds keep_rounds + 1
 model files on disk.
 
+A round may have companions, written before its manifest and named in it: `state-<r>` (the
+server optimizer's moments and the download codec's residual after round r, aggregate/state.py)
+and `delta-<r>` (the encoded difference from round r - 1, which sites holding round r - 1
+download instead of the whole model). They are retired with their round.
+
 After a crash (or a full disk) any round may be torn: its manifest missing, truncated or
-unparsable, its file short, long or not matching its digests. `latest_intact` skips such
-rounds, newest first, says why, and removes their manifests so that no later reader takes
-them for complete.
+unparsable, its file (or a companion) short, long or not matching its digests.
+`latest_intact` skips such rounds, newest first, says why, and removes their manifests so
+that no later reader takes them for complete.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hauler.core.errors import HaulerError
+from hauler.model.encoded import EncodedFile, EncodedIndex, EncodedWriter
 from hauler.model.file import ModelFile
-from hauler.model.manifest import Manifest
+from hauler.model.manifest import Manifest, chunk_checksum, digest_of_checksums
 
 INITIAL_ROUND = 0
 
@@ -43,6 +49,12 @@ class RoundStore:
 
     def path(self, round: int) -> Path:
         return self.directory / f"round-{round}.safetensors"
+
+    def state_path(self, round: int) -> Path:
+        return self.directory / f"state-{round}.safetensors"
+
+    def delta_path(self, round: int) -> Path:
+        return self.directory / f"delta-{round}.bin"
 
     def manifest_path(self, round: int) -> Path:
         return self.directory / f"round-{round}.manifest.json"
@@ -77,50 +89,111 @@ class RoundStore:
                 expected = model.manifest
                 if model.compute_digests() != expected:
                     return "its file does not match its manifest's digests"
+            return self._companion_damage(round)
         except (HaulerError, OSError, ValueError) as error:
             return f"unreadable: {error}"
+
+    def _companion_damage(self, round: int) -> str | None:
+        state = self.open_state(round)
+        if state is not None:
+            with state:
+                expected = state.manifest
+                if state.compute_digests() != expected:
+                    return "its state file does not match its manifest's digests"
+        delta = self.open_delta(round)
+        if delta is not None:
+            try:
+                checksums = [chunk_checksum(delta.chunk_views(c)[0]) for c in self._chunks(round)]
+                if digest_of_checksums(checksums) != delta.index.digest:
+                    return "its delta file does not match its digest"
+            finally:
+                delta.close()
         return None
 
     def create(self, round: int, manifest: Manifest) -> ModelFile:
         """A writable file for `round`, reusing the inode of the round that falls out of
-        `keep_rounds` (never round 0's); a stale manifest of `round` goes first."""
+        `keep_rounds` (never round 0's), whose companions are retired too; a stale manifest of
+        `round` goes first."""
         self.manifest_path(round).unlink(missing_ok=True)
         retired = round - self.keep_rounds
         reuse = self.path(retired) if retired > INITIAL_ROUND else None
         if reuse is not None:
             self.manifest_path(retired).unlink(missing_ok=True)
+            _rename_if_there(self.state_path(retired), self.state_path(round))
+            _rename_if_there(self.delta_path(retired), self.delta_path(round))
         return ModelFile.create(self.path(round), manifest, reuse=reuse)
 
-    def remove_all(self) -> None:
-        """Every round's file and manifest: the job keeps no model any more."""
-        for path in [
-            *self.directory.glob("round-*.safetensors"),
-            *self.directory.glob("round-*.manifest.json"),
-        ]:
-            path.unlink(missing_ok=True)
+    def create_state(self, round: int, manifest: Manifest) -> ModelFile:
+        """A writable state file for `round` (after `create`, which may have lent it an inode)."""
+        return ModelFile.create(self.state_path(round), manifest)
 
-    def commit(self, round: int, manifest: Manifest) -> None:
-        """Mark `round` complete by writing its manifest (with digests) atomically."""
+    def delta_writer(self, round: int, codec: str, block_elements: int) -> EncodedWriter:
+        """Where round `round`'s encoded delta from round - 1 is written."""
+        return EncodedWriter(self.delta_path(round), codec, block_elements)
+
+    def remove_all(self) -> None:
+        """Every round's file, companions and manifest: the job keeps no model any more."""
+        for pattern in ("round-*", "state-*", "delta-*"):
+            for path in self.directory.glob(pattern):
+                path.unlink(missing_ok=True)
+
+    def commit(
+        self,
+        round: int,
+        manifest: Manifest,
+        *,
+        state: Manifest | None = None,
+        delta: EncodedIndex | None = None,
+    ) -> None:
+        """Mark `round` complete by writing its manifest (with digests, and those of its
+        companions) atomically."""
+        record = manifest.to_json()
+        if state is not None:
+            record["state"] = state.to_json()
+        if delta is not None:
+            record["delta"] = delta.to_json()
         temporary = self.manifest_path(round).with_suffix(".tmp")
-        temporary.write_text(json.dumps(manifest.to_json()))
+        temporary.write_text(json.dumps(record))
         os.replace(temporary, self.manifest_path(round))
 
-    def manifest(self, round: int) -> Manifest:
+    def _record(self, round: int) -> dict:
         try:
-            return Manifest.from_json(json.loads(self.manifest_path(round).read_text()))
+            record = json.loads(self.manifest_path(round).read_text())
         except ValueError as error:  # a torn or hand-edited manifest
             raise HaulerError(f"{self.manifest_path(round)}: not a manifest ({error})") from None
+        if not isinstance(record, dict):
+            raise HaulerError(f"{self.manifest_path(round)}: not a manifest")
+        return record
+
+    def open_state(self, round: int) -> ModelFile | None:
+        """Round `round`'s state file, read-only, or None if the round has none."""
+        record = self._record(round).get("state")
+        if record is None:
+            return None
+        return _opened(self.state_path(round), Manifest.from_json(record))
+
+    def delta_index(self, round: int) -> EncodedIndex | None:
+        """How round `round`'s delta from round - 1 was encoded, or None if it has none."""
+        record = self._record(round)
+        if record.get("delta") is None:
+            return None
+        return EncodedIndex.from_json(record["delta"], self.manifest(round).chunk_count())
+
+    def open_delta(self, round: int) -> EncodedFile | None:
+        """Round `round`'s encoded delta from round - 1, to send, or None if it has none."""
+        index = self.delta_index(round)
+        return None if index is None else EncodedFile(self.delta_path(round), index)
+
+    def _chunks(self, round: int) -> list:
+        return list(self.manifest(round).chunks())
+
+    def manifest(self, round: int) -> Manifest:
+        return Manifest.from_json(self._record(round))
 
     def open(self, round: int) -> ModelFile:
         """A complete round's model, read-only, with its digests; its file must hold the layout
         its manifest says (a torn file is refused)."""
-        manifest = self.manifest(round)
-        model = ModelFile.open(self.path(round), chunk_bytes=manifest.chunk_bytes)
-        if not model.manifest.same_layout(manifest):
-            model.close()
-            raise HaulerError(f"{self.path(round)}: its tensors differ from its manifest's")
-        model.manifest = manifest
-        return model
+        return _opened(self.path(round), self.manifest(round))
 
 
 def _numbers(paths: object) -> list[int]:
@@ -131,3 +204,19 @@ def _numbers(paths: object) -> list[int]:
         if number.isdigit():
             found.add(int(number))
     return sorted(found, reverse=True)
+
+
+def _opened(path: Path, manifest: Manifest) -> ModelFile:
+    """The file at `path`, read-only, which must hold `manifest`'s layout; it gets its digests."""
+    model = ModelFile.open(path, chunk_bytes=manifest.chunk_bytes)
+    if not model.manifest.same_layout(manifest):
+        model.close()
+        raise HaulerError(f"{path}: its tensors differ from its manifest's")
+    model.manifest = manifest
+    return model
+
+
+def _rename_if_there(source: Path, target: Path) -> None:
+    """Lend `source`'s inode to `target` (its pages are warm), if it exists."""
+    if source.exists():
+        os.replace(source, target)

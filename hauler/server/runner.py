@@ -21,7 +21,7 @@ from hauler.core.errors import HaulerError, JobCodeError, JobError
 from hauler.core.events import Event, EventBus, JsonLines, read_json_lines
 from hauler.core.messages import DeleteJob, EndJob
 from hauler.core.package import load_job, unpack
-from hauler.model import Manifest, ModelFile
+from hauler.model import ChunkPlan, Manifest, ModelFile
 from hauler.model.initial import import_initial_model
 from hauler.model.rounds import INITIAL_ROUND, RoundStore
 from hauler.server import initial
@@ -32,6 +32,7 @@ from hauler.server.resources import ResourceRecorder
 from hauler.server.round_zero import check_initial_manifest, resolve_model_file
 from hauler.server.sites import SiteRegistry
 from hauler.server.transfers import Transfer, TransferRegistry
+from hauler.transfer import FileSink
 from hauler.workflows import ScatterAndGather
 
 log = logging.getLogger("hauler.server")
@@ -126,7 +127,9 @@ class JobRunner:
         model = RoundStore(self.job_dir(job_id), self.config.keep_rounds).create(
             INITIAL_ROUND, manifest
         )
-        return self.transfers.expect(peer, manifest, model, on_chunk=lambda chunk: None), model
+        plan = ChunkPlan(manifest)
+        ledger = self.transfers.ledger_for(plan)
+        return self.transfers.expect(peer, ledger, FileSink(model, plan)), model
 
     async def receive_initial(self, job_id: str, transfer: Transfer, model: ModelFile) -> None:
         """Wait for the initial model's upload (silence: communication_timeout), commit it as

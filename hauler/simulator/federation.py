@@ -6,6 +6,11 @@ update streams back chunk by chunk into the same fold as a server's, checked the
 virtual site takes part in every round; W of them train at once. Where a worker runs (this
 process, or a Ray actor) is the worker's business (`simulate/workers.py`, `simulate/ray.py`).
 
+Codecs run as on a real federation: an update is encoded by its worker (with the virtual site's
+own residual) and decoded into the fold, and the round's global model is the server's, delta
+codec included. A worker copies the global model whole, in memory; its download is reported as
+what a real site holding the previous round would have downloaded: the round's encoded delta.
+
 One difference is said rather than hidden: a worker's model is reused by the next site once its
 update is folded, so the simulator cannot refold a round from its sites as a server does. Each
 update is screened whole (finite values, max_update_norm) before any of it is folded: the worker
@@ -23,9 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hauler.aggregate import RoundAggregate, check_weight, folding
+from hauler.aggregate import RoundAggregate, UploadSink, check_weight
 from hauler.core.config import DataPlane, JobConfig, Timeouts
 from hauler.core.errors import ConfigError, JobError
+from hauler.model import ChunkPlan
+from hauler.model.codecs import make_codec
+from hauler.model.encoded import EncodedIndex
 from hauler.simulator.workers import Update, Worker, WorkerPool, check_screen, screen_update
 from hauler.workflows import TrainResult
 from hauler.workflows.records import RoundRecords
@@ -53,9 +61,8 @@ class SimulatedFederation:
         self.records = RoundRecords(record)
         self.dataplane, self.timeouts = dataplane, timeouts
         self.sites = list(settings)
-        self._base_squares: float | None = (
-            None  # the round's global model's squared norm, if bounded
-        )
+        self._base_squares: float | None = None  # the round's global model's, if bounded
+        self._delta: EncodedIndex | None = None  # the round's encoded delta, if any
 
     async def wait_for_sites(self, count: int, wanted: list[str] | None) -> list[str]:
         """Every virtual site (those the job names, if it names some): they are all there."""
@@ -73,8 +80,9 @@ class SimulatedFederation:
         return chosen
 
     async def begin_round(self, round: int) -> None:
-        self.aggregate.begin(round)
+        self.aggregate.begin(round)  # in the loop: a cancelled round leaves no thread behind
         self.records.begin(round)
+        self._delta = self.aggregate.rounds.delta_index(round) if round > 0 else None
         self._base_squares = None
         if self.job.workflow.max_update_norm is not None:  # measured once a round, not once a site
             served = self.aggregate.global_model
@@ -101,18 +109,14 @@ class SimulatedFederation:
             "upload_s": uploaded - trained,
         }
         result = TrainResult(site, update.weight, update.metrics, timings)
-        figures = {
-            "bytes": served.manifest.total_bytes,
-            "bytes_resent": 0,
-            "lanes": 1,
-            "reconnects": 0,
-        }
+        model_bytes = served.manifest.total_bytes
+        figures = {"bytes": model_bytes, "bytes_resent": 0, "lanes": 1, "reconnects": 0}
         self.records.site(
             result,
             started_s=started_s,
-            model_bytes=served.manifest.total_bytes,
-            download=figures,
-            upload=figures,
+            model_bytes=model_bytes,
+            download={**figures, **_wire(self._delta, model_bytes)},
+            upload={**figures, **_wire(update.encoding, model_bytes)},
         )
         self.emit(
             "site.result",
@@ -140,16 +144,22 @@ class SimulatedFederation:
 
     async def _fold(self, site: str, worker: Worker, update: Update) -> None:
         """Check the site's update as a server checks it, then stream it from its worker into the
-        fold."""
+        fold, decoded as a server decodes it."""
         workflow = self.job.workflow
         check_weight(update.weight, site, workflow.max_weight)
         check_screen(
             update.screen, site, base_squares=self._base_squares, limit=workflow.max_update_norm
         )
-        contribution = self.aggregate.contribution(update.weight, delta=update.delta)
+        encoding = update.encoding
+        codec = None
+        if encoding is not None:
+            codec = make_codec(encoding.codec, block_elements=encoding.block_elements)
+        contribution = self.aggregate.contribution(update.weight, update=update.delta)
         assert worker.buffers is not None
+        plan = ChunkPlan(update.manifest)
+        sink = UploadSink(worker.buffers, contribution, plan, site=site, codec=codec)
         try:
-            await worker.send_update(folding(contribution, worker.buffers, site))
+            await worker.send_update(sink)
             contribution.complete()
         finally:
             contribution.abandon()  # no-op once complete; taints the round if it stopped part-way
@@ -165,3 +175,12 @@ class SimulatedFederation:
 
     def close(self) -> None:
         self.aggregate.close()
+
+
+def _wire(encoding: EncodedIndex | None, model_bytes: int) -> dict[str, Any]:
+    """What a transfer put on the wire: its encoding's bytes, or the whole model. A virtual
+    site's download is counted as a real site holding the previous round makes it: the round's
+    delta, encoded once (the worker itself copies the whole model in memory)."""
+    if encoding is None:
+        return {"wire_bytes": model_bytes, "codec": "none"}
+    return {"wire_bytes": sum(encoding.lengths), "codec": encoding.codec}

@@ -11,10 +11,14 @@ How the bytes travel, and why:
   of the served file, so one copy exists per node however many actors and virtual sites read it;
   an actor copies it into its own model file and checks the tensors' digests against the served
   manifest, as the in-process transport would.
-- The update comes back one window of `window_chunks` chunks per call (`SiteActor.window`), one
-  window ahead in flight: each chunk lands in the worker's one chunk buffer, is checked against
-  the checksum its actor sent, folded, and recorded in a `ReceiveLedger`, which checks every
-  tensor against the update's manifest digest. The driver never holds more than two windows.
+- The update comes back one window (`window_bytes` of raw chunks) per call (`SiteActor.window`), one
+  window ahead in flight: each chunk lands in the worker's landing buffer, is checked against
+  the checksum its actor sent, handed to the fold's sink (which checks every tensor against the
+  update's manifest digest, or decodes an encoded chunk), and recorded in a `ReceiveLedger`
+  (which checks an encoded stream's digest). The driver never holds more than two windows.
+- With an upload codec the actor encodes the update as a site does, with the virtual site's
+  residual in its node's `sites/<site>/`: a site that runs on another node in a later round
+  starts that node's residual from zero (error feedback is kept per node, not moved).
 - The actor screens the update where it lies (`workers.screen_update`); the federation decides
   on the figures (`workers.check_screen`) before any chunk is folded, as for a local worker.
 
@@ -28,15 +32,15 @@ import asyncio
 import shutil
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hauler.aggregate import UploadBuffers
+from hauler.aggregate import LaneBuffers
 from hauler.client.trainer import trainer_for
-from hauler.core.config import ExecutorConfig, JobConfig
+from hauler.core.config import ExecutorConfig, JobConfig, TransferConfig
 from hauler.core.errors import (
     ConfigError,
     DigestError,
@@ -48,23 +52,26 @@ from hauler.core.errors import (
 from hauler.core.package import pack, unpack
 from hauler.model import (
     ArraySource,
-    Chunk,
     ChunkPlan,
     Manifest,
     ModelFile,
     check_layout,
     chunk_checksum,
 )
+from hauler.model.encoded import EncodedIndex
 from hauler.simulator.workers import (
     ChunkSource,
     Update,
     UpdateScreen,
     WorkerPool,
     buffers_for,
+    encode_for_site,
     finish_training,
     model_file_for,
+    update_ledger,
 )
-from hauler.transfer import FrameHeader, Kind, ReceiveLedger
+from hauler.transfer import FrameHeader, ReceiveLedger
+from hauler.transport.streams import ChunkSink
 
 if TYPE_CHECKING:
     from hauler.simulator.runner import SimulationPlan
@@ -88,8 +95,11 @@ class SiteActor:
     arrays, which Ray moves out of band), never a model: the global model arrives as the arrays
     of one object-store object, the update leaves a window at a time."""
 
-    def __init__(self, package: str, executor_json: str, job_id: str, index: int) -> None:
+    def __init__(
+        self, package: str, executor_json: str, transfer_json: str, job_id: str, index: int
+    ) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix=f"hauler-{job_id}-worker-{index + 1}-"))
+        self.transfer = TransferConfig.model_validate_json(transfer_json)
         app_dir = self.folder / "app"
         unpack(package, app_dir, MAX_PACKAGE_BYTES)
         self.trainer = trainer_for(
@@ -97,7 +107,7 @@ class SiteActor:
         )
         self.model: ModelFile | None = None
         self.base: ArraySource | None = None
-        self.sending: tuple[Manifest, ChunkSource] | None = None
+        self.sending: tuple[Update, ChunkSource] | None = None
 
     def node(self) -> str:
         """Where this actor runs (and that it has started)."""
@@ -124,7 +134,12 @@ class SiteActor:
         update, source = await finish_training(
             output, self.model, self.base, measure_norm=measure_norm
         )
-        self.sending = (update.manifest, source)
+        if self.transfer.upload != "none":
+            update, source = await encode_for_site(
+                update, source, self.base, self.transfer, workdir, self.folder
+            )
+        self.sending = (update, source)
+        encoding = update.encoding.to_json() if update.encoding is not None else None
         return {
             "weight": update.weight,
             "metrics": update.metrics,
@@ -132,24 +147,28 @@ class SiteActor:
             "manifest": update.manifest.to_json(),
             "refusal": update.screen.refusal,
             "update_squares": update.screen.update_squares,
+            "encoding": encoding,
         }
 
-    def window(self, start_seq: int, count: int) -> tuple[np.ndarray, list[int]]:
-        """Chunks `start_seq`.. (at most `count`) of the update, end to end, and each one's
-        checksum."""
+    def window(self, start_seq: int, count: int) -> tuple[np.ndarray, list[int], list[int]]:
+        """Chunks `start_seq`.. (at most `count`) of the update as they travel, end to end, and
+        each one's checksum and length."""
         if self.sending is None:
             raise LocalProtocolError("window() before train()")
-        manifest, source = self.sending
-        plan = ChunkPlan(manifest)
-        chunks = [plan.chunk(seq) for seq in range(start_seq, min(start_seq + count, plan.total))]
-        data = np.empty(sum(chunk.length for chunk in chunks), np.uint8)
-        checksums, position = [], 0
-        for chunk in chunks:
-            view = source.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
-            data[position : position + chunk.length] = np.frombuffer(view, np.uint8)
-            checksums.append(chunk_checksum(view))
-            position += chunk.length
-        return data, checksums
+        update, source = self.sending
+        plan = ChunkPlan(update.manifest)
+        seqs = range(start_seq, min(start_seq + count, plan.total))
+        views = [list(source.chunk_views(plan.chunk(seq))) for seq in seqs]
+        data = np.empty(sum(len(view) for parts in views for view in parts), np.uint8)
+        checksums, lengths, position = [], [], 0
+        for parts in views:
+            start = position
+            for view in parts:
+                data[position : position + len(view)] = np.frombuffer(view, np.uint8)
+                position += len(view)
+            checksums.append(chunk_checksum(memoryview(data[start:position])))
+            lengths.append(position - start)
+        return data, checksums, lengths
 
     async def close(self) -> None:
         await self.trainer.stop()
@@ -199,15 +218,11 @@ class RayWorker:
     def __init__(
         self, index: int, actor: Any, global_model: GlobalModel, window_chunks: int
     ) -> None:
-        self.index, self.actor, self.global_model, self.window_chunks = (
-            index,
-            actor,
-            global_model,
-            window_chunks,
-        )
-        self.buffers: UploadBuffers | None = None
+        self.index, self.actor, self.global_model = index, actor, global_model
+        self.window_chunks = window_chunks
+        self.buffers: LaneBuffers | None = None
         self._served: Manifest | None = None
-        self._update: Manifest | None = None
+        self._update: Update | None = None
 
     async def receive(self, served: ModelFile) -> None:
         self.buffers = buffers_for(self.buffers, served.manifest)
@@ -223,24 +238,24 @@ class RayWorker:
                 f"Ray worker {self.index + 1} sent an update whose layout is not the global model's"
             )
         squares = said["update_squares"]
-        self._update = manifest
-        return Update(
+        encoding = said["encoding"]
+        self._update = Update(
             float(said["weight"]),
             dict(said["metrics"]),
             bool(said["delta"]),
             manifest,
             UpdateScreen(str(said["refusal"]), None if squares is None else float(squares)),
+            None if encoding is None else EncodedIndex.from_json(encoding, manifest.chunk_count()),
         )
+        return self._update
 
-    async def send_update(self, on_chunk: Callable[[Chunk], None]) -> None:
+    async def send_update(self, sink: ChunkSink) -> None:
         """Pull the update a window at a time, the next window already asked for while this one
         lands."""
         if self._update is None or self.buffers is None:
             raise LocalProtocolError("send_update() before train()")
-        plan = ChunkPlan(self._update)
-        ledger = ReceiveLedger(plan, 1)
-        self.buffers.ledger = ledger
-        ledger.begin()
+        plan = ChunkPlan(self._update.manifest)
+        ledger = update_ledger(plan, self._update.encoding)
         starts = list(range(0, plan.total, self.window_chunks))
 
         def ask(start: int | None) -> Any:
@@ -249,8 +264,8 @@ class RayWorker:
         ahead = ask(starts[0] if starts else None)
         for start, following in zip(starts, [*starts[1:], None]):
             current, ahead = ahead, ask(following)
-            data, checksums = await _call(self, current)
-            self._land(ledger, start, data, checksums, on_chunk)
+            data, checksums, lengths = await _call(self, current)
+            self._land(ledger, sink, start, data, checksums, lengths)
         if not ledger.done:
             raise IntegrityError(
                 f"Ray worker {self.index + 1} sent {ledger.held(0)} of {plan.total} "
@@ -260,42 +275,38 @@ class RayWorker:
     def _land(
         self,
         ledger: ReceiveLedger,
+        sink: ChunkSink,
         start: int,
         data: np.ndarray,
         checksums: list[int],
-        on_chunk: Callable[[Chunk], None],
+        lengths: list[int],
     ) -> None:
-        """Land one window: each chunk in the buffer, checked, folded, then recorded in the
-        ledger."""
-        assert self.buffers is not None
-        if len(checksums) != min(self.window_chunks, ledger.plan.total - start):
+        """Land one window: each chunk where the sink says, checked, handed to the sink (which
+        folds it), then recorded in the ledger."""
+        expected = min(self.window_chunks, ledger.plan.total - start)
+        if len(checksums) != expected or len(lengths) != expected:
             raise IntegrityError(
                 f"Ray worker {self.index + 1} sent {len(checksums)} chunks for a window of "
                 f"{self.window_chunks} from chunk {start}; the update is dropped"
             )
         window = memoryview(data).cast("B")
         position = 0
-        for seq, checksum in zip(range(start, start + len(checksums)), checksums):
-            planned = ledger.plan.chunk(seq)
-            chunk = ledger.expect(
-                FrameHeader(Kind.DATA, planned.tensor, planned.offset, planned.length)
-            )
-            if position + chunk.length > len(window):
+        for seq, checksum, length in zip(range(start, start + expected), checksums, lengths):
+            chunk = ledger.expect(FrameHeader.data(seq, length, checksum))
+            if position + length > len(window):
                 raise IntegrityError(
                     f"Ray worker {self.index + 1} sent a window shorter than its chunks"
                 )
-            landed = self.buffers.chunk_bytes(chunk.tensor, chunk.offset, chunk.length)
-            landed[:] = window[position : position + chunk.length]
+            landed = sink.landing(chunk, 0, length)
+            landed[:] = window[position : position + length]
             if chunk_checksum(landed) != checksum:
                 raise IntegrityError(
                     f"chunk {chunk.seq} of Ray worker {self.index + 1}'s update fails its "
                     "checksum; the update is dropped"
                 )
-            on_chunk(chunk)
-            ledger.commit(
-                chunk, checksum
-            )  # checks each completed tensor against the manifest's digest
-            position += chunk.length
+            sink.landed(chunk, 0, landed, checksum)
+            ledger.commit(chunk, checksum, length)  # checks an encoded stream's digest at the end
+            position += length
 
     async def close(self) -> None:
         try:
@@ -334,9 +345,15 @@ async def ray_pool(
     pool = [
         RayWorker(
             index,
-            actor_class.remote(package, job.executor.model_dump_json(), job_id, index),
+            actor_class.remote(
+                package,
+                job.executor.model_dump_json(),
+                job.transfer.model_dump_json(),
+                job_id,
+                index,
+            ),
             global_model,
-            plan.dataplane.window_chunks,
+            max(1, plan.dataplane.window_bytes // plan.dataplane.chunk_bytes),
         )
         for index in range(workers)
     ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hauler.aggregate import RoundAggregate
+from hauler.aggregate import Recipe, RoundAggregate
 from hauler.core.config import DataPlane, JobConfig, Timeouts
 from hauler.core.errors import ConfigError, HaulerError
 from hauler.core.events import Event, EventBus, JsonLines
@@ -92,7 +92,10 @@ async def _run(
     metrics: JsonLines,
 ) -> None:
     aggregate = RoundAggregate(
-        job_dir, keep_rounds=KEEP_ROUNDS, memory_budget_bytes=MEMORY_BUDGET_BYTES
+        job_dir,
+        keep_rounds=KEEP_ROUNDS,
+        memory_budget_bytes=MEMORY_BUDGET_BYTES,
+        recipe=Recipe.of(job),
     )
     await _initial_model(plan, job, job_dir, aggregate)
     federation = SimulatedFederation(
@@ -135,6 +138,7 @@ async def _pool(
             job_dir,
             dataplane=plan.dataplane,
             timeouts=plan.timeouts,
+            transfer=job.transfer,
         )
     try:
         yield pool

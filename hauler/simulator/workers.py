@@ -13,7 +13,9 @@ same four steps to the federation, which never asks which kind it has (`Worker`)
 the fold, `close`. A worker screens its own update after training (`screen_update`: every value
 finite, and its squared norm), where the update is at hand, and reports the figures; the
 federation checks them (`check_screen`) before a byte is folded, so a refused site is dropped
-with nothing folded, whichever machine its worker is on.
+with nothing folded, whichever machine its worker is on. With an upload codec the worker then
+encodes the update as a site does (`encode_for_site`), with the virtual site's own residual file
+in `sites/<site>/` on the worker's machine, and the fold decodes it as a server does.
 """
 
 from __future__ import annotations
@@ -27,27 +29,21 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hauler.aggregate import UploadBuffers
+from hauler.aggregate import LaneBuffers
 from hauler.aggregate.screening import FiniteCheck, UpdateNorms, squares
 from hauler.client.trainer import Trainer, TrainerResult, trainer_for
-from hauler.core.config import DataPlane, ExecutorConfig, Timeouts
+from hauler.core.config import DataPlane, ExecutorConfig, Timeouts, TransferConfig
 from hauler.core.errors import HaulerError, LocalProtocolError, UpdateRefused
-from hauler.model import (
-    ArraySource,
-    Chunk,
-    ChunkPlan,
-    Manifest,
-    ModelFile,
-    accumulator_dtype,
-    numpy_dtype,
-)
-from hauler.transfer import ReceiveLedger, SendSchedule
+from hauler.model import ArraySource, ChunkPlan, Manifest, ModelFile, accumulator_dtype
+from hauler.model.codecs import make_codec
+from hauler.model.encoded import EncodedFile, EncodedIndex, encoded_limit
+from hauler.model.updates import encode_update, open_residual, source_arrays
+from hauler.transfer import FileSink, ReceiveLedger, SendSchedule
 from hauler.transport import connection_pair, receive_model, send_model
+from hauler.transport.streams import ChunkSink
 
-ChunkSource = ModelFile | ArraySource
-SCREEN_BLOCK_ELEMENTS = (
-    1 << 20
-)  # screened in blocks with one reused scratch: no model-sized temporaries
+ChunkSource = ModelFile | ArraySource | EncodedFile
+SCREEN_BLOCK_ELEMENTS = 1 << 20  # screened in blocks with one reused scratch
 
 
 @dataclass(frozen=True)
@@ -68,14 +64,15 @@ class Update:
     delta: bool
     manifest: Manifest  # with the digests `send_update` is checked against
     screen: UpdateScreen
+    encoding: EncodedIndex | None = None  # how it travels, if encoded
 
 
 class Worker(Protocol):
     """One slot the virtual sites take turns on, wherever it runs. `buffers` is this process's
-    chunk buffer for the update being sent (set by `receive`), which the fold reads from."""
+    landing buffer for the update being sent (set by `receive`), which the fold reads from."""
 
     index: int
-    buffers: UploadBuffers | None
+    buffers: LaneBuffers | None
 
     async def receive(self, served: ModelFile) -> None:
         """Make the worker's model the round's global model `served`."""
@@ -83,9 +80,8 @@ class Worker(Protocol):
     async def train(self, task: dict[str, Any], *, measure_norm: bool) -> Update:
         """Run the job's code on the received model for one site's task, then screen its update."""
 
-    async def send_update(self, on_chunk: Callable[[Chunk], None]) -> None:
-        """Land the update chunk by chunk in `buffers`, each checked, calling `on_chunk` for
-        each."""
+    async def send_update(self, sink: ChunkSink) -> None:
+        """Land the update chunk by chunk in `sink` (which checks, decodes and folds each)."""
 
     async def close(self) -> None:
         """Stop the training code and release the worker's model."""
@@ -104,22 +100,22 @@ class LocalWorker:
         sites_dir: Path,
         dataplane: DataPlane,
         timeouts: Timeouts,
+        transfer: TransferConfig,
     ) -> None:
         self.index, self.folder, self.trainer, self.sites_dir = index, folder, trainer, sites_dir
-        self.dataplane, self.timeouts = dataplane, timeouts
-        self.buffers: UploadBuffers | None = None
+        self.dataplane, self.timeouts, self.transfer = dataplane, timeouts, transfer
+        self.buffers: LaneBuffers | None = None
         self._model: ModelFile | None = None
         self._base: ModelFile | None = None
-        self._sending: tuple[Manifest, ChunkSource] | None = None
+        self._sending: tuple[Update, ChunkSource] | None = None
 
     async def receive(self, served: ModelFile) -> None:
-        self._model = model_file_for(
-            self._model, self.folder / "model.safetensors", served.manifest
-        )
+        path = self.folder / "model.safetensors"
+        self._model = model_file_for(self._model, path, served.manifest)
         self.buffers = buffers_for(self.buffers, served.manifest)
-        await move(
-            served.manifest, served, self._model, dataplane=self.dataplane, timeouts=self.timeouts
-        )
+        plan = ChunkPlan(served.manifest)
+        sink = FileSink(self._model, plan)
+        await move(plan, served, sink, dataplane=self.dataplane, timeouts=self.timeouts)
         self._base = served
 
     async def train(self, task: dict[str, Any], *, measure_norm: bool) -> Update:
@@ -131,20 +127,21 @@ class LocalWorker:
         update, source = await finish_training(
             output, self._model, self._base, measure_norm=measure_norm
         )
-        self._sending = (update.manifest, source)
+        if self.transfer.upload != "none":
+            update, source = await encode_for_site(
+                update, source, self._base, self.transfer, workdir, self.folder
+            )
+        self._sending = (update, source)
         return update
 
-    async def send_update(self, on_chunk: Callable[[Chunk], None]) -> None:
-        if self._sending is None or self.buffers is None:
+    async def send_update(self, sink: ChunkSink) -> None:
+        if self._sending is None:
             raise LocalProtocolError("send_update() before train()")
-        manifest, source = self._sending
+        update, source = self._sending
+        plan = ChunkPlan(update.manifest)
+        ledger = update_ledger(plan, update.encoding)
         await move(
-            manifest,
-            source,
-            self.buffers,
-            dataplane=self.dataplane,
-            timeouts=self.timeouts,
-            on_chunk=on_chunk,
+            plan, source, sink, ledger=ledger, dataplane=self.dataplane, timeouts=self.timeouts
         )
 
     async def close(self) -> None:
@@ -178,6 +175,7 @@ class WorkerPool:
         *,
         dataplane: DataPlane,
         timeouts: Timeouts,
+        transfer: TransferConfig,
     ) -> WorkerPool:
         """`count` workers in this process, each in `job_dir/workers/worker-<k>`."""
         workers = []
@@ -192,6 +190,7 @@ class WorkerPool:
                     sites_dir=job_dir / "sites",
                     dataplane=dataplane,
                     timeouts=timeouts,
+                    transfer=transfer,
                 )
             )
         return cls(workers)
@@ -230,18 +229,18 @@ def model_file_for(model: ModelFile | None, path: Path, manifest: Manifest) -> M
     return model
 
 
-def buffers_for(buffers: UploadBuffers | None, manifest: Manifest) -> UploadBuffers:
-    """One chunk buffer, made on first use and kept all job long: every round of a job has the
-    same layout and chunk size (the aggregate refuses another)."""
-    return buffers if buffers is not None else UploadBuffers(manifest.chunk_bytes, 1)
+def buffers_for(buffers: LaneBuffers | None, manifest: Manifest) -> LaneBuffers:
+    """One landing buffer, made on first use and kept all job long (it grows for encoded
+    chunks larger than a raw one)."""
+    return buffers if buffers is not None else LaneBuffers(1, manifest.chunk_bytes)
 
 
 async def finish_training(
-    output: TrainerResult, model: ModelFile, base: ChunkSource, *, measure_norm: bool
+    output: TrainerResult, model: ModelFile, base: ModelFile | ArraySource, *, measure_norm: bool
 ) -> tuple[Update, ChunkSource]:
     """What a worker does once the code has sent: digest the update where it lies (the code's
     arrays, or the worker's file) and screen it against the global model `base`."""
-    source: ChunkSource = output.source or model
+    source: ModelFile | ArraySource = output.source or model
     manifest = await asyncio.to_thread(source.compute_digests)
     screen = await asyncio.to_thread(
         screen_update, manifest, source, None if output.delta else base, measure_norm=measure_norm
@@ -249,33 +248,74 @@ async def finish_training(
     return Update(output.weight, output.metrics, output.delta, manifest, screen), source
 
 
+async def encode_for_site(
+    update: Update,
+    source: ChunkSource,
+    base: ModelFile | ArraySource,
+    transfer: TransferConfig,
+    site_dir: Path,
+    folder: Path,
+) -> tuple[Update, EncodedFile]:
+    """The update encoded as a real site encodes it (model/updates.py), into `folder`, with the
+    virtual site's residual in `site_dir` when the job keeps error feedback."""
+    codec = make_codec(transfer.upload, block_elements=transfer.block_elements)
+    plan = ChunkPlan(update.manifest)
+    residual = None
+    if transfer.error_feedback and codec.lossy:
+        residual = open_residual(site_dir / "residual.safetensors", update.manifest)
+    try:
+        encoded = await asyncio.to_thread(
+            encode_update,
+            plan,
+            source,
+            None if update.delta else base,
+            codec,
+            folder / "update.bin",
+            block_elements=transfer.block_elements,
+            residual=residual,
+        )
+    finally:
+        if residual is not None:
+            residual.close()
+    return Update(
+        update.weight, update.metrics, True, update.manifest, update.screen, encoded.index
+    ), encoded
+
+
+def update_ledger(plan: ChunkPlan, encoding: EncodedIndex | None) -> ReceiveLedger:
+    """The receiving ledger of an update: raw, or encoded as `encoding` says."""
+    if encoding is None:
+        return ReceiveLedger(plan, 1)
+    codec = make_codec(encoding.codec, block_elements=encoding.block_elements)
+    return ReceiveLedger(
+        plan, 1, payload_limit=encoded_limit(codec, plan), stream_digest=encoding.digest
+    )
+
+
 def screen_update(
-    manifest: Manifest, update: ChunkSource, base: ChunkSource | None, *, measure_norm: bool
+    manifest: Manifest,
+    update: ModelFile | ArraySource,
+    base: ModelFile | None,
+    *,
+    measure_norm: bool,
 ) -> UpdateScreen:
     """Screen a whole update in one pass, with the aggregator's own checks (`aggregate.screening`):
     every float value finite, and, if `measure_norm`, the sum of squares of `update - base` (of
-    `update` itself when `base` is None: a delta, or the global model's own norm), in the dtype the
-    fold accumulates in."""
-    finite, total = FiniteCheck(SCREEN_BLOCK_ELEMENTS), 0.0
+    `update` itself when `base` is None: a delta, or the global model's own norm), in the dtype
+    the fold accumulates in."""
+    finite, total, plan = FiniteCheck(SCREEN_BLOCK_ELEMENTS), 0.0, ChunkPlan(manifest)
     for chunk in manifest.chunks():
-        tensor = manifest.tensors[chunk.tensor]
-        if not (numpy_dtype(tensor.dtype).kind == "f" or tensor.dtype == "BF16"):
-            continue  # integers and flags are neither screened nor counted, as in the fold
-        dtype = numpy_dtype(tensor.dtype)
-        values = np.frombuffer(update.chunk_bytes(chunk.tensor, chunk.offset, chunk.length), dtype)
-        try:
-            finite.check_folded(values, manifest, chunk)
-        except UpdateRefused as refusal:
-            return UpdateScreen(str(refusal), None)
-        if measure_norm:
-            reference = (
-                None
-                if base is None
-                else np.frombuffer(
-                    base.chunk_bytes(chunk.tensor, chunk.offset, chunk.length), dtype
-                )
-            )
-            total += _squares(values, reference, accumulator_dtype(dtype))
+        based = None if base is None else source_arrays(plan, base, chunk)
+        for index, (piece, values) in enumerate(source_arrays(plan, update, chunk)):
+            if values.dtype.kind != "f" and manifest.tensors[piece.tensor].dtype != "BF16":
+                continue  # integers and flags are neither screened nor counted, as in the fold
+            try:
+                finite.check_folded(values, manifest, chunk, piece.tensor)
+            except UpdateRefused as refusal:
+                return UpdateScreen(str(refusal), None)
+            if measure_norm:
+                reference = None if based is None else based[index][1]
+                total += _squares(values, reference, accumulator_dtype(values.dtype))
     return UpdateScreen("", total if measure_norm else None)
 
 
@@ -288,13 +328,8 @@ def _squares(values: np.ndarray, reference: np.ndarray | None, dtype: np.dtype) 
         if reference is None:
             np.copyto(block, part, casting="unsafe")
         else:
-            np.subtract(
-                part,
-                reference[start : start + block.size],
-                out=block,
-                dtype=dtype,
-                casting="unsafe",
-            )
+            reference_part = reference[start : start + block.size]
+            np.subtract(part, reference_part, out=block, dtype=dtype, casting="unsafe")
         total += squares(block)
     return total
 
@@ -321,36 +356,24 @@ def check_screen(
 
 
 async def move(
-    manifest: Manifest,
+    plan: ChunkPlan,
     source: ChunkSource,
-    sink: Any,
+    sink: ChunkSink,
     *,
     dataplane: DataPlane,
     timeouts: Timeouts,
-    on_chunk: Callable[[Chunk], None] = lambda chunk: None,
+    ledger: ReceiveLedger | None = None,
 ) -> None:
     """Move a model from `source` to `sink` over an in-process connection: chunk by chunk, each
-    checked against its checksum and every tensor against the manifest's digest."""
+    checked against its checksum, then by the sink (every tensor against the manifest's
+    digest, or the whole encoded stream against its digest)."""
     sender, receiver = connection_pair()
-    ledger = ReceiveLedger(ChunkPlan(manifest), 1)
-    if isinstance(sink, UploadBuffers):
-        sink.ledger = ledger
-    window = SendSchedule(ChunkPlan(manifest), dataplane.window_chunks).windows[0]
+    ledger = ledger or ReceiveLedger(plan, 1)
+    window = SendSchedule(plan, dataplane.window_bytes, 1, source.payload_bytes).windows[0]
     try:
         async with asyncio.TaskGroup() as group:
-            group.create_task(
-                send_model(
-                    sender,
-                    manifest,
-                    source,
-                    window_chunks=dataplane.window_chunks,
-                    timeouts=timeouts,
-                    window=window,
-                )
-            )
-            group.create_task(
-                receive_model(receiver, ledger, sink, timeouts=timeouts, on_chunk=on_chunk)
-            )
+            group.create_task(send_model(sender, source, window, timeouts=timeouts))
+            group.create_task(receive_model(receiver, ledger, sink, timeouts=timeouts))
     except* HaulerError as errors:
         raise errors.exceptions[0] from None
     finally:
