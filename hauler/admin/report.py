@@ -4,7 +4,8 @@
 site's download, train and upload and the server's aggregation per round, and the metrics each
 site reported per round (loss, accuracy, ...). `write_figures`
 draws them as PNGs (matplotlib's Agg renderer, through Figure objects: no pyplot, no display,
-no global state); `round_table` and `process_table` summarise them.
+no global state); `round_table`, `transfer_table` (bytes moved, raw and encoded, and the
+compression) and `process_table` summarise them.
 Times are seconds from the job's start.
 """
 
@@ -44,13 +45,15 @@ class Series:
 
 @dataclass(frozen=True)
 class Bar:
-    """One phase of one round on one row of the timeline (a site, or the server for aggregate)."""
+    """One phase of one round on one row of the timeline (a site, or the server for aggregate);
+    a transfer's bar says how it was encoded (`label`)."""
 
     row: str
     round: int
     phase: str
     start_s: float
     duration_s: float
+    label: str = ""
 
 
 @dataclass
@@ -102,13 +105,29 @@ def _bars(by_kind: dict[str, list[dict[str, Any]]], origin: float) -> list[Bar]:
             continue
         start = record["started_s"] - origin
         for phase in ("download", "train", "upload"):
-            bars.append(Bar(record["site"], record["round"], phase, start, record[f"{phase}_s"]))
-            start += record[f"{phase}_s"]
+            label = encoding_label(record.get(phase, {})) if phase != "train" else ""
+            duration = record[f"{phase}_s"]
+            bars.append(Bar(record["site"], record["round"], phase, start, duration, label))
+            start += duration
     for record in by_kind["round"]:
         if "started_s" in record:
             start = record["started_s"] - origin + record["round_s"] - record["aggregate_s"]
             bars.append(Bar(SERVER, record["round"], "aggregate", start, record["aggregate_s"]))
     return bars
+
+
+def encoding_label(transfer: dict[str, Any]) -> str:
+    """ "int8 3.9x" for a transfer that travelled encoded; "" for one that did not."""
+    codec = transfer.get("codec", "none")
+    if codec == "none":
+        return ""
+    return f"{codec} {compression(transfer):.1f}x"
+
+
+def compression(transfer: dict[str, Any]) -> float:
+    """Model bytes per byte on the wire (1 when nothing is known)."""
+    wire = transfer.get("wire_bytes") or 0
+    return transfer.get("bytes", 0) / wire if wire else 1.0
 
 
 def write_figures(report: Report, out_dir: Path) -> list[Path]:
@@ -184,6 +203,15 @@ def _timeline_figure(report: Report) -> Figure:
             height=0.6,
             color=PHASES[bar.phase],
         )
+        if bar.label:
+            axes.annotate(
+                bar.label,
+                (bar.start_s + bar.duration_s / 2, rows.index(bar.row)),
+                ha="center",
+                va="center",
+                fontsize="x-small",
+                color="white",
+            )
     starts = [
         (record["round"], record["started_s"] - report.origin_s)
         for record in report.rounds
@@ -288,6 +316,28 @@ def round_table(report: Report) -> Table:
             f"{up.get('mb_per_s', 0):.0f}",
             f"{resent / MIB:.1f}",
         )
+    return table
+
+
+def transfer_table(sites: list[dict[str, Any]]) -> Table:
+    """Per round and site, each direction's codec, model and wire MiB and compression ratio."""
+    numbers = [
+        Column(name, justify="right")
+        for name in ("down MiB", "wire", "ratio", "up MiB", "wire", "ratio")
+    ]
+    table = Table("round", "site", "codecs", *numbers, title="bytes moved (per site)")
+    for record in sites:
+        down, up = record.get("download", {}), record.get("upload", {})
+        codecs = f"{down.get('codec', 'none')}/{up.get('codec', 'none')}"
+        cells = []
+        for transfer in (down, up):
+            wire = transfer.get("wire_bytes", transfer.get("bytes", 0))
+            cells += [
+                f"{transfer.get('bytes', 0) / MIB:.1f}",
+                f"{wire / MIB:.1f}",
+                f"{compression(transfer):.1f}x",
+            ]
+        table.add_row(str(record["round"]), record["site"], codecs, *cells)
     return table
 
 

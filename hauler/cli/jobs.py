@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from hauler.admin.progress import JobDisplay, describe
-from hauler.admin.report import metrics_table, process_table, round_table
+from hauler.admin.report import metrics_table, process_table, round_table, transfer_table
 from hauler.cli.common import (
     AdminConfigOption,
     WorkspaceOption,
@@ -127,6 +127,12 @@ def status(
                 ),
             )
     console.print(table)
+    sites = sorted(
+        (row for row in reply["metrics"] if row.get("kind") == "site"),
+        key=lambda row: (row["round"], row["site"]),
+    )
+    if sites:
+        console.print(transfer_table(sites))
 
 
 @app.command()
@@ -180,7 +186,13 @@ def report(
 
 def show_summary(report: Any) -> None:
     """The tables a job's report prints: rounds, training metrics, processes."""
-    for table in (round_table(report), metrics_table(report), process_table(report)):
+    tables = (
+        round_table(report),
+        transfer_table(report.sites),
+        metrics_table(report),
+        process_table(report),
+    )
+    for table in tables:
         if table is not None:
             console.print(table)
 
