@@ -26,8 +26,8 @@ test: install  # the formatter and linter first: a style slip fails fast, before
 	$(VENV)/bin/ruff check --quiet .
 	$(PY) -m pytest -q
 
-bench-wan: install  # the seed's two distant sites over emulated links (root, network namespaces, gcc)
-	$(PY) -m bench.wan --json .demo/wan.json
+bench-wan: install  # the seed's two distant sites over emulated links, uncompressed and int8 (root, gcc)
+	$(PY) -m bench.wan --compare none,int8 --rounds 3 --json .demo/wan.json
 
 bench-path: install  # one 100 ms / 1 Gbit/s / 0.1 % loss path: a default TCP stream against Hauler
 	$(PY) -m bench.wan --scenario path --json .demo/path.json

@@ -1,18 +1,21 @@
 """Hauler over emulated wide-area links: transfer times, link utilisation, re-sent bytes.
 
     python -m bench.wan [--scenario seed] [--model-mib 512] [--json OUT]
+    python -m bench.wan --compare none,int8 [--rounds 3] [--json OUT]
     python -m bench.wan --scenario path [--model-mib 4096] [--rounds 2] [--json OUT]
 
 `seed`: the seed job across regions. site-1 is 30 ms one-way at 448 Mbit/s, site-2 120 ms at
 92.8 Mbit/s. A real server and real sites run in their own network namespaces over mutual TLS,
 first with the default timeouts, then with every silence timeout divided by 10, to show that
 transfer time never counts against them (the default model is sized so that site-2's transfers
-outlast the shortened timeouts). `path`: one 50 ms, 1 Gbit/s path with 0.1 % loss; one
-TCP stream across it per congestion control and 8 parallel BBR streams (what this machine and
-the emulator can carry at all), then a one-site Hauler job over it, with both timeout settings.
-Utilisation is
-model bytes / (transfer seconds x link rate): goodput, so TCP, IP and TLS headers count as lost
-capacity. Run as root (namespaces, TUN devices); see bench/netem.py.
+outlast the shortened timeouts). `--compare none,int8`: the seed's links once per codec (used
+for uploads and downloads alike), each round's wall time and bytes on the wire side by side
+(the first round downloads the whole model; later ones the encoded delta). `path`: one 50 ms,
+1 Gbit/s path with 0.1 % loss; one TCP stream across it per congestion control and 8 parallel
+BBR streams (what this machine and the emulator can carry at all), then a one-site Hauler job
+over it, with both timeout settings. Utilisation is model bytes / (transfer seconds x link
+rate): goodput, so TCP, IP and TLS headers count as lost capacity. Run as root (namespaces,
+TUN devices); see bench/netem.py.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,7 @@ SAMPLE = 1 << 16  # elements checked at each end of every array of the final mod
 START_WAIT_S = 30.0
 STOP_GRACE_S = 20.0
 TOLERANCE = 1e-4
+LOSSY_TOLERANCE = 2e-3  # what error feedback still owes after the last round
 console = Console()
 
 
@@ -82,6 +86,13 @@ class Settings:
     job_timeout_s: float
     keep: bool
     plaintext: bool = False
+    upload: str = "none"
+    download: str = "none"
+
+    @property
+    def tolerance(self) -> float:
+        lossy = {self.upload, self.download} - {"none", "zstd"}
+        return LOSSY_TOLERANCE if lossy else TOLERANCE
 
     @property
     def array_bytes(self) -> int:
@@ -117,6 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--keep", action="store_true", help="keep kits, workspaces and logs afterwards"
     )
     parser.add_argument("--plaintext", action="store_true", help="no TLS, to measure what it costs")
+    parser.add_argument("--upload", default="none", help="[transfer] upload codec of the job")
+    parser.add_argument("--download", default="none", help="[transfer] download codec of the job")
+    parser.add_argument(
+        "--compare",
+        help="seed: run once per codec of this comma list (both directions), e.g. none,int8",
+    )
     return parser.parse_args(argv)
 
 
@@ -313,6 +330,19 @@ def site_rows(metrics: list[dict[str, Any]], links: dict[str, LinkSpec]) -> list
     return rows
 
 
+def round_rows(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round: its wall time, and the bytes its transfers put on the wire each way."""
+    rows = []
+    for row in sorted((r for r in metrics if r.get("kind") == "round"), key=lambda r: r["round"]):
+        sites = [r for r in metrics if r.get("kind") == "site" and r["round"] == row["round"]]
+        wire = {
+            f"{d}_wire_bytes": sum(s[d].get("wire_bytes", s[d]["bytes"]) for s in sites)
+            for d in ("download", "upload")
+        }
+        rows.append({"round": row["round"], "round_s": row["round_s"], **wire})
+    return rows
+
+
 def federated_run(
     links: dict[str, LinkSpec], settings: Settings, label: str, timeout_scale: float
 ) -> dict[str, Any]:
@@ -327,6 +357,8 @@ def federated_run(
         array_bytes=settings.array_bytes,
         rounds=settings.rounds,
         sites=len(links),
+        upload=settings.upload,
+        download=settings.download,
     )
     console.print(
         f"[bold]{label}[/]: {settings.array_bytes * settings.arrays / 2**20:.0f} MiB model, "
@@ -349,7 +381,8 @@ def federated_run(
         if ended == "job.finished"
         else float("inf")
     )
-    rows = site_rows(read_json_lines(server_job / "metrics.jsonl"), links)
+    metrics = read_json_lines(server_job / "metrics.jsonl")
+    rows = site_rows(metrics, links)
     result = {
         "label": label,
         "timeout_scale": timeout_scale,
@@ -359,7 +392,10 @@ def federated_run(
         "error": error,
         "wall_s": round(wall_s, 3),
         "max_abs_error_sampled": max_error,
-        "correct": max_error <= TOLERANCE,
+        "correct": max_error <= settings.tolerance,
+        "upload": settings.upload,
+        "download": settings.download,
+        "rounds": round_rows(metrics),
         "sites": rows,
         "longest_transfer_s": max(
             (r[d]["seconds"] for r in rows for d in ("download", "upload")), default=0.0
@@ -465,6 +501,47 @@ def seed(settings: Settings) -> dict[str, Any]:
         federated_run(SEED_LINKS, settings, "timeouts / 10", 0.1),
     ]
     return {"links": SEED_LINKS, "runs": runs}
+
+
+def compare(settings: Settings, codecs: list[str]) -> dict[str, Any]:
+    """The seed job across regions once per codec, uploads and downloads alike, and how each
+    codec's rounds after the first compare with the first codec's."""
+    runs = [
+        federated_run(SEED_LINKS, replace(settings, upload=codec, download=codec), codec, 1.0)
+        for codec in codecs
+    ]
+    return {"links": SEED_LINKS, "runs": runs, "time_ratios": time_ratios(runs)}
+
+
+def time_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Each run's mean round time after the first, over the first run's."""
+
+    def later(run: dict[str, Any]) -> float:
+        times = [row["round_s"] for row in run["rounds"] if row["round"] > 0]
+        return sum(times) / len(times) if times else float("nan")
+
+    baseline = later(runs[0])
+    return {run["label"]: round(later(run) / baseline, 3) for run in runs}
+
+
+def show_comparison(result: dict[str, Any]) -> None:
+    """Each round's wall time and wire bytes per codec, side by side."""
+    runs = result["runs"]
+    columns = [f"{run['label']} {what}" for run in runs for what in ("s", "down MB", "up MB")]
+    table = Table("round", *columns, title="the seed's links, per codec (both directions)")
+    for index, row in enumerate(runs[0]["rounds"]):
+        cells = []
+        for run in runs:
+            other = run["rounds"][index] if index < len(run["rounds"]) else {}
+            cells += [
+                f"{other.get('round_s', 0):.1f}",
+                f"{other.get('download_wire_bytes', 0) / 1e6:.0f}",
+                f"{other.get('upload_wire_bytes', 0) / 1e6:.0f}",
+            ]
+        table.add_row(str(row["round"]), *cells)
+    console.print(table)
+    ratios = ", ".join(f"{label} {ratio:.2f}x" for label, ratio in result["time_ratios"].items())
+    console.print(f"mean round time after the first, against {runs[0]['label']}: {ratios}")
 
 
 def path(settings: Settings, seconds: float, congestion_controls: list[str]) -> dict[str, Any]:
@@ -592,8 +669,12 @@ def main(argv: list[str] | None = None) -> int:
         job_timeout_s=args.job_timeout,
         keep=args.keep,
         plaintext=args.plaintext,
+        upload=args.upload,
+        download=args.download,
     )
-    if args.scenario == "seed":
+    if args.compare:
+        result = compare(settings, [codec for codec in args.compare.split(",") if codec])
+    elif args.scenario == "seed":
         result = seed(settings)
     else:
         result = path(settings, args.tcp_seconds, [cc for cc in args.tcp_cc.split(",") if cc])
@@ -601,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
             show_streams(result["tcp_streams"], PATH_LINKS["site-1"])
     for run in result["runs"]:
         show_run(run, result["links"])
+    if "time_ratios" in result:
+        show_comparison(result)
     if args.json:
         figures = {
             "scenario": args.scenario,
