@@ -52,10 +52,11 @@ def run_round(aggregate: RoundAggregate, round: int, updates: list[dict[str, np.
         wide = memoryview(bytearray(plan.max_wide_bytes))
         for chunk in plan.manifest.chunks():
             values = plan.wide_arrays(chunk, wide)
-            for piece, array in values:
-                tensor = plan.manifest.tensors[piece.tensor]
-                start = piece.offset // tensor.itemsize
-                array[...] = update[tensor.name].reshape(-1)[start : start + array.size]
+            for run, array in values:
+                for piece, part in run.split(array):
+                    tensor = plan.manifest.tensors[piece.tensor]
+                    start = piece.offset // tensor.itemsize
+                    part[...] = update[tensor.name].reshape(-1)[start : start + part.size]
             contribution.fold(chunk, values)
         contribution.complete()
     aggregate.finish(round)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from hauler.aggregate import integers
-from hauler.aggregate.screening import FiniteCheck, UpdateNorms, squares
+from hauler.aggregate.screening import FiniteCheck, UpdateNorms, non_finite, squares
 from hauler.core.errors import LocalProtocolError
 from hauler.model import (
     Chunk,
@@ -35,6 +35,8 @@ from hauler.model import (
     Manifest,
     ModelFile,
     Piece,
+    Run,
+    Span,
     accumulator_dtype,
     is_float,
     numpy_dtype,
@@ -75,7 +77,7 @@ class FedAvg:
         self.finite = FiniteCheck(BLOCK_ELEMENTS)
         self.norms = UpdateNorms(self.plan.total)
         self._touched = bytearray(self.plan.total)  # 1 once a chunk holds a partial sum
-        self._accumulators: list[np.ndarray] = []
+        self._accumulators: dict[int, np.ndarray] = {}
         self.output: ModelFile | None = None
         self.base: ModelFile | None = None
         self.total_weight = 0.0
@@ -92,7 +94,11 @@ class FedAvg:
                     "output or base file's layout differs from the aggregate's"
                 )
         self.output, self.base = output, base
-        self._accumulators = [self._accumulator(i) for i in range(len(self.manifest.tensors))]
+        self._accumulators = {
+            i: self._accumulator(i)
+            for i in range(len(self.manifest.tensors))
+            if not self.in_place[i]
+        }  # float32/64 sums are read as regions of the output file
         self.norms.restart()
         self.restart()
 
@@ -108,27 +114,28 @@ class FedAvg:
         return self.total_weight - self.update_weight
 
     def _accumulator(self, index: int) -> np.ndarray:
-        assert self.output is not None
-        if self.in_place[index]:
-            return self.output.array(index).reshape(-1)
         tensor, dtype = self.manifest.tensors[index], self.dtypes[index]
         count = tensor.length // tensor.itemsize
         return np.frombuffer(self._side, dtype, count, self._side_offsets[index])
 
-    def accumulated(self, piece: Piece) -> np.ndarray:
-        """The running sum of one piece (in its accumulator dtype)."""
-        start = piece.offset // self.manifest.tensors[piece.tensor].itemsize
-        return self._accumulators[piece.tensor][start : start + self._count(piece)]
+    def accumulated(self, span: Span) -> np.ndarray:
+        """The running sum of a piece, or of a run of tensors summed in the output file itself
+        (in the accumulator dtype)."""
+        if self.in_place[span.tensor]:
+            assert self.output is not None
+            return self._region(self.output, span, self.dtypes[span.tensor])
+        assert isinstance(span, Piece), "a side accumulator is kept per tensor"
+        start = span.offset // self.manifest.tensors[span.tensor].itemsize
+        return self._accumulators[span.tensor][start : start + self.plan.count(span)]
 
-    def based(self, piece: Piece) -> np.ndarray:
-        """The round's global model's values of one piece."""
+    def based(self, span: Span) -> np.ndarray:
+        """The round's global model's values of a piece or run."""
         assert self.base is not None
-        tensor = self.manifest.tensors[piece.tensor]
-        start = piece.offset // tensor.itemsize
-        return self.base.array(piece.tensor).reshape(-1)[start : start + self._count(piece)]
+        return self._region(self.base, span, self.plan.dtype(span))
 
-    def _count(self, piece: Piece) -> int:
-        return piece.length // self.manifest.tensors[piece.tensor].itemsize
+    def _region(self, model: ModelFile, span: Span, dtype: np.dtype) -> np.ndarray:
+        view = model.region(self.plan.data_offset(span), span.length)
+        return np.frombuffer(view, dtype)
 
     def contribution(
         self, weight: float, *, update: bool = False, max_update_norm: float | None = None
@@ -148,20 +155,25 @@ class FedAvg:
         return any(p in ("sum", "keep") for p, f in zip(self.policies, self.floating) if not f)
 
     def fold(self, chunk: Chunk, values: PieceValues, weight: float) -> None:
-        """Add `weight` x each piece's values into its sum (the first fold of a chunk writes)."""
+        """Add `weight` x each run's values into its sum (the first fold of a chunk writes):
+        a run of float tensors summed in the output file at once, the others piece by piece."""
         first = not self._touched[chunk.seq]
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
-            for piece, array in values:
-                if self.floating[piece.tensor]:
-                    self._fold_float(chunk, piece, array, weight, first)
-                else:
-                    self._fold_policy(piece, array, weight, first)
+            for run, array in values:
+                if self.floating[run.tensor] and self.in_place[run.tensor]:
+                    self._fold_float(chunk, run, array, weight, first)
+                    continue
+                for piece, part in run.split(array):
+                    if self.floating[piece.tensor]:
+                        self._fold_float(chunk, piece, part, weight, first)
+                    else:
+                        self._fold_policy(piece, part, weight, first)
         self._touched[chunk.seq] = 1
 
     def _fold_float(
-        self, chunk: Chunk, piece: Piece, values: np.ndarray, weight: float, first: bool
+        self, chunk: Chunk, span: Span, values: np.ndarray, weight: float, first: bool
     ) -> None:
-        target = self.accumulated(piece)
+        target = self.accumulated(span)
         for block in range(0, values.size, BLOCK_ELEMENTS):
             into = target[block : block + BLOCK_ELEMENTS]
             source = values[block : block + BLOCK_ELEMENTS]
@@ -171,7 +183,14 @@ class FedAvg:
                 scratch = self._scratch[into.dtype][: into.size]
                 np.multiply(source, weight, out=scratch, dtype=scratch.dtype, casting="unsafe")
                 np.add(into, scratch, out=into)
-            self.finite.check_folded(into, self.manifest, chunk, piece.tensor)
+            if not self.finite.all_finite(into):
+                raise self._non_finite(chunk, span, into, block)
+
+    def _non_finite(self, chunk: Chunk, span: Span, block: np.ndarray, start: int) -> Exception:
+        """The refusal naming the tensor that holds the first non-finite value of `block`."""
+        element = start + int(np.flatnonzero(~np.isfinite(block))[0])
+        piece = span.piece_at(element) if isinstance(span, Run) else span
+        return non_finite(self.manifest.tensors[piece.tensor].name, chunk)
 
     def _fold_policy(self, piece: Piece, values: np.ndarray, weight: float, first: bool) -> None:
         policy, target = self.policies[piece.tensor], self.accumulated(piece)
@@ -182,27 +201,25 @@ class FedAvg:
             integers.fold(policy, target[part], values[part], base[part], weight, first, scratch)
 
     def update_squares(self, values: PieceValues, update: bool) -> float:
-        """Sum of squares of a chunk's update (its float pieces themselves if `update`, else
-        minus the base model's), measuring the base model's chunk on the way if not done."""
+        """Sum of squares of a chunk's update (its float runs themselves if `update`, else
+        minus the base model's)."""
         return sum(
-            (self._piece_squares(p, v, update) for p, v in values if self.floating[p.tensor]),
+            (self._squares(run, v, update) for run, v in values if self.floating[run.tensor]),
             0.0,
         )
 
-    def _piece_squares(self, piece: Piece, values: np.ndarray, update: bool) -> float:
-        base = self.based(piece)
+    def _squares(self, span: Span, values: np.ndarray, update: bool) -> float:
+        base = self.based(span)
         total = 0.0
         for block in range(0, values.size, BLOCK_ELEMENTS):
-            scratch = self._scratch[self.dtypes[piece.tensor]][
+            scratch = self._scratch[self.dtypes[span.tensor]][
                 : min(BLOCK_ELEMENTS, values.size - block)
             ]
-            source, reference = (
-                values[block : block + scratch.size],
-                base[block : block + scratch.size],
-            )
+            source = values[block : block + scratch.size]
             if update:
                 np.copyto(scratch, source, casting="unsafe")
             else:
+                reference = base[block : block + scratch.size]
                 np.subtract(source, reference, out=scratch, dtype=scratch.dtype, casting="unsafe")
             total += squares(scratch)
         return total
@@ -212,15 +229,9 @@ class FedAvg:
         if self.norms.measured(chunk.seq):
             return
         total = 0.0
-        for piece in self.plan.pieces(chunk):
-            if self.floating[piece.tensor]:
-                base = self.based(piece)
-                for block in range(0, base.size, BLOCK_ELEMENTS):
-                    scratch = self._scratch[self.dtypes[piece.tensor]][
-                        : min(BLOCK_ELEMENTS, base.size - block)
-                    ]
-                    np.copyto(scratch, base[block : block + scratch.size], casting="unsafe")
-                    total += squares(scratch)
+        for run in self.plan.runs(chunk):
+            if self.floating[run.tensor]:
+                total += self._squares(run, self.based(run), update=True)
         self.norms.add_base(chunk.seq, total)
 
     def fold_model(self, model: ModelFile, weight: float) -> None:

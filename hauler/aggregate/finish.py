@@ -24,7 +24,7 @@ from hauler.aggregate.fedavg import BLOCK_ELEMENTS, FedAvg
 from hauler.aggregate.optimizers import ServerOptimizer
 from hauler.aggregate.state import RESIDUAL, RoundState
 from hauler.core.errors import JobError, LocalProtocolError
-from hauler.model import Chunk, Piece
+from hauler.model import Chunk, Run, Span
 from hauler.model.codecs import Codec
 from hauler.model.encoded import EncodedWriter
 from hauler.model.plan import PieceArrays
@@ -73,105 +73,124 @@ class RoundFinish:
         """Write every chunk of the output model."""
         for chunk in self.plan.manifest.chunks():
             if self.exact:
-                for piece in self.plan.pieces(chunk):
-                    self._average_exactly(piece)
+                for span in self._spans(chunk):
+                    self._average_exactly(span)
             else:
                 self._chunk(chunk)
 
-    def _average_exactly(self, piece: Piece) -> None:
+    def _spans(self, chunk: Chunk) -> list[Span]:
+        """The chunk's runs of float tensors summed in the output file, as runs; the rest
+        piece by piece (their sums are kept per tensor)."""
+        fedavg, spans = self.fedavg, []
+        for run in self.plan.runs(chunk):
+            in_place = fedavg.floating[run.tensor] and fedavg.in_place[run.tensor]
+            spans.extend([run] if in_place else run.pieces)
+        return spans
+
+    def _average_exactly(self, span: Span) -> None:
         """Plain FedAvg: (sum + base x update_weight) / W, in the accumulator, block by block."""
         fedavg = self.fedavg
-        accumulated, out = fedavg.accumulated(piece), self._output(piece)
-        if not fedavg.floating[piece.tensor]:
-            base = fedavg.based(piece) if fedavg.base is not None else out
-            policy = fedavg.policies[piece.tensor]
+        accumulated, out = fedavg.accumulated(span), self._output(span)
+        if not fedavg.floating[span.tensor]:
+            base = fedavg.based(span) if fedavg.base is not None else out
+            policy = fedavg.policies[span.tensor]
             integers.finish(policy, accumulated, base, fedavg.total_weight, out)
             return
         for start in range(0, accumulated.size, BLOCK_ELEMENTS):
             block = accumulated[start : start + BLOCK_ELEMENTS]
             if fedavg.update_weight:
                 scratch = fedavg.scratch(block.dtype, block.size)
-                base = fedavg.based(piece)[start : start + BLOCK_ELEMENTS]
+                base = fedavg.based(span)[start : start + BLOCK_ELEMENTS]
                 np.multiply(base, fedavg.update_weight, out=scratch, casting="unsafe")
                 np.add(block, scratch, out=block)
             np.multiply(block, 1.0 / fedavg.total_weight, out=block)
             target = out[start : start + BLOCK_ELEMENTS]
-            if not fedavg.in_place[piece.tensor]:
+            if not fedavg.in_place[span.tensor]:
                 np.copyto(target, block, casting="unsafe")
-            self._check_finite(piece, target)
+            self._check_finite(span, target)
 
     def _chunk(self, chunk: Chunk) -> None:
         """The optimizer's step (and the codec's round trip) for one chunk, into the output."""
         values = self.plan.wide_arrays(chunk, self._values)
-        for piece, array in values:
-            if self.fedavg.floating[piece.tensor]:
-                self._step(piece, array)
-            else:
-                self._policy(piece, array)
+        for run, array in values:
+            for span, part in self._split(run, array):
+                if self.fedavg.floating[span.tensor]:
+                    self._step(span, part)
+                else:
+                    self._policy(span, part)
         decoded = values
         if self.encoder is not None:
             decoded = self.plan.wide_arrays(chunk, self._decoded)
             self.encoder.encode(values, decoded)
-        for (piece, sent), (_, added) in zip(values, decoded):
-            self._apply(piece, sent, added)
+        for (run, sent), (_, added) in zip(values, decoded):
+            self._apply(run, sent, added)
 
-    def _step(self, piece: Piece, out: np.ndarray) -> None:
-        """The piece's pseudo-gradient, then the optimizer's step, then the residual the codec
-        still owes (the step it will encode)."""
+    def _split(self, run: Run, array: np.ndarray) -> list[tuple[Span, np.ndarray]]:
+        """A run whole where its sums are in the output file, else its pieces."""
         fedavg = self.fedavg
-        np.multiply(fedavg.accumulated(piece), 1.0 / fedavg.total_weight, out=out)
+        if fedavg.floating[run.tensor] and fedavg.in_place[run.tensor]:
+            return [(run, array)]
+        return list(run.split(array))
+
+    def _step(self, span: Span, out: np.ndarray) -> None:
+        """The averaged update, then the optimizer's step, then the residual the codec still
+        owes (the step it will encode)."""
+        fedavg = self.fedavg
+        np.multiply(fedavg.accumulated(span), 1.0 / fedavg.total_weight, out=out)
         if fedavg.full_weight:
-            base = self._base_in(piece, out.dtype)
+            base = self._base_in(span, out.dtype)
             np.multiply(base, fedavg.full_weight / fedavg.total_weight, out=base)
             np.subtract(out, base, out=out)
-        views = self.state.carried(piece) if self.state is not None else {}
+        views = self.state.carried(span) if self.state is not None else {}
         self.optimizer.step(out, {k: views[k] for k in self.optimizer.state_names}, out)
         if RESIDUAL in views:
             np.add(out, views[RESIDUAL], out=out)
 
-    def _policy(self, piece: Piece, out: np.ndarray) -> None:
+    def _policy(self, span: Span, out: np.ndarray) -> None:
         fedavg = self.fedavg
-        base = fedavg.based(piece)
-        policy = fedavg.policies[piece.tensor]
-        integers.finish(policy, fedavg.accumulated(piece), base, fedavg.total_weight, out)
+        base = fedavg.based(span)
+        policy = fedavg.policies[span.tensor]
+        integers.finish(policy, fedavg.accumulated(span), base, fedavg.total_weight, out)
 
-    def _apply(self, piece: Piece, sent: np.ndarray, added: np.ndarray) -> None:
-        """Write base + the decoded delta (or the new values) into the output; the server's
-        residual keeps what the output misses of base + what was meant to be sent."""
-        out = self._output(piece)
-        if self.fedavg.floating[piece.tensor]:
-            np.copyto(out, self.fedavg.based(piece))
+    def _apply(self, run: Run, sent: np.ndarray, added: np.ndarray) -> None:
+        """Write base + the decoded delta (or the new values) into the output, the one way every
+        site does; the server's residual keeps what the output misses of base + what was meant
+        to be sent."""
+        out = self._output(run)
+        floating = self.fedavg.floating[run.tensor]
+        if floating:
+            np.copyto(out, self.fedavg.based(run))
         apply_delta(out, added, self._scratch)
-        if not self.fedavg.floating[piece.tensor]:
+        if not floating:
             return
-        self._check_finite(piece, out)
-        views = self.state.views(piece) if self.state is not None else {}
+        self._check_finite(run, out)
+        views = self.state.views(run) if self.state is not None else {}
         if RESIDUAL in views:  # residual = (base + sent) - output, in the accumulator dtype
             residual = views[RESIDUAL]
-            self._base_in(piece, residual.dtype, into=residual)
+            self._base_in(run, residual.dtype, into=residual)
             np.add(residual, sent, out=residual)
             np.subtract(residual, out, out=residual, casting="unsafe")
 
-    def _base_in(self, piece: Piece, dtype: np.dtype, into: np.ndarray | None = None) -> np.ndarray:
-        """The base model's values of `piece` as `dtype`, in a scratch block (or `into`)."""
-        base = self.fedavg.based(piece)
+    def _base_in(self, span: Span, dtype: np.dtype, into: np.ndarray | None = None) -> np.ndarray:
+        """The base model's values of `span` as `dtype`, in a scratch block (or `into`)."""
+        base = self.fedavg.based(span)
         target = into if into is not None else np.frombuffer(self._scratch, dtype, base.size)
         np.copyto(target, base, casting="unsafe")
         return target
 
-    def _output(self, piece: Piece) -> np.ndarray:
+    def _output(self, span: Span) -> np.ndarray:
+        """The output file's values of a piece or run (in the tensors' own dtype)."""
         output = self.fedavg.output
         assert output is not None
-        tensor = self.plan.manifest.tensors[piece.tensor]
-        start = piece.offset // tensor.itemsize
-        return output.array(piece.tensor).reshape(-1)[
-            start : start + piece.length // tensor.itemsize
-        ]
+        view = output.region(self.plan.data_offset(span), span.length)
+        return np.frombuffer(view, self.plan.dtype(span))
 
-    def _check_finite(self, piece: Piece, values: np.ndarray) -> None:
+    def _check_finite(self, span: Span, values: np.ndarray) -> None:
         """Every fold was finite, yet the result may not be once cast back (float16), rebased,
         or stepped."""
         if not self.fedavg.finite.all_finite(values):
+            element = int(np.flatnonzero(~np.isfinite(values))[0])
+            piece = span.piece_at(element) if isinstance(span, Run) else span
             name = self.plan.manifest.tensors[piece.tensor].name
             raise JobError(
                 f"the new value of tensor {name!r} overflows its dtype; set [workflow] "

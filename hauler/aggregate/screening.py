@@ -34,11 +34,15 @@ class FiniteCheck:
         """Refuse a block of tensor `tensor` holding NaN or infinity (sent by the site, or an
         overflow once folded)."""
         if not self.all_finite(block):
-            name = manifest.tensors[tensor].name
-            raise UpdateRefused(
-                f"non-finite values in tensor {name!r} (chunk {chunk.seq}); the update is "
-                "dropped from the round"
-            )
+            raise non_finite(manifest.tensors[tensor].name, chunk)
+
+
+def non_finite(name: str, chunk: Chunk) -> UpdateRefused:
+    """The refusal of an update holding NaN or infinity in tensor `name`."""
+    return UpdateRefused(
+        f"non-finite values in tensor {name!r} (chunk {chunk.seq}); the update is dropped from "
+        "the round"
+    )
 
 
 class UpdateNorms:

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hauler.model import Manifest, ModelFile, Piece
-from hauler.model.updates import RESIDUAL, wide_manifest
+from hauler.model import Manifest, ModelFile, Span
+from hauler.model.updates import RESIDUAL, kind_block, wide_manifest
 
 __all__ = ["RESIDUAL", "RoundState", "wide_manifest"]
 
@@ -39,22 +39,17 @@ class RoundState:
         )
         self._index = {t.name: i for i, t in enumerate(current.manifest.tensors)}
 
-    def carried(self, piece: Piece) -> dict[str, np.ndarray]:
-        """Each kind's block for `piece` in the new file, carried over from the previous round
-        (call once per piece, before updating it)."""
-        views = self.views(piece)
+    def carried(self, span: Span) -> dict[str, np.ndarray]:
+        """Each kind's block for a piece or run in the new file, carried over from the previous
+        round (call once per span, before updating it)."""
+        views = self.views(span)
         for kind, view in views.items():
             if self.previous is None:
                 view[...] = self.initial[kind]
             else:
-                np.copyto(view, self._block(self.previous, kind, piece))
+                np.copyto(view, kind_block(self.previous, kind, self.manifest, span))
         return views
 
-    def views(self, piece: Piece) -> dict[str, np.ndarray]:
-        """Each kind's block for `piece` in the new file, as it is."""
-        return {kind: self._block(self.current, kind, piece) for kind in self.initial}
-
-    def _block(self, model: ModelFile, kind: str, piece: Piece) -> np.ndarray:
-        tensor = self.manifest.tensors[piece.tensor]
-        start, count = piece.offset // tensor.itemsize, piece.length // tensor.itemsize
-        return model.array(self._index[f"{kind}/{tensor.name}"])[start : start + count]
+    def views(self, span: Span) -> dict[str, np.ndarray]:
+        """Each kind's block for a piece or run in the new file, as it is."""
+        return {kind: kind_block(self.current, kind, self.manifest, span) for kind in self.initial}

@@ -172,9 +172,11 @@ class TrainerLink:
         the others are sent as they are; tied names are their tensor's."""
         assert self._model is not None
         manifest = self._model.manifest
+        views = self._model.arrays()
+        if not delta and all(arrays[t.name] is views[t.name] for t in manifest.tensors):
+            return None  # trained in place in the file (as a module's train() does)
         if self.in_process and not delta:
             return ArraySource(manifest, arrays)
-        views = self._model.arrays()
         stored = [(t.name, is_float(t.dtype)) for t in manifest.tensors]
         if delta:
             for name, floating in stored:  # every check before the first write: all or nothing

@@ -5,7 +5,7 @@ from hauler.model.arrays import ArraySource, check_layout
 from hauler.model.dtypes import DTYPES, accumulator_dtype, dtype_name, numpy_dtype
 from hauler.model.file import ModelFile, read_manifest
 from hauler.model.manifest import Chunk, Manifest, TensorEntry, chunk_checksum
-from hauler.model.plan import ChunkPlan, Piece, is_float, wide_dtype
+from hauler.model.plan import ChunkPlan, Piece, Run, Span, is_float, wide_dtype
 
 __all__ = [
     "DTYPES",
@@ -15,6 +15,8 @@ __all__ = [
     "Manifest",
     "ModelFile",
     "Piece",
+    "Run",
+    "Span",
     "TensorEntry",
     "accumulator_dtype",
     "check_layout",

@@ -50,8 +50,9 @@ def check_layout(manifest: Manifest, arrays: Mapping[str, np.ndarray]) -> None:
     difference; a tied name may be left out, or must hold its tensor's values."""
     expected = {t.name: t for t in manifest.tensors}
     ties = dict(manifest.ties)
+    known = expected.keys() | ties.keys()
     problems = [f"missing {name!r}" for name in expected if name not in arrays]
-    problems += [f"unexpected {name!r}" for name in arrays if name not in expected | ties]
+    problems += [f"unexpected {name!r}" for name in arrays if name not in known]
     for name, array in arrays.items():
         tensor = expected.get(name)
         if tensor is not None:

@@ -135,11 +135,11 @@ class EncodedFile:
 
 
 def encoded_limit(codec: Codec, plan: ChunkPlan) -> Callable[[Chunk], int]:
-    """The most bytes `codec` may make of each chunk of `plan` (its pieces, widened): what a
+    """The most bytes `codec` may make of each chunk of `plan` (its runs, widened): what a
     receiver allows a frame and sizes its buffer by."""
 
     def limit(chunk: Chunk) -> int:
-        pieces = plan.pieces(chunk)
-        return codec.max_encoded_bytes([(plan.wide(p), plan.count(p)) for p in pieces])
+        runs = plan.runs(chunk)
+        return codec.max_encoded_bytes([(plan.wide(run), plan.count(run)) for run in runs])
 
     return limit

@@ -39,6 +39,7 @@ class ModelFile:
         )
         self._buffer = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
         self.writable = writable
+        self._views: tuple[tuple, dict[str, np.ndarray]] | None = None
 
     @classmethod
     def create(cls, path: Path, manifest: Manifest, *, reuse: Path | None = None) -> ModelFile:
@@ -77,8 +78,12 @@ class ModelFile:
 
     def chunk_view(self, chunk: Chunk) -> memoryview:
         """A chunk (a byte range of the data region) as a view of the mapping."""
-        start = self.data_start + chunk.offset
-        return self._buffer[start : start + chunk.length]
+        return self.region(chunk.offset, chunk.length)
+
+    def region(self, offset: int, length: int) -> memoryview:
+        """Bytes [offset, offset + length) of the data region, as a view of the mapping."""
+        start = self.data_start + offset
+        return self._buffer[start : start + length]
 
     def chunk_views(self, chunk: Chunk) -> list[memoryview]:
         """What a sender writes for `chunk`: one view of the mapping."""
@@ -104,9 +109,13 @@ class ModelFile:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every tensor as a numpy view, by name, tied names viewing their tensor's memory;
-        writes go to the file when writable."""
-        arrays = {t.name: self.array(i) for i, t in enumerate(self.manifest.tensors)}
-        return arrays | {alias: arrays[target] for alias, target in self.manifest.ties}
+        writes go to the file when writable. The views are made once (a model may have
+        thousands of tensors) and handed out in a new dict each call."""
+        if self._views is None or self._views[0] != self.manifest.layout_key:
+            arrays = {t.name: self.array(i) for i, t in enumerate(self.manifest.tensors)}
+            arrays |= {alias: arrays[target] for alias, target in self.manifest.ties}
+            self._views = (self.manifest.layout_key, arrays)
+        return dict(self._views[1])
 
     def compute_digests(self) -> Manifest:
         """Hash every chunk (about 25 GB/s) and return the manifest with tensor digests."""
@@ -123,6 +132,7 @@ class ModelFile:
         used afterwards."""
         if self._fd < 0:
             return
+        self._views = None
         self._buffer.release()
         if self._mmap is not None:
             try:

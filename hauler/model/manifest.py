@@ -24,11 +24,12 @@ write out of bounds.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import xxhash
 
@@ -43,6 +44,7 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap on a header
 MAX_CHUNK_BYTES = 64 << 20  # one frame; the receiver's buffers are sized by it
 HEADER_ALIGN = 8  # safetensors pads the JSON header to 8 bytes with spaces
 TIES_KEY = "hauler.ties"  # the safetensors metadata entry that lists tied names
+MAX_DIGEST_CHARS = 64  # xxh3-64 hex digests are 16
 _U64 = struct.Struct("<Q")
 
 Layout = Sequence[tuple[str, str, Sequence[int]] | tuple[str, str, Sequence[int], str]]
@@ -117,19 +119,32 @@ class Manifest:
 
     def same_layout(self, other: Manifest) -> bool:
         """True when both describe the same names, dtypes, shapes and ties (digests may differ)."""
-        return (self.layout(), self.ties, self.chunk_bytes) == (
-            other.layout(),
-            other.ties,
-            other.chunk_bytes,
-        )
+        return self is other or self.layout_key == other.layout_key
 
-    def tensor_pieces(self, tensor: TensorEntry) -> Iterator[tuple[int, int]]:
+    @functools.cached_property
+    def _json(self) -> dict:
+        """`to_json()`, made once, for comparisons only (never handed out: it is mutable)."""
+        return self.to_json()
+
+    @functools.cached_property
+    def index(self) -> dict[str, int]:
+        """Each stored tensor's position, by name (computed once per manifest)."""
+        return {tensor.name: position for position, tensor in enumerate(self.tensors)}
+
+    @functools.cached_property
+    def layout_key(self) -> tuple:
+        """What `same_layout` compares, computed once per manifest (a model may have thousands
+        of tensors, and every round compares several manifests)."""
+        return (tuple(self.layout()), self.ties, self.chunk_bytes)
+
+    def tensor_pieces(self, tensor: TensorEntry) -> list[tuple[int, int]]:
         """(start, length) within `tensor` of each of its pieces: its parts in successive chunks."""
-        position = tensor.offset
-        while position < tensor.end:
-            cut = min(tensor.end, (position // self.chunk_bytes + 1) * self.chunk_bytes)
-            yield position - tensor.offset, cut - position
-            position = cut
+        size, end = self.chunk_bytes, tensor.end
+        first = min(end, (tensor.offset // size + 1) * size)
+        cuts = (
+            [tensor.offset, *range(first, end, size), end] if first < end else [tensor.offset, end]
+        )
+        return [(a - tensor.offset, b - a) for a, b in zip(cuts, cuts[1:]) if b > a]
 
     def digested(self, tensor_bytes: Callable[[int], memoryview]) -> Manifest:
         """This manifest with every tensor's digest computed from `tensor_bytes(index)` (about
@@ -137,17 +152,38 @@ class Manifest:
         digests = []
         for index, tensor in enumerate(self.tensors):
             view = tensor_bytes(index)
-            pieces = self.tensor_pieces(tensor)
-            digests.append(
-                digest_of_checksums([chunk_checksum(view[s : s + n]) for s, n in pieces])
-            )
+            checksums = [chunk_checksum(view[s : s + n]) for s, n in self.tensor_pieces(tensor)]
+            digests.append(digest_of_checksums(checksums))
         return self.with_digests(digests)
 
     def with_digests(self, digests: Sequence[str]) -> Manifest:
         if len(digests) != len(self.tensors):
             raise ValueError("one digest per tensor")
-        tensors = tuple(replace(t, digest=d) for t, d in zip(self.tensors, digests))
-        return replace(self, tensors=tensors)
+        tensors = tuple(
+            TensorEntry(t.name, t.dtype, t.shape, t.offset, t.length, d)
+            for t, d in zip(self.tensors, digests)
+        )
+        return Manifest(tensors, self.chunk_bytes, self.ties)
+
+    def like(self, data: object) -> Manifest:
+        """A peer's manifest (JSON) that should have this one's layout: rows compared as they
+        are and only the digests taken, so a model of thousands of tensors is not parsed and
+        validated anew each round; any other JSON is parsed and validated in full."""
+        rows = data.get("tensors") if isinstance(data, dict) else None
+        mine = self._json
+        if (
+            isinstance(data, dict)
+            and data.get("chunk_bytes") == self.chunk_bytes
+            and data.get("ties", []) == mine.get("ties", [])
+            and isinstance(rows, list)
+            and len(rows) == len(mine["tensors"])
+            and all(
+                isinstance(row, list) and row[:5] == own[:5] and _is_digest(row[5:])
+                for row, own in zip(rows, mine["tensors"])
+            )
+        ):
+            return self.with_digests([row[5] for row in rows])
+        return Manifest.from_json(data)
 
     @property
     def digest(self) -> str:
@@ -165,7 +201,12 @@ class Manifest:
         return -(-self.total_bytes // self.chunk_bytes)
 
     def safetensors_header(self) -> bytes:
-        """The file's header: 8-byte little-endian length, then space-padded JSON."""
+        """The file's header: 8-byte little-endian length, then space-padded JSON (made once
+        per manifest)."""
+        return self._header
+
+    @functools.cached_property
+    def _header(self) -> bytes:
         entries = {
             t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.offset, t.end]}
             for t in self.tensors
@@ -292,14 +333,17 @@ def _validate_ties(ties: tuple[tuple[str, str], ...], tensors: set[str]) -> None
         aliases.add(alias)
 
 
+def _is_digest(rest: list) -> bool:
+    """The tail of a manifest row: exactly one digest, a short string."""
+    return len(rest) == 1 and isinstance(rest[0], str) and len(rest[0]) <= MAX_DIGEST_CHARS
+
+
 def chunk_checksum(data: memoryview) -> int:
     """Checksum carried by every chunk frame."""
     return xxhash.xxh3_64_intdigest(data)
 
 
 def digest_of_checksums(checksums: Sequence[int]) -> str:
-    """A tensor's digest: xxh3-64 over its pieces' checksums, so receivers need no second pass."""
-    hasher = xxhash.xxh3_64()
-    for checksum in checksums:
-        hasher.update(_U64.pack(checksum))
-    return hasher.hexdigest()
+    """A tensor's digest: xxh3-64 over its pieces' checksums (little-endian u64 each), so
+    receivers need no second pass."""
+    return xxhash.xxh3_64_hexdigest(struct.pack(f"<{len(checksums)}Q", *checksums))

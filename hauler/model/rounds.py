@@ -46,6 +46,7 @@ class RoundStore:
         self.directory = job_dir / "global"
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_rounds = keep_rounds
+        self._cache: tuple[tuple, tuple[dict, Manifest]] | None = None
 
     def path(self, round: int) -> Path:
         return self.directory / f"round-{round}.safetensors"
@@ -157,13 +158,25 @@ class RoundStore:
         os.replace(temporary, self.manifest_path(round))
 
     def _record(self, round: int) -> dict:
+        return self._parsed(round)[0]
+
+    def _parsed(self, round: int) -> tuple[dict, Manifest]:
+        """A round's manifest file, read and validated once while the file stays the same (a
+        model of thousands of tensors is read several times a round)."""
+        path = self.manifest_path(round)
+        stat = path.stat()
+        key = (round, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
         try:
-            record = json.loads(self.manifest_path(round).read_text())
+            record = json.loads(path.read_text())
         except ValueError as error:  # a torn or hand-edited manifest
-            raise HaulerError(f"{self.manifest_path(round)}: not a manifest ({error})") from None
+            raise HaulerError(f"{path}: not a manifest ({error})") from None
         if not isinstance(record, dict):
-            raise HaulerError(f"{self.manifest_path(round)}: not a manifest")
-        return record
+            raise HaulerError(f"{path}: not a manifest")
+        parsed = (record, Manifest.from_json(record))
+        self._cache = (key, parsed)
+        return parsed
 
     def open_state(self, round: int) -> ModelFile | None:
         """Round `round`'s state file, read-only, or None if the round has none."""
@@ -188,7 +201,7 @@ class RoundStore:
         return list(self.manifest(round).chunks())
 
     def manifest(self, round: int) -> Manifest:
-        return Manifest.from_json(self._record(round))
+        return self._parsed(round)[1]
 
     def open(self, round: int) -> ModelFile:
         """A complete round's model, read-only, with its digests; its file must hold the layout
@@ -207,7 +220,15 @@ def _numbers(paths: object) -> list[int]:
 
 
 def _opened(path: Path, manifest: Manifest) -> ModelFile:
-    """The file at `path`, read-only, which must hold `manifest`'s layout; it gets its digests."""
+    """The file at `path`, read-only, which must hold `manifest`'s layout; it gets its digests.
+    A file Hauler wrote has exactly the header the manifest makes, which is compared as bytes
+    (a model of thousands of tensors is not parsed again each round); any other is parsed."""
+    header = manifest.safetensors_header()
+    with open(path, "rb") as handle:
+        same = handle.read(len(header)) == header
+        size = os.fstat(handle.fileno()).st_size
+    if same and size == len(header) + manifest.total_bytes:
+        return ModelFile(path, manifest, data_start=len(header), writable=False)
     model = ModelFile.open(path, chunk_bytes=manifest.chunk_bytes)
     if not model.manifest.same_layout(manifest):
         model.close()

@@ -22,7 +22,7 @@ from hauler.model.dtypes import dtype_name
 from hauler.model.encoded import EncodedFile, EncodedWriter
 from hauler.model.file import ModelFile
 from hauler.model.manifest import Chunk, Manifest
-from hauler.model.plan import ChunkPlan, PieceArrays, is_float, wide_dtype
+from hauler.model.plan import ChunkPlan, Piece, PieceArrays, Span, is_float, wide_dtype
 
 RESIDUAL = "residual"
 
@@ -31,12 +31,13 @@ class ChunkSource(Protocol):
     def chunk_views(self, chunk: Chunk) -> Sequence[memoryview]: ...
 
 
-def source_arrays(plan: ChunkPlan, source: ChunkSource, chunk: Chunk) -> PieceArrays:
+def source_arrays(
+    plan: ChunkPlan, source: ChunkSource, chunk: Chunk
+) -> list[tuple[Piece, np.ndarray]]:
     """Each piece of `chunk` of a model file or a script's arrays, as an array of its dtype."""
-    views = source.chunk_views(chunk)
+    views, pieces = source.chunk_views(chunk), plan.pieces(chunk)
     if len(views) == 1:
-        return plan.arrays(chunk, views[0])
-    pieces = plan.pieces(chunk)
+        return [(p, np.frombuffer(views[0], plan.dtype(p), plan.count(p), p.start)) for p in pieces]
     return [(p, np.frombuffer(v, plan.dtype(p))) for p, v in zip(pieces, views, strict=True)]
 
 
@@ -101,31 +102,42 @@ def encode_update(
 
 
 def _difference(
-    out: PieceArrays, trained: PieceArrays, base: ChunkSource | None, plan: ChunkPlan, chunk: Chunk
+    out: PieceArrays,
+    trained: list[tuple[Piece, np.ndarray]],
+    base: ChunkSource | None,
+    plan: ChunkPlan,
+    chunk: Chunk,
 ) -> None:
+    """Each run of `out` <- its pieces of `trained` minus `base`'s (floats), or as they are."""
+    wide = [part for run, array in out for _, part in run.split(array)]
     based = source_arrays(plan, base, chunk) if base is not None else None
-    for index, ((_, wide), (_, values)) in enumerate(zip(out, trained, strict=True)):
-        if wide.dtype.kind != "f" or based is None:
-            np.copyto(wide, values, casting="unsafe")
+    for index, (into, (_, values)) in enumerate(zip(wide, trained, strict=True)):
+        if into.dtype.kind != "f" or based is None:
+            np.copyto(into, values, casting="unsafe")
         else:
-            np.subtract(values, based[index][1], out=wide, dtype=wide.dtype, casting="unsafe")
+            np.subtract(values, based[index][1], out=into, dtype=into.dtype, casting="unsafe")
 
 
 def _residuals(
     plan: ChunkPlan, values: PieceArrays, residual: ModelFile
 ) -> list[np.ndarray | None]:
-    """The residual's block of each float piece (None for the others)."""
-    index = {t.name: i for i, t in enumerate(residual.manifest.tensors)}
-    found: list[np.ndarray | None] = []
-    for piece, array in values:
-        tensor = plan.manifest.tensors[piece.tensor]
-        name = f"{RESIDUAL}/{tensor.name}"
-        if array.dtype.kind != "f" or name not in index:
-            found.append(None)
-            continue
-        start = piece.offset // tensor.itemsize
-        found.append(residual.array(index[name]).reshape(-1)[start : start + array.size])
-    return found
+    """The residual's block of each float run (None for the others)."""
+    return [
+        kind_block(residual, RESIDUAL, plan.manifest, run) if array.dtype.kind == "f" else None
+        for run, array in values
+    ]
+
+
+def kind_block(model: ModelFile, kind: str, manifest: Manifest, span: Span) -> np.ndarray:
+    """The block of a `wide_manifest` file (a residual, a server state) that matches a piece or
+    run of a model of `manifest`: the same tensors, one kind, contiguous in the file as they are
+    in the model."""
+    first = manifest.tensors[span.tensor]
+    entry = model.manifest.tensors[model.manifest.index[f"{kind}/{first.name}"]]
+    dtype = wide_dtype(first.dtype)
+    start = entry.offset + span.offset // first.itemsize * dtype.itemsize
+    count = span.length // first.itemsize
+    return np.frombuffer(model.region(start, count * dtype.itemsize), dtype)
 
 
 def apply_delta(current: np.ndarray, delta: np.ndarray, scratch: memoryview) -> None:

@@ -86,6 +86,7 @@ class JobFederation:
         self._results: dict[str, tuple[str, ResultReady]] = {}  # site -> (task id, its result)
         self._upload_statistics: dict[str, dict[str, Any]] = {}
         self._delta: tuple[EncodedFile, str] | None = None  # the round's delta and its base
+        self._manifest_json: dict[str, Any] = {}
 
     async def wait_for_sites(self, count: int, wanted: list[str] | None) -> list[str]:
         """The connected sites (those the job names, if it names some), once `count` are there;
@@ -109,6 +110,7 @@ class JobFederation:
         self.records.begin(round)
         self._results = {}
         self._delta = await asyncio.to_thread(self._open_delta, round)
+        self._manifest_json = self.aggregate.global_model.manifest.to_json()  # once, every Task
 
     def _open_delta(self, round: int) -> tuple[EncodedFile, str] | None:
         """The round's encoded delta from the previous round, and that round's digest."""
@@ -195,7 +197,7 @@ class JobFederation:
                 codec=index.codec, block_elements=index.block_elements, digest=index.digest
             )
             delta = DeltaOffer(transfer=offers[1].id, base=base, encoding=encoding)
-        manifest = self.aggregate.global_model.manifest.to_json()
+        manifest = self._manifest_json
         download, lanes = offers[0].id, offers[0].lanes
         return Task(
             task_id=task_id,
@@ -283,7 +285,7 @@ class JobFederation:
     def _check_result(self, result: ResultReady, site: str) -> Manifest:
         """Refuse a result before any of it is folded: its weight, then its layout."""
         check_weight(result.weight, site, self.job.workflow.max_weight)
-        manifest = Manifest.from_json(result.manifest)
+        manifest = self.aggregate.global_model.manifest.like(result.manifest)
         if not manifest.same_layout(self.aggregate.global_model.manifest):
             raise JobError(f"{site} returned a model whose tensors differ from the global model's")
         return manifest

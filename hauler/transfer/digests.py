@@ -11,6 +11,7 @@ retried.
 from __future__ import annotations
 
 from array import array
+from itertools import accumulate
 
 from hauler.core.errors import DigestError
 from hauler.model.manifest import Chunk, chunk_checksum, digest_of_checksums
@@ -22,9 +23,11 @@ class DigestCheck:
 
     def __init__(self, plan: ChunkPlan) -> None:
         self.plan = plan
-        self._first = [plan.seqs_of(i).start for i in range(len(plan.manifest.tensors))]
-        self._missing = [len(plan.seqs_of(i)) for i in range(len(plan.manifest.tensors))]
-        self._checksums = [array("Q", bytes(8 * count)) for count in self._missing]
+        spans = [plan.seqs_of(i) for i in range(len(plan.manifest.tensors))]
+        self._first = [span.start for span in spans]
+        self._missing = [len(span) for span in spans]
+        self._at = [0, *accumulate(self._missing)]  # where each tensor's checksums begin
+        self._checksums = array("Q", bytes(8 * self._at[-1]))
         for index, missing in enumerate(self._missing):
             if not missing:  # an empty tensor is complete before anything arrives
                 self._verify(index)
@@ -43,14 +46,14 @@ class DigestCheck:
                 if whole
                 else chunk_checksum(view[piece.start : piece.start + piece.length])
             )
-            self._checksums[piece.tensor][chunk.seq - self._first[piece.tensor]] = found
+            self._checksums[self._at[piece.tensor] + chunk.seq - self._first[piece.tensor]] = found
             self._missing[piece.tensor] -= 1
             if not self._missing[piece.tensor]:
                 self._verify(piece.tensor)
 
     def _verify(self, index: int) -> None:
         tensor = self.plan.manifest.tensors[index]
-        digest = digest_of_checksums(self._checksums[index])
+        digest = digest_of_checksums(self._checksums[self._at[index] : self._at[index + 1]])
         if tensor.digest and digest != tensor.digest:
             raise DigestError(
                 f"tensor {tensor.name!r}: its chunks hash to {digest}, not to the manifest's "
