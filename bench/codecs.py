@@ -7,9 +7,11 @@ Data: float32 deltas in 4 MiB chunks of 16 pieces, two sets. "gaussian": per-ten
 over three decades (1e-5..1e-2), 0.1 % of the elements 30 times larger; "model": w ~ N(0, 0.02)
 and w' = w + N(0, 1e-4) in float32, delta = w' - w computed in float32 (so its low mantissa
 bits are zero, as in real deltas). Speeds are float32 input bytes over seconds, the median of
---runs passes over --mib MiB, on one thread. Also measured: chunks of many small pieces, the
-int8/int4 block size, symmetric against asymmetric int8 at equal bytes, and blosc2 against
-zstandard (with a numpy byte shuffle) for the zstd codec.
+--runs passes over --mib MiB, on one thread. Also measured: chunks of many small pieces (the
+codec's cost per piece; a model's neighbouring tensors of one dtype reach the codec as one
+array, so this is the worst case of a chunk of alternating dtypes), the int8/int4 block size,
+symmetric against asymmetric int8 at equal bytes, and blosc2 against zstandard (with a numpy
+byte shuffle) for the zstd codec.
 """
 
 from __future__ import annotations

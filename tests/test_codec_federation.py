@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import tomli_w
-from helpers import FAST_RETRIES
+from helpers import EXAMPLE, FAST_RETRIES
 from test_resilience import (
     SLOW_HELLO,
     _restart,
@@ -32,7 +32,6 @@ from hauler.core.events import read_json_lines
 
 pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
 INCREMENT = 0.1
 ARRAY_BYTES = 1 << 20
 

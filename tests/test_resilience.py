@@ -20,6 +20,7 @@ import safetensors.numpy
 import tomli_w
 from faultproxy import FaultProxy
 from helpers import (
+    EXAMPLE,
     FAST_RETRIES,
     assert_models_equal,
     hello_expected,
@@ -33,8 +34,6 @@ from hauler.core.events import read_json_lines
 from hauler.model.rounds import RoundStore
 
 pytestmark = pytest.mark.slow  # real processes, seconds each: `pytest -m 'not slow'` skips them
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-numpy"
 
 
 def _job(
