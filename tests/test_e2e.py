@@ -193,7 +193,9 @@ def test_a_cli_call_to_a_stopped_server_fails_within_seconds_saying_what_to_do(t
     arguments = [hello_job(tmp_path) if part == "JOB" else part for part in command]
     started = time.monotonic()
     result = hauler(*arguments, "--workspace", tmp_path / "poc")
-    assert time.monotonic() - started < 5.0
+    # The CLI gives up after 3 s of trying; the rest is the interpreter's start, which a busy
+    # 2-core machine stretches. What matters: seconds, not the minutes of a retry loop.
+    assert time.monotonic() - started < 10.0
     assert result.returncode != 0 and "no server at 127.0.0.1:" in result.stderr, result.stderr
     assert "hauler poc start" in result.stderr and "Traceback" not in result.stderr
 
