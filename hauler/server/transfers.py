@@ -62,6 +62,13 @@ class Transfer(abc.ABC):
     def wire_statistics(self) -> dict[str, int]:
         """Payload bytes on the wire and re-sent, as this side knows them."""
 
+    def fail(self, error: BaseException) -> None:
+        """End without the model, unless already ended; a waiter sees `error`, and nobody need
+        be waiting any more."""
+        if not self.done.done():
+            self.done.set_exception(error)
+            self.done.exception()  # retrieved: asyncio would otherwise log it at collection
+
     @property
     def failed(self) -> bool:
         """Ended without its model (discarded, or data that contradicts its manifest)."""
@@ -202,9 +209,7 @@ class TransferRegistry:
                 self._transfers.pop(transfer.id, None)
                 for connection in list(transfer.serving.values()):
                     connection.abort()  # no byte may land after a discard
-                if not transfer.done.done():
-                    transfer.done.set_exception(JobError("transfer discarded"))
-                    transfer.done.exception()  # retrieved: nobody may be waiting any more
+                transfer.fail(JobError("transfer discarded"))
 
     async def handle(self, connection: Connection) -> None:
         """Data-plane entry point: bind the connection to its transfer and run it.
@@ -273,10 +278,8 @@ class TransferRegistry:
                 await transfer.run(connection, lane, self.timeouts)
             except HaulerError as error:
                 transfer.interruption = str(error)
-                if not resumable(error) and not transfer.done.done():
-                    transfer.done.set_exception(
-                        error
-                    )  # a refused update, or data and manifest disagree
+                if not resumable(error):  # a refused update, or data and manifest disagree
+                    transfer.fail(error)
                 raise
             finally:
                 del transfer.serving[lane]
