@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 import hauler
+from hauler.algorithms import scaffold
 from hauler.model import ModelFile
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hello-pytorch"
@@ -49,18 +51,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def job_with(folder: Path, codec: str, feedback: bool) -> Path:
-    """hello-pytorch with `codec` both ways."""
-    job_dir = folder / f"hello-pytorch-{codec}-{'ef' if feedback else 'noef'}"
+def copy_example(folder: Path, name: str, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """hello-pytorch copied to `folder / name`, its job.toml changed by `edit`."""
+    job_dir = folder / name
     shutil.copytree(EXAMPLE, job_dir, ignore=shutil.ignore_patterns("__pycache__"))
     config = tomllib.loads((job_dir / "job.toml").read_text())
-    config["transfer"] = {"upload": codec, "download": codec, "error_feedback": feedback}
+    edit(config)
     (job_dir / "job.toml").write_text(tomli_w.dumps(config))
     return job_dir
 
 
-def accuracy_of(round_file: Path) -> float:
-    """The test accuracy of a round's model, with the example's own network and test set."""
+def job_with(folder: Path, codec: str, feedback: bool) -> Path:
+    """hello-pytorch with `codec` both ways."""
+    transfer = {"upload": codec, "download": codec, "error_feedback": feedback}
+    name = f"hello-pytorch-{codec}-{'ef' if feedback else 'noef'}"
+    return copy_example(folder, name, lambda config: config.update(transfer=transfer))
+
+
+def accuracy_of(round_file: Path, seed: int = 0) -> float:
+    """The test accuracy of a round's model (SCAFFOLD's variates aside), with the example's own
+    network and test set (that of the job's `seed`)."""
     sys.path.insert(0, str(EXAMPLE))
     try:
         import torch
@@ -71,8 +81,9 @@ def accuracy_of(round_file: Path) -> float:
         with ModelFile.open(round_file) as model:
             arrays = model.arrays()
             net = Net(hidden=arrays["layers.0.bias"].shape[0])
-            net.load_state_dict({name: torch.from_numpy(a.copy()) for name, a in arrays.items()})
-        return accuracy(net, *test_set())
+            weights = scaffold.weights(arrays)
+            net.load_state_dict({name: torch.from_numpy(a.copy()) for name, a in weights.items()})
+        return accuracy(net, *test_set(seed))
     finally:
         sys.path.remove(str(EXAMPLE))
 

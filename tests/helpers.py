@@ -208,6 +208,79 @@ def hello_job(
     return job_dir
 
 
+def edit_job(job_dir: Path, section: str, values: dict[str, Any]) -> Path:
+    """Merge `values` into the `[section]` table of a job folder's job.toml."""
+    job = tomllib.loads((job_dir / "job.toml").read_text())
+    job.setdefault(section, {}).update(values)
+    (job_dir / "job.toml").write_text(tomli_w.dumps(job))
+    return job_dir
+
+
+EVALUATE = '''
+
+def evaluate(model, context):
+    """The model's first value, and who measured it: enough to tell models and sites apart."""
+    return {"first": float(model["array_0"].reshape(-1)[0]), "site": context.settings["site_index"]}
+'''
+
+
+def with_evaluate(job_dir: Path) -> Path:
+    """hello-numpy's train module given an `evaluate(model, context)` (see EVALUATE)."""
+    with open(job_dir / "train.py", "a") as module:
+        module.write(EVALUATE)
+    return job_dir
+
+
+SITE_TRAIN = (
+    '''"""Adds `increment` x (site_index + 1) to every array: each site's local model is known."""
+
+from hauler.client import TrainContext, TrainOutput
+
+
+def train(model, context: TrainContext) -> TrainOutput:
+    step = context.config["increment"] * (1 + context.settings["site_index"])
+    for array in model.values():
+        array += step
+    return TrainOutput(weight=context.config["steps"])
+'''
+    + EVALUATE
+)
+
+
+def cross_site_job(folder: Path, *, rounds: int = 1) -> Path:
+    """hello-numpy's model (array_0 starts at 0.0) trained by SITE_TRAIN for `rounds`, then
+    evaluated across sites: site k's local model starts with 0.125 x k (after one round)."""
+    job_dir = hello_job(folder, rounds=rounds, arrays=2, array_bytes=40_004, name="cross-site")
+    (job_dir / "train.py").write_text(SITE_TRAIN)
+    return edit_job(job_dir, "workflow", {"name": "cross_site_evaluation"})
+
+
+def expected_matrix(sites: int, kept: Sequence[str] = ()) -> dict[str, list[list[float | None]]]:
+    """What cross_site_job's matrix holds after one round: the first value of each model
+    evaluated (global 0.25 for 3 sites; site k's 0.125 x k), and the index of the site that
+    evaluated it; None where the site did not (its own model, or any at a site that keeps
+    its own)."""
+    names = [f"site-{k}" for k in range(1, sites + 1)]
+    models = ["global", *(name for name in names if name not in kept)]
+    first = {"global": 0.125 * (sites + 1) / 2, **{n: 0.125 * (i + 1) for i, n in enumerate(names)}}
+    rows = {"first": [], "site": []}
+    for index, site in enumerate(names):
+        evaluated = ["global"] if site in kept else [m for m in models if m != site]
+        rows["first"].append([first[m] if m in evaluated else None for m in models])
+        rows["site"].append([float(index) if m in evaluated else None for m in models])
+    return rows
+
+
+def assert_matrix(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    """The same cells measured, each within float32's rounding of the expected value."""
+    assert sorted(actual) == sorted(expected)
+    for name, rows in expected.items():
+        for got, want in zip(actual[name], rows, strict=True):
+            assert [g is None for g in got] == [w is None for w in want], (name, got, want)
+            for value, wanted in zip(got, want):
+                assert value is None or abs(value - wanted) <= 1e-6 * abs(wanted), (name, got)
+
+
 def hello_expected(job_dir: Path, rounds: int) -> dict[str, np.ndarray]:
     """The initial model (from the job's own model.py) plus `rounds` x increment, in float32."""
     job = tomllib.loads((job_dir / "job.toml").read_text())

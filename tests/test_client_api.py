@@ -199,7 +199,7 @@ def test_hello_pytorch_learns_in_two_rounds(poc, tmp_path):
     job_id, server_job = run(poc, job)
     sites = [row for row in read_jsonl(server_job / "metrics.jsonl") if row["kind"] == "site"]
     start = {
-        row["round"]: row["metrics"]["global_accuracy"] for row in sites
+        row["round"]: row["validation"]["accuracy_all"] for row in sites
     }  # the same model on every site
     assert start[0] < 0.3 and start[1] > start[0] + 0.3, start
     ok(hauler("jobs", "download", job_id, "-o", tmp_path / "out", "--workspace", poc[0]))

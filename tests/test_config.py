@@ -68,8 +68,8 @@ BAD_VALUES = {
         "dataplane.chunk_bytes",
     ),
     "site_without_name": (SiteConfig, "control_port = 1\n", "name"),
-    "zero_rounds": (JobConfig, JOB + "[workflow]\nnum_rounds = 0\n", "workflow.num_rounds"),
-    "unknown_workflow": (JobConfig, JOB + '[workflow]\nkind = "cyclic"\n', "workflow.kind"),
+    "zero_rounds": (JobConfig, JOB + "[workflow]\nnum_rounds = 0\n", "workflow"),
+    "unknown_workflow": (JobConfig, JOB + '[workflow]\nname = "gossip"\n', "workflow.name"),
     "module_with_a_path": (
         JobConfig,
         'name = "j"\n[model]\nmodule = "../x"\n[executor]\nmodule = "t"\n',
@@ -182,3 +182,21 @@ def test_a_setting_the_optimizer_does_not_use_is_refused_naming_it():
     }
     with pytest.raises(ConfigError, match="does not use beta2; its settings are lr, momentum"):
         Recipe.of(parse(JobConfig, data, "job.toml"))
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({"workflow": {"name": "cyclic", "optimizer": "fedadam"}}, "drop optimizer 'fedadam'"),
+        ({"workflow": {"name": "cyclic"}, "transfer": {"download": "int8"}}, "download must be"),
+    ],
+)
+def test_a_workflow_refuses_what_makes_no_sense_for_it(table, message):
+    data = {"name": "x", "executor": {"module": "train"}, **table}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(JobConfig, data, "job.toml")
+
+
+def test_the_workflow_s_first_key_kind_still_names_it():
+    data = {"name": "x", "executor": {"module": "train"}, "workflow": {"kind": "cyclic"}}
+    assert parse(JobConfig, data, "job.toml").workflow.name == "cyclic"

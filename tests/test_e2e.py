@@ -13,6 +13,7 @@ import tomli_w
 from helpers import (
     assert_models_equal,
     edit_configs,
+    edit_job,
     federation,
     hauler,
     hello_expected,
@@ -91,6 +92,30 @@ def test_hello_numpy_two_sites_two_rounds_gives_initial_plus_rounds_times_increm
     assert events.count("round.complete") == 2 and events.count("site.result") == 4
     assert "round.refold" not in events  # nobody failed, nothing folded twice
     assert (server_job / "global" / "round-2.safetensors").exists()
+
+
+def test_cyclic_relays_the_model_through_both_sites_on_the_data_plane(poc, tmp_path):
+    """2 passes through 2 real sites: 4 hops, each site's upload served as the next download,
+    bit for bit (weights of 3 would show in an average of one)."""
+    job = hello_job(tmp_path, rounds=2, min_clients=2, arrays=2, array_bytes=300_004, steps=3)
+    edit_job(job, "workflow", {"name": "cyclic", "seed": 3})
+    submitted = ok(hauler("submit", job, "--workspace", poc, "--wait"))
+    job_id = submitted_job_id(submitted.stdout)
+    ok(hauler("jobs", "download", job_id, "-o", tmp_path / "out", "--workspace", poc))
+    assert_models_equal(
+        load_file(str(tmp_path / "out" / "global.safetensors")), hello_expected(job, 4)
+    )
+    records = read_jsonl(job_dir_on_server(poc, job_id) / "metrics.jsonl")
+    hops = [
+        row["sites"]
+        for row in sorted(records, key=lambda r: r.get("round", -1))
+        if row["kind"] == "round"
+    ]
+    assert hops == [["site-1"], ["site-2"]] * 2
+    assert all(row["download"]["bytes"] == 600_008 for row in records if row["kind"] == "site")
+    assert re.search(
+        rf"{job_id}\s.*finished.*4/4", ok(hauler("jobs", "list", "--workspace", poc)).stdout
+    )
 
 
 def test_jobs_abort_marks_a_running_job_aborted(poc, tmp_path):

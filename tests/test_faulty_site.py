@@ -36,6 +36,7 @@ from hauler.core.config import SiteConfig, load_toml
 from hauler.core.errors import HaulerError
 from hauler.core.messages import (
     EndJob,
+    Evaluated,
     Hello,
     ResultReady,
     Task,
@@ -173,6 +174,9 @@ class FaultySite:
             timeouts=self.timeouts,
         )
         self.downloads += 1
+        if self.mode == "metrics_for_a_model":  # answers a training task as an evaluation
+            await stream.send(dump(Evaluated(task_id=task.task_id, metrics={"accuracy": 1.0})))
+            return
         honest = model.compute_digests()
         for array in model.arrays().values():
             array[...] = GARBAGE
@@ -355,6 +359,14 @@ def test_tensor_that_failed_its_digest_is_not_aggregated_when_the_site_resumes(p
     job, faulty, stdout = run_with(poc, tmp_path, "bad_digest_then_resume")
     assert faulty.broken_uploads >= 1
     assert_site_2_left_no_trace(poc, tmp_path, job, stdout)
+
+
+def test_an_answer_of_another_kind_than_the_task_s_fails_that_site(poc, tmp_path):
+    """Metrics (an evaluation's answer) for a training task are the peer's protocol error."""
+    job, faulty, stdout = run_with(poc, tmp_path, "metrics_for_a_model")
+    assert faulty.downloads >= 1 and faulty.upload_requests == 0
+    events = assert_site_2_left_no_trace(poc, tmp_path, job, stdout)
+    assert "site-2 answered a train task with evaluated" in site_2_failures(events)[0]
 
 
 def site_2_failures(events: list[dict]) -> list[str]:

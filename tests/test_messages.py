@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 from hauler.core.errors import RemoteProtocolError
 from hauler.core.messages import (
     MAX_HEARTBEAT_SAMPLES,
+    Evaluated,
     Heartbeat,
     Hello,
     ResultReady,
     Task,
+    TaskFailed,
     UploadReady,
     dump,
     parse_server_message,
@@ -101,6 +103,20 @@ def test_garbage_from_the_server_is_refused_as_remote_protocol_error(data):
             "manifest": {},
             "metrics": {f"m{k}": 1.0 for k in range(1000)},
         },
+        {
+            "type": "result_ready",
+            "task_id": "t",
+            "weight": 1,
+            "manifest": {},
+            "metrics": {"loss": float("nan")},
+        },
+        {
+            "type": "result_ready",
+            "task_id": "t",
+            "weight": 1,
+            "manifest": {},
+            "validation": {"accuracy": float("inf")},
+        },
         {"type": "task_failed", "task_id": "t", "error": "x" * 5000},
         {"type": "welcome", "site": "site-1"},  # a server message, not a site's
     ],
@@ -111,6 +127,8 @@ def test_garbage_from_the_server_is_refused_as_remote_protocol_error(data):
         "extra_field",
         "long_metric_name",
         "too_many_metrics",
+        "nan_metric",
+        "infinite_validation",
         "long_error",
         "wrong_direction",
     ],
@@ -123,14 +141,25 @@ def test_invalid_site_message_is_refused(data):
 def test_messages_round_trip_through_json():
     messages = [
         Hello(site="site-1"),
-        ResultReady(task_id="t", weight=8.0, manifest={"chunk_bytes": 8}),
+        ResultReady(task_id="t", weight=8.0, manifest={"chunk_bytes": 8}, validation={"a": 0.5}),
+        Evaluated(task_id="t", metrics={"accuracy": 0.5}),
+        TaskFailed(task_id="t", error="keeps its model", refused=True),
         Task(task_id="t", job_id="j", round=1, manifest={}, download="d"),
+        Task(
+            kind="evaluate",
+            task_id="t",
+            job_id="j",
+            round=1,
+            manifest={},
+            download="d",
+            model_name="site-2",
+        ),
         UploadReady(task_id="t", upload="u"),
     ]
     for message in messages:
         parse = (
             parse_site_message
-            if isinstance(message, (Hello, ResultReady))
+            if isinstance(message, (Hello, ResultReady, Evaluated, TaskFailed))
             else parse_server_message
         )
         assert parse(dump(message)) == message

@@ -10,15 +10,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
-from helpers import REPO, assert_models_equal, hauler, hello_job, ok, read_jsonl
-from safetensors.numpy import load_file
+from helpers import (
+    REPO,
+    assert_matrix,
+    assert_models_equal,
+    cross_site_job,
+    edit_job,
+    expected_matrix,
+    hauler,
+    hello_expected,
+    hello_job,
+    ok,
+    read_jsonl,
+    with_evaluate,
+)
+from safetensors.numpy import load_file, save_file
 
 import hauler as api
 from hauler.admin.report import FIGURES
+from hauler.core.config import WorkflowConfig
 from hauler.core.errors import ConfigError
 from hauler.model import ModelFile
 from hauler.simulator import SimulationPlan
 from hauler.simulator.runner import site_settings
+from hauler.workflows import Cyclic
 
 SITES, WORKERS, ROUNDS = 16, 3, 3
 
@@ -64,6 +79,7 @@ def simulated(tmp_path_factory) -> tuple[Path, api.LocalJob]:
     job_dir = hello_job(
         folder, rounds=ROUNDS, min_clients=2, arrays=3, array_bytes=400_004, increment=0.1, steps=3
     )
+    with_evaluate(job_dir)
     return job_dir, api.simulate(job_dir, sites=SITES, workers=WORKERS, workspace=folder / "sim")
 
 
@@ -86,6 +102,66 @@ def test_every_virtual_site_trains_every_round_on_at_most_w_workers(simulated):
     ]
 
 
+def test_every_site_validates_the_global_model_it_received_before_training(simulated):
+    """The module's evaluate(model, context) runs on each round's global model, per site."""
+    job_dir, job = simulated
+    sites = [r for r in job.metrics() if r["kind"] == "site"]
+    for record in sites:
+        expected = fedavg_of_identical_sites(job_dir, SITES, record["round"])["array_0"][0]
+        index = int(record["site"].split("-")[1]) - 1
+        assert record["validation"] == {"first": float(expected), "site": index}, record
+    assert len(sites) == SITES * ROUNDS
+
+
+@pytest.mark.parametrize("order", ["fixed", "random"])
+def test_cyclic_passes_the_model_from_site_to_site_exactly(tmp_path, order):
+    """Each hop's model is the site's upload bit for bit (not weight x model / weight): after
+    2 passes through 3 sites, the initial model plus 6 x 0.1, added in float32 one at a time."""
+    job_dir = hello_job(tmp_path, rounds=2, arrays=2, array_bytes=40_004, increment=0.1, steps=3)
+    workflow = {"name": "cyclic", "order": order, "seed": 7}
+    edit_job(job_dir, "workflow", workflow)
+    job = api.simulate(job_dir, sites=3, workers=2, workspace=tmp_path / "sim")
+    assert_models_equal(load_file(job.download(tmp_path / "out")), hello_expected(job_dir, 6))
+    hops = sorted((r["round"], r["sites"]) for r in job.metrics() if r["kind"] == "round")
+    cyclic, sites = Cyclic(WorkflowConfig(**workflow)), ["site-1", "site-2", "site-3"]
+    assert [sites for _, sites in hops] == [[s] for c in (0, 1) for s in cyclic.order(sites, c)]
+    assert (job.record()["rounds_done"], job.record()["num_rounds"]) == (6, 6)
+
+
+@pytest.mark.parametrize("kept", [[], ["site-2"]])
+def test_cross_site_evaluation_of_3_sites_with_known_models(tmp_path, kept):
+    """Every site evaluates the global model and every other site's local model it is shared;
+    a site that keeps its own (share_local_model = false) evaluates the global model only."""
+    settings = {site: {"share_local_model": False} for site in kept}
+    job = api.simulate(
+        cross_site_job(tmp_path), sites=3, workers=2, workspace=tmp_path / "sim", settings=settings
+    )
+    [summary] = [r for r in job.metrics() if r["kind"] == "cross_site"]
+    assert summary["kept"] == kept
+    assert_matrix(summary["matrix"], expected_matrix(3, kept))
+    stored = sorted(path.name for path in (job.folder.folder / "local").glob("*.safetensors"))
+    assert stored == [f"{s}.safetensors" for s in ("site-1", "site-2", "site-3") if s not in kept]
+    made = job.report(tmp_path / "report")
+    assert (tmp_path / "report" / "cross_site.png") in made.paths
+    assert made.report.matrix.text("first", ("site-1", "site-3")) == "0.375"
+
+
+def test_cross_site_evaluation_alone_evaluates_a_given_model_on_every_site(tmp_path):
+    job_dir = edit_job(cross_site_job(tmp_path), "workflow", {"num_rounds": 0})
+    given = tmp_path / "given.safetensors"
+    save_file({"array_0": np.full(7, 0.5, np.float32)}, str(given))
+    job = api.simulate(job_dir, sites=2, workers=2, workspace=tmp_path / "sim", initial_model=given)
+    [summary] = [r for r in job.metrics() if r["kind"] == "cross_site"]
+    assert (summary["models"], summary["kept"]) == (["global"], [])
+    assert summary["matrix"]["first"] == [[0.5], [0.5]]
+    assert not [r for r in job.metrics() if r["kind"] == "site"]  # nothing trained
+
+
+def test_cross_site_evaluation_after_training_is_refused_on_ray_before_connecting(tmp_path):
+    with pytest.raises(ConfigError, match="without --ray"):
+        api.simulate(cross_site_job(tmp_path), sites=2, workspace=tmp_path / "sim", ray="auto")
+
+
 def test_the_job_folder_is_a_server_s(simulated):
     """Round files, events and metrics where a server writes them, in the records a server
     writes."""
@@ -106,7 +182,7 @@ def test_jobs_report_and_list_read_a_simulated_job(simulated, tmp_path):
     shown = ok(
         hauler("jobs", "report", job.id, "-o", tmp_path / "report", "--workspace", workspace)
     ).stdout
-    assert "site-16" in shown
+    assert "site-16" in shown and "validation/first" in shown
     for name in FIGURES:  # hello-numpy reports its increment: metrics.png is drawn too
         assert (tmp_path / "report" / name).stat().st_size > 0, name
 
@@ -158,9 +234,7 @@ def test_hello_pytorch_learns_under_the_simulator_in_two_rounds(tmp_path):
     (job_dir / "job.toml").write_text(tomli_w.dumps(config))
     job = api.simulate(job_dir, sites=3, workers=2, workspace=tmp_path / "sim")
     sites = [r for r in job.metrics() if r["kind"] == "site"]
-    start = {
-        r["round"]: r["metrics"]["global_accuracy"] for r in sites
-    }  # the same model on every site
+    start = {r["round"]: r["validation"]["accuracy_all"] for r in sites}  # the same on every site
     assert start[0] < 0.3 and start[1] > start[0] + 0.3, start
     assert {r["site"] for r in sites} == {"site-1", "site-2", "site-3"}
 

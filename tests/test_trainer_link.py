@@ -32,9 +32,10 @@ class Site:
         self.model, self.inbox, self.sent = model, queue.Queue(), []
         self.link = TrainerLink(QueueChannel(self.inbox, self.sent.append), in_process=True)
 
-    def offer(self, round: int) -> None:
+    def offer(self, round: int, **task: str) -> None:
         self.inbox.put(
             {
+                **task,
                 "type": "task",
                 "task_id": f"t{round}",
                 "job_id": "j",
@@ -171,6 +172,44 @@ def test_a_refused_delta_leaves_the_received_model_untouched(site):
         site.link.send(trained, delta=True)
     for name, array in site.model.arrays().items():
         np.testing.assert_array_equal(array, before[name], err_msg=name)
+
+
+def test_the_global_model_s_validation_goes_with_the_round_s_result(site):
+    site.offer(0)
+    model = site.link.receive()
+    site.link.evaluate({"accuracy": np.float32(0.5)})
+    assert not site.sent  # nothing is said until the round's result
+    site.link.send(model, weight=2, metrics={"loss": 1.0})
+    [result] = site.sent
+    assert (result["metrics"], result["validation"]) == ({"loss": 1.0}, {"accuracy": 0.5})
+
+
+def test_an_evaluation_task_answers_with_metrics_and_sends_no_model(site):
+    site.offer(0, task="evaluate", model_name="site-2")
+    model = site.link.receive()
+    context = site.link.context()
+    assert (context.task, context.model_name) == ("evaluate", "site-2")
+    with pytest.raises(JobError, match="hauler.evaluate"):
+        site.link.send(model)
+    site.link.evaluate({"accuracy": 0.75})
+    assert site.sent == [{"type": "evaluated", "task_id": "t0", "metrics": {"accuracy": 0.75}}]
+    assert site.link.pending_round is None
+
+
+@pytest.mark.parametrize(
+    "metrics, reason",
+    [
+        ({"loss": float("nan")}, "loss = nan"),
+        ({"m" * 200: 1.0}, "too long"),
+        ({f"m{k}": 1.0 for k in range(300)}, "300 given"),
+        (0.5, "dict of names to numbers"),
+    ],
+)
+def test_metrics_the_server_would_refuse_are_refused_by_the_code_s_own_call(site, metrics, reason):
+    site.offer(0)
+    site.link.receive()
+    with pytest.raises(JobError, match=reason):
+        site.link.evaluate(metrics)
 
 
 def test_metrics_must_be_numbers(site):

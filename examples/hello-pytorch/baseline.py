@@ -17,6 +17,8 @@ from model import initial
 from safetensors.torch import load_file
 from train import accuracy, train
 
+from hauler.algorithms import scaffold
+
 HERE = Path(__file__).parent
 
 
@@ -25,7 +27,7 @@ def main(argv: list[str]) -> None:
     net = initial(job["model"]["config"])
     x_test, y_test = test_set()
     if argv:
-        net.load_state_dict(load_file(argv[0]))
+        net.load_state_dict(scaffold.weights(load_file(argv[0])))  # SCAFFOLD's variates aside
         print(f"{argv[0]}: test accuracy {accuracy(net, x_test, y_test):.3f}")
         return
     x, y = train_set()

@@ -25,6 +25,14 @@ def test_set(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x_test), torch.from_numpy(y_test)
 
 
+def site_test_set(site: int, sites: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test samples of the digits site `site` (0-based) owns: its own data, on which it
+    evaluates models in cross-site evaluation."""
+    x_test, y_test = test_set(seed)
+    mine = y_test % min(sites, 10) == site % min(sites, 10)
+    return x_test[mine], y_test[mine]
+
+
 def site_set(
     site: int, sites: int, own_share: float, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hauler.algorithms import scaffold
+
 INPUTS, CLASSES = 64, 10
 
 
@@ -25,10 +27,15 @@ def initial(config: dict) -> Net:
 
 
 def layout(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [
+    """The network's tensors; with `algorithm = "scaffold"`, SCAFFOLD's server variates too."""
+    rows = [
         (name, "F32", tuple(tensor.shape)) for name, tensor in initial(config).state_dict().items()
     ]
+    return scaffold.layout(rows) if config.get("algorithm") == "scaffold" else rows
 
 
 def fill(name: str, out: np.ndarray, config: dict) -> None:
-    out[...] = initial(config).state_dict()[name].numpy()
+    if scaffold.is_variate(name):
+        out[...] = 0  # SCAFFOLD's server control variate starts at zero
+    else:
+        out[...] = initial(config).state_dict()[name].numpy()

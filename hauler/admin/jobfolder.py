@@ -41,7 +41,7 @@ class JobFolder:
         return {
             "id": self.id,
             "name": started.get("name", ""),
-            "num_rounds": self._num_rounds(),
+            "num_rounds": self._num_rounds(events),
             "status": ENDINGS[ended["event"]] if ended else "running",
             "rounds_done": RoundStore(self.folder, 2).latest() or 0,
             "started_s": started.get("time_s"),
@@ -50,7 +50,11 @@ class JobFolder:
             "submitter": "simulator",
         }
 
-    def _num_rounds(self) -> int:
+    def _num_rounds(self, events: list[dict[str, Any]]) -> int:
+        """The rounds its workflow planned once it knew its sites (cyclic), else job.toml's."""
+        planned = [event["rounds"] for event in events if event["event"] == "rounds.planned"]
+        if planned:
+            return int(planned[-1])
         try:
             job = tomllib.loads((self.folder / "app" / "job.toml").read_text())
             return int(job.get("workflow", {}).get("num_rounds", 1))

@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.text import Text
 
 from hauler.core.events import TrackTransfer, untracked
+from hauler.workflows.records import reported
 
 COLUMNS = (
     TextColumn("{task.description}"),
@@ -82,12 +83,12 @@ class RoundState:
 
     def add_result(self, event: dict[str, Any]) -> None:
         self.done += 1
-        for name, value in (event.get("metrics") or {}).items():
+        for name, value in reported(event).items():
             if isinstance(value, int | float):
                 self.metrics.setdefault(name, []).append(float(value))
 
     def line(self, now_s: float | None = None) -> str:
-        """`round 2: 12/16 sites · loss 0.412 · global_accuracy 0.81 · 4.3 s · 256 MB`."""
+        """`round 2: 12/16 sites · loss 0.412 · validation/accuracy 0.81 · 4.3 s · 256 MB`."""
         parts = [f"round {self.round}: {self.done}/{self.sites or '?'} sites"]
         parts += [
             f"{name} {_number(statistics.fmean(values))}"

@@ -1,8 +1,9 @@
 """A job's figures and summary, from its metrics records (`Admin.metrics`).
 
 `build_report` arranges the records: CPU and memory series per process, a timeline of every
-site's download, train and upload and the server's aggregation per round, and the metrics each
-site reported per round (loss, accuracy, ...). `write_figures`
+site's download, train and upload and the server's aggregation per round, the metrics each
+site reported per round (loss, accuracy, ...), and a cross-site evaluation's matrix
+(`admin/matrix.py`). `write_figures`
 draws them as PNGs (matplotlib's Agg renderer, through Figure objects: no pyplot, no display,
 no global state); `round_table`, `transfer_table` (bytes moved, raw and encoded, and the
 compression) and `process_table` summarise them.
@@ -13,12 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from rich.table import Column, Table
+
+from hauler.admin.figures import legend_patch, new_figure
+from hauler.admin.matrix import FIGURE as MATRIX_FIGURE
+from hauler.admin.matrix import Matrix, build_matrix, matrix_figure
+from hauler.workflows.records import reported
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: every CLI command imports this
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MIB = 1 << 20
 SERVER = "server"
@@ -64,6 +71,7 @@ class Report:
     bars: list[Bar]
     sites: list[dict[str, Any]]  # the `site` records: one per site and round
     rounds: list[dict[str, Any]]  # the `round` records
+    matrix: Matrix | None = None  # a cross-site evaluation's, if the job ran one
 
 
 def build_report(job: dict[str, Any], records: list[dict[str, Any]]) -> Report:
@@ -82,6 +90,7 @@ def build_report(job: dict[str, Any], records: list[dict[str, Any]]) -> Report:
         _bars(by_kind, origin),
         sorted(by_kind["site"], key=lambda r: (r["round"], r["site"])),
         sorted(by_kind["round"], key=lambda r: r["round"]),
+        build_matrix(records),
     )
 
 
@@ -131,12 +140,12 @@ def compression(transfer: dict[str, Any]) -> float:
 
 
 def write_figures(report: Report, out_dir: Path) -> list[Path]:
-    """Draw cpu.png, memory.png, timeline.png and (if sites reported any) metrics.png into
-    `out_dir`; returns their paths."""
+    """Draw cpu.png, memory.png, timeline.png, (if sites reported any) metrics.png and (after a
+    cross-site evaluation) cross_site.png into `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    drawings = (_cpu_figure, _memory_figure, _timeline_figure, _metrics_figure)
+    drawings = (_cpu_figure, _memory_figure, _timeline_figure, _metrics_figure, _matrix_figure)
     paths = []
-    for name, draw in zip(FIGURES, drawings):
+    for name, draw in zip((*FIGURES, MATRIX_FIGURE), drawings):
         figure = draw(report)
         if figure is not None:
             figure.savefig(out_dir / name, dpi=100)
@@ -148,8 +157,12 @@ def _title(report: Report, what: str) -> str:
     return f"{what} - job {report.job.get('id', '?')} ({report.job.get('name', '?')})"
 
 
+def _matrix_figure(report: Report) -> Figure | None:
+    return matrix_figure(report.matrix, _title(report, "Cross-site evaluation"))
+
+
 def _cpu_figure(report: Report) -> Figure:
-    figure = Figure(figsize=(9, 4), layout="constrained")
+    figure = new_figure(figsize=(9, 4))
     axes = figure.subplots()
     for process, series in report.processes.items():
         # each reading covers the second before it: steps, not slopes
@@ -167,7 +180,7 @@ def _cpu_figure(report: Report) -> Figure:
 
 
 def _memory_figure(report: Report) -> Figure:
-    figure = Figure(figsize=(9, 6), layout="constrained")
+    figure = new_figure(figsize=(9, 6))
     rss, anon = figure.subplots(2, 1, sharex=True)
     for process, series in report.processes.items():
         rss.plot(series.t_s, series.rss_mib, label=process, linewidth=1.2, marker=".", markersize=3)
@@ -193,7 +206,7 @@ def _timeline_figure(report: Report) -> Figure:
     rows = sorted(
         {SERVER, *(bar.row for bar in report.bars)}, key=lambda n: (n == SERVER, n)
     )  # sites, server
-    figure = Figure(figsize=(9, 1.2 + 0.6 * len(rows)), layout="constrained")
+    figure = new_figure(figsize=(9, 1.2 + 0.6 * len(rows)))
     axes = figure.subplots()
     for bar in report.bars:
         axes.barh(
@@ -244,7 +257,7 @@ def _timeline_figure(report: Report) -> Figure:
     axes.set_xlim(left=0)
     axes.grid(axis="x", alpha=0.3)
     figure.legend(
-        handles=[Patch(color=color, label=phase) for phase, color in PHASES.items()],
+        handles=[legend_patch(color, phase) for phase, color in PHASES.items()],
         loc="outside lower center",
         fontsize="small",
         ncols=len(PHASES),
@@ -258,7 +271,7 @@ def metric_names(report: Report) -> list[str]:
         {
             name
             for record in report.sites
-            for name, value in record.get("metrics", {}).items()
+            for name, value in reported(record).items()
             if isinstance(value, int | float) and not isinstance(value, bool)
         }
     )
@@ -271,14 +284,14 @@ def _metrics_figure(report: Report) -> Figure | None:
         return None
     columns = min(len(names), METRICS_PER_ROW)
     rows = -(-len(names) // columns)
-    figure = Figure(figsize=(4.5 * columns, 3.2 * rows + 0.6), layout="constrained")
+    figure = new_figure(figsize=(4.5 * columns, 3.2 * rows + 0.6))
     panels = figure.subplots(rows, columns, squeeze=False).flat
     for name, axes in zip(names, panels):
         for site in sorted({record["site"] for record in report.sites}):
             points = [
-                (r["round"], r["metrics"][name])
+                (r["round"], reported(r)[name])
                 for r in report.sites
-                if r["site"] == site and name in r.get("metrics", {})
+                if r["site"] == site and name in reported(r)
             ]
             if points:
                 axes.plot(*zip(*points), label=site, marker="o", markersize=3, linewidth=1.2)
@@ -354,7 +367,7 @@ def metrics_table(report: Report) -> Table | None:
         title="training metrics",
     )
     for record in report.sites:
-        values = record.get("metrics", {})
+        values = reported(record)
         table.add_row(
             str(record["round"]),
             record["site"],

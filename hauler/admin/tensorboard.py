@@ -1,6 +1,7 @@
 """A job's report as TensorBoard event files, one run folder per process (`DIR/<process>/`):
-each site's training metrics and phase seconds per round (step = round), and every process's
-CPU and memory (step = sample number, one a second; wall time = when it was taken)."""
+each site's training and validation metrics and phase seconds per round (step = round), and
+every process's CPU and memory (step = sample number, one a second; wall time = when it was
+taken)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def write_tensorboard(report: Report, out_dir: Path) -> list[Path]:
 def _write_rounds(writer: Any, records: list[dict[str, Any]]) -> None:
     for record in records:
         walltime = record.get("started_s")
-        for name, value in record.get("metrics", {}).items():
-            writer.add_scalar(f"train/{name}", value, record["round"], walltime)
+        for kind, tag in (("metrics", "train"), ("validation", "validation")):
+            for name, value in record.get(kind, {}).items():
+                writer.add_scalar(f"{tag}/{name}", value, record["round"], walltime)
         for phase in ("download", "train", "upload"):
             writer.add_scalar(f"seconds/{phase}", record[f"{phase}_s"], record["round"], walltime)
 

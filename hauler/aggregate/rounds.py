@@ -14,9 +14,9 @@ from hauler.aggregate.finish import DownloadEncoder, RoundFinish
 from hauler.aggregate.optimizers import OptimizerSettings, ServerOptimizer, make_optimizer
 from hauler.aggregate.state import RESIDUAL, RoundState, wide_manifest
 from hauler.core.config import JobConfig
-from hauler.core.errors import LocalProtocolError
+from hauler.core.errors import ConfigError, LocalProtocolError
 from hauler.core.resources import release_free_memory
-from hauler.model import ChunkPlan, Manifest, ModelFile
+from hauler.model import VARIATE_PREFIX, ChunkPlan, Manifest, ModelFile
 from hauler.model.codecs import DEFAULT_BLOCK_ELEMENTS, make_codec
 from hauler.model.encoded import EncodedWriter, encoded_limit
 from hauler.model.rounds import RoundStore
@@ -25,13 +25,15 @@ from hauler.model.rounds import RoundStore
 @dataclass(frozen=True)
 class Recipe:
     """How a round's updates become the next global model: the server optimizer, the codec the
-    new model's change is downloaded with, and the policies of non-float tensors."""
+    new model's change is downloaded with, and the policies of non-float tensors; a `relay`
+    (cyclic) makes the round's one contribution the next model exactly."""
 
     optimizer: OptimizerSettings = OptimizerSettings()
     download: str = "none"
     error_feedback: bool = True
     block_elements: int = DEFAULT_BLOCK_ELEMENTS
     integers: dict[str, str] = field(default_factory=dict)
+    relay: bool = False
 
     @classmethod
     def of(cls, job: JobConfig) -> Recipe:
@@ -43,9 +45,21 @@ class Recipe:
             job.transfer.error_feedback,
             job.transfer.block_elements,
             dict(job.workflow.integers),
+            relay=job.workflow.name == "cyclic",
         )
         make_optimizer(recipe.optimizer)
         return recipe
+
+    def check_model(self, manifest: Manifest) -> None:
+        """SCAFFOLD's control variates must be averaged as they are, which only fedavg does."""
+        if self.optimizer.name != "fedavg" and any(
+            name.startswith(VARIATE_PREFIX) for name in manifest.names
+        ):
+            raise ConfigError(
+                f"job.toml: [workflow] optimizer {self.optimizer.name!r} cannot run SCAFFOLD: the "
+                f"model holds control variates ({VARIATE_PREFIX}...), which the server must "
+                'average as they are; use optimizer = "fedavg" (the default)'
+            )
 
     def state_kinds(self, optimizer: ServerOptimizer) -> tuple[str, ...]:
         """What the server carries between rounds: the optimizer's state, and the download
@@ -95,6 +109,7 @@ class RoundAggregate:
         self._global = self.rounds.open(round)
         manifest = self._global.manifest
         if self._fedavg is None:
+            self.recipe.check_model(manifest)
             policies = integers.resolve(self.recipe.integers, manifest.names)
             self._fedavg = FedAvg(
                 manifest,
@@ -122,6 +137,9 @@ class RoundAggregate:
     def contribution(
         self, weight: float, *, update: bool = False, max_update_norm: float | None = None
     ) -> Contribution:
+        """A site's contribution; a relay's is folded with weight 1, so that the average of one
+        model (x 1, then / 1) is that model bit for bit, whatever weight the site said."""
+        weight = 1.0 if self.recipe.relay else weight
         return self.fedavg.contribution(weight, update=update, max_update_norm=max_update_norm)
 
     def finish(self, round: int) -> Manifest:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from hauler.admin.matrix import matrix_tables
 from hauler.admin.progress import JobDisplay, describe
 from hauler.admin.report import metrics_table, process_table, round_table, transfer_table
 from hauler.cli.common import (
@@ -185,11 +186,13 @@ def report(
 
 
 def show_summary(report: Any) -> None:
-    """The tables a job's report prints: rounds, training metrics, processes."""
+    """The tables a job's report prints: rounds, training metrics, a cross-site evaluation's
+    matrix, processes."""
     tables = (
         round_table(report),
         transfer_table(report.sites),
         metrics_table(report),
+        *(matrix_tables(report.matrix) if report.matrix is not None else ()),
         process_table(report),
     )
     for table in tables:

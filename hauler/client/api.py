@@ -1,9 +1,14 @@
-"""The API a training script calls: `hauler.is_running()`, `receive()`, `send()`, `context()`.
+"""The API a training script calls: `hauler.is_running()`, `receive()`, `send()`,
+`evaluate()`, `context()`.
 
     import hauler
     while hauler.is_running():
         model = hauler.receive("torch")            # the global model, viewing the site's file
-        net.load_state_dict(model); n = train(net)
+        net.load_state_dict(model)
+        hauler.evaluate({"accuracy": accuracy(net)})  # optional: the received model's metrics
+        if hauler.context().task == "evaluate":    # cross-site evaluation: that was the answer
+            continue
+        n = train(net)
         hauler.send(net.state_dict(), weight=n, metrics={"loss": loss})
 
 The site runs the script in a thread of its own process or as a child process; either way
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import queue
 import socket
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +34,7 @@ import numpy as np
 from hauler.client.executor import TrainContext
 from hauler.client.tensors import to_numpy, to_torch
 from hauler.core.errors import JobError
+from hauler.core.messages import MAX_METRIC_NAME, MAX_METRICS
 from hauler.model import ArraySource, Manifest, ModelFile, check_layout, is_float
 
 TRAINER_FD_VARIABLE = (
@@ -86,6 +93,7 @@ class TrainerLink:
         self.channel, self.in_process = channel, in_process
         self._task: dict[str, Any] | None = None
         self._model: ModelFile | None = None
+        self._validation: dict[str, float] = {}
         self._ended = False
         self.tasks_taken = 0
 
@@ -93,6 +101,11 @@ class TrainerLink:
     def pending_round(self) -> int | None:
         """The round received but not yet sent, if any."""
         return None if self._task is None else int(self._task["round"])
+
+    @property
+    def evaluating(self) -> bool:
+        """Whether the current task only evaluates its model (cross-site evaluation)."""
+        return self._task is not None and self._task.get("task") == "evaluate"
 
     def is_running(self) -> bool:
         """Wait for the next task: True when one came, False once the job has ended."""
@@ -102,6 +115,7 @@ class TrainerLink:
                 self._ended = True
             else:
                 self._task, self._model = message, self._open(message)
+                self._validation = {}
                 self.tasks_taken += 1
         return self._task is not None
 
@@ -128,6 +142,8 @@ class TrainerLink:
             task["config"],
             Path(task["workdir"]),
             task.get("settings", {}),
+            task.get("task", "train"),
+            task.get("model_name", ""),
         )
 
     def send(
@@ -142,11 +158,17 @@ class TrainerLink:
         model."""
         if self._task is None or self._model is None:
             raise JobError("hauler.send() needs a model from hauler.receive() first")
+        if self.evaluating:
+            raise JobError(
+                "this task evaluates a model (cross-site evaluation): report its metrics with "
+                "hauler.evaluate(metrics) instead of sending a model"
+            )
         if not weight > 0:
             raise JobError(f"weight must be positive, got {weight}")
         arrays = to_numpy(model)
         check_layout(self._model.manifest, arrays)
         reported = _numbers(metrics or {})
+        self._keep_local(arrays)
         source = self._place(arrays, delta)
         self.channel.put(
             {
@@ -154,9 +176,24 @@ class TrainerLink:
                 "task_id": self._task["task_id"],
                 "weight": float(weight),
                 "metrics": reported,
+                "validation": self._validation,
                 "delta": delta,
                 "source": source,
             }
+        )
+        self._task = None
+
+    def evaluate(self, metrics: Mapping[str, float]) -> None:
+        """Report metrics of the model received: in a training round, the global model's (sent
+        with the round's result); in an evaluation task, the task's answer."""
+        if self._task is None:
+            raise JobError("hauler.evaluate() needs a model from hauler.receive() first")
+        reported = _numbers(metrics)
+        if not self.evaluating:
+            self._validation = reported
+            return
+        self.channel.put(
+            {"type": "evaluated", "task_id": self._task["task_id"], "metrics": reported}
         )
         self._task = None
 
@@ -165,6 +202,20 @@ class TrainerLink:
         if self._task is not None:
             self.channel.put({"type": "failed", "task_id": self._task["task_id"], "error": error})
             self._task = None
+
+    def _keep_local(self, arrays: dict[str, np.ndarray]) -> None:
+        """Write the model sent into the task's `local_path`, if it has one: the site's local
+        model for cross-site evaluation (before a delta takes its place in the model file)."""
+        assert self._task is not None and self._model is not None
+        if not self._task.get("local_path"):
+            return
+        local = ModelFile.create(Path(self._task["local_path"]), self._model.manifest)
+        try:
+            for index, tensor in enumerate(local.manifest.tensors):
+                np.copyto(local.array(index), arrays[tensor.name])
+            local.flush()
+        finally:
+            local.close()
 
     def _place(self, arrays: dict[str, np.ndarray], delta: bool) -> ArraySource | None:
         """Where the site sends from: the arrays themselves (in-process), else the model file.
@@ -202,12 +253,24 @@ class TrainerLink:
 
 
 def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Metrics as plain floats (numpy and torch scalars included); anything else is refused by
-    name."""
+    """Metrics as plain finite floats (numpy and torch scalars included), as many and as named
+    as the server takes; anything else is refused by name."""
+    if not isinstance(metrics, Mapping):
+        raise JobError(f"metrics must be a dict of names to numbers, not {type(metrics).__name__}")
     try:
-        return {str(name): float(value) for name, value in metrics.items()}
+        numbers = {str(name): float(value) for name, value in metrics.items()}
     except (TypeError, ValueError) as error:
         raise JobError(f"metrics must be numbers: {error}") from None
+    wrong = [f"{name} = {value}" for name, value in numbers.items() if not math.isfinite(value)]
+    wrong += [
+        f"name {name[:40]!r}... is too long" for name in numbers if len(name) > MAX_METRIC_NAME
+    ]
+    if wrong or len(numbers) > MAX_METRICS:
+        raise JobError(
+            f"metrics must be at most {MAX_METRICS} finite numbers named in at most "
+            f"{MAX_METRIC_NAME} characters: {', '.join(wrong) or f'{len(numbers)} given'}"
+        )
+    return numbers
 
 
 def _check_delta(name: str, array: np.ndarray, received: np.ndarray) -> None:
@@ -282,6 +345,13 @@ def send(
     current_link().send(model, weight=weight, metrics=metrics, delta=delta)
 
 
+def evaluate(metrics: Mapping[str, float]) -> None:
+    """Report metrics of the model just received: before training, the global model's (shown
+    per round and site); in a cross-site evaluation task, its answer (nothing is sent)."""
+    current_link().evaluate(metrics)
+
+
 def context() -> TrainContext:
-    """Site, job id, round, the job's executor config and a work folder."""
+    """Site, job id, round, the job's executor config, a work folder, and the task: "train", or
+    "evaluate" with the name of the model evaluated ("global", or the site whose model it is)."""
     return current_link().context()

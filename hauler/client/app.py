@@ -1,10 +1,12 @@
 """The site process: dial the server, keep the session alive, run the tasks it offers.
 
-A task is: receive the global model into the site's global file (pre-sized once, overwritten
-in place every round; as the encoded delta from the round the site holds, where the job has a
-download codec), train on it (on a copy, where the job has codecs: client/jobfiles.py), hash
-the result or encode the update, announce it, then upload it. The model never has to fit in
-memory.
+A training task is: receive the global model into the site's global file (pre-sized once,
+overwritten in place every round; as the encoded delta from the round the site holds, where the
+job has a download codec), train on it (on a copy, where the job has codecs: client/jobfiles.py),
+hash the result or encode the update, announce it, then upload it. For cross-site evaluation a
+site also evaluates models it receives into a scratch file (answering with metrics only) and
+uploads its local model when asked, unless its config keeps it (`share_local_model = false`).
+The model never has to fit in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from hauler.client.jobfiles import JobFiles
 from hauler.client.trainer import Trainer, trainer_for
 from hauler.core import logs
 from hauler.core.config import ExecutorConfig, SiteConfig, TransferConfig, parse
-from hauler.core.errors import ConnectionLost, HaulerError, JobError, SecurityError
+from hauler.core.errors import (
+    ConnectionLost,
+    HaulerError,
+    JobError,
+    SecurityError,
+    TaskRefused,
+)
 from hauler.core.events import TrackTransfer, untracked
 from hauler.core.logs import JobLogs
 from hauler.core.messages import (
@@ -35,6 +43,7 @@ from hauler.core.messages import (
     DeployJob,
     Encoding,
     EndJob,
+    Evaluated,
     Heartbeat,
     Hello,
     LogLine,
@@ -162,7 +171,7 @@ class Site:
                 continue
         return lines
 
-    async def _report(self, job_id: str, message: ResultReady | TaskFailed) -> None:
+    async def _report(self, job_id: str, message: ResultReady | Evaluated | TaskFailed) -> None:
         """Tell the server how a task went, if connected; it asks again after a reconnection."""
         self._reports[message.task_id] = (job_id, message)
         if self._stream is not None:
@@ -187,7 +196,9 @@ class Site:
         if isinstance(message, DeployJob):
             await self._deploy_once(message)
         elif isinstance(message, Task):
-            await self._begin(work, "train", message.task_id, message.job_id, self._train(message))
+            steps = {"train": self._train, "evaluate": self._evaluate, "submit": self._submit}
+            work_on = steps[message.kind](message)
+            await self._begin(work, "train", message.task_id, message.job_id, work_on)
         elif isinstance(message, UploadReady):
             job_id = self._results[message.task_id][0] if message.task_id in self._results else ""
             await self._begin(work, "upload", message.task_id, job_id, self._upload(message))
@@ -308,22 +319,29 @@ class Site:
                     "error": _describe(error),
                 },
             )
-            await self._report(job_id, TaskFailed(task_id=task_id, error=_describe(error)[:4000]))
+            refused = isinstance(error, TaskRefused)
+            failed = TaskFailed(task_id=task_id, error=_describe(error)[:4000], refused=refused)
+            await self._report(job_id, failed)
 
-    async def _train(self, task: Task) -> None:
-        """Receive the global model, have the job's code train a copy of it, then hash it or
-        encode the update, and announce the result."""
+    def _job_of(self, task: Task) -> tuple[Trainer, JobFiles, Manifest]:
+        """The task's job as deployed here (its code and files), and its model's manifest, of
+        a size this site accepts."""
         if task.job_id not in self._trainers:
             raise JobError(
                 self._refused.get(task.job_id, f"job {task.job_id} was not deployed to this site")
             )
-        trainer, files = self._trainers[task.job_id], self._files[task.job_id]
         manifest = Manifest.from_json(task.manifest)
         if manifest.total_bytes > self.config.max_model_gib * 2**30:
             raise JobError(
                 f"model of {manifest.total_bytes / 2**30:.1f} GiB exceeds this site's "
                 f"max_model_gib = {self.config.max_model_gib:g}"
             )
+        return self._trainers[task.job_id], self._files[task.job_id], manifest
+
+    async def _train(self, task: Task) -> None:
+        """Receive the global model, have the job's code train a copy of it, then hash it or
+        encode the update, and announce the result."""
+        trainer, files, manifest = self._job_of(task)
         await self._receive_global(task, files, manifest)
         model = await asyncio.to_thread(files.training_copy)
         output = await trainer.train(self._task_message(task, trainer), model)
@@ -350,22 +368,63 @@ class Site:
             task_id=task.task_id,
             weight=output.weight,
             metrics=output.metrics,
+            validation=output.validation,
             manifest=self._results[task.task_id][1].to_json(),
             delta=output.delta or encoding is not None,
             encoding=encoding,
         )
         await self._report(task.job_id, ready)
 
+    async def _evaluate(self, task: Task) -> None:
+        """Receive a model to evaluate into the scratch file, have the job's code evaluate it,
+        and say the metrics."""
+        trainer, files, manifest = self._job_of(task)
+        model = await asyncio.to_thread(files.evaluated, manifest)
+        plan = ChunkPlan(manifest)
+        await fetch_model(
+            self._data_address,
+            task.download,
+            ReceiveLedger(plan, task.lanes),
+            FileSink(model, plan),
+            timeouts=self.config.timeouts,
+            on_progress=self.track(
+                f"job {task.job_id} evaluate {task.model_name}", manifest.total_bytes
+            ),
+        )
+        metrics = await trainer.evaluate(self._task_message(task, trainer), model)
+        log.info(
+            "evaluated %s: %s",
+            task.model_name,
+            metrics,
+            extra={"site": self.name, "job": task.job_id, "task": task.task_id},
+        )
+        await self._report(task.job_id, Evaluated(task_id=task.task_id, metrics=metrics))
+
+    async def _submit(self, task: Task) -> None:
+        """Announce the site's local model for upload, unless the site keeps it to itself."""
+        if not self.config.share_local_model:
+            raise TaskRefused(f"site {self.name} keeps its local model (share_local_model = false)")
+        _, files, manifest = self._job_of(task)
+        local = await asyncio.to_thread(files.local_model, manifest)
+        self._results[task.task_id] = (task.job_id, local.manifest, local)
+        ready = ResultReady(task_id=task.task_id, weight=1.0, manifest=local.manifest.to_json())
+        await self._report(task.job_id, ready)
+
     def _task_message(self, task: Task, trainer: Trainer) -> dict[str, Any]:
+        """The task as the job's code gets it."""
+        files = self._files[task.job_id]
         return {
             "type": "task",
+            "task": task.kind,
             "task_id": task.task_id,
             "job_id": task.job_id,
             "site": self.name,
             "round": task.round,
+            "model_name": task.model_name,
             "config": trainer.executor.config,
             "workdir": str(trainer.workdir),
             "settings": self.config.job_settings,
+            **({"local_path": str(files.local_path)} if task.keep_local else {}),
         }
 
     async def _receive_global(self, task: Task, files: JobFiles, manifest: Manifest) -> None:

@@ -12,6 +12,9 @@
 - `residual.safetensors`: what the upload codec dropped, carried to the next round (error
   feedback), memory-mapped.
 - `update.bin`: the encoded update, uploaded from there (again, if the server asks).
+- `local.safetensors`: the model the site trained in the last round before cross-site
+  evaluation, written by its training code on `send()`, uploaded if the server asks for it.
+- `evaluate.safetensors`: where models to evaluate land (cross-site evaluation), one at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 
 from hauler.core.config import TransferConfig
 from hauler.model import Manifest, ModelFile
+from hauler.model.local_models import open_local
 from hauler.model.updates import RESIDUAL, open_residual, wide_manifest
 
 
@@ -36,6 +40,8 @@ class JobFiles:
         self.received: ModelFile | None = None
         self._training: ModelFile | None = None
         self._residual: ModelFile | None = None
+        self._evaluated: ModelFile | None = None
+        self._local: ModelFile | None = None
 
     @property
     def marker(self) -> Path:
@@ -44,6 +50,10 @@ class JobFiles:
     @property
     def update_path(self) -> Path:
         return self.folder / "update.bin"
+
+    @property
+    def local_path(self) -> Path:
+        return self.folder / "local.safetensors"
 
     def held(self) -> str | None:
         """The digest of the verified global model the site holds, if any."""
@@ -81,6 +91,21 @@ class JobFiles:
         _copy(self.received, self._training)
         return self._training
 
+    def evaluated(self, manifest: Manifest) -> ModelFile:
+        """The file a model to evaluate lands in, re-created only if the layout changes."""
+        self._evaluated = _same_layout(
+            self._evaluated, self.folder / "evaluate.safetensors", manifest
+        )
+        return self._evaluated
+
+    def local_model(self, manifest: Manifest) -> ModelFile:
+        """The site's local model, read-only, with its digests; it must have `manifest`'s
+        layout (the job's model). Kept open until the job's files close."""
+        if self._local is not None:
+            self._local.close()
+        self._local = open_local(self.local_path, manifest, "this site")
+        return self._local
+
     def residual(self, manifest: Manifest) -> ModelFile | None:
         """The upload codec's residual (zero at first), if the job keeps error feedback."""
         if self.transfer.upload == "none" or not self.transfer.error_feedback:
@@ -92,15 +117,17 @@ class JobFiles:
         return self._residual
 
     def close(self) -> None:
-        for model in (self.received, self._training, self._residual):
+        for model in (self.received, self._training, self._residual, self._evaluated, self._local):
             if model is not None:
                 model.close()
-        self.received = self._training = self._residual = None
+        self.received = self._training = self._residual = self._evaluated = self._local = None
 
     def remove(self) -> None:
         """The job ended: its model files are of no more use here."""
         self.close()
         for name in ("global.safetensors", "global.json", "model.safetensors", "update.bin"):
+            (self.folder / name).unlink(missing_ok=True)
+        for name in ("local.safetensors", "evaluate.safetensors"):
             (self.folder / name).unlink(missing_ok=True)
         (self.folder / "residual.safetensors").unlink(missing_ok=True)
 

@@ -1,10 +1,12 @@
 """A site's handle on a job's training code: a thread of the site, or a child process.
 
 Both run `run_executor` against a `TrainerLink` and speak the same small messages.
-site -> code: `task` (ids, round, config, where the model is) or `end`;
-code -> site: `result` (weight, metrics, delta; in-process also the arrays to send) or
-`failed`, and finally `exited`. The code lives across rounds; one that ended is started
-again for the next task, so a script may also handle a single round and return.
+site -> code: `task` (ids, round, config, where the model is; `task` "evaluate" for a model to
+evaluate only) or `end`;
+code -> site: `result` (weight, metrics, validation, delta; in-process also the arrays to send),
+`evaluated` (an evaluation's metrics) or `failed`, and finally `exited`. The code lives across
+rounds; one that ended is started again for the next task, so a script may also handle a single
+round and return.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ class TrainerResult:
     metrics: dict[str, float]
     delta: bool
     source: ArraySource | None  # None: send from the site's model file
+    validation: dict[str, float] = field(default_factory=dict)  # the received model's metrics
 
 
 class Trainer(abc.ABC):
@@ -53,6 +56,21 @@ class Trainer(abc.ABC):
 
     async def train(self, task: dict[str, Any], model: ModelFile) -> TrainerResult:
         """Give the code this round's task and wait for what it sends back."""
+        message = await self._answer(task, model)
+        return TrainerResult(
+            message["weight"],
+            message["metrics"],
+            message["delta"],
+            message.get("source"),
+            message.get("validation", {}),
+        )
+
+    async def evaluate(self, task: dict[str, Any], model: ModelFile) -> dict[str, float]:
+        """Give the code a model to evaluate only, and wait for the metrics it reports."""
+        return (await self._answer({**task, "task": "evaluate"}, model))["metrics"]
+
+    async def _answer(self, task: dict[str, Any], model: ModelFile) -> dict[str, Any]:
+        """Hand the code `task` and wait for its answer (a result, or an evaluation's metrics)."""
         await self._ensure_started()
         await self._post(self._task_message(task, model))
         while True:
@@ -73,9 +91,7 @@ class Trainer(abc.ABC):
                 self._alive = False  # the code ends after a failure; the next task starts it again
                 raise JobError(message["error"])
             else:
-                return TrainerResult(
-                    message["weight"], message["metrics"], message["delta"], message.get("source")
-                )
+                return message
 
     async def _ensure_started(self) -> None:
         if not self._alive:
@@ -266,9 +282,9 @@ def run_trainer(
             if not (isinstance(failure, SystemExit) and failure.code in (0, None)):
                 error = _describe(failure)
         if not error and link.pending_round is not None:
+            owed = "hauler.evaluate()" if link.evaluating else "hauler.send()"
             error = (
-                f"the training code returned in round {link.pending_round} without calling "
-                "hauler.send()"
+                f"the training code returned in round {link.pending_round} without calling {owed}"
             )
         if error:
             link.fail(error)

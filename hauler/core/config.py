@@ -11,7 +11,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hauler.core.errors import ConfigError
 
@@ -191,6 +199,12 @@ class SiteConfig(Strict):
         description="Settings of this site that every job's code reads as context.settings, "
         'e.g. data_dir = "/data/digits"; they stay on the site.',
     )
+    share_local_model: bool = Field(
+        True,
+        description="In cross-site evaluation, upload this site's last local model for the "
+        "other sites to evaluate. false: it stays here, and this site evaluates the global "
+        "model only (local models are shared among the sites that share theirs).",
+    )
     tls: TlsFiles | None = None
     timeouts: Timeouts = Timeouts()
     dataplane: DataPlane = DataPlane()
@@ -224,11 +238,32 @@ class OptimizerConfig(Strict):
     tau: float | None = Field(None, description="The adaptive optimizers' epsilon.")
 
 
-class WorkflowConfig(Strict):
-    """ScatterAndGather (FedAvg): the seed's workflow and its arguments."""
+WorkflowName = Literal["scatter_and_gather", "cyclic", "cross_site_evaluation"]
 
-    kind: Literal["scatter_and_gather"] = "scatter_and_gather"
-    num_rounds: int = Field(1, ge=1)
+
+class WorkflowConfig(Strict):
+    """The workflow and its arguments: ScatterAndGather (FedAvg, the seed's), cyclic, or
+    cross-site evaluation."""
+
+    name: WorkflowName = Field(
+        "scatter_and_gather",
+        validation_alias=AliasChoices("name", "kind"),  # `kind`: the key of the first versions
+        description="scatter_and_gather (every site trains each round, FedAvg), cyclic (the "
+        "model goes from site to site) or cross_site_evaluation (scatter_and_gather, then every "
+        "site evaluates the final global model and every other site's last local model).",
+    )
+    num_rounds: int = Field(
+        1,
+        ge=0,
+        description="Rounds; in cyclic, passes of the model through every site; in "
+        "cross_site_evaluation, the training rounds before it (0: evaluate round 0 only).",
+    )
+    order: Literal["fixed", "random"] = Field(
+        "fixed",
+        description="cyclic: the sites' order in each round: fixed (as the job's `sites` lists "
+        "them, else as the federation does) or random (shuffled each round from `seed`).",
+    )
+    seed: int = Field(0, description="cyclic: the random order's seed (the same, the same order).")
     min_clients: int = Field(1, ge=1)
     train_timeout: float | None = Field(
         None,
@@ -268,6 +303,23 @@ class WorkflowConfig(Strict):
     def _optimizer_by_name(cls, value: object) -> object:
         """`optimizer = "fedadam"` is short for `optimizer = { name = "fedadam" }`."""
         return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _rounds_to_run(self) -> WorkflowConfig:
+        """Only cross-site evaluation has something to do without a training round."""
+        if self.num_rounds == 0 and self.name != "cross_site_evaluation":
+            raise ValueError(f"num_rounds must be at least 1 for {self.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _relay_as_it_is(self) -> WorkflowConfig:
+        """A cyclic round passes each site's model on as it is: no server optimizer steps it."""
+        if self.name == "cyclic" and self.optimizer.name != "fedavg":
+            raise ValueError(
+                "cyclic passes each site's model on as it is, with no server step between "
+                f'sites: drop optimizer {self.optimizer.name!r} (keep the default, "fedavg")'
+            )
+        return self
 
 
 class TransferConfig(Strict):
@@ -376,6 +428,16 @@ class JobConfig(Strict):
     sites: list[str] | None = Field(
         None, description="Sites that take part; all connected sites if absent."
     )
+
+    @model_validator(mode="after")
+    def _no_delta_to_relay(self) -> JobConfig:
+        """In cyclic, no site holds the model of the hop before: a download delta helps nobody."""
+        if self.workflow.name == "cyclic" and self.transfer.download != "none":
+            raise ValueError(
+                "cyclic: [transfer] download must be none: each site receives the model the site "
+                "before it made, which it does not hold, so it downloads the whole model anyway"
+            )
+        return self
 
 
 Config = TypeVar("Config", bound=BaseModel)

@@ -5,7 +5,8 @@
     ├── JobError               the job failed or was refused; read its message
     │   ├── JobCodeError          the job's own code failed; shown to its submitter and project
     admins
-    │   └── UpdateRefused         a site's update broke a check: that site leaves the round
+    │   ├── UpdateRefused         a site's update broke a check: that site leaves the round
+    │   └── TaskRefused           a site declined a task by its own policy (not an error)
     ├── ProtocolError
     │   ├── RemoteProtocolError   the peer broke the protocol: close and report, never retried
     │   │   └── DigestError          its data contradicts its own manifest
@@ -47,6 +48,11 @@ class JobCodeError(JobError):
 class UpdateRefused(JobError):
     """A site's contribution broke a check (its weight, non-finite values, its norm): the site
     is dropped from the round and the round goes on without it; nothing of it is aggregated."""
+
+
+class TaskRefused(JobError):
+    """A site declined a task by its own policy (e.g. `share_local_model = false`): nothing
+    failed, and asking again would not help."""
 
 
 class ProtocolError(HaulerError):

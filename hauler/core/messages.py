@@ -19,6 +19,14 @@ MAX_HEARTBEAT_SAMPLES = 600  # ten minutes of one-second samples
 MAX_HEARTBEAT_LINES = 200  # log lines a heartbeat carries; the rest wait for the next
 MAX_METRICS = 256  # training metrics per result: a site cannot bloat every round's records
 MAX_METRIC_NAME = 128
+# A site's numbers: finite, named briefly, a bounded count (JSON carries NaN and Infinity too)
+Metrics = Annotated[
+    dict[
+        Annotated[str, Field(max_length=MAX_METRIC_NAME)],
+        Annotated[float, Field(allow_inf_nan=False)],
+    ],
+    Field(max_length=MAX_METRICS),
+]
 
 
 class _Message(BaseModel):
@@ -70,18 +78,29 @@ class ResultReady(_Message):
     type: Literal["result_ready"] = "result_ready"
     task_id: str
     weight: float  # checked by the server against [workflow] max_weight, so a refusal names it
-    metrics: dict[Annotated[str, Field(max_length=MAX_METRIC_NAME)], float] = Field(
-        {}, max_length=MAX_METRICS
-    )
+    metrics: Metrics = {}
+    validation: Metrics = {}  # the received global model's, measured before training
     manifest: dict[str, Any]
     delta: bool = False  # float tensors hold the update minus the global model received
     encoding: Encoding | None = None
 
 
+class Evaluated(_Message):
+    """The site evaluated the model of an `evaluate` task on its own data: its metrics."""
+
+    type: Literal["evaluated"] = "evaluated"
+    task_id: str
+    metrics: Metrics = {}
+
+
 class TaskFailed(_Message):
+    """The task failed on the site; `refused`: by the site's own policy (e.g. it does not share
+    its local model), not by an error."""
+
     type: Literal["task_failed"] = "task_failed"
     task_id: str
     error: str = Field(max_length=4096)
+    refused: bool = False
 
 
 # server -> site
@@ -110,9 +129,15 @@ class DeltaOffer(_Message):
 
 
 class Task(_Message):
-    """Train on the model served under transfer `download`; answer with ResultReady."""
+    """What a site does for a job, answered with ResultReady (then UploadReady) or Evaluated:
+    - train: on the model served under transfer `download`; with `keep_local`, keep the
+      trained model as its local model (the last round before cross-site evaluation);
+    - evaluate: the model served under `download` (`model_name`: "global" or a site's), on
+      the site's own data, and say its metrics;
+    - submit: upload its local model, of `manifest`'s layout (nothing is downloaded)."""
 
     type: Literal["task"] = "task"
+    kind: Literal["train", "evaluate", "submit"] = "train"
     task_id: str
     job_id: str
     round: int
@@ -120,6 +145,8 @@ class Task(_Message):
     download: str
     lanes: int = Field(1, ge=1, le=64)
     delta: DeltaOffer | None = None
+    keep_local: bool = False
+    model_name: str = Field("", max_length=64)
 
 
 class UploadReady(_Message):
@@ -151,7 +178,9 @@ class DeleteJob(_Message):
     job_id: str = Field(pattern=r"^[0-9a-f]{1,64}$")
 
 
-SiteMessage = Annotated[Hello | Heartbeat | ResultReady | TaskFailed, Field(discriminator="type")]
+SiteMessage = Annotated[
+    Hello | Heartbeat | ResultReady | Evaluated | TaskFailed, Field(discriminator="type")
+]
 ServerMessage = Annotated[
     Welcome | DeployJob | Task | UploadReady | AbortTask | EndJob | DeleteJob,
     Field(discriminator="type"),
@@ -160,7 +189,9 @@ _SITE = TypeAdapter(SiteMessage)
 _SERVER = TypeAdapter(ServerMessage)
 
 
-def parse_site_message(data: dict[str, Any]) -> Hello | Heartbeat | ResultReady | TaskFailed:
+def parse_site_message(
+    data: dict[str, Any],
+) -> Hello | Heartbeat | ResultReady | Evaluated | TaskFailed:
     """Validate a message a site sent; malformed ones are the peer's protocol error."""
     try:
         return _SITE.validate_python(data)

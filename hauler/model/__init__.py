@@ -4,11 +4,18 @@ and the codecs that encode updates chunk by chunk."""
 from hauler.model.arrays import ArraySource, check_layout
 from hauler.model.dtypes import DTYPES, accumulator_dtype, dtype_name, numpy_dtype
 from hauler.model.file import ModelFile, read_manifest
-from hauler.model.manifest import Chunk, Manifest, TensorEntry, chunk_checksum
+from hauler.model.manifest import (
+    VARIATE_PREFIX,
+    Chunk,
+    Manifest,
+    TensorEntry,
+    chunk_checksum,
+)
 from hauler.model.plan import ChunkPlan, Piece, Run, Span, is_float, wide_dtype
 
 __all__ = [
     "DTYPES",
+    "VARIATE_PREFIX",
     "ArraySource",
     "Chunk",
     "ChunkPlan",

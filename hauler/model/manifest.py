@@ -44,6 +44,7 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap on a header
 MAX_CHUNK_BYTES = 64 << 20  # one frame; the receiver's buffers are sized by it
 HEADER_ALIGN = 8  # safetensors pads the JSON header to 8 bytes with spaces
 TIES_KEY = "hauler.ties"  # the safetensors metadata entry that lists tied names
+VARIATE_PREFIX = "scaffold.c/"  # SCAFFOLD's control variates (hauler.algorithms.scaffold)
 MAX_DIGEST_CHARS = 64  # xxh3-64 hex digests are 16
 _U64 = struct.Struct("<Q")
 

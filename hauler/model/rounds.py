@@ -183,7 +183,7 @@ class RoundStore:
         record = self._record(round).get("state")
         if record is None:
             return None
-        return _opened(self.state_path(round), Manifest.from_json(record))
+        return opened(self.state_path(round), Manifest.from_json(record))
 
     def delta_index(self, round: int) -> EncodedIndex | None:
         """How round `round`'s delta from round - 1 was encoded, or None if it has none."""
@@ -206,7 +206,7 @@ class RoundStore:
     def open(self, round: int) -> ModelFile:
         """A complete round's model, read-only, with its digests; its file must hold the layout
         its manifest says (a torn file is refused)."""
-        return _opened(self.path(round), self.manifest(round))
+        return opened(self.path(round), self.manifest(round))
 
 
 def _numbers(paths: object) -> list[int]:
@@ -219,7 +219,7 @@ def _numbers(paths: object) -> list[int]:
     return sorted(found, reverse=True)
 
 
-def _opened(path: Path, manifest: Manifest) -> ModelFile:
+def opened(path: Path, manifest: Manifest) -> ModelFile:
     """The file at `path`, read-only, which must hold `manifest`'s layout; it gets its digests.
     A file Hauler wrote has exactly the header the manifest makes, which is compared as bytes
     (a model of thousands of tensors is not parsed again each round); any other is parsed."""

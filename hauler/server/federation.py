@@ -10,16 +10,23 @@ refolded from the sites that completed. A site whose control stream drops keeps 
 while it is away; one that comes back as a new process gets the task again. Every wait
 measures silence (communication_timeout), except the site's own work (train_timeout), which
 starts when the model has fully arrived.
+
+For cross-site evaluation the same machinery moves other models: a site's local model is
+uploaded (raw, its layout and digests checked) into `local/<site>.safetensors` through a
+FileSink, once, and every model to evaluate is offered from its file like a round's global
+model; the site answers an evaluation with metrics only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from hauler.aggregate import LaneBuffers, Recipe, RoundAggregate, UploadSink, check_weight
 from hauler.core.config import JobConfig, ServerConfig
@@ -27,6 +34,7 @@ from hauler.core.errors import (
     ConnectionLost,
     HaulerError,
     JobError,
+    RemoteProtocolError,
     SiteRestarted,
     TransferTimeout,
 )
@@ -35,6 +43,7 @@ from hauler.core.messages import (
     DeltaOffer,
     DeployJob,
     Encoding,
+    Evaluated,
     ResultReady,
     Task,
     UploadReady,
@@ -44,13 +53,17 @@ from hauler.core.waiting import unless_ended
 from hauler.model import ChunkPlan, Manifest
 from hauler.model.codecs import Codec, make_codec
 from hauler.model.encoded import EncodedFile, encoded_limit
-from hauler.server.sites import SiteRegistry, SiteSession
+from hauler.model.local_models import GLOBAL, EvaluatedModels, LocalModels
+from hauler.server.sites import Answer, SiteRegistry, SiteSession
 from hauler.server.transfers import Download, TransferRegistry, wait_any
-from hauler.transfer import ReceiveLedger
+from hauler.transfer import FileSink, ReceiveLedger
+from hauler.transport.streams import ChunkSink
 from hauler.workflows import TrainResult
+from hauler.workflows.base import Evaluation
 from hauler.workflows.records import RoundRecords
 
 T = TypeVar("T")
+A = TypeVar("A", bound=Answer)
 PROGRESS_EVERY_S = 0.5
 MAX_TASK_RESTARTS = 3  # a site restarting in a loop cannot hold a round open for ever
 
@@ -81,6 +94,9 @@ class JobFederation:
         )
         self.rounds = self.aggregate.rounds
         self.records = RoundRecords(record)
+        self.record = record
+        self.local_models = LocalModels(job_dir)
+        self.evaluated = EvaluatedModels(self.rounds, self.local_models)
         self._package_b64 = package_b64
         self._buffers: dict[str, LaneBuffers] = {}
         self._results: dict[str, tuple[str, ResultReady]] = {}  # site -> (task id, its result)
@@ -119,64 +135,166 @@ class JobFederation:
         delta = self.rounds.open_delta(round)
         return None if delta is None else (delta, delta.index.base)
 
-    async def train(self, site: str, round: int) -> TrainResult:
-        """Run the round's task on `site`. A site whose stream drops keeps its task while it is
-        away (up to communication_timeout); one that comes back as a new process is given the
-        task again from the start, at most MAX_TASK_RESTARTS times a round."""
+    async def train(self, site: str, round: int, *, keep_local: bool = False) -> TrainResult:
+        """Run the round's task on `site` (see `_on_site` for a site that drops or restarts)."""
+        return await self._on_site(site, round, lambda s: self._train_on(s, round, keep_local))
+
+    async def _on_site(
+        self, site: str, round: int, work: Callable[[SiteSession], Awaitable[T]]
+    ) -> T:
+        """Run a task on `site`. A site whose stream drops keeps its task while it is away (up
+        to communication_timeout); one that comes back as a new process is given the task again
+        from the start, at most MAX_TASK_RESTARTS times a round."""
         restarts = 0
         while True:
             session = await self.sites.current(site, self.server.timeouts.communication_timeout)
             try:
-                return await self._train_on(session, round)
+                return await work(session)
             except SiteRestarted as error:
                 restarts += 1
                 if restarts > MAX_TASK_RESTARTS:
                     raise
                 self.emit("site.restarted", round=round, site=site, error=str(error))
 
-    async def _train_on(self, session: SiteSession, round: int) -> TrainResult:
+    async def _train_on(self, session: SiteSession, round: int, keep_local: bool) -> TrainResult:
         site, manifest = session.name, self.aggregate.global_model.manifest
-        await self._deploy(session)
-        task_id = secrets.token_hex(8)
         offers = self._offers(site)
-        for offer in offers:
-            offer.listeners.append(self._progress(site, round, "download", manifest.total_bytes))
-        result_future = session.expect_result(task_id)
-        clock = time.perf_counter
-        try:
-            start, started_s = clock(), time.time()
-            await session.request(task_id, self._task(task_id, round, offers))
-            what = f"sending round {round} to {site}"
-            wait = wait_any(offers, self.server.timeouts.communication_timeout, what)
-            download = await self._unless_lost(session, wait, refusal=result_future)
-            arrived = clock()
-            result = await self._unless_lost(session, self._train_result(result_future, site))
-            trained = clock()
-            self._results[site] = (task_id, result)
-            await self._collect(session, task_id, result, round)
-            uploaded = clock()
-        except BaseException as error:
-            reason = str(error) if isinstance(error, HaulerError) else "the server ended the task"
-            await _quietly(session.send(AbortTask(task_id=task_id, reason=reason[:1000])))
-            raise
-        finally:
-            session.forget(task_id)
-            self.transfers.discard(*offers)
+        task = self._task(secrets.token_hex(8), round, offers, keep_local)
+        async with self._running(session, task, offers):
+            run = await self._answered(session, task, offers, ResultReady, manifest.total_bytes)
+            result = run.answer
+            self._results[site] = (task.task_id, result)
+            await self._collect(session, task.task_id, result, round)
+            uploaded = time.perf_counter()
         timings = {
-            "download_s": arrived - start,
-            "train_s": trained - arrived,
-            "upload_s": uploaded - trained,
+            "download_s": run.arrived - run.start,
+            "train_s": run.answered - run.arrived,
+            "upload_s": uploaded - run.answered,
         }
-        accepted = TrainResult(site, result.weight, result.metrics, timings)
+        accepted = TrainResult(site, result.weight, result.metrics, timings, result.validation)
+        assert run.download is not None
         self.records.site(
             accepted,
-            started_s=started_s,
+            started_s=run.started_s,
             model_bytes=manifest.total_bytes,
-            download={**download.statistics(), "codec": self._codec_of(download)},
+            download={**run.download.statistics(), "codec": self._codec_of(run.download)},
             upload=self._upload_statistics.pop(site, {}),
         )
         self.emit("site.result", round=round, site=site, weight=result.weight, **timings)
         return accepted
+
+    async def submit_local_model(self, site: str) -> None:
+        """Have `site` upload its local model into `local/<site>.safetensors`, once."""
+        round = self.rounds.latest() or 0
+        await self._on_site(site, round, lambda session: self._submit_on(session, round))
+
+    async def _submit_on(self, session: SiteSession, round: int) -> None:
+        layout = self.evaluated.get(GLOBAL).manifest
+        task = Task(
+            kind="submit",
+            task_id=secrets.token_hex(8),
+            job_id=self.job_id,
+            round=round,
+            manifest=layout.to_json(),
+            download="",
+        )
+        async with self._running(session, task, []):
+            run = await self._answered(session, task, [], ResultReady, layout.total_bytes)
+            await self._store_local(session, task.task_id, run.answer, round)
+        self.emit("model.submitted", site=session.name, bytes=layout.total_bytes)
+
+    async def _store_local(
+        self, session: SiteSession, task_id: str, result: ResultReady, round: int
+    ) -> None:
+        """Receive a site's local model into its file, every tensor checked against the digests
+        it announced, then commit it."""
+        site = session.name
+        manifest = self._local_layout(result, site)
+        plan = ChunkPlan(manifest)
+        model = self.local_models.create(site, manifest)
+        try:
+            ledger = self.transfers.ledger_for(plan)
+            await self._upload(session, task_id, ledger, FileSink(model, plan), round, "model")
+            await asyncio.to_thread(model.flush)
+        finally:
+            model.close()
+        self.local_models.commit(site, manifest)
+
+    def _local_layout(self, result: ResultReady, site: str) -> Manifest:
+        """A local model announced by `site`: the job's model's layout, with every digest."""
+        layout = self.evaluated.get(GLOBAL).manifest
+        manifest = layout.like(result.manifest)
+        if not manifest.same_layout(layout) or not all(t.digest for t in manifest.tensors):
+            raise RemoteProtocolError(
+                f"{site} announced a local model whose tensors or digests are not the job's model's"
+            )
+        return manifest
+
+    async def evaluate(self, site: str, model: str) -> Evaluation:
+        """Have `site` evaluate `model` (GLOBAL, or a site's stored local model)."""
+        round = self.rounds.latest() or 0
+        return await self._on_site(site, round, lambda s: self._evaluate_on(s, model, round))
+
+    async def _evaluate_on(self, session: SiteSession, name: str, round: int) -> Evaluation:
+        served = self.evaluated.get(name)
+        offers = [self.transfers.offer(session.name, ChunkPlan(served.manifest), served)]
+        task = Task(
+            kind="evaluate",
+            task_id=secrets.token_hex(8),
+            job_id=self.job_id,
+            round=round,
+            manifest=served.manifest.to_json(),
+            download=offers[0].id,
+            lanes=offers[0].lanes,
+            model_name=name,
+        )
+        total = served.manifest.total_bytes
+        async with self._running(session, task, offers):
+            run = await self._answered(session, task, offers, Evaluated, total)
+        timings = {"download_s": run.arrived - run.start, "evaluate_s": run.answered - run.arrived}
+        return Evaluation(run.answer.metrics, timings, run.started_s)
+
+    @contextlib.asynccontextmanager
+    async def _running(
+        self, session: SiteSession, task: Task, offers: list[Download]
+    ) -> AsyncIterator[None]:
+        """A task on a site, with the job deployed there: aborted on the site if anything
+        fails here, and forgotten (its offers too) however it ends."""
+        try:
+            await self._deploy(session)
+            yield
+        except BaseException as error:
+            reason = str(error) if isinstance(error, HaulerError) else "the server ended the task"
+            await _quietly(session.send(AbortTask(task_id=task.task_id, reason=reason[:1000])))
+            raise
+        finally:
+            session.forget(task.task_id)
+            self.transfers.discard(*offers)
+
+    async def _answered(
+        self,
+        session: SiteSession,
+        task: Task,
+        offers: list[Download],
+        expected: type[A],
+        model_bytes: int,
+    ) -> Answered[A]:
+        """Send `task`, wait until its model (offered as `offers`, if any) has arrived, then for
+        the site's answer (within train_timeout: the site's own work)."""
+        site = session.name
+        for offer in offers:
+            offer.listeners.append(self._progress(site, task.round, "download", model_bytes))
+        future = session.expect_result(task.task_id)
+        start, started_s = time.perf_counter(), time.time()
+        await session.request(task.task_id, task)
+        download = None
+        if offers:
+            what = f"sending round {task.round} to {site}"
+            wait = wait_any(offers, self.server.timeouts.communication_timeout, what)
+            download = await self._unless_lost(session, wait, refusal=future)
+        arrived = time.perf_counter()
+        answer = await self._unless_lost(session, self._answer(future, site, task, expected))
+        return Answered(download, answer, started_s, start, arrived, time.perf_counter())
 
     def _offers(self, site: str) -> list[Download]:
         """The round's global model for `site`: whole, and as the encoded delta if there is one."""
@@ -188,7 +306,7 @@ class JobFederation:
             offers.append(self.transfers.offer(site, plan, delta, delta.payload_bytes))
         return offers
 
-    def _task(self, task_id: str, round: int, offers: list[Download]) -> Task:
+    def _task(self, task_id: str, round: int, offers: list[Download], keep_local: bool) -> Task:
         delta = None
         if self._delta is not None:
             file, base = self._delta
@@ -207,6 +325,7 @@ class JobFederation:
             download=download,
             lanes=lanes,
             delta=delta,
+            keep_local=keep_local,
         )
 
     def _codec_of(self, download: Download) -> str:
@@ -229,20 +348,41 @@ class JobFederation:
             site, LaneBuffers(self.server.dataplane.connections, manifest.chunk_bytes)
         )
         sink = UploadSink(buffers, contribution, plan, site=site, codec=codec)
-        upload = self.transfers.expect(site, self._ledger(plan, codec, result.encoding), sink)
-        upload.listeners.append(self._progress(site, round, "upload", manifest.total_bytes))
+        ledger = self._ledger(plan, codec, result.encoding)
+        try:
+            statistics = await self._upload(session, task_id, ledger, sink, round, "update")
+            contribution.complete()
+            codec_name = codec.name if codec is not None else "none"
+            self._upload_statistics[site] = {**statistics, "codec": codec_name}
+        finally:
+            contribution.abandon()  # no-op once complete; taints the round if it stopped part-way
+
+    async def _upload(
+        self,
+        session: SiteSession,
+        task_id: str,
+        ledger: ReceiveLedger,
+        sink: ChunkSink,
+        round: int,
+        what: str,
+    ) -> dict[str, Any]:
+        """Have the site upload its task's result into `sink`, as `ledger` allows; returns the
+        transfer's figures."""
+        site = session.name
+        upload = self.transfers.expect(site, ledger, sink)
+        upload.listeners.append(
+            self._progress(site, round, "upload", ledger.plan.manifest.total_bytes)
+        )
         failure = session.expect_result(task_id)  # the site's TaskFailed, should it fail to upload
         try:
             ready = UploadReady(task_id=task_id, upload=upload.id, lanes=upload.lanes)
             await session.request(task_id, ready)
-            what = f"receiving {site}'s update"
-            wait = upload.wait(self.server.timeouts.communication_timeout, what)
+            wait = upload.wait(
+                self.server.timeouts.communication_timeout, f"receiving {site}'s {what}"
+            )
             await self._unless_lost(session, wait, refusal=failure)
-            contribution.complete()
-            codec_name = codec.name if codec is not None else "none"
-            self._upload_statistics[site] = {**upload.statistics(), "codec": codec_name}
+            return upload.statistics()
         finally:
-            contribution.abandon()  # no-op once complete; taints the round if it stopped part-way
             session.forget(task_id)
             self.transfers.discard(upload)
 
@@ -272,15 +412,21 @@ class JobFederation:
             )
         return make_codec(encoding.codec, block_elements=encoding.block_elements)
 
-    async def _train_result(self, future: asyncio.Future[ResultReady], site: str) -> ResultReady:
+    async def _answer(
+        self, future: asyncio.Future[Answer], site: str, task: Task, expected: type[A]
+    ) -> A:
+        """The site's answer to `task`, of the kind the task calls for, within train_timeout."""
         seconds = self.job.workflow.train_timeout
         try:
             async with asyncio.timeout(seconds):
-                return await future
+                answer = await future
         except TimeoutError:
             raise TransferTimeout(
-                "train_timeout", seconds or 0, f"waiting for {site} to train"
+                "train_timeout", seconds or 0, f"waiting for {site} to {task.kind}"
             ) from None
+        if not isinstance(answer, expected):
+            raise RemoteProtocolError(f"{site} answered a {task.kind} task with {answer.type}")
+        return answer
 
     def _check_result(self, result: ResultReady, site: str) -> Manifest:
         """Refuse a result before any of it is folded: its weight, then its layout."""
@@ -398,6 +544,19 @@ class JobFederation:
     def close(self) -> None:
         self._close_delta()
         self.aggregate.close()
+        self.evaluated.close()
+
+
+@dataclass(frozen=True)
+class Answered(Generic[A]):
+    """A task's answer, with the transfer of its model (if any) and when each step ended."""
+
+    download: Download | None
+    answer: A
+    started_s: float  # unix time the task was sent
+    start: float  # perf_counter times: sent, model arrived, answered
+    arrived: float
+    answered: float
 
 
 async def _quietly(work: Awaitable[Any]) -> None:

@@ -33,7 +33,7 @@ from hauler.server.round_zero import check_initial_manifest, resolve_model_file
 from hauler.server.sites import SiteRegistry
 from hauler.server.transfers import Transfer, TransferRegistry
 from hauler.transfer import FileSink
-from hauler.workflows import ScatterAndGather
+from hauler.workflows import workflow_for
 
 log = logging.getLogger("hauler.server")
 
@@ -286,12 +286,24 @@ class JobRunner:
             record=metrics.write,
             note=lambda text: self.store.update(job_id, note=text),
         )
+        unsubscribe = bus.subscribe(self._planned(job_id))
         try:
             bus.emit("job.started", job=job_id, name=job.name)
             first_round = await self._first_round(job_id, job, bus, federation.rounds)
-            await ScatterAndGather(job.workflow, job.sites).run(federation, first_round=first_round)
+            await workflow_for(job.workflow, job.sites).run(federation, first_round=first_round)
         finally:
+            unsubscribe()
             federation.close()
+
+    def _planned(self, job_id: str) -> Callable[[Event], None]:
+        """Records the job's number of rounds once its workflow knows it (cyclic: its passes x
+        its sites, known when it starts)."""
+
+        def planned(event: Event) -> None:
+            if event.name == "rounds.planned":
+                self.store.update(job_id, num_rounds=int(event.fields["rounds"]))
+
+        return planned
 
     async def _first_round(
         self, job_id: str, job: JobConfig, bus: EventBus, rounds: RoundStore

@@ -18,10 +18,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from hauler.core.errors import ConnectionLost, HaulerError, JobCodeError, SiteRestarted
-from hauler.core.messages import ResultReady, Task, TaskFailed, UploadReady, dump
+from hauler.core.errors import (
+    ConnectionLost,
+    HaulerError,
+    JobCodeError,
+    SiteRestarted,
+    TaskRefused,
+)
+from hauler.core.messages import Evaluated, ResultReady, Task, TaskFailed, UploadReady, dump
 from hauler.transport import MessageStream
 
+Answer = ResultReady | Evaluated  # what a site says when a task went well
 MAX_OUTBOX = 256  # messages kept for a site while it is away; requests are kept apart, all of them
 
 
@@ -44,7 +51,7 @@ class SiteSession:
         self.heartbeat_s = 0.0  # when it last said it was alive
         self.deployed_jobs: set[str] = set()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._results: dict[str, asyncio.Future[ResultReady]] = {}
+        self._results: dict[str, asyncio.Future[Answer]] = {}
         self._requests: dict[str, Any] = {}  # task id -> what the site must act on now
         self._outbox: deque[Any] = deque(maxlen=MAX_OUTBOX)
         self._expiry: asyncio.TimerHandle | None = None
@@ -71,7 +78,7 @@ class SiteSession:
         self._requests[task_id] = message
         await self.send(message)
 
-    def expect_result(self, task_id: str) -> asyncio.Future[ResultReady]:
+    def expect_result(self, task_id: str) -> asyncio.Future[Answer]:
         future = asyncio.get_running_loop().create_future()
         self._results[task_id] = future
         return future
@@ -80,11 +87,13 @@ class SiteSession:
         self._results.pop(task_id, None)
         self._requests.pop(task_id, None)
 
-    def deliver(self, message: ResultReady | TaskFailed) -> None:
+    def deliver(self, message: Answer | TaskFailed) -> None:
         future = self._results.pop(message.task_id, None)
         if future is None or future.done():
             return
-        if isinstance(message, TaskFailed):
+        if isinstance(message, TaskFailed) and message.refused:
+            future.set_exception(TaskRefused(f"site {self.name} declined: {message.error}"))
+        elif isinstance(message, TaskFailed):
             future.set_exception(JobCodeError(f"site {self.name} failed the task: {message.error}"))
         else:
             future.set_result(message)
@@ -139,6 +148,8 @@ class SiteSession:
     def doing(self) -> str:
         """The task the server waits on it for, in a few words."""
         for message in self._requests.values():
+            if isinstance(message, Task) and message.kind != "train":
+                return f"job {message.job_id} {message.kind} {message.model_name}".rstrip()
             if isinstance(message, Task):
                 return f"job {message.job_id} round {message.round}"
             if isinstance(message, UploadReady):

@@ -11,6 +11,12 @@ own residual) and decoded into the fold, and the round's global model is the ser
 codec included. A worker copies the global model whole, in memory; its download is reported as
 what a real site holding the previous round would have downloaded: the round's encoded delta.
 
+Cross-site evaluation runs as on a real federation too: in the last training round each virtual
+site's code writes its local model to `sites/<site>/local.safetensors` (disk, not memory); asked
+for it, the federation checks it (layout, digests) and moves it into the job's `local/` folder,
+as a server stores an upload, unless the site's settings say `share_local_model = false`; a
+model to evaluate reaches a worker as a round's global model does, and only metrics come back.
+
 One difference is said rather than hidden: a worker's model is reused by the next site once its
 update is folded, so the simulator cannot refold a round from its sites as a server does. Each
 update is screened whole (finite values, max_update_norm) before any of it is folded: the worker
@@ -30,12 +36,21 @@ from typing import Any
 
 from hauler.aggregate import RoundAggregate, UploadSink, check_weight
 from hauler.core.config import DataPlane, JobConfig, Timeouts
-from hauler.core.errors import ConfigError, JobError
-from hauler.model import ChunkPlan
+from hauler.core.errors import ConfigError, JobError, TaskRefused
+from hauler.model import ChunkPlan, Manifest
 from hauler.model.codecs import make_codec
 from hauler.model.encoded import EncodedIndex
-from hauler.simulator.workers import Update, Worker, WorkerPool, check_screen, screen_update
+from hauler.model.local_models import GLOBAL, EvaluatedModels, LocalModels, open_local
+from hauler.simulator.workers import (
+    Update,
+    Worker,
+    WorkerPool,
+    check_screen,
+    local_model_path,
+    screen_update,
+)
 from hauler.workflows import TrainResult
+from hauler.workflows.base import Evaluation
 from hauler.workflows.records import RoundRecords
 
 Settings = dict[str, dict[str, Any]]  # site -> its settings (context.settings)
@@ -59,6 +74,9 @@ class SimulatedFederation:
         self.job_id, self.job_dir, self.job, self.pool = job_id, job_dir, job, pool
         self.settings, self.aggregate, self.emit = settings, aggregate, emit
         self.records = RoundRecords(record)
+        self.record = record
+        self.local_models = LocalModels(job_dir)
+        self.evaluated = EvaluatedModels(aggregate.rounds, self.local_models)
         self.dataplane, self.timeouts = dataplane, timeouts
         self.sites = list(settings)
         self._base_squares: float | None = None  # the round's global model's, if bounded
@@ -91,14 +109,15 @@ class SimulatedFederation:
             )
             self._base_squares = screen.update_squares
 
-    async def train(self, site: str, round: int) -> TrainResult:
+    async def train(self, site: str, round: int, *, keep_local: bool = False) -> TrainResult:
         async with self.pool.worker() as worker:
             started, started_s = time.perf_counter(), time.time()
             served = self.aggregate.global_model
             await worker.receive(served)
             arrived = time.perf_counter()
             update = await worker.train(
-                self._task(site, round), measure_norm=self.job.workflow.max_update_norm is not None
+                {**self._task(site, round), "keep_local": keep_local},
+                measure_norm=self.job.workflow.max_update_norm is not None,
             )
             trained = time.perf_counter()
             await self._fold(site, worker, update)
@@ -108,7 +127,7 @@ class SimulatedFederation:
             "train_s": trained - arrived,
             "upload_s": uploaded - trained,
         }
-        result = TrainResult(site, update.weight, update.metrics, timings)
+        result = TrainResult(site, update.weight, update.metrics, timings, update.validation)
         model_bytes = served.manifest.total_bytes
         figures = {"bytes": model_bytes, "bytes_resent": 0, "lanes": 1, "reconnects": 0}
         self.records.site(
@@ -124,10 +143,33 @@ class SimulatedFederation:
             site=site,
             weight=update.weight,
             metrics=update.metrics,
+            validation=update.validation,
             worker=worker.index + 1,
             **timings,
         )
         return result
+
+    async def submit_local_model(self, site: str) -> None:
+        """Take the model `site` kept in the last round as its local model (checked as a server
+        checks an upload), unless its settings keep it to itself."""
+        if not self.settings[site].get("share_local_model", True):
+            raise TaskRefused(f"{site} keeps its local model (share_local_model = false)")
+        path = local_model_path(self.job_dir / "sites", site)
+        layout = self.evaluated.get(GLOBAL).manifest
+        manifest = await asyncio.to_thread(_digested, path, layout, site)
+        self.local_models.adopt(site, path, manifest)
+        self.emit("model.submitted", site=site, bytes=manifest.total_bytes)
+
+    async def evaluate(self, site: str, model: str) -> Evaluation:
+        """`site` evaluates `model` on a worker: the model copied in, metrics out."""
+        task = {**self._task(site, self.aggregate.rounds.latest() or 0), "model_name": model}
+        async with self.pool.worker() as worker:
+            start, started_s = time.perf_counter(), time.time()
+            await worker.receive(self.evaluated.get(model))
+            arrived = time.perf_counter()
+            metrics = await worker.evaluate(task)
+        timings = {"download_s": arrived - start, "evaluate_s": time.perf_counter() - arrived}
+        return Evaluation(metrics, timings, started_s)
 
     def _task(self, site: str, round: int) -> dict[str, Any]:
         """What the training code receives, as a site would give it, for virtual site `site`; the
@@ -175,6 +217,13 @@ class SimulatedFederation:
 
     def close(self) -> None:
         self.aggregate.close()
+        self.evaluated.close()
+
+
+def _digested(path: Path, layout: Manifest, site: str) -> Manifest:
+    """The manifest, with digests, of the local model `site` kept at `path` (checked)."""
+    with open_local(path, layout, site) as model:
+        return model.manifest
 
 
 def _wire(encoding: EncodedIndex | None, model_bytes: int) -> dict[str, Any]:

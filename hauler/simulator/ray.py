@@ -143,12 +143,21 @@ class SiteActor:
         return {
             "weight": update.weight,
             "metrics": update.metrics,
+            "validation": update.validation,
             "delta": update.delta,
             "manifest": update.manifest.to_json(),
             "refusal": update.screen.refusal,
             "update_squares": update.screen.update_squares,
             "encoding": encoding,
         }
+
+    async def evaluate(self, task: dict[str, Any]) -> dict[str, float]:
+        """Run one site's evaluation task on the received model; returns its metrics."""
+        if self.model is None:
+            raise LocalProtocolError("evaluate() before receive()")
+        workdir = self.folder / "sites" / task["site"]
+        workdir.mkdir(parents=True, exist_ok=True)
+        return await self.trainer.evaluate({**task, "workdir": str(workdir)}, self.model)
 
     def window(self, start_seq: int, count: int) -> tuple[np.ndarray, list[int], list[int]]:
         """Chunks `start_seq`.. (at most `count`) of the update as they travel, end to end, and
@@ -246,8 +255,12 @@ class RayWorker:
             manifest,
             UpdateScreen(str(said["refusal"]), None if squares is None else float(squares)),
             None if encoding is None else EncodedIndex.from_json(encoding, manifest.chunk_count()),
+            dict(said["validation"]),
         )
         return self._update
+
+    async def evaluate(self, task: dict[str, Any]) -> dict[str, float]:
+        return dict(await _call(self, self.actor.evaluate.remote(task)))
 
     async def send_update(self, sink: ChunkSink) -> None:
         """Pull the update a window at a time, the next window already asked for while this one

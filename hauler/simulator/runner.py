@@ -27,7 +27,7 @@ from hauler.model.initial import build_in_child, import_initial_model
 from hauler.model.rounds import RoundStore
 from hauler.simulator.federation import Settings, SimulatedFederation
 from hauler.simulator.workers import WorkerPool
-from hauler.workflows import ScatterAndGather
+from hauler.workflows import workflow_for
 
 PROCESS = "simulator"  # the name its resource samples carry in the job's metrics
 MAX_PACKAGE_BYTES = 64 << 20
@@ -63,6 +63,7 @@ async def simulate(plan: SimulationPlan, on_event: Callable[[Event], None] | Non
     if plan.sites < 1 or plan.workers < 1:
         raise ConfigError("--sites and --workers must be at least 1")
     job = load_job(plan.job_dir)
+    _check_ray(plan, job)
     job_id = uuid.uuid4().hex[:12]
     job_dir = plan.workspace.resolve() / "jobs" / job_id
     bus, metrics = EventBus(), JsonLines(job_dir / "metrics.jsonl")
@@ -112,7 +113,7 @@ async def _run(
     )
     every_site = job.workflow.model_copy(update={"min_clients": len(job.sites or federation.sites)})
     try:
-        await ScatterAndGather(every_site, job.sites).run(federation)
+        await workflow_for(every_site, job.sites).run(federation)
     finally:
         federation.close()
 
@@ -167,6 +168,18 @@ async def _initial_model(
         raise ConfigError(
             f"{plan.job_dir}: job.toml names no [model] module or file; name one, or "
             "give the initial model with --initial-model FILE"
+        )
+
+
+def _check_ray(plan: SimulationPlan, job: JobConfig) -> None:
+    """Cross-site evaluation after training keeps every virtual site's local model in this
+    machine's job folder, which Ray workers on other nodes cannot write to."""
+    workflow = job.workflow
+    if plan.ray is not None and workflow.name == "cross_site_evaluation" and workflow.num_rounds:
+        raise ConfigError(
+            "--ray: cross_site_evaluation keeps every virtual site's local model in the job "
+            "folder on this machine, which Ray workers cannot write to; run it without --ray "
+            "(or with num_rounds = 0, to evaluate a given model only)"
         )
 
 

@@ -8,14 +8,18 @@ task and site-12 in the next: scripts read `hauler.context()` every round to kno
 is.
 
 Every worker, in this process (`LocalWorker`) or a Ray actor (`hauler.simulator.ray`), offers the
-same four steps to the federation, which never asks which kind it has (`Worker`):
-`receive` the round's global model, `train` one site's task, `send_update` chunk by chunk into
-the fold, `close`. A worker screens its own update after training (`screen_update`: every value
-finite, and its squared norm), where the update is at hand, and reports the figures; the
-federation checks them (`check_screen`) before a byte is folded, so a refused site is dropped
-with nothing folded, whichever machine its worker is on. With an upload codec the worker then
-encodes the update as a site does (`encode_for_site`), with the virtual site's own residual file
-in `sites/<site>/` on the worker's machine, and the fold decodes it as a server does.
+same steps to the federation, which never asks which kind it has (`Worker`): `receive` the
+round's global model, `train` one site's task, `send_update` chunk by chunk into the fold, or
+`evaluate` the received model for one site (cross-site evaluation), and `close`. A local
+worker's task may ask it to keep the site's trained model (`keep_local`): the training code
+writes it to the site's `sites/<site>/local.safetensors` on `send()`, as a real site does.
+
+A worker screens its own update after training (`screen_update`: every value finite, and its squared
+norm), where the update is at hand, and reports the figures; the federation checks them
+(`check_screen`) before a byte is folded, so a refused site is dropped with nothing folded,
+whichever machine its worker is on. With an upload codec the worker then encodes the update as a
+site does (`encode_for_site`), with the virtual site's own residual file in `sites/<site>/` on the
+worker's machine, and the fold decodes it as a server does.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +69,7 @@ class Update:
     manifest: Manifest  # with the digests `send_update` is checked against
     screen: UpdateScreen
     encoding: EncodedIndex | None = None  # how it travels, if encoded
+    validation: dict[str, float] = field(default_factory=dict)  # the global model's metrics
 
 
 class Worker(Protocol):
@@ -82,6 +87,9 @@ class Worker(Protocol):
 
     async def send_update(self, sink: ChunkSink) -> None:
         """Land the update chunk by chunk in `sink` (which checks, decodes and folds each)."""
+
+    async def evaluate(self, task: dict[str, Any]) -> dict[str, float]:
+        """Run the job's code on the received model for one site's evaluation task."""
 
     async def close(self) -> None:
         """Stop the training code and release the worker's model."""
@@ -123,6 +131,8 @@ class LocalWorker:
             raise LocalProtocolError("train() before receive()")
         workdir = self.sites_dir / task["site"]
         workdir.mkdir(parents=True, exist_ok=True)
+        if task.get("keep_local"):
+            task = {**task, "local_path": str(local_model_path(self.sites_dir, task["site"]))}
         output = await self.trainer.train({**task, "workdir": str(workdir)}, self._model)
         update, source = await finish_training(
             output, self._model, self._base, measure_norm=measure_norm
@@ -144,11 +154,23 @@ class LocalWorker:
             plan, source, sink, ledger=ledger, dataplane=self.dataplane, timeouts=self.timeouts
         )
 
+    async def evaluate(self, task: dict[str, Any]) -> dict[str, float]:
+        if self._model is None:
+            raise LocalProtocolError("evaluate() before receive()")
+        workdir = self.sites_dir / task["site"]
+        workdir.mkdir(parents=True, exist_ok=True)
+        return await self.trainer.evaluate({**task, "workdir": str(workdir)}, self._model)
+
     async def close(self) -> None:
         await self.trainer.stop()
         self._sending = self._base = None
         if self._model is not None:
             self._model.close()
+
+
+def local_model_path(sites_dir: Path, site: str) -> Path:
+    """Where a virtual site's local model is kept, on the machine its worker runs on."""
+    return sites_dir / site / "local.safetensors"
 
 
 class WorkerPool:
@@ -245,7 +267,10 @@ async def finish_training(
     screen = await asyncio.to_thread(
         screen_update, manifest, source, None if output.delta else base, measure_norm=measure_norm
     )
-    return Update(output.weight, output.metrics, output.delta, manifest, screen), source
+    update = Update(
+        output.weight, output.metrics, output.delta, manifest, screen, validation=output.validation
+    )
+    return update, source
 
 
 async def encode_for_site(
@@ -277,9 +302,7 @@ async def encode_for_site(
     finally:
         if residual is not None:
             residual.close()
-    return Update(
-        update.weight, update.metrics, True, update.manifest, update.screen, encoded.index
-    ), encoded
+    return replace(update, delta=True, encoding=encoded.index), encoded
 
 
 def update_ledger(plan: ChunkPlan, encoding: EncodedIndex | None) -> ReceiveLedger:

@@ -1,5 +1,7 @@
 """The metrics records every federation writes for a round, real or simulated, so reports read
-one shape: a `site` record per site's contribution and a `round` record per round."""
+one shape: a `site` record per site's contribution and a `round` record per round; and those
+of a cross-site evaluation: an `evaluation` record per site and model (its metrics, or why it
+is missing) and a `cross_site` record with the whole matrix."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hauler.workflows.base import TrainResult
+from hauler.workflows.base import Evaluation, TrainResult
 
 Record = Callable[[dict[str, Any]], None]
 
@@ -49,6 +51,7 @@ class RoundRecords:
                 "download": {**download, "mb_per_s": rate(model_bytes, timings["download_s"])},
                 "upload": {**upload, "mb_per_s": rate(model_bytes, timings["upload_s"])},
                 "metrics": result.metrics,
+                "validation": result.validation,
             }
         )
 
@@ -72,6 +75,41 @@ class RoundRecords:
                 **extra,
             }
         )
+
+
+def evaluation_record(
+    site: str, model: str, evaluation: Evaluation | None, missing: str = ""
+) -> dict[str, Any]:
+    """`site`'s evaluation of `model`: its metrics and seconds, or why it is missing."""
+    record: dict[str, Any] = {"kind": "evaluation", "site": site, "model": model}
+    if evaluation is None:
+        return {**record, "missing": missing}
+    timings = {"started_s": evaluation.started_s, **evaluation.timings}
+    return {**record, **timings, "metrics": evaluation.metrics}
+
+
+def matrix_record(
+    sites: list[str],
+    models: list[str],
+    cells: dict[tuple[str, str], dict[str, float]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The cross-site matrix: for every metric, a row per site and a column per model (None
+    where that site did not evaluate that model)."""
+    names = sorted({name for metrics in cells.values() for name in metrics})
+    matrix = {
+        name: [[cells.get((site, model), {}).get(name) for model in models] for site in sites]
+        for name in names
+    }
+    return {"kind": "cross_site", "sites": sites, "models": models, "matrix": matrix, **extra}
+
+
+def reported(record: dict[str, Any]) -> dict[str, Any]:
+    """What a site reported for a round (a `site` record or event): its training metrics, and
+    its validation of the round's global model (measured before training) as
+    `validation/<name>`."""
+    validation = {f"validation/{k}": v for k, v in (record.get("validation") or {}).items()}
+    return {**(record.get("metrics") or {}), **validation}
 
 
 def rate(nbytes: int, seconds: float) -> float:

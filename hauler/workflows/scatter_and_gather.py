@@ -17,9 +17,14 @@ from hauler.workflows.base import Federation, TrainResult
 
 
 class ScatterAndGather:
-    def __init__(self, config: WorkflowConfig, sites: list[str] | None = None) -> None:
+    def __init__(
+        self, config: WorkflowConfig, sites: list[str] | None = None, *, keep_local: bool = False
+    ) -> None:
+        """`keep_local`: the sites keep the model they train in the last round (cross-site
+        evaluation asks for it afterwards)."""
         self.config = config
         self.sites = sites
+        self.keep_local = keep_local
 
     async def run(self, federation: Federation, *, first_round: int = 0) -> None:
         """Run rounds `first_round` .. num_rounds-1."""
@@ -43,9 +48,11 @@ class ScatterAndGather:
         """Train on every site at once; stop waiting once the round is complete."""
         results: list[TrainResult] = []
 
+        keep_local = self.keep_local and round == self.config.num_rounds - 1
+
         async def train_one(site: str) -> None:
             try:
-                results.append(await federation.train(site, round))
+                results.append(await federation.train(site, round, keep_local=keep_local))
             except HaulerError as error:
                 federation.emit("site.failed", round=round, site=site, error=error)
 
