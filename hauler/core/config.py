@@ -118,6 +118,42 @@ class TlsFiles(Strict):
     key: Path = Field(description="PEM file of this participant's private key (mode 0600).")
 
 
+MLFLOW_LOCAL = "local"  # a tracking URI: the embedded store in the job's own folder
+TrackingUri = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^\S+$")]
+
+
+class ServerTracking(Strict):
+    """Where this server may send its jobs' metrics: MLflow tracking URIs, each a place the
+    server will connect to or write on a job's behalf, so jobs name only those listed here."""
+
+    mlflow: TrackingUri | None = Field(
+        None,
+        description="Tracking URI of every job without a [tracking] table of its own; "
+        f'"{MLFLOW_LOCAL}": a store in each job\'s folder. None: those jobs are not tracked.',
+    )
+    allowed_mlflow_uris: list[TrackingUri] = Field(
+        [],
+        description="Tracking URIs a job.toml's [tracking] mlflow may name, exactly as written, "
+        f'besides `mlflow` and "{MLFLOW_LOCAL}"; a job naming another is refused.',
+    )
+
+
+class TrackingConfig(Strict):
+    """A job's experiment tracking: its metrics records, as they are written, go to MLflow too."""
+
+    mlflow: TrackingUri = Field(
+        MLFLOW_LOCAL,
+        description=f'MLflow tracking URI; "{MLFLOW_LOCAL}" (the default): a store in the '
+        "job's folder. A server takes only the URIs its [tracking] allows.",
+    )
+    experiment: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="MLflow experiment; the job's name if absent.",
+    )
+
+
 class ServerConfig(Strict):
     """`hauler server --config server.toml`."""
 
@@ -171,6 +207,9 @@ class ServerConfig(Strict):
     )
     timeouts: Timeouts = Timeouts()
     dataplane: DataPlane = DataPlane()
+    tracking: ServerTracking = Field(
+        ServerTracking(), description="The MLflow tracking servers jobs may send metrics to."
+    )
 
 
 class SiteConfig(Strict):
@@ -427,6 +466,11 @@ class JobConfig(Strict):
     )
     sites: list[str] | None = Field(
         None, description="Sites that take part; all connected sites if absent."
+    )
+    tracking: TrackingConfig | None = Field(
+        None,
+        description="Send the job's metrics to MLflow too; if absent, where the server's "
+        "[tracking] mlflow says (by default nowhere).",
     )
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from hauler.core.errors import HaulerError, JobCodeError, JobError
 from hauler.core.events import Event, EventBus, JsonLines, read_json_lines
 from hauler.core.messages import DeleteJob, EndJob
 from hauler.core.package import load_job, unpack
+from hauler.core.tracking import Run, Target, open_metrics, require_mlflow, tracking_target
 from hauler.model import ChunkPlan, Manifest, ModelFile
 from hauler.model.initial import import_initial_model
 from hauler.model.rounds import INITIAL_ROUND, RoundStore
@@ -28,7 +29,7 @@ from hauler.server import initial
 from hauler.server.federation import JobFederation
 from hauler.server.joblogs import JobLogRecorder
 from hauler.server.jobstore import JobStatus, JobStore
-from hauler.server.resources import ResourceRecorder
+from hauler.server.resources import SERVER, ResourceRecorder
 from hauler.server.round_zero import check_initial_manifest, resolve_model_file
 from hauler.server.sites import SiteRegistry
 from hauler.server.transfers import Transfer, TransferRegistry
@@ -80,6 +81,7 @@ class JobRunner:
                 package_b64, self.job_dir(job_id) / "app", self.config.max_job_package_mib << 20
             )
             self._check_sites(job)
+            self._check_tracking(job, job_id)
             self._check_initial_source(job, initial)
             (self.job_dir(job_id) / "package.b64").write_text(package_b64)
         except BaseException:
@@ -96,6 +98,22 @@ class JobRunner:
                 f"job.toml: sites: {', '.join(unknown)} is not a site of this project "
                 f"(its sites: {', '.join(known)})"
             )
+
+    def _check_tracking(self, job: JobConfig, job_id: str) -> None:
+        """Refuse, at submission, a job tracked where this server does not allow, or by a
+        server that cannot track."""
+        if self._tracking(job, job_id) is not None:
+            require_mlflow("on the server")
+
+    def _tracking(self, job: JobConfig, job_id: str) -> Target | None:
+        """Where the job's metrics go besides its metrics.jsonl, if this server allows it."""
+        ours = self.config.tracking
+        return tracking_target(
+            job.tracking,
+            self.job_dir(job_id),
+            default=ours.mlflow,
+            allowed=ours.allowed_mlflow_uris,
+        )
 
     def _check_initial_source(self, job: JobConfig, initial: Manifest | None) -> None:
         """Refuse, at submission, a job whose round 0 this server cannot have."""
@@ -228,7 +246,8 @@ class JobRunner:
     async def _run(self, job_id: str) -> None:
         """Run a job and record how it ended. A server that stops mid-job leaves it running,
         so a restart resumes it; only an admin's abort marks it aborted."""
-        bus, metrics = self.events(job_id), JsonLines(self.job_dir(job_id) / "metrics.jsonl")
+        bus = self.events(job_id)
+        metrics = self._metrics(job_id, bus)
         self.store.update(
             job_id, status=JobStatus.RUNNING, started_s=time.time(), error="", error_private=False
         )
@@ -270,6 +289,18 @@ class JobRunner:
         self.resources.close(job_id)
         await self._end_on_sites(job_id)
         await self.reclaim()
+
+    def _metrics(self, job_id: str, bus: EventBus) -> JsonLines:
+        """The job's metrics file, whose records also go to MLflow where the job (or this server)
+        asks; a tracking this server no longer allows is said in the job's events, untracked."""
+        path = self.job_dir(job_id) / "metrics.jsonl"
+        try:
+            job = load_job(self.job_dir(job_id) / "app")
+            target = self._tracking(job, job_id)
+        except HaulerError as error:
+            bus.emit("tracking.failed", job=job_id, error=str(error))
+            return JsonLines(path)
+        return open_metrics(path, bus, target, Run.of(job, job_id, SERVER))
 
     async def _execute(self, job_id: str, bus: EventBus, metrics: JsonLines) -> None:
         job_dir = self.job_dir(job_id)

@@ -23,6 +23,7 @@ from hauler.core.errors import ConfigError, HaulerError
 from hauler.core.events import Event, EventBus, JsonLines
 from hauler.core.package import load_job, pack, unpack
 from hauler.core.resources import ProcessMeter
+from hauler.core.tracking import Run, open_metrics, require_mlflow, sent, tracking_target
 from hauler.model.initial import build_in_child, import_initial_model
 from hauler.model.rounds import RoundStore
 from hauler.simulator.federation import Settings, SimulatedFederation
@@ -66,7 +67,8 @@ async def simulate(plan: SimulationPlan, on_event: Callable[[Event], None] | Non
     _check_ray(plan, job)
     job_id = uuid.uuid4().hex[:12]
     job_dir = plan.workspace.resolve() / "jobs" / job_id
-    bus, metrics = EventBus(), JsonLines(job_dir / "metrics.jsonl")
+    bus = EventBus()
+    metrics = _metrics(job, job_id, job_dir, bus)
     bus.subscribe(JsonLines(job_dir / "events.jsonl"))
     if on_event is not None:
         bus.subscribe(on_event)
@@ -77,10 +79,21 @@ async def simulate(plan: SimulationPlan, on_event: Callable[[Event], None] | Non
     except HaulerError as failure:
         bus.emit("job.failed", job=job_id, error=str(failure), rounds_done=_rounds_done(job_dir))
         raise
+    else:
+        bus.emit("job.finished", job=job_id, error="", rounds_done=_rounds_done(job_dir))
     finally:
         metrics.close()
-    bus.emit("job.finished", job=job_id, error="", rounds_done=_rounds_done(job_dir))
+        await sent(metrics)
     return job_id
+
+
+def _metrics(job: JobConfig, job_id: str, job_dir: Path, bus: EventBus) -> JsonLines:
+    """The job's metrics file; with [tracking], its records go to MLflow too (to any URI: this
+    is the user's own machine)."""
+    target = tracking_target(job.tracking, job_dir)
+    if target is not None:
+        require_mlflow("on this machine")
+    return open_metrics(job_dir / "metrics.jsonl", bus, target, Run.of(job, job_id, PROCESS))
 
 
 async def _run(
