@@ -6,6 +6,7 @@ MODEL_MIB ?= 1024
 ARRAYS ?= 64
 SITES ?= 2
 ROUNDS ?= 3
+TEST_WORKERS ?= 2  # pytest-xdist processes; a test file stays on one (its federation is shared)
 
 .PHONY: install demo test bench-wan bench-path clean
 
@@ -24,7 +25,7 @@ demo: install
 test: install  # the formatter and linter first: a style slip fails fast, before the suite
 	$(VENV)/bin/ruff format --check --quiet .
 	$(VENV)/bin/ruff check --quiet .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench-wan: install  # the seed's two distant sites over emulated links, uncompressed and int8 (root, gcc)
 	$(PY) -m bench.wan --compare none,int8 --rounds 3 --json .demo/wan.json
