@@ -327,14 +327,32 @@ def test_hello_pytorch_runs_scaffold_when_both_configs_say_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_scaffold_on_a_real_federation_matches_numpy(tmp_path):
-    """A server and two site processes, the script in a child process of each site."""
-    job_dir = regression_job(tmp_path, "scaffold", sites=2, mode="subprocess")
+def test_fedprox_and_scaffold_on_a_real_federation_match_numpy(tmp_path):
+    """A server and two site processes, the script in a child process of each site; one job of
+    each algorithm on the same federation."""
     workspace = tmp_path / "poc"
     with federation(workspace, sites=2):
-        submitted = ok(hauler("submit", job_dir, "--workspace", workspace, "--wait"))
-        job_id = submitted_job_id(submitted.stdout)
-        ok(hauler("jobs", "download", job_id, "-o", tmp_path / "out", "--workspace", workspace))
-    expected, sites = reference("scaffold", 2)
-    assert_close(load_file(str(tmp_path / "out" / "global.safetensors")), expected)
-    assert_site_variates([workspace / f"site-{k}" / "jobs" / job_id for k in (1, 2)], sites)
+        jobs = {
+            algorithm: run_job(
+                regression_job(tmp_path, algorithm, sites=2, mode="subprocess"),
+                workspace,
+                tmp_path / f"out-{algorithm}",
+            )
+            for algorithm in ("fedprox", "scaffold")
+        }
+    for algorithm, job_id in jobs.items():
+        expected, sites = reference(algorithm, 2)
+        assert_close(load_file(str(tmp_path / f"out-{algorithm}" / "global.safetensors")), expected)
+        if algorithm == "scaffold":
+            job_dirs = [workspace / f"site-{k}" / "jobs" / job_id for k in (1, 2)]
+            assert_site_variates(job_dirs, sites)
+
+
+def run_job(job_dir: Path, workspace: Path, out: Path) -> str:
+    """Submit `job_dir` to the POC in `workspace`, wait for it and download its model to `out`;
+    returns its id."""
+    job_id = submitted_job_id(
+        ok(hauler("submit", job_dir, "--workspace", workspace, "--wait")).stdout
+    )
+    ok(hauler("jobs", "download", job_id, "-o", out, "--workspace", workspace))
+    return job_id

@@ -21,9 +21,8 @@ from test_resilience import (
     SLOW_HELLO,
     _restart,
     _run_job,
-    _stop_in_round,
     _sync_download,
-    _wait_until_ended,
+    stopped_in_round_and_resumed,
 )
 
 from hauler.admin import poc
@@ -148,17 +147,8 @@ def test_encoded_transfers_cut_and_corrupted_resume_to_the_same_model(faulty_fed
 
 def test_a_server_stopped_mid_job_resumes_with_its_optimizer_state(tmp_path):
     workspace = tmp_path / "poc"
-    poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES)
     job_dir = job(tmp_path, rounds=4, optimizer="fedadam", codec="int8", slow=0.5)
-    poc.start(workspace)
-    try:
-        job_id = asyncio.run(_stop_in_round(workspace, job_dir, 2))
-        poc.start(workspace)
-        record = asyncio.run(_wait_until_ended(workspace, job_id))
-        assert record["status"] == "finished", record
-        model = safetensors.numpy.load_file(_sync_download(workspace, job_id, tmp_path / "out"))
-    finally:
-        poc.stop(workspace)
+    job_id, model = stopped_in_round_and_resumed(workspace, job_dir, 2, tmp_path / "out")
     events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
     assert [e["event"] for e in events].count("job.started") == 2
     # fedadam's moments came back from round 2's state file; lost, the last two rounds would

@@ -380,18 +380,9 @@ def test_poc_stop_mid_job_then_start_resumes_it_to_the_exact_result(tmp_path):
     """`poc stop` stops the server first, so the job is still running in its store (not failed by
     sites leaving), and the next `poc start` carries it on to the same model."""
     workspace = tmp_path / "poc"
-    poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES)
     job = hello_job(tmp_path, rounds=4, arrays=2, array_bytes=400_004)
     (job / "train.py").write_text(SLOW_HELLO)
-    poc.start(workspace)
-    try:
-        job_id = asyncio.run(_stop_in_round(workspace, job, 1))
-        poc.start(workspace)
-        record = asyncio.run(_wait_until_ended(workspace, job_id))
-        assert record["status"] == "finished", record
-        model = safetensors.numpy.load_file(_sync_download(workspace, job_id, tmp_path / "out"))
-    finally:
-        poc.stop(workspace)
+    job_id, model = stopped_in_round_and_resumed(workspace, job, 1, tmp_path / "out")
     assert_models_equal(model, hello_expected(job, 4))
     events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
     assert not any(e["event"] == "job.failed" for e in events)
@@ -414,6 +405,23 @@ def train(model, context: TrainContext) -> TrainOutput:
         array += context.config.get("increment", 0.125)
     return TrainOutput(weight=float(context.config.get("steps", 8)))
 '''
+
+
+def stopped_in_round_and_resumed(
+    workspace: Path, job: Path, round: int, out: Path
+) -> tuple[str, dict[str, np.ndarray]]:
+    """A plaintext POC of two sites runs `job`, is stopped (`poc stop`) once it is in `round`,
+    started again, and carries the job on to its end; returns its id and its final model."""
+    poc.prepare(workspace, 2, plaintext=True, dataplane=FAST_RETRIES)
+    poc.start(workspace)
+    try:
+        job_id = asyncio.run(_stop_in_round(workspace, job, round))
+        poc.start(workspace)
+        record = asyncio.run(_wait_until_ended(workspace, job_id))
+        assert record["status"] == "finished", record
+        return job_id, safetensors.numpy.load_file(_sync_download(workspace, job_id, out))
+    finally:
+        poc.stop(workspace)
 
 
 async def _stop_in_round(workspace: Path, job: Path, round: int) -> str:
