@@ -5,6 +5,9 @@
 Starts a server and N sites as processes (as `hauler poc` does), samples every
 process every 0.2 s, checks the final global model against initial + rounds x
 increment, and times plain blocking sockets moving the same bytes for comparison.
+`--workflow cyclic` relays the model through every site `--rounds` times (one increment a
+hop); `--workflow cross_site_evaluation` then has every site evaluate the global model and
+the other sites' local models (a pass over every value), and checks the matrix is complete.
 """
 
 from __future__ import annotations
@@ -40,6 +43,19 @@ INCREMENT = 0.1
 TOLERANCE = 1e-4  # float32 rounding over a few rounds
 LOSSY_TOLERANCE = 2e-3  # what a lossy codec's error feedback still owes after the last round
 BLOCK_ROWS = 4096
+WORKFLOWS = ("scatter_and_gather", "cyclic", "cross_site_evaluation")
+EVALUATE = '''
+
+def evaluate(model, context):
+    """The mean of every value, block by block: one pass over the model, as an evaluation."""
+    total = count = 0
+    for array in model.values():
+        flat = array.reshape(-1)
+        for start in range(0, flat.size, BLOCK):
+            total += float(flat[start : start + BLOCK].sum(dtype=np.float64))
+        count += flat.size
+    return {"mean": total / count}
+'''
 console = Console()
 
 
@@ -65,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--upload", default="none", help="[transfer] upload codec of the job")
     parser.add_argument("--download", default="none", help="[transfer] download codec of the job")
     parser.add_argument("--optimizer", default="fedavg", help="[workflow] server optimizer")
+    parser.add_argument("--workflow", default=WORKFLOWS[0], choices=WORKFLOWS)
     parser.add_argument(
         "--max-update-norm",
         type=float,
@@ -84,14 +101,19 @@ def write_job(
     upload: str = "none",
     download: str = "none",
     optimizer: str = "fedavg",
+    workflow: str = WORKFLOWS[0],
 ) -> Path:
     """Copy hello-numpy and size it: `arrays` float32 arrays of `array_bytes` each, with the
-    codecs and server optimizer given."""
+    codecs, server optimizer and workflow given (cross-site evaluation: with EVALUATE)."""
     job_dir = folder / "hello-numpy"
     shutil.copytree(EXAMPLE, job_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    if workflow == "cross_site_evaluation":
+        with open(job_dir / "train.py", "a") as module:
+            module.write(EVALUATE)
     config = {
         "name": "hello-numpy",
         "workflow": {
+            "name": workflow,
             "num_rounds": rounds,
             "min_clients": sites,
             "wait_time_after_min_received": 10,
@@ -129,6 +151,35 @@ def expected_increment(optimizer: str, rounds: int) -> float:
         stepper.step(np.full(1, INCREMENT), state, step)
         total += float(step[0])
     return total
+
+
+def model_rounds(args: argparse.Namespace) -> int:
+    """The job's rounds of the model: cyclic's are hops, a round per site per pass."""
+    return args.rounds * args.sites if args.workflow == "cyclic" else args.rounds
+
+
+def moved_bytes(args: argparse.Namespace, model_bytes: int) -> int:
+    """What the job moves: a download and an upload per site and round (cyclic: per hop); cross-
+    site evaluation adds every site's local model up and every model down to every site."""
+    per_round = 1 if args.workflow == "cyclic" else args.sites
+    moved = 2 * per_round * model_rounds(args) * model_bytes
+    if args.workflow == "cross_site_evaluation":
+        moved += (args.sites + args.sites**2) * model_bytes
+    return moved
+
+
+def evaluation_figures(workspace: Path, job_id: str, metrics: list[dict]) -> dict[str, Any]:
+    """Cross-site evaluation's phases from the job's events (the local models' uploads, then
+    the evaluations) and its cells from its metrics."""
+    events = read_json_lines(workspace / "server" / "jobs" / job_id / "events.jsonl")
+    at = {e["event"]: e["time_s"] for e in events}  # the last of each name
+    cells = [row for row in metrics if row.get("kind") == "evaluation"]
+    return {
+        "submit_s": round(at["evaluation.started"] - at["round.complete"], 3),
+        "evaluate_s": round(at["evaluation.complete"] - at["evaluation.started"], 3),
+        "cells": len(cells),
+        "missing": sum(1 for row in cells if "missing" in row),
+    }
 
 
 def max_abs_error(
@@ -200,6 +251,7 @@ def summarize(
         "upload": args.upload,
         "download": args.download,
         "optimizer": args.optimizer,
+        "workflow": args.workflow,
         "max_update_norm": args.max_update_norm,
         "wall_s": round(wall_s, 3),
         "outcome": outcome,
@@ -225,7 +277,8 @@ def wire_bytes(metrics: list[dict], round: int) -> dict[str, int]:
 
 
 def show(result: dict[str, Any]) -> None:
-    per_site = result["model_bytes"] * result["sites"] / 1e6
+    sites_a_round = 1 if result["workflow"] == "cyclic" else result["sites"]
+    per_site = result["model_bytes"] * sites_a_round / 1e6
     table = Table(
         "round",
         "download s",
@@ -262,6 +315,13 @@ def show(result: dict[str, Any]) -> None:
         f"the same bytes: {result['baseline_socket_s']:.2f} s; "
         f"efficiency {result['efficiency']:.2f}"
     )
+    if "evaluation" in result:
+        figures = result["evaluation"]
+        console.print(
+            f"cross-site evaluation: local models uploaded in {figures['submit_s']:.2f} s, "
+            f"{figures['cells']} evaluations ({figures['missing']} missing) in "
+            f"{figures['evaluate_s']:.2f} s"
+        )
     verdict = "result verified" if result["correct"] else f"RESULT WRONG ({result['outcome']})"
     console.print(f"{verdict}: max |error| = {result['max_abs_error']:.2e}")
 
@@ -281,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         upload=args.upload,
         download=args.download,
         optimizer=args.optimizer,
+        workflow=args.workflow,
     )
     dataplane = {"connections": args.connections} if args.connections else None
     poc.prepare(workspace, args.sites, plaintext=args.plaintext, dataplane=dataplane)
@@ -290,19 +351,26 @@ def main(argv: list[str] | None = None) -> int:
         with Sampler(pids) as sampler:
             job_id, outcome, wall_s = run_job(workspace, job_dir)
         metrics = read_json_lines(workspace / "server" / "jobs" / job_id / "metrics.jsonl")
-        increment = expected_increment(args.optimizer, args.rounds)
+        rounds = model_rounds(args)
+        increment = expected_increment(args.optimizer, rounds)
         error = (
-            max_abs_error(workspace, job_dir, job_id, args.rounds, increment)
+            max_abs_error(workspace, job_dir, job_id, rounds, increment)
             if outcome == "job.finished"
             else float("inf")
+        )
+        evaluation = (
+            evaluation_figures(workspace, job_id, metrics)
+            if args.workflow == "cross_site_evaluation" and outcome == "job.finished"
+            else None
         )
     finally:
         poc.stop(workspace)
     console.print("timing plain blocking sockets on the same bytes ...")
-    baseline_s = blocking_socket_seconds(
-        2 * args.sites * args.rounds * model_bytes, **tls_contexts(workspace)
-    )
+    baseline_s = blocking_socket_seconds(moved_bytes(args, model_bytes), **tls_contexts(workspace))
     result = summarize(args, model_bytes, wall_s, outcome, error, metrics, sampler, baseline_s)
+    if evaluation is not None:
+        result["evaluation"] = evaluation
+        result["correct"] &= evaluation["missing"] == 0 and evaluation["cells"] == args.sites**2
     show(result)
     save(result, args.json, workspace, keep=args.keep)
     return 0 if result["correct"] else 1
