@@ -33,8 +33,9 @@ from helpers import (
 import hauler as api
 from hauler.core.config import JobConfig, ServerConfig, ServerTracking, TrackingConfig, parse
 from hauler.core.errors import ConfigError
+from hauler.core.events import EventBus
 from hauler.core.package import pack
-from hauler.core.tracking import Points, tracking_target
+from hauler.core.tracking import Points, Run, open_metrics, sent, tracking_target
 from hauler.model import Manifest
 from hauler.server.access import AccessPolicy
 from hauler.server.jobstore import JobStore
@@ -287,6 +288,32 @@ def test_a_simulated_job_is_tracked_on_a_real_mlflow_server(mlflow_server, tmp_p
     started = [e for e in job.events() if e["event"].startswith("tracking.")]
     assert [e["event"] for e in started] == ["tracking.started"]
     assert (started[0]["uri"], started[0]["experiment"]) == (mlflow_server, "hauler-tests")
+
+
+@pytest.mark.slow
+async def test_a_job_resumed_after_a_restart_goes_on_in_the_runs_it_had(tmp_path):
+    """A server stopped mid-job and started again tracks the job into the same runs (found by
+    their tags), the site's second round beside its first, and ends them when the job ends."""
+    job = JobConfig.model_validate({"name": "tracked-hello", "executor": {"module": "train"}})
+    target = tracking_target(TrackingConfig(), tmp_path / "job")
+    run = Run.of(job, "0123456789ab", "server")
+    for round, ending in ((0, None), (1, "job.finished")):  # a start, a stop, a restart
+        bus = EventBus()
+        metrics = open_metrics(tmp_path / "metrics.jsonl", bus, target, run)
+        metrics.write({"kind": "site", "site": "site-1", "round": round, "weight": 2.0 + round})
+        if ending:
+            bus.emit(ending)
+        metrics.close()
+        await sent(metrics)
+    client = mlflow_client(target.uri)
+    every = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`hauler.job_id` != ''"
+    )
+    assert len(every) == 2  # the job's and the site's, made once
+    runs = runs_of(client, run.job_id)
+    assert sorted(runs) == ["server", "site-1"]
+    assert history(client, runs["site-1"], "weight") == [(0, 2.0), (1, 3.0)]
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
 
 
 @pytest.mark.slow
