@@ -128,6 +128,36 @@ def test_cyclic_passes_the_model_from_site_to_site_exactly(tmp_path, order):
     assert (job.record()["rounds_done"], job.record()["num_rounds"]) == (6, 6)
 
 
+FAILING_HOP = '''"""hello-numpy's training, but site-2 fails hop 1."""
+
+from hauler.client import TrainContext, TrainOutput
+
+
+def train(model, context: TrainContext) -> TrainOutput:
+    if context.settings["site_index"] == 1 and context.round == 1:
+        raise RuntimeError("site-2 fails its turn")
+    for array in model.values():
+        array += context.config["increment"]
+    return TrainOutput(weight=context.config["steps"])
+'''
+
+
+def test_a_site_that_fails_its_hop_hands_it_to_the_next_and_the_order_goes_on(tmp_path):
+    """Hop 1 is site-2's; it fails, so site-3 takes the same model, and hop 2 is site-3's as
+    the order says: every hop is made, and which site takes one depends on the hop alone."""
+    job_dir = hello_job(tmp_path, rounds=2, arrays=2, array_bytes=40_004, increment=0.1, steps=3)
+    (job_dir / "train.py").write_text(FAILING_HOP)
+    edit_job(job_dir, "workflow", {"name": "cyclic"})
+    job = api.simulate(job_dir, sites=3, workers=2, workspace=tmp_path / "sim")
+    assert_models_equal(load_file(job.download(tmp_path / "out")), hello_expected(job_dir, 6))
+    hops = sorted((r["round"], r["sites"]) for r in job.metrics() if r["kind"] == "round")
+    takers = ["site-1", "site-3", "site-3", "site-1", "site-2", "site-3"]
+    assert hops == [(hop, [site]) for hop, site in enumerate(takers)]
+    failed = [(e["round"], e["site"]) for e in job.events() if e["event"] == "site.failed"]
+    assert failed == [(1, "site-2")]
+    assert (job.record()["rounds_done"], job.record()["num_rounds"]) == (6, 6)
+
+
 @pytest.mark.parametrize("kept", [[], ["site-2"]])
 def test_cross_site_evaluation_of_3_sites_with_known_models(tmp_path, kept):
     """Every site evaluates the global model and every other site's local model it is shared;

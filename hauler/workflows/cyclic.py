@@ -5,8 +5,10 @@ Each turn (a hop) is one round of the federation with one site: the site downloa
 model, trains it, uploads it, and its upload, folded alone with weight 1, is the next round's
 model bit for bit (`aggregate.Recipe.relay`). So the server relays the model on the data plane
 from one round file to the next, with the resume, timeouts, checks and records of any round.
-A site that fails its turn is skipped: the next one takes the same model; the job fails only if
-every site in a row fails.
+A site that fails its turn is skipped for that hop: the next one in the order takes the same
+model, and the hop after goes on where the order says. So which site takes a hop depends on
+the hop alone (and on which sites failed it): a job resumed after a restart goes on with the
+site it would have had. Every hop is made; the job fails only if every site fails the same hop.
 """
 
 from __future__ import annotations
@@ -28,18 +30,17 @@ class Cyclic:
         sites = await self._members(federation)
         hops = self.config.num_rounds * len(sites)
         federation.emit("rounds.planned", rounds=hops, sites=sites)
-        hop, failures = first_round, 0
-        for turn in range(first_round, hops):
-            cycle, position = divmod(turn, len(sites))
-            site = self.order(sites, cycle)[position]
-            if await self._hop(federation, site, hop, cycle):
-                hop, failures = hop + 1, 0
-            else:
-                failures += 1
-            if failures == len(sites):
-                raise JobError(
-                    f"round {hop}: every site of the cycle failed in turn; see the job's events"
-                )
+        for hop in range(first_round, hops):
+            await self._relay(federation, sites, hop)
+
+    async def _relay(self, federation: Federation, sites: list[str], hop: int) -> None:
+        """Hop `hop`, by the site the order gives it, or the next ones if it fails."""
+        cycle, position = divmod(hop, len(sites))
+        order = self.order(sites, cycle)
+        for attempt in range(len(sites)):
+            if await self._hop(federation, order[(position + attempt) % len(sites)], hop, cycle):
+                return
+        raise JobError(f"round {hop}: every site of the cycle failed it; see the job's events")
 
     async def _members(self, federation: Federation) -> list[str]:
         """The sites of the cycle: those connected at the start, in the job's order if it lists
