@@ -330,7 +330,7 @@ class Site:
             raise JobError(
                 self._refused.get(task.job_id, f"job {task.job_id} was not deployed to this site")
             )
-        manifest = Manifest.from_json(task.manifest)
+        manifest = self._files[task.job_id].manifest_of(task.manifest)
         if manifest.total_bytes > self.config.max_model_gib * 2**30:
             raise JobError(
                 f"model of {manifest.total_bytes / 2**30:.1f} GiB exceeds this site's "

@@ -42,6 +42,15 @@ class JobFiles:
         self._residual: ModelFile | None = None
         self._evaluated: ModelFile | None = None
         self._local: ModelFile | None = None
+        self._manifest: Manifest | None = None
+
+    def manifest_of(self, data: object) -> Manifest:
+        """A task's manifest (JSON from the server): rows compared with the last task's, which
+        was validated, so a model of thousands of tensors is not parsed anew every round; any
+        other layout is parsed and validated in full."""
+        last = self._manifest
+        self._manifest = Manifest.from_json(data) if last is None else last.like(data)
+        return self._manifest
 
     @property
     def marker(self) -> Path:
