@@ -302,7 +302,7 @@ def test_json_depth_is_measured_exactly(value):
     else:
         with pytest.raises(RemoteProtocolError):
             parse_object(text, what="test")
-    assert untrusted_json.nesting(text.encode()) == expected
+    assert untrusted_json.nesting(json.loads(text), limit=1000) == expected
 
 
 def _depth(value) -> int:
