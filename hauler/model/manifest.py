@@ -37,6 +37,8 @@ import xxhash
 from hauler.core.errors import RemoteProtocolError
 from hauler.model.dtypes import numpy_dtype
 
+# a manifest's cached properties that depend on its layout alone, not on its digests
+LAYOUT_ONLY = ("index", "layout_key", "_header")
 MAX_TENSORS = 1 << 20  # more names than any real model; bounds the manifest's own size
 MAX_NAME_BYTES = 1024  # safetensors names are module paths, never this long
 MAX_DIMS = 16  # numpy's own limit is 64; no model layer needs more than a handful
@@ -166,7 +168,11 @@ class Manifest:
             TensorEntry(t.name, t.dtype, t.shape, t.offset, t.length, d)
             for t, d in zip(self.tensors, digests)
         )
-        return Manifest(tensors, self.chunk_bytes, self.ties)
+        manifest = Manifest(tensors, self.chunk_bytes, self.ties)
+        for name in LAYOUT_ONLY:  # the same layout: what depends on it alone is not made again
+            if name in self.__dict__:
+                manifest.__dict__[name] = self.__dict__[name]
+        return manifest
 
     def like(self, data: object) -> Manifest:
         """A peer's manifest (JSON) that should have this one's layout: rows compared as they
