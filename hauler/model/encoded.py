@@ -9,7 +9,6 @@ the control messages, so a receiver bounds every frame and checks the whole stre
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hauler.core.errors import RemoteProtocolError
+from hauler.model.file import FileMapping
 from hauler.model.manifest import Chunk, chunk_checksum, digest_of_checksums
 from hauler.model.plan import ChunkPlan
 
@@ -111,8 +111,8 @@ class EncodedFile:
                 raise RemoteProtocolError(
                     f"{path}: {size} bytes, its index says {self._starts[-1]}"
                 )
-            self._mmap = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ) if size else None
-        self._buffer = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
+            self._mapping = FileMapping(handle.fileno(), size)
+        self._buffer = self._mapping.buffer
 
     def chunk_views(self, chunk: Chunk) -> list[memoryview]:
         return [self._buffer[self._starts[chunk.seq] : self._starts[chunk.seq + 1]]]
@@ -126,12 +126,7 @@ class EncodedFile:
 
     def close(self) -> None:
         """Release the mapping (once views handed out are gone, if some still are)."""
-        self._buffer.release()
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:  # a view a sender still holds; the GC closes it with the view
-                pass
+        self._mapping.close()
 
 
 def encoded_limit(codec: Codec, plan: ChunkPlan) -> Callable[[Chunk], int]:

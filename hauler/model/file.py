@@ -8,6 +8,7 @@ recreated, because fresh pages are the expensive ones (DESIGN.md, "Ids and files
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -23,6 +24,27 @@ from hauler.model.manifest import MAX_HEADER_BYTES, TIES_KEY, Chunk, Manifest
 _U64 = struct.Struct("<Q")
 
 
+class FileMapping:
+    """A file's bytes mapped into memory (nothing for an empty file), as one memoryview."""
+
+    def __init__(self, fd: int, size: int, *, writable: bool = False) -> None:
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        self.mmap = mmap.mmap(fd, size, access=access) if size else None
+        self.buffer = memoryview(self.mmap) if self.mmap is not None else memoryview(b"")
+
+    def flush(self) -> None:
+        if self.mmap is not None:
+            self.mmap.flush()
+
+    def close(self) -> None:
+        """Release the mapping, once no view handed out still holds it (else the GC closes it
+        with the last view)."""
+        self.buffer.release()
+        if self.mmap is not None:
+            with contextlib.suppress(BufferError):
+                self.mmap.close()
+
+
 class ModelFile:
     """A safetensors file mapped into memory; tensors are views, never copies."""
 
@@ -32,12 +54,8 @@ class ModelFile:
         self.data_start = data_start
         self._fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
         size = self.data_start + manifest.total_bytes
-        self._mmap = (
-            mmap.mmap(self._fd, size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
-            if size
-            else None
-        )
-        self._buffer = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
+        self._mapping = FileMapping(self._fd, size, writable=writable)
+        self._buffer = self._mapping.buffer
         self.writable = writable
         self._views: tuple[tuple, dict[str, np.ndarray]] | None = None
 
@@ -100,7 +118,7 @@ class ModelFile:
         if tensor.length == 0:
             return np.zeros(tensor.shape, dtype)
         flat = np.frombuffer(
-            self._mmap,
+            self._mapping.mmap,
             dtype=dtype,
             count=tensor.length // dtype.itemsize,
             offset=self.data_start + tensor.offset,
@@ -124,8 +142,8 @@ class ModelFile:
 
     def flush(self) -> None:
         """Push written pages towards the disk (msync); the kernel may do it later anyway."""
-        if self._mmap is not None and self.writable:
-            self._mmap.flush()
+        if self.writable:
+            self._mapping.flush()
 
     def close(self) -> None:
         """Release the mapping (once; again is a no-op). Views handed out earlier must not be
@@ -133,12 +151,7 @@ class ModelFile:
         if self._fd < 0:
             return
         self._views = None
-        self._buffer.release()
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:  # a numpy view still holds it; the GC closes it with the view
-                pass
+        self._mapping.close()
         os.close(self._fd)
         self._fd = -1
 
