@@ -265,13 +265,19 @@ def test_metric_names_are_made_acceptable_to_mlflow_and_resources_counted_per_pr
         "rss_bytes": 2,
         "rss_anon_bytes": 1,
     }
+    evaluation = {"kind": "evaluation", "site": "site-1", "model": "site-2", "started_s": 4.0}
+    evaluation |= {"evaluate_s": 0.5, "metrics": {"accuracy": 0.75}}
+    assert {(p.run, p.key, p.value, p.step) for p in points.of(evaluation)} == {
+        ("site-1", "evaluation/site-2/evaluate_s", 0.5, 0),
+        ("site-1", "evaluation/site-2/metrics/accuracy", 0.75, 0),
+    }
     steps = [
         (p.run, p.step)
         for record in [{**sample, "process": "server"}, {**sample, "process": "site-1"}] * 2
         for p in points.of(record)
         if p.key == "resources/cpu_percent"
     ]
-    assert steps == [(None, 0), ("site-1", 0), (None, 1), ("site-1", 1)]
+    assert steps == [(None, 0), ("site-1", 0), (None, 1), ("site-1", 1)]  # evaluations not counted
 
 
 # ----- real jobs, read back through MLflow's client --------------------------------------------

@@ -168,12 +168,22 @@ class Points:
     def of(self, record: dict[str, Any]) -> list[Point]:
         run = record.get("site", record.get("process"))
         run = None if run in (None, self.process) else str(run)
-        step = record["round"] if "round" in record else self._sample(run)
-        when_ms = int(1000 * record.get("started_s", record.get("t", time.time())))
         kind = record.get("kind", "record")
-        values = {RENAMED.get(k, k): v for k, v in record.items() if k not in NOT_METRICS}
+        step = self._step(record, kind, run)
+        when = record.get("started_s", record.get("t"))
+        when_ms = int(1000 * (time.time() if when is None else when))
+        renamed = RENAMED if kind == "site" else {}
+        values = {renamed.get(k, k): v for k, v in record.items() if k not in NOT_METRICS}
         prefix = "" if kind == "site" else f"{_segment(kind)}/"
+        if kind == "evaluation":  # a site's evaluation of one model: named after the model
+            prefix += f"{_segment(record.get('model', ''))}/"
         return [Point(run, key, value, when_ms, step) for key, value in _numbers(values, prefix)]
+
+    def _step(self, record: dict[str, Any], kind: str, run: str | None) -> int:
+        """A round's record: its round; a resource sample: its number in its run; else 0."""
+        if "round" in record:
+            return int(record["round"])
+        return self._sample(run) if kind == "resources" else 0
 
     def _sample(self, run: str | None) -> int:
         self._samples[run] += 1
