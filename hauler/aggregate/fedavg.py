@@ -243,7 +243,10 @@ class FedAvg:
 
     def scratch(self, dtype: np.dtype, size: int) -> np.ndarray:
         """A reused scratch block (at most BLOCK_ELEMENTS) of `dtype` for the finish."""
-        return self._scratch.setdefault(np.dtype(dtype), np.empty(BLOCK_ELEMENTS, dtype))[:size]
+        key = np.dtype(dtype)
+        if key not in self._scratch:  # not setdefault: its default would be allocated every call
+            self._scratch[key] = np.empty(BLOCK_ELEMENTS, key)
+        return self._scratch[key][:size]
 
 
 class Contribution:

@@ -37,7 +37,6 @@ class RoundState:
             previous,
             initial,
         )
-        self._index = {t.name: i for i, t in enumerate(current.manifest.tensors)}
 
     def carried(self, span: Span) -> dict[str, np.ndarray]:
         """Each kind's block for a piece or run in the new file, carried over from the previous
