@@ -79,10 +79,12 @@ class JobFiles:
         return self.received
 
     def mark_received(self, manifest: Manifest) -> None:
-        """The global file holds `manifest`'s model, every tensor checked: say so, durably."""
+        """The global file holds `manifest`'s model, every tensor checked: say so. Not synced
+        to disk first (a whole model's msync before training): the marker only picks the base
+        of the next round's delta, whose every tensor is checked, and a mismatch downloads the
+        whole model."""
         assert self.received is not None
         self.received.manifest = manifest
-        self.received.flush()
         temporary = self.marker.with_suffix(".tmp")
         temporary.write_text(json.dumps({"digest": manifest.digest}))
         os.replace(temporary, self.marker)

@@ -344,9 +344,11 @@ class JobFederation:
             max_update_norm=self.job.workflow.max_update_norm,
         )
         plan = ChunkPlan(manifest)
-        buffers = self._buffers.setdefault(
-            site, LaneBuffers(self.server.dataplane.connections, manifest.chunk_bytes)
-        )
+        buffers = self._buffers.get(site)
+        if buffers is None:  # not setdefault: its default would be allocated every upload
+            buffers = self._buffers[site] = LaneBuffers(
+                self.server.dataplane.connections, manifest.chunk_bytes
+            )
         sink = UploadSink(buffers, contribution, plan, site=site, codec=codec)
         ledger = self._ledger(plan, codec, result.encoding)
         try:
