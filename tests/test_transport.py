@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import pytest
 from helpers import MIXED_LAYOUT, SMALL_CHUNK, create_model, tensor_bytes
 
-from hauler.aggregate import LaneBuffers
 from hauler.core.config import DataPlane, Timeouts, TlsFiles
 from hauler.core.errors import (
     ConnectionLost,
@@ -38,6 +37,7 @@ from hauler.transfer import (
     FrameHeader,
     Hello,
     Kind,
+    LaneBuffers,
     ReceiveLedger,
     SendSchedule,
     ack_frame,

@@ -10,13 +10,12 @@ from hauler.aggregate.optimizers import (
 )
 from hauler.aggregate.rounds import Recipe, RoundAggregate
 from hauler.aggregate.screening import check_weight
-from hauler.aggregate.uploads import LaneBuffers, UploadSink
+from hauler.aggregate.uploads import UploadSink
 
 __all__ = [
     "OPTIMIZER_NAMES",
     "Contribution",
     "FedAvg",
-    "LaneBuffers",
     "OptimizerSettings",
     "Recipe",
     "RoundAggregate",

@@ -13,23 +13,7 @@ from hauler.aggregate.fedavg import Contribution
 from hauler.core.errors import UpdateRefused
 from hauler.model import Chunk, ChunkPlan
 from hauler.model.codecs import Codec
-from hauler.transfer import DigestCheck
-
-
-class LaneBuffers:
-    """One landing buffer per lane, reused all job long (grown if a larger chunk comes)."""
-
-    def __init__(self, lanes: int, nbytes: int) -> None:
-        self._buffers = [memoryview(bytearray(nbytes)) for _ in range(lanes)]
-
-    def landing(self, lane: int, nbytes: int) -> memoryview:
-        if lane >= len(self._buffers):
-            self._buffers += [
-                memoryview(bytearray(nbytes)) for _ in range(lane + 1 - len(self._buffers))
-            ]
-        if len(self._buffers[lane]) < nbytes:
-            self._buffers[lane] = memoryview(bytearray(nbytes))
-        return self._buffers[lane][:nbytes]
+from hauler.transfer import DigestCheck, LaneBuffers
 
 
 class UploadSink:
@@ -47,7 +31,7 @@ class UploadSink:
         self.buffers, self.contribution, self.plan, self.site = buffers, contribution, plan, site
         self.codec = codec
         self.digests = DigestCheck(plan) if codec is None else None
-        self._decoded = memoryview(bytearray(plan.max_wide_bytes if codec else 0))
+        self._decoded = buffers.decoded(plan.max_wide_bytes) if codec else memoryview(b"")
 
     def landing(self, chunk: Chunk, lane: int, nbytes: int) -> memoryview:
         return self.buffers.landing(lane, nbytes)

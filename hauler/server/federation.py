@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from hauler.aggregate import LaneBuffers, Recipe, RoundAggregate, UploadSink, check_weight
+from hauler.aggregate import Recipe, RoundAggregate, UploadSink, check_weight
 from hauler.core.config import JobConfig, ServerConfig
 from hauler.core.errors import (
     ConnectionLost,
@@ -56,7 +56,7 @@ from hauler.model.encoded import EncodedFile, encoded_limit
 from hauler.model.local_models import GLOBAL, EvaluatedModels, LocalModels
 from hauler.server.sites import Answer, SiteRegistry, SiteSession
 from hauler.server.transfers import Download, TransferRegistry, wait_any
-from hauler.transfer import FileSink, ReceiveLedger
+from hauler.transfer import FileSink, LaneBuffers, ReceiveLedger
 from hauler.transport.streams import ChunkSink
 from hauler.workflows import TrainResult
 from hauler.workflows.base import Evaluation

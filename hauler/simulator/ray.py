@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hauler.aggregate import LaneBuffers
 from hauler.client.trainer import trainer_for
 from hauler.core.config import ExecutorConfig, JobConfig, TransferConfig
 from hauler.core.errors import (
@@ -70,7 +69,7 @@ from hauler.simulator.workers import (
     model_file_for,
     update_ledger,
 )
-from hauler.transfer import FrameHeader, ReceiveLedger
+from hauler.transfer import FrameHeader, LaneBuffers, ReceiveLedger
 from hauler.transport.streams import ChunkSink
 
 if TYPE_CHECKING:

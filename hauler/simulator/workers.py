@@ -33,7 +33,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hauler.aggregate import LaneBuffers
 from hauler.aggregate.screening import FiniteCheck, UpdateNorms, squares
 from hauler.client.trainer import Trainer, TrainerResult, trainer_for
 from hauler.core.config import DataPlane, ExecutorConfig, Timeouts, TransferConfig
@@ -42,7 +41,7 @@ from hauler.model import ArraySource, ChunkPlan, Manifest, ModelFile, accumulato
 from hauler.model.codecs import make_codec
 from hauler.model.encoded import EncodedFile, EncodedIndex, encoded_limit
 from hauler.model.updates import encode_update, open_residual, source_arrays
-from hauler.transfer import FileSink, ReceiveLedger, SendSchedule
+from hauler.transfer import FileSink, LaneBuffers, ReceiveLedger, SendSchedule
 from hauler.transport import connection_pair, receive_model, send_model
 from hauler.transport.streams import ChunkSink
 

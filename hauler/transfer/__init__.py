@@ -15,7 +15,7 @@ from hauler.transfer.frames import (
 )
 from hauler.transfer.ledger import ReceiveLedger
 from hauler.transfer.reader import Frame, FrameReader
-from hauler.transfer.sinks import FileSink
+from hauler.transfer.sinks import FileSink, LaneBuffers
 from hauler.transfer.window import PayloadBytes, SendSchedule, SendWindow, WindowStatistics
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "FrameReader",
     "Hello",
     "Kind",
+    "LaneBuffers",
     "PayloadBytes",
     "ReceiveLedger",
     "SendSchedule",

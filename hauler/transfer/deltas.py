@@ -16,6 +16,7 @@ from hauler.model import Chunk, ChunkPlan, ModelFile
 from hauler.model.codecs import Codec
 from hauler.model.updates import apply_delta
 from hauler.transfer.digests import DigestCheck
+from hauler.transfer.sinks import LaneBuffers
 
 
 class DeltaSink:
@@ -24,14 +25,12 @@ class DeltaSink:
     def __init__(self, model: ModelFile, plan: ChunkPlan, codec: Codec, lanes: int) -> None:
         self.model, self.plan, self.codec = model, plan, codec
         self.digests = DigestCheck(plan)
-        self._landing = [memoryview(b"")] * lanes
+        self._landing = LaneBuffers(lanes, 0)
         self._decoded = memoryview(bytearray(plan.max_wide_bytes))
         self._sum = memoryview(bytearray(plan.max_wide_bytes))
 
     def landing(self, chunk: Chunk, lane: int, nbytes: int) -> memoryview:
-        if len(self._landing[lane]) < nbytes:
-            self._landing[lane] = memoryview(bytearray(nbytes))
-        return self._landing[lane][:nbytes]
+        return self._landing.landing(lane, nbytes)
 
     def landed(self, chunk: Chunk, lane: int, view: memoryview, checksum: int) -> None:
         decoded = self.plan.wide_arrays(chunk, self._decoded)

@@ -19,6 +19,29 @@ class ChunkViews(Protocol):
     def chunk_view(self, chunk: Chunk) -> memoryview: ...
 
 
+class LaneBuffers:
+    """One landing buffer per lane, and one to decode into (chunks are decoded one at a time),
+    reused all job long: grown if a larger chunk comes."""
+
+    def __init__(self, lanes: int, nbytes: int) -> None:
+        self._buffers = [memoryview(bytearray(nbytes)) for _ in range(lanes)]
+        self._decoded = memoryview(b"")
+
+    def landing(self, lane: int, nbytes: int) -> memoryview:
+        if lane >= len(self._buffers):
+            self._buffers += [
+                memoryview(bytearray(nbytes)) for _ in range(lane + 1 - len(self._buffers))
+            ]
+        if len(self._buffers[lane]) < nbytes:
+            self._buffers[lane] = memoryview(bytearray(nbytes))
+        return self._buffers[lane][:nbytes]
+
+    def decoded(self, nbytes: int) -> memoryview:
+        if len(self._decoded) < nbytes:
+            self._decoded = memoryview(bytearray(nbytes))
+        return self._decoded[:nbytes]
+
+
 class FileSink:
     """Raw chunks land in place in `model` (laid out as `plan` says); each tensor is checked
     against the manifest's digest once its last piece is in."""
