@@ -21,7 +21,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-POLICIES = ("mean", "sum", "max", "keep")
 DEFAULT_POLICY = "mean"
 EXACT = 2**53  # the largest integer every float64 below it counts exactly
 

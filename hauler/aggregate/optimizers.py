@@ -45,8 +45,8 @@ from typing import ClassVar
 import numpy as np
 
 from hauler.core.errors import ConfigError, LocalProtocolError
+from hauler.model.codecs import Scratch
 
-OPTIMIZER_NAMES = ("fedavg", "fedavgm", "nesterov", "fedadam", "fedyogi", "fedadagrad")
 _POSITIVE = ("lr", "tau")  # finite and > 0; every other setting is a decay in [0, 1)
 
 
@@ -62,22 +62,6 @@ class OptimizerSettings:
     tau: float | None = None  # fedadam, fedyogi, fedadagrad
 
 
-class _Scratch:
-    """Work buffers reused across blocks, one per (slot, dtype), grown to the largest block."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[int, np.dtype], np.ndarray] = {}
-
-    def take(self, slot: int, like: np.ndarray) -> np.ndarray:
-        """A buffer of `like`'s shape and dtype; its contents are garbage."""
-        key = (slot, like.dtype)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.size < like.size:
-            buffer = np.empty(like.size, like.dtype)
-            self._buffers[key] = buffer
-        return buffer[: like.size].reshape(like.shape)
-
-
 class ServerOptimizer(abc.ABC):
     """Turns a round's `delta` into the step to add to the global model, one block at a time.
 
@@ -90,7 +74,7 @@ class ServerOptimizer(abc.ABC):
 
     def __init__(self, **settings: float) -> None:
         self._settings = settings
-        self._scratch = _Scratch()
+        self._scratch = Scratch()
 
     def initial_state(self, state_name: str) -> float:
         """The value every element of state `state_name` starts at before the first round."""
@@ -159,7 +143,7 @@ class NesterovMomentum(ServerOptimizer):
 
     def _step(self, delta: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> None:
         m = _momentum(state["momentum"], self.momentum, delta)
-        look_ahead = self._scratch.take(0, m)
+        look_ahead = _like(self._scratch, 0, m)
         np.multiply(m, self.momentum, out=look_ahead)
         np.add(look_ahead, delta, out=out)  # delta is read for the last time here
         out *= self.lr
@@ -182,7 +166,7 @@ class _Adaptive(ServerOptimizer):
 
     def _step(self, delta: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> None:
         m, v = state["m"], state["v"]
-        work = self._scratch.take(0, delta)  # delta^2, then (1-beta1)*delta, then sqrt(v)+tau
+        work = _like(self._scratch, 0, delta)  # delta^2, then (1-beta1)*delta, then sqrt(v)+tau
         np.square(delta, out=work)
         self._update_v(v, work)
         np.multiply(delta, 1.0 - self.beta1, out=work)  # delta is read for the last time here
@@ -208,7 +192,7 @@ class FedAdam(_Adaptive):
         self.beta2 = beta2
 
     def _update_v(self, v: np.ndarray, squares: np.ndarray) -> None:
-        weighted = self._scratch.take(1, v)
+        weighted = _like(self._scratch, 1, v)
         np.multiply(squares, 1.0 - self.beta2, out=weighted)
         v *= self.beta2
         v += weighted
@@ -224,7 +208,7 @@ class FedYogi(_Adaptive):
         self.beta2 = beta2
 
     def _update_v(self, v: np.ndarray, squares: np.ndarray) -> None:
-        change = self._scratch.take(1, v)
+        change = _like(self._scratch, 1, v)
         np.subtract(v, squares, out=change)
         np.sign(change, out=change)
         change *= squares
@@ -249,6 +233,15 @@ _OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
     cls.name: cls
     for cls in (PlainAverage, ServerMomentum, NesterovMomentum, FedAdam, FedYogi, FedAdagrad)
 }
+
+
+OPTIMIZER_NAMES = tuple(_OPTIMIZERS)  # job.toml's OptimizerName lists these (a test keeps them so)
+
+
+def _like(scratch: Scratch, slot: int, like: np.ndarray) -> np.ndarray:
+    """Work buffer `slot`, of `like`'s shape and dtype, reused across blocks; its contents are
+    garbage."""
+    return scratch.array(str(slot), like.dtype, like.size).reshape(like.shape)
 
 
 def make_optimizer(settings: OptimizerSettings) -> ServerOptimizer:
