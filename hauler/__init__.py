@@ -16,10 +16,6 @@ __all__ = [*CLIENT_API, *ADMIN_API]
 
 def __getattr__(name: str) -> Any:
     """Imported on first use, so `import hauler` stays light for training code and the server."""
-    if name == "layout_of":
-        from hauler.client.tensors import layout_of
-
-        return layout_of
     if name in CLIENT_API:
         from hauler.client import api
 

@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from hauler.client.executor import TrainContext
+from hauler.client.tensors import layout_of as layout_of  # re-exported: hauler.layout_of
 from hauler.client.tensors import to_numpy, to_torch
 from hauler.core.errors import JobError
 from hauler.core.messages import MAX_METRIC_NAME, MAX_METRICS
