@@ -158,9 +158,7 @@ class RoundFinish:
         to be sent."""
         out = self._output(run)
         floating = self.fedavg.floating[run.tensor]
-        if floating:
-            np.copyto(out, self.fedavg.based(run))
-        apply_delta(out, added, self._scratch)
+        apply_delta(out, added, self._scratch, start=self.fedavg.based(run) if floating else None)
         if not floating:
             return
         self._check_finite(run, out)

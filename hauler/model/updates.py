@@ -140,13 +140,19 @@ def kind_block(model: ModelFile, kind: str, manifest: Manifest, span: Span) -> n
     return np.frombuffer(model.region(start, count * dtype.itemsize), dtype)
 
 
-def apply_delta(current: np.ndarray, delta: np.ndarray, scratch: memoryview) -> None:
+def apply_delta(
+    current: np.ndarray,
+    delta: np.ndarray,
+    scratch: memoryview,
+    start: np.ndarray | None = None,
+) -> None:
     """current <- current + delta for a float piece (summed in the delta's wide dtype, then
-    cast), current <- delta for any other: the one arithmetic the server and every site share."""
+    cast), current <- delta for any other: the one arithmetic the server and every site share.
+    With `start` (of current's dtype), current <- start + delta: no copy of start first."""
     if delta.dtype.kind != "f":
         np.copyto(current, delta)
         return
     total = np.frombuffer(scratch, delta.dtype, delta.size)
-    np.copyto(total, current, casting="unsafe")
+    np.copyto(total, current if start is None else start, casting="unsafe")
     np.add(total, delta, out=total)
     np.copyto(current, total, casting="unsafe")
