@@ -71,7 +71,7 @@ from hauler.transport import (
     fetch_model,
     push_model,
 )
-from hauler.transport.streams import ChunkSource, Progress
+from hauler.transport.streams import ChunkSink, ChunkSource, Progress
 
 log = logging.getLogger("hauler.client")
 MAX_PACKAGE_BYTES = 64 << 20
@@ -381,15 +381,10 @@ class Site:
         trainer, files, manifest = self._job_of(task)
         model = await asyncio.to_thread(files.evaluated, manifest)
         plan = ChunkPlan(manifest)
-        await fetch_model(
-            self._data_address,
-            task.download,
-            ReceiveLedger(plan, task.lanes),
-            FileSink(model, plan),
-            timeouts=self.config.timeouts,
-            on_progress=self.track(
-                f"job {task.job_id} evaluate {task.model_name}", manifest.total_bytes
-            ),
+        what = f"job {task.job_id} evaluate {task.model_name}"
+        track = self.track(what, manifest.total_bytes)
+        await self._fetch(
+            task.download, ReceiveLedger(plan, task.lanes), FileSink(model, plan), track
         )
         metrics = await trainer.evaluate(self._task_message(task, trainer), model)
         log.info(
@@ -444,16 +439,8 @@ class Site:
                 )
         model = await asyncio.to_thread(files.global_file, manifest)
         plan = ChunkPlan(manifest)
-        ledger = ReceiveLedger(plan, task.lanes)
-        address = self._data_address
-        timeouts = self.config.timeouts
-        await fetch_model(
-            address,
-            task.download,
-            ledger,
-            FileSink(model, plan),
-            timeouts=timeouts,
-            on_progress=track,
+        await self._fetch(
+            task.download, ReceiveLedger(plan, task.lanes), FileSink(model, plan), track
         )
         await asyncio.to_thread(files.mark_received, manifest)
 
@@ -465,17 +452,23 @@ class Site:
         plan = ChunkPlan(manifest)
         limit, digest = encoded_limit(codec, plan), task.delta.encoding.digest
         ledger = ReceiveLedger(plan, task.lanes, payload_limit=limit, stream_digest=digest)
-        sink = DeltaSink(model, plan, codec, ledger.lanes)
-        timeouts = self.config.timeouts
-        await fetch_model(
-            self._data_address,
-            task.delta.transfer,
-            ledger,
-            sink,
-            timeouts=timeouts,
-            on_progress=track,
+        await self._fetch(
+            task.delta.transfer, ledger, DeltaSink(model, plan, codec, ledger.lanes), track
         )
         await asyncio.to_thread(files.mark_received, manifest)
+
+    async def _fetch(
+        self, transfer: str, ledger: ReceiveLedger, sink: ChunkSink, track: Progress
+    ) -> None:
+        """Download the server's offer `transfer` into `sink`, as `ledger` allows."""
+        await fetch_model(
+            self._data_address,
+            transfer,
+            ledger,
+            sink,
+            timeouts=self.config.timeouts,
+            on_progress=track,
+        )
 
     def _encode(
         self, files: JobFiles, manifest: Manifest, source: ModelFile | ArraySource, delta: bool
