@@ -107,3 +107,16 @@ def test_creating_a_round_again_drops_its_stale_manifest(tmp_path):
     rounds = store_with_rounds(tmp_path, 2)
     rounds.create(2, manifest_of(LAYOUT)).close()
     assert rounds.latest() == 1
+
+
+def test_a_committed_manifest_is_known_without_reading_it_until_its_file_changes(tmp_path):
+    rounds = RoundStore(tmp_path, 2)
+    with rounds.create(1, manifest_of(LAYOUT)) as model:
+        committed = model.compute_digests()
+        rounds.commit(1, committed)
+    assert rounds.manifest(1) is committed  # not read back and parsed
+    other = manifest_of([("z", "F32", (7,))]).to_json()
+    temporary = rounds.manifest_path(1).with_suffix(".edited")
+    temporary.write_text(json.dumps(other))
+    temporary.replace(rounds.manifest_path(1))  # another hand rewrote it
+    assert rounds.manifest(1).names == ["z"]

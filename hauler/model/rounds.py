@@ -156,16 +156,21 @@ class RoundStore:
         temporary = self.manifest_path(round).with_suffix(".tmp")
         temporary.write_text(json.dumps(record))
         os.replace(temporary, self.manifest_path(round))
+        self._cache = (self._key(round), (record, manifest))  # not read back and parsed
+
+    def _key(self, round: int) -> tuple:
+        """What identifies the manifest file of `round` as it is now on disk."""
+        stat = self.manifest_path(round).stat()
+        return (round, stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
     def _record(self, round: int) -> dict:
         return self._parsed(round)[0]
 
     def _parsed(self, round: int) -> tuple[dict, Manifest]:
         """A round's manifest file, read and validated once while the file stays the same (a
-        model of thousands of tensors is read several times a round)."""
-        path = self.manifest_path(round)
-        stat = path.stat()
-        key = (round, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        model of thousands of tensors is read several times a round); the one just committed
+        is known without reading it."""
+        path, key = self.manifest_path(round), self._key(round)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         try:
