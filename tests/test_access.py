@@ -26,7 +26,7 @@ from hauler.core.messages import (
     TaskFailed,
     UploadReady,
     Welcome,
-    dump,
+    encode,
     parse_server_message,
 )
 from hauler.core.package import pack
@@ -133,7 +133,7 @@ async def _join(config: SiteConfig):
     """Open a site session as `config` says and say hello; returns the stream and channel."""
     channel = ControlChannel(config.server_host, config.control_port, config.tls)
     stream = channel.session()
-    await stream.send(dump(Hello(site=config.name)))
+    await stream.send(encode(Hello(site=config.name)))
     return channel, stream
 
 
@@ -205,7 +205,7 @@ async def _other_sites_transfers(kits: Path, server: Server, tmp_path: Path) -> 
         )
         trained = model.compute_digests()
     await stream_1.send(
-        dump(ResultReady(task_id=task.task_id, weight=1, manifest=trained.to_json()))
+        encode(ResultReady(task_id=task.task_id, weight=1, manifest=trained.to_json()))
     )
     ready = await _next(stream_1, UploadReady)
     intruder = await open_transfer("127.0.0.1", server.data_port, ready.upload, tls=site_2.tls)
@@ -293,7 +293,7 @@ async def test_what_a_job_s_code_said_is_shown_to_its_submitter_and_project_admi
             job_id = await oscar.submit(_job(tmp_path))
         task = await _next(stream_1, Task)
         await stream_1.send(
-            dump(TaskFailed(task_id=task.task_id, error="KeyError: the secret is 42"))
+            encode(TaskFailed(task_id=task.task_id, error="KeyError: the secret is 42"))
         )
         for name, sees in (
             ("alice", True),

@@ -11,6 +11,7 @@ trace of 1e6."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import tomllib
@@ -42,7 +43,7 @@ from hauler.core.messages import (
     Task,
     UploadReady,
     Welcome,
-    dump,
+    encode,
     parse_server_message,
 )
 from hauler.model import ChunkPlan, Manifest, ModelFile, chunk_checksum
@@ -143,7 +144,7 @@ class FaultySite:
         channel = ControlChannel(self.host, self.control_port, self.tls)
         stream = channel.session()
         try:
-            await stream.send(dump(Hello(site="site-2")))
+            await stream.send(encode(Hello(site="site-2")))
             assert isinstance(parse_server_message(await stream.receive() or {}), Welcome)
             self.connected.set()
             while (raw := await stream.receive()) is not None:
@@ -175,7 +176,7 @@ class FaultySite:
         )
         self.downloads += 1
         if self.mode == "metrics_for_a_model":  # answers a training task as an evaluation
-            await stream.send(dump(Evaluated(task_id=task.task_id, metrics={"accuracy": 1.0})))
+            await stream.send(encode(Evaluated(task_id=task.task_id, metrics={"accuracy": 1.0})))
             return
         honest = model.compute_digests()
         for array in model.arrays().values():
@@ -192,7 +193,9 @@ class FaultySite:
             announced = model.compute_digests()
         lie = HOSTILE_MANIFESTS.get(self.mode)
         claim = announced.to_json() if lie is None else lie(announced)
-        result = dump(ResultReady(task_id=task.task_id, weight=1000.0, manifest=claim))
+        result = json.loads(
+            encode(ResultReady(task_id=task.task_id, weight=1000.0, manifest=claim))
+        )
         await stream.send(
             {**result, "weight": HOSTILE_WEIGHTS.get(self.mode, 1000.0)}
         )  # as JSON allows

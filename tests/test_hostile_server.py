@@ -25,7 +25,7 @@ from hauler.core.messages import (
     Task,
     TaskFailed,
     Welcome,
-    dump,
+    encode,
     parse_site_message,
 )
 from hauler.model import Manifest
@@ -84,7 +84,7 @@ class HostileServer:
     """Plays the server: welcomes the site, then sends what the test gives and records replies."""
 
     def __init__(self) -> None:
-        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.outbox: asyncio.Queue[dict[str, Any] | bytes] = asyncio.Queue()
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
         self.heartbeats = 0
         self.sessions = 0
@@ -93,7 +93,7 @@ class HostileServer:
         hello = parse_site_message(await stream.receive() or {})
         assert isinstance(hello, Hello)
         self.sessions += 1
-        await stream.send(dump(Welcome(site=hello.site)))
+        await stream.send(encode(Welcome(site=hello.site)))
 
         async def pump() -> None:
             while True:
@@ -121,9 +121,11 @@ class HostileServer:
         await asyncio.wait_for(wait(), timeout_s)
 
 
-def task_for(job_id: str, task_id: str, manifest: dict | None = None) -> dict[str, Any]:
+def task_for(job_id: str, task_id: str, manifest: dict | None = None) -> bytes:
     manifest = manifest or Manifest.build([("w", "F32", (4,))], 4096).to_json()
-    return dump(Task(task_id=task_id, job_id=job_id, round=0, manifest=manifest, download="0" * 32))
+    return encode(
+        Task(task_id=task_id, job_id=job_id, round=0, manifest=manifest, download="0" * 32)
+    )
 
 
 @pytest.fixture
@@ -188,7 +190,7 @@ def test_broken_packages_and_messages_are_refused_and_the_site_stays_up(
         for index, (kind, package) in enumerate(PACKAGES.items()):
             job_id = f"job{index}"
             await hostile.outbox.put(
-                dump(
+                encode(
                     DeployJob(
                         job_id=job_id,
                         package_b64=base64.b64encode(package).decode(),
@@ -211,7 +213,7 @@ def test_broken_packages_and_messages_are_refused_and_the_site_stays_up(
             [("w", "F32", (1 << 44,))], 4096
         ).to_json()  # 64 TiB: over max_model_gib
         await hostile.outbox.put(
-            dump(
+            encode(
                 DeployJob(
                     job_id="good",
                     executor=EXECUTOR,

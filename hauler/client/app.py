@@ -52,7 +52,7 @@ from hauler.core.messages import (
     TaskFailed,
     UploadReady,
     Welcome,
-    dump,
+    encode,
     parse_server_message,
 )
 from hauler.core.package import code_digest, unpack
@@ -129,7 +129,7 @@ class Site:
         channel = ControlChannel(self.config.server_host, self.config.control_port, self.config.tls)
         stream = channel.session()
         try:
-            await stream.send(dump(Hello(site=self.name, instance=self.instance)))
+            await stream.send(encode(Hello(site=self.name, instance=self.instance)))
             welcome = parse_server_message(await stream.receive() or {})
             if not isinstance(welcome, Welcome):
                 raise ConnectionLost("server did not welcome this site")
@@ -157,7 +157,7 @@ class Site:
                 for text in trainer.output(MAX_HEARTBEAT_LINES):
                     self.job_lines.add(job_id, "output", text)
             await stream.send(
-                dump(Heartbeat(resources=samples[-MAX_HEARTBEAT_SAMPLES:], logs=self._lines()))
+                encode(Heartbeat(resources=samples[-MAX_HEARTBEAT_SAMPLES:], logs=self._lines()))
             )
 
     def _lines(self) -> list[LogLine]:
@@ -176,7 +176,7 @@ class Site:
         self._reports[message.task_id] = (job_id, message)
         if self._stream is not None:
             try:
-                await self._stream.send(dump(message))
+                await self._stream.send(encode(message))
             except HaulerError:
                 pass  # the session is ending; the next one is asked again
 

@@ -209,5 +209,7 @@ def parse_server_message(
         raise RemoteProtocolError(f"bad message from server: {error.errors()[0]['msg']}") from None
 
 
-def dump(message: _Message) -> dict[str, Any]:
-    return message.model_dump(mode="json")
+def encode(message: _Message) -> bytes:
+    """The message as JSON, made by pydantic in one pass (a manifest of thousands of tensors is
+    several times faster to send this way than dumped to Python and then to JSON)."""
+    return message.model_dump_json().encode()

@@ -20,7 +20,7 @@ from hauler.core import logs
 from hauler.core.config import ServerConfig
 from hauler.core.errors import ConfigError, HaulerError, RemoteProtocolError
 from hauler.core.events import read_json_lines, read_json_lines_page
-from hauler.core.messages import Heartbeat, Hello, Welcome, dump, parse_site_message
+from hauler.core.messages import Heartbeat, Hello, Welcome, encode, parse_site_message
 from hauler.model import ChunkPlan, Manifest
 from hauler.model.rounds import RoundStore
 from hauler.server.access import AccessPolicy, sees_private, submitter
@@ -103,7 +103,7 @@ class Server:
 
     async def _session(self, stream: MessageStream, peer: Peer) -> None:
         hello = await self._hello(stream, peer)
-        await stream.send(dump(Welcome(site=hello.site)))  # first: a rejoin sends what waited
+        await stream.send(encode(Welcome(site=hello.site)))  # first: a rejoin sends what waited
         session = await self.sites.join(
             hello.site, hello.instance, stream, org="" if peer is None else peer.org
         )

@@ -25,7 +25,7 @@ from hauler.core.errors import (
     SiteRestarted,
     TaskRefused,
 )
-from hauler.core.messages import Evaluated, ResultReady, Task, TaskFailed, UploadReady, dump
+from hauler.core.messages import Evaluated, ResultReady, Task, TaskFailed, UploadReady, encode
 from hauler.transport import MessageStream
 
 Answer = ResultReady | Evaluated  # what a site says when a task went well
@@ -69,7 +69,7 @@ class SiteSession:
             self._outbox.append(message)
             return
         try:
-            await self._stream.send(dump(message))
+            await self._stream.send(encode(message))
         except HaulerError:
             self._outbox.append(message)  # the stream is dying: sent again on the next one
 

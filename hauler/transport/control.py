@@ -65,7 +65,10 @@ _ERRORS = {
 Message = dict[str, Any]
 
 
-def _encode(message: Message) -> bytes:
+def _encode(message: Message | bytes) -> bytes:
+    """A message to send: JSON already made by its sender, or a dict to make it from."""
+    if isinstance(message, bytes):
+        return message
     return json.dumps(message, separators=(",", ":")).encode()
 
 
@@ -90,7 +93,7 @@ def map_rpc_error(error: grpc.RpcError, where: str) -> HaulerError:
 class MessageStream(Protocol):
     """One side of a bidirectional control stream."""
 
-    async def send(self, message: Message) -> None: ...
+    async def send(self, message: Message | bytes) -> None: ...
     async def receive(self) -> Message | None: ...
 
 
@@ -123,7 +126,7 @@ class _ServerStream:
         self._context = context
         self._writes = _Writes()
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message | bytes) -> None:
         await self._writes.run(lambda: self._context.write(message))
 
     async def receive(self) -> Message | None:
@@ -238,7 +241,7 @@ class _ClientStream:
         self._call = call
         self._writes = _Writes()
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message | bytes) -> None:
         try:
             await self._writes.run(lambda: self._call.write(message))
         except grpc.RpcError as error:
