@@ -38,7 +38,7 @@ from hauler.core.errors import RemoteProtocolError
 from hauler.model.dtypes import numpy_dtype
 
 # a manifest's cached properties that depend on its layout alone, not on its digests
-LAYOUT_ONLY = ("index", "layout_key", "_header")
+LAYOUT_ONLY = ("index", "layout_key", "_header", "_rows")
 MAX_TENSORS = 1 << 20  # more names than any real model; bounds the manifest's own size
 MAX_NAME_BYTES = 1024  # safetensors names are module paths, never this long
 MAX_DIMS = 16  # numpy's own limit is 64; no model layer needs more than a handful
@@ -127,9 +127,10 @@ class Manifest:
         return self is other or self.layout_key == other.layout_key
 
     @functools.cached_property
-    def _json(self) -> dict:
-        """`to_json()`, made once, for comparisons only (never handed out: it is mutable)."""
-        return self.to_json()
+    def _rows(self) -> list[list]:
+        """Each tensor's JSON row without its digest, made once per layout, for comparisons
+        only (never handed out: it is mutable)."""
+        return [[t.name, t.dtype, list(t.shape), t.offset, t.length] for t in self.tensors]
 
     @functools.cached_property
     def index(self) -> dict[str, int]:
@@ -179,16 +180,15 @@ class Manifest:
         are and only the digests taken, so a model of thousands of tensors is not parsed and
         validated anew each round; any other JSON is parsed and validated in full."""
         rows = data.get("tensors") if isinstance(data, dict) else None
-        mine = self._json
         if (
             isinstance(data, dict)
             and data.get("chunk_bytes") == self.chunk_bytes
-            and data.get("ties", []) == mine.get("ties", [])
+            and data.get("ties", []) == [list(tie) for tie in self.ties]
             and isinstance(rows, list)
-            and len(rows) == len(mine["tensors"])
+            and len(rows) == len(self._rows)
             and all(
-                isinstance(row, list) and row[:5] == own[:5] and _is_digest(row[5:])
-                for row, own in zip(rows, mine["tensors"])
+                isinstance(row, list) and row[:5] == own and _is_digest(row[5:])
+                for row, own in zip(rows, self._rows)
             )
         ):
             return self.with_digests([row[5] for row in rows])
