@@ -23,6 +23,7 @@ from hauler.core.messages import (
     parse_server_message,
     parse_site_message,
 )
+from hauler.core.untrusted_json import parse_object
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
@@ -170,7 +171,6 @@ def test_messages_round_trip_through_json():
 @pytest.mark.parametrize("weight", [0.0, -1.0, float("inf"), float("nan"), 1e300])
 def test_a_result_s_weight_is_taken_as_sent_so_the_server_can_refuse_it_by_name(weight):
     """Validation of the weight is the federation's (against max_weight), not a protocol error."""
-    message = parse_site_message(
-        {"type": "result_ready", "task_id": "t", "weight": weight, "manifest": {}}
-    )
+    sent = encode(ResultReady(task_id="t", weight=weight, manifest={}))  # as JSON allows
+    message = parse_site_message(parse_object(sent, what="a result"))  # as the server parses
     assert message.weight == weight or (weight != weight and message.weight != message.weight)
