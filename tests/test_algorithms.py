@@ -174,7 +174,8 @@ def final_model(job: api.LocalJob) -> dict[str, np.ndarray]:
 def assert_site_variates(site_dirs: list[Path], expected: list[dict[str, np.ndarray]]) -> None:
     """Each site's own variate, in its work folder, against the reference's c_i."""
     for site_dir, variates in zip(site_dirs, expected, strict=True):
-        kept = load_file(str(site_dir / scaffold.SITE_FILE))
+        store = scaffold.SiteVariates(site_dir / scaffold.SITE_FOLDER)
+        kept = load_file(str(store.path(store.current)))
         assert_close(kept, {scaffold.variate_name(n): value for n, value in variates.items()})
 
 
@@ -270,6 +271,68 @@ def test_a_site_variate_file_of_another_model_is_refused_naming_it(tmp_path):
         scaffold.open_site_variates(tmp_path / "c.safetensors", {"scaffold.c/w": torch.zeros(4)})
 
 
+def global_with_variates(folder: Path, seed: int) -> dict[str, torch.Tensor]:
+    """small_net's layout with SCAFFOLD's variates, every value drawn from `seed`, as
+    `hauler.receive("torch")` gives it (the same seed: the same global model, sent again)."""
+    layout = [(name, "F32", tuple(t.shape)) for name, t in small_net().state_dict().items()]
+    model = ModelFile.create(
+        folder / "global.safetensors", Manifest.build(scaffold.layout(layout), 4096)
+    )
+    rng = np.random.default_rng(seed)
+    for array in model.arrays().values():
+        array[...] = rng.normal(size=array.shape)
+    return to_torch(model.arrays())
+
+
+def train_scaffold_round(folder: Path, workdir: Path, seed: int) -> dict[str, np.ndarray]:
+    """One site's round: three SGD steps from global model `seed`; its c_i afterwards."""
+    model = global_with_variates(folder, seed)
+    net = small_net()
+    net.load_state_dict(scaffold.weights(model))
+    algorithm = scaffold.Scaffold(net, model, workdir, lr=LR)
+    optimiser = torch.optim.SGD(net.parameters(), lr=LR)
+    for step in range(3):
+        optimiser.zero_grad()
+        net(torch.full((2, 4), float(step))).square().sum().backward()
+        algorithm.correct()
+        optimiser.step()
+    algorithm.update()
+    store = scaffold.SiteVariates(workdir / scaffold.SITE_FOLDER)
+    return {name: value.copy() for name, value in load_file(str(store.path(store.current))).items()}
+
+
+def test_a_site_training_the_same_global_model_again_advances_its_variate_once(tmp_path):
+    """A restarted site, or a round retried after a lost upload, trains the same global model
+    again: it starts from the variate before that round's, not from the one it made."""
+    work = tmp_path / "work"
+    first = train_scaffold_round(tmp_path, work, seed=1)
+    assert all(np.abs(c).max() > 0 for c in first.values())
+    again = train_scaffold_round(tmp_path, work, seed=1)
+    assert_close(again, first)
+    following = train_scaffold_round(tmp_path, work, seed=2)  # the next round's global model
+    fresh = train_scaffold_round(tmp_path, tmp_path / "fresh", seed=2)  # from zeros instead
+    assert not all(np.allclose(following[n], fresh[n]) for n in fresh)  # started from `first`
+    store = scaffold.SiteVariates(work / scaffold.SITE_FOLDER)
+    assert (store.before, store.current) == (2, 3)  # the retry's replaced the first's
+    assert sorted(p.name for p in store.folder.glob("c-*")) == [
+        "c-2.safetensors",
+        "c-3.safetensors",
+    ]
+
+
+def test_a_crash_while_a_site_writes_its_variate_leaves_the_last_whole_one(tmp_path):
+    work = tmp_path / "work"
+    first = train_scaffold_round(tmp_path, work, seed=1)
+    store = scaffold.SiteVariates(work / scaffold.SITE_FOLDER)
+    torn = store.path(store.current + 1)
+    torn.write_bytes(store.path(store.current).read_bytes()[:100])  # the crash came mid-write
+    assert_close(train_scaffold_round(tmp_path, work, seed=1), first)  # retried: as before
+    assert not torn.exists() or torn.stat().st_size > 100  # written anew, or gone
+    store.state_path.write_text('{"current": 3')  # a state torn by hand: said, not guessed
+    with pytest.raises(JobError, match="remove .*scaffold to start"):
+        train_scaffold_round(tmp_path, work, seed=2)
+
+
 # ----- two rounds against numpy ------------------------------------------------------------------
 
 
@@ -321,9 +384,8 @@ def test_hello_pytorch_runs_scaffold_when_both_configs_say_so(tmp_path):
     job = api.simulate(job_dir, sites=3, workers=2, workspace=tmp_path / "sim")
     variates = scaffold.variates(final_model(job))
     assert len(variates) == 4 and all(np.abs(c).max() > 0 for c in variates.values())
-    assert all(
-        (job.folder.folder / "sites" / f"site-{k}" / scaffold.SITE_FILE).exists() for k in (1, 2, 3)
-    )
+    sites = [job.folder.folder / "sites" / f"site-{k}" / scaffold.SITE_FOLDER for k in (1, 2, 3)]
+    assert all(scaffold.SiteVariates(site).current > 0 for site in sites)  # each advanced
 
 
 @pytest.mark.slow

@@ -4,8 +4,9 @@ The server's control variate c is part of the global model: a float tensor `scaf
 per float model tensor, which `layout` adds to a model module's layout (its `fill` writes
 zeros). So c is stored with the model in the server's round files, travels to the sites with
 it, and is folded chunk by chunk with the uploads like every other tensor: the server has no
-code of its own for SCAFFOLD. A site keeps its own variate c_i in `scaffold.safetensors` in its
-work folder (memory-mapped, zeros at first, kept across rounds, never sent as such).
+code of its own for SCAFFOLD. A site keeps its own variate c_i in its work folder, in
+`scaffold/` (`SiteVariates`: memory-mapped files, zeros at first, kept across rounds, never sent
+as such).
 
 Each local step's gradient is corrected, g <- g + c - c_i (`Scaffold.correct`, after backward).
 After K steps at learning rate eta, from the global model x to the local model y:
@@ -20,24 +21,33 @@ the model, and with partial participation the mean over the sites that took part
 scales it by their share). The server optimizer must therefore be fedavg, which the server
 checks. With an upload codec the slots travel as deltas, c_i+ - c_i, like any update.
 
-A site's c_i advances when it trains; a site dropped from a round (its upload not folded)
-still keeps its advanced c_i, and a site that trains a round again starts from it. Under
+A site's c_i advances once per global model it trains: c_i+ is written to a new file, and a
+small state file, replaced atomically, names it, the one before it and the global model it was
+trained from. A site that trains the same global model again (it restarted, or its upload was
+lost and the round is retried) starts again from the c_i before, so its variate does not
+advance twice; a crash while c_i+ is written leaves the state naming whole files. A site
+dropped from a round whose others went on keeps its advanced c_i (it cannot tell). Under
 `hauler simulate --ray` a virtual site's work folder is its Ray worker's, so its c_i starts
 again from zero whenever it trains on another worker than the round before.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hauler.client.tensors import layout_of, to_torch
+import numpy as np
+import xxhash
+
+from hauler.client.tensors import layout_of, to_numpy, to_torch
 from hauler.core.errors import ConfigError, JobError
 from hauler.model import VARIATE_PREFIX, Manifest, ModelFile, is_float
 
-SITE_FILE = "scaffold.safetensors"  # a site's own variate c_i, in its job work folder
-CHUNK_BYTES = 4 << 20  # the site file's manifest needs one; it never travels
+SITE_FOLDER = "scaffold"  # a site's own variates c_i, in its job work folder
+CHUNK_BYTES = 4 << 20  # the site files' manifest needs one; they never travel
 Value = TypeVar("Value")
 
 
@@ -92,10 +102,13 @@ class Scaffold:
         if not lr > 0:
             raise ConfigError(f"SCAFFOLD needs the local learning rate (> 0), got {lr}")
         self.lr, self.steps = lr, 0
-        self._site = open_site_variates(Path(workdir) / SITE_FILE, self._slots)
+        self._store = SiteVariates(Path(workdir) / SITE_FOLDER)
+        self._received = model_digest(global_model)
+        self._base = self._store.base_for(self._received)
+        self._site = self._store.open(self._base, self._slots)
         site = to_torch(self._site.arrays())
         self._terms = [
-            (w, global_model[name], self._slots[variate], site[variate])
+            (variate, w, global_model[name], self._slots[variate], site[variate])
             for name, w in net.named_parameters()
             if (variate := variate_name(name)) in self._slots
         ]
@@ -104,25 +117,103 @@ class Scaffold:
         """grad <- grad + c - c_i for every parameter: call it after each backward, before the
         optimizer's step (it also counts the steps K)."""
         self.steps += 1
-        for w, _, c, c_site in self._terms:
+        for _, w, _, c, c_site in self._terms:
             if w.grad is not None:
                 w.grad.add_(c.to(w.device)).sub_(c_site.to(w.device))
 
     def update(self) -> dict[str, Any]:
-        """After training: c_i <- c_i - c + (x - y)/(K lr) in the site's file, and the variate
-        slots to send, c + that change, written over the received variates (send them as they
-        are, not with delta=True: call this last, right before hauler.send)."""
+        """After training: c_i+ = c_i - c + (x - y)/(K lr) into a new site file, and the
+        variate slots to send, c + (c_i+ - c_i), written over the received variates (send them
+        as they are, not with delta=True: call this last, right before hauler.send)."""
         if self.steps == 0:
             raise JobError("Scaffold.update(): no steps taken; call correct() after each backward")
-        for w, x, c, c_site in self._terms:
-            change = x.to(c.dtype) - w.detach().to("cpu", c.dtype)
-            change.div_(self.steps * self.lr).sub_(c)  # c_i+ - c_i = (x - y)/(K lr) - c
-            c_site.add_(change)
-            c.add_(change)
+        version, advanced = self._store.create_copy(self._site)
+        with advanced:
+            new = to_torch(advanced.arrays())
+            for variate, w, x, c, _ in self._terms:
+                change = x.to(c.dtype) - w.detach().to("cpu", c.dtype)
+                change.div_(self.steps * self.lr).sub_(c)  # c_i+ - c_i = (x - y)/(K lr) - c
+                new[variate].add_(change)
+                c.add_(change)
+            advanced.flush()
         self._terms = []
-        self._site.flush()
         self._site.close()
+        self._store.commit(version, before=self._base, trained_on=self._received)
         return dict(self._slots)
+
+
+class SiteVariates:
+    """A site's variates c_i in `folder`: whole files `c-<k>.safetensors` (c-0 is zeros) and
+    `state.json`, which names the current one, the one before it, and the digest of the global
+    model the current one was trained from. A file is written in full before the state names
+    it, and the state is replaced atomically, so a crash leaves it naming whole files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.current, self.before, self.trained_on = self._read_state()
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "state.json"
+
+    def path(self, version: int) -> Path:
+        return self.folder / f"c-{version}.safetensors"
+
+    def base_for(self, received: str) -> int:
+        """The version to train from: the one before the current if the current was trained
+        from this very global model (the round is trained again; that update did not count),
+        else the current."""
+        return self.before if received == self.trained_on else self.current
+
+    def open(self, version: int, slots: Mapping[str, Any]) -> ModelFile:
+        """Version `version` for these slots (version 0 is made, zeros, if missing)."""
+        path = self.path(version)
+        if version and not path.exists():
+            raise JobError(f"{path}, named by {self.state_path}, is gone: {self._start_again}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return open_site_variates(path, slots)
+
+    def create_copy(self, base: ModelFile) -> tuple[int, ModelFile]:
+        """A new version, not named by the state yet, holding a copy of `base`."""
+        version = max(self.current, self.before) + 1
+        copy = ModelFile.create(self.path(version), base.manifest)
+        for target, source in zip(copy.arrays().values(), base.arrays().values()):
+            np.copyto(target, source)
+        return version, copy
+
+    def commit(self, version: int, *, before: int, trained_on: str) -> None:
+        """Name `version` (written and flushed) as the current one, then remove the others."""
+        state = {"current": version, "before": before, "trained_on": trained_on}
+        temporary = self.state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state))
+        os.replace(temporary, self.state_path)
+        self.current, self.before, self.trained_on = version, before, trained_on
+        for path in self.folder.glob("c-*.safetensors"):
+            if path not in (self.path(version), self.path(before)):
+                path.unlink(missing_ok=True)
+
+    def _read_state(self) -> tuple[int, int, str]:
+        if not self.state_path.exists():
+            return 0, 0, ""
+        try:
+            state = json.loads(self.state_path.read_text())
+            return int(state["current"]), int(state["before"]), str(state["trained_on"])
+        except (ValueError, KeyError, TypeError) as error:
+            reason = f"{self.state_path}: unreadable ({error})"
+            raise JobError(f"{reason}: {self._start_again}") from None
+
+    @property
+    def _start_again(self) -> str:
+        return f"remove {self.folder} to start this site's variates again at zero"
+
+
+def model_digest(model: Mapping[str, Any]) -> str:
+    """A digest of every tensor's name and bytes: which global model a site trains from."""
+    digest = xxhash.xxh3_128()
+    for name, array in sorted(to_numpy(model).items()):
+        digest.update(name.encode() + b"\0")
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return digest.hexdigest()
 
 
 def open_site_variates(path: Path, slots: Mapping[str, Any]) -> ModelFile:
