@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import yaml
+from helpers import wait_until
 
 from hauler.security import provision
 
@@ -97,6 +97,11 @@ def _in(namespace: str, *args: str, log: Path) -> subprocess.Popen:
         )
 
 
+def _listening(server: subprocess.Popen, log: Path) -> bool:
+    """Whether the server has logged that it listens, or has exited (the caller says why)."""
+    return server.poll() is not None or (log.exists() and "server listening" in log.read_text())
+
+
 def _run(namespace: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["ip", "netns", "exec", namespace, sys.executable, "-m", "hauler", *args],
@@ -133,8 +138,12 @@ def test_two_round_job_across_three_hosts_over_mutual_tls(hosts, tmp_path):
             log=logs / "server.log",
         )
     ]
+    server_log = kits / "server" / "workspace" / "logs" / "server.log"  # its JSON lines
     try:
-        time.sleep(1.0)
+        # The sites retry until the server listens, but `submit` gives up after 3 s: wait for
+        # it (a second idle, several on a busy machine) rather than for a fixed time.
+        wait_until(lambda: _listening(processes[0], server_log), what="the server listening")
+        assert processes[0].poll() is None, (logs / "server.log").read_text()
         processes += [
             _in(
                 hosts[site],

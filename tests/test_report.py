@@ -87,16 +87,22 @@ def test_every_process_of_the_job_is_sampled_within_the_job(finished_job):
     report = fetch_report(*finished_job)
     job = report.job
     assert list(report.processes) == PROCESSES
+    # Samples are kept until the recorder closes the job, after finished_s is stamped and
+    # committed to SQLite (milliseconds, more on a busy disk)
     duration = job["finished_s"] - report.origin_s
     for process, series in report.processes.items():
         assert len(series.t_s) >= 3, process
-        assert all(0 <= t <= duration + 0.01 for t in series.t_s), (process, series.t_s, duration)
+        assert all(0 <= t <= duration + 0.1 for t in series.t_s), (process, series.t_s, duration)
         assert all(0 < anon <= rss for rss, anon in zip(series.rss_mib, series.rss_anon_mib)), (
             process
         )
         assert all(cpu >= 0 for cpu in series.cpu_percent)
         gaps = [b - a for a, b in zip(series.t_s, series.t_s[1:])]
-        assert all(0.5 < gap < 2.0 for gap in gaps), (process, gaps)  # one a second
+        # One a second. The recorder keeps one sample per second of the clock: where a
+        # process's ticks fall a few ms before a second's end, a tick a few ms late lands in
+        # the next second, the next tick in that same second is dropped, and the gap is 2 s
+        # give or take the ticks' jitter (2.001 s seen with ticks at .998 and 3 ms of jitter).
+        assert all(0.5 < gap < 2.5 for gap in gaps), (process, gaps)
 
 
 def test_timeline_has_every_phase_of_every_site_and_round_in_order(finished_job):

@@ -50,16 +50,19 @@ def test_meter_reads_this_process():
 
 
 def test_collect_samples_every_interval_across_calls():
-    meter = ProcessMeter(interval_s=0.1)
-
     async def collect() -> list[list[ResourceSample]]:
+        meter = ProcessMeter(interval_s=0.1)  # in the loop: its ticks count from the first call
         return [await meter.collect(0.25) for _ in range(4)]  # 1 s in all, in pieces off the tick
 
     batches = asyncio.run(collect())
     times = [sample.t for batch in batches for sample in batch]
-    assert 8 <= len(times) <= 10, times
+    # 10 ticks; a stall of the loop (a loaded machine; a full GC, about 0.2 s in a worker that
+    # imported torch) makes a tick late, and one more than an interval late skips the ticks it
+    # missed: an 80 ms stall made gaps of 0.18 and 0.02 s. One reading a call would be 4.
+    assert 6 <= len(times) <= 11, times
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert all(0.05 < gap < 0.2 for gap in gaps), gaps
+    assert all(0 <= gap < 0.5 for gap in gaps), gaps
+    assert (times[-1] - times[0]) / len(gaps) > 0.075, gaps  # never more often than the interval
 
 
 def sample_at(t: float) -> ResourceSample:
@@ -113,8 +116,8 @@ async def test_a_site_sending_samples_as_fast_as_it_can_gets_one_a_second_into_t
     sites = SiteRegistry()
     (await sites.join("site-1", "", None)).deployed_jobs.add("job")
     recorder = ResourceRecorder(sites, grace_s=0)
-    recorder.open("job", JsonLines(tmp_path / "metrics.jsonl"))
     started = time.time()
+    recorder.open("job", JsonLines(tmp_path / "metrics.jsonl"))
     while time.time() - started < 2.0:
         now = time.time()
         recorder.record(
@@ -122,11 +125,11 @@ async def test_a_site_sending_samples_as_fast_as_it_can_gets_one_a_second_into_t
         )  # 15 s of samples
         await asyncio.sleep(0.01)
     recorder.close("job")
+    ended = time.time()  # about started + 2 s; later if the machine stalled the loop
     kept = [r["t"] for r in read_json_lines(tmp_path / "metrics.jsonl")]
-    assert (
-        1 <= len(kept) <= 3 + MAX_CLOCK_SKEW_S
-    )  # seconds elapsed, plus the skew the server allows
-    assert all(t <= started + 2.0 + MAX_CLOCK_SKEW_S for t in kept)
+    seconds = math.floor(ended + MAX_CLOCK_SKEW_S) - math.floor(started) + 1
+    assert 1 <= len(kept) <= seconds  # one in each second elapsed, and of the skew allowed
+    assert all(started <= t <= ended + MAX_CLOCK_SKEW_S for t in kept)
     assert len({math.floor(t) for t in kept}) == len(kept)
 
 
