@@ -52,12 +52,13 @@ def prepare(
     workspace = workspace.resolve()
     if running(workspace):
         raise ConfigError(f"{workspace}: a federation is running there; `hauler poc stop` it first")
+    free = iter(_free_ports(2))
     project = {
         "name": "poc",
         "server": {
             "host": HOST,
-            "control_port": control_port or _free_port(),
-            "data_port": data_port or _free_port(),
+            "control_port": control_port or next(free),
+            "data_port": data_port or next(free),
         },
         "sites": [{"name": name, "org": "poc"} for name in site_names(sites)],
         "admins": [{"name": "admin", "org": "poc", "role": "project_admin"}],
@@ -226,7 +227,13 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` different ports free now (all held at once while they are picked)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind((HOST, 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
