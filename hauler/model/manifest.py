@@ -146,6 +146,8 @@ class Manifest:
     def tensor_pieces(self, tensor: TensorEntry) -> list[tuple[int, int]]:
         """(start, length) within `tensor` of each of its pieces: its parts in successive chunks."""
         size, end = self.chunk_bytes, tensor.end
+        if tensor.length and tensor.offset // size == (end - 1) // size:
+            return [(0, tensor.length)]  # within one chunk, as a small tensor mostly is
         first = min(end, (tensor.offset // size + 1) * size)
         cuts = (
             [tensor.offset, *range(first, end, size), end] if first < end else [tensor.offset, end]
@@ -355,4 +357,6 @@ def chunk_checksum(data: memoryview) -> int:
 def digest_of_checksums(checksums: Sequence[int]) -> str:
     """A tensor's digest: xxh3-64 over its pieces' checksums (little-endian u64 each), so
     receivers need no second pass."""
+    if len(checksums) == 1:  # a tensor within one chunk: most of a model of small tensors
+        return xxhash.xxh3_64_hexdigest(_U64.pack(checksums[0]))
     return xxhash.xxh3_64_hexdigest(struct.pack(f"<{len(checksums)}Q", *checksums))

@@ -23,9 +23,12 @@ class DigestCheck:
 
     def __init__(self, plan: ChunkPlan) -> None:
         self.plan = plan
-        spans = [plan.seqs_of(i) for i in range(len(plan.manifest.tensors))]
-        self._first = [span.start for span in spans]
-        self._missing = [len(span) for span in spans]
+        size, tensors = plan.manifest.chunk_bytes, plan.manifest.tensors
+        self._first = [t.offset // size for t in tensors]  # plan.seqs_of's, without a range each
+        self._missing = [
+            (t.offset + t.length - 1) // size - first + 1 if t.length else 0
+            for t, first in zip(tensors, self._first)
+        ]
         self._at = [0, *accumulate(self._missing)]  # where each tensor's checksums begin
         self._checksums = array("Q", bytes(8 * self._at[-1]))
         for index, missing in enumerate(self._missing):
@@ -38,18 +41,18 @@ class DigestCheck:
         return not any(self._missing)
 
     def landed(self, chunk: Chunk, view: memoryview, checksum: int | None = None) -> None:
-        """The raw bytes of `chunk` are in place (`checksum`: theirs, if known)."""
-        for piece in self.plan.pieces(chunk):
-            whole = piece.length == chunk.length and checksum is not None
-            found = (
-                checksum
-                if whole
-                else chunk_checksum(view[piece.start : piece.start + piece.length])
-            )
-            self._checksums[self._at[piece.tensor] + chunk.seq - self._first[piece.tensor]] = found
-            self._missing[piece.tensor] -= 1
-            if not self._missing[piece.tensor]:
-                self._verify(piece.tensor)
+        """The raw bytes of `chunk` are in place (`checksum`: theirs, if known). (Runs once
+        per piece: a chunk of small tensors has hundreds, hence the local names.)"""
+        at, first, missing, checksums = self._at, self._first, self._missing, self._checksums
+        for tensor, start, _, length in self.plan.pieces(chunk):
+            if checksum is not None and length == chunk.length:
+                found = checksum  # the chunk is this one piece
+            else:
+                found = chunk_checksum(view[start : start + length])
+            checksums[at[tensor] + chunk.seq - first[tensor]] = found
+            missing[tensor] -= 1
+            if not missing[tensor]:
+                self._verify(tensor)
 
     def _verify(self, index: int) -> None:
         tensor = self.plan.manifest.tensors[index]
