@@ -132,6 +132,27 @@ def test_same_layout_ignores_digests_but_not_shapes():
     assert not manifest.same_layout(manifest_of(MIXED_LAYOUT, chunk_bytes=8192))
 
 
+def test_a_model_digest_changes_with_any_tensor_digest_layout_tie_or_chunk_size():
+    """What a site's marker names and a delta's base is: the same model parsed again has it."""
+
+    def digested(layout: list, chunk_bytes: int = 4096, last: str = "b") -> str:
+        manifest = manifest_of(layout, chunk_bytes)
+        count = len(manifest.tensors)
+        return manifest.with_digests(["a"] * (count - 1) + [last]).digest
+
+    model = manifest_of(MIXED_LAYOUT, 4096).with_digests(["a"] * (len(MIXED_LAYOUT) - 1) + ["b"])
+    assert Manifest.from_json(model.to_json()).digest == model.digest == digested(MIXED_LAYOUT)
+    tied = [*MIXED_LAYOUT, ("alias", "F32", (10_001,), "weights")]
+    other_shape = [("tiny", "I8", (4,)) if row[0] == "tiny" else row for row in MIXED_LAYOUT]
+    variants = [
+        digested(MIXED_LAYOUT, last="c"),
+        digested(MIXED_LAYOUT, chunk_bytes=8192),
+        digested(tied),
+        digested(other_shape),
+    ]
+    assert len({model.digest, *variants}) == 5
+
+
 HOSTILE = {
     "shape_times_dtype_is_not_length": valid_json(length=40),
     "length_claims_more_than_shape": valid_json(length=1 << 40),

@@ -198,8 +198,11 @@ class Manifest:
 
     @property
     def digest(self) -> str:
-        """One digest of the whole model: layout and every tensor's digest (which must be set)."""
-        return xxhash.xxh3_128_hexdigest(json.dumps(self.to_json(), sort_keys=True).encode())
+        """One digest of the whole model: its chunk size, layout (the safetensors header, made
+        once per layout: it begins with its length) and every tensor's digest (which must be
+        set), without serializing the whole manifest each time."""
+        digests = json.dumps([t.digest for t in self.tensors]).encode()
+        return xxhash.xxh3_128_hexdigest(b"%d\n%b%b" % (self.chunk_bytes, self._header, digests))
 
     def chunks(self, start_seq: int = 0) -> Iterator[Chunk]:
         """Every chunk of the model in order, from `start_seq` on."""
