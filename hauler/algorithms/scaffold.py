@@ -34,7 +34,6 @@ again from zero whenever it trains on another worker than the round before.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +43,7 @@ import xxhash
 
 from hauler.client.tensors import layout_of, to_numpy, to_torch
 from hauler.core.errors import ConfigError, JobError
+from hauler.core.files import replace_json
 from hauler.model import VARIATE_PREFIX, Manifest, ModelFile, is_float
 
 SITE_FOLDER = "scaffold"  # a site's own variates c_i, in its job work folder
@@ -183,10 +183,9 @@ class SiteVariates:
 
     def commit(self, version: int, *, before: int, trained_on: str) -> None:
         """Name `version` (written and flushed) as the current one, then remove the others."""
-        state = {"current": version, "before": before, "trained_on": trained_on}
-        temporary = self.state_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(state))
-        os.replace(temporary, self.state_path)
+        replace_json(
+            self.state_path, {"current": version, "before": before, "trained_on": trained_on}
+        )
         self.current, self.before, self.trained_on = version, before, trained_on
         for path in self.folder.glob("c-*.safetensors"):
             if path not in (self.path(version), self.path(before)):

@@ -20,12 +20,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from hauler.core.config import TransferConfig
+from hauler.core.files import replace_json
 from hauler.model import Manifest, ModelFile
 from hauler.model.local_models import open_local
 from hauler.model.updates import RESIDUAL, open_residual, wide_manifest
@@ -85,9 +85,7 @@ class JobFiles:
         whole model."""
         assert self.received is not None
         self.received.manifest = manifest
-        temporary = self.marker.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"digest": manifest.digest}))
-        os.replace(temporary, self.marker)
+        replace_json(self.marker, {"digest": manifest.digest})
 
     def training_copy(self) -> ModelFile:
         """The model the job's code trains on: a copy of the received one, or (without codecs)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from hauler.core.errors import JobError
+from hauler.core.files import replace_json
 from hauler.model.file import ModelFile
 from hauler.model.manifest import Manifest
 from hauler.model.rounds import RoundStore, opened
@@ -39,9 +40,7 @@ class LocalModels:
 
     def commit(self, site: str, manifest: Manifest) -> None:
         """`site`'s file is complete and checked: say so, with its digests."""
-        temporary = self.manifest_path(site).with_suffix(".tmp")
-        temporary.write_text(json.dumps(manifest.to_json()))
-        os.replace(temporary, self.manifest_path(site))
+        replace_json(self.manifest_path(site), manifest.to_json())
 
     def adopt(self, site: str, path: Path, manifest: Manifest) -> None:
         """Take the complete, checked file at `path` (on this file system) as `site`'s model."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hauler.core.errors import HaulerError
+from hauler.core.files import replace_json
 from hauler.model.encoded import EncodedFile, EncodedIndex, EncodedWriter
 from hauler.model.file import ModelFile
 from hauler.model.manifest import Manifest, chunk_checksum, digest_of_checksums
@@ -153,9 +154,7 @@ class RoundStore:
             record["state"] = state.to_json()
         if delta is not None:
             record["delta"] = delta.to_json()
-        temporary = self.manifest_path(round).with_suffix(".tmp")
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, self.manifest_path(round))
+        replace_json(self.manifest_path(round), record)
         self._cache = (self._key(round), (record, manifest))  # not read back and parsed
 
     def _key(self, round: int) -> tuple:
