@@ -177,8 +177,7 @@ class SiteVariates:
         """A new version, not named by the state yet, holding a copy of `base`."""
         version = max(self.current, self.before) + 1
         copy = ModelFile.create(self.path(version), base.manifest)
-        for target, source in zip(copy.arrays().values(), base.arrays().values()):
-            np.copyto(target, source)
+        copy.copy_from(base)
         return version, copy
 
     def commit(self, version: int, *, before: int, trained_on: str) -> None:

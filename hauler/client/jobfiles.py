@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from hauler.core.config import TransferConfig
 from hauler.core.files import replace_json
 from hauler.model import Manifest, ModelFile
@@ -97,7 +95,7 @@ class JobFiles:
         manifest = self.received.manifest
         self._training = _same_layout(self._training, self.folder / "model.safetensors", manifest)
         self._training.manifest = manifest
-        _copy(self.received, self._training)
+        self._training.copy_from(self.received)
         return self._training
 
     def evaluated(self, manifest: Manifest) -> ModelFile:
@@ -152,10 +150,3 @@ def _same_layout(model: ModelFile | None, path: Path, manifest: Manifest) -> Mod
     if model is not None:
         model.close()
     return ModelFile.create(path, manifest)
-
-
-def _copy(source: ModelFile, target: ModelFile) -> None:
-    """Copy every tensor, in blocks: file pages, no model-sized temporary."""
-    for chunk in source.manifest.chunks():
-        into = np.frombuffer(target.chunk_view(chunk), np.uint8)
-        np.copyto(into, np.frombuffer(source.chunk_view(chunk), np.uint8))

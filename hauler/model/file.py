@@ -135,6 +135,13 @@ class ModelFile:
             self._views = (self.manifest.layout_key, arrays)
         return dict(self._views[1])
 
+    def copy_from(self, source: ModelFile) -> None:
+        """Copy `source`'s data (the same layout) into this file chunk by chunk: file pages,
+        no model-sized temporary."""
+        for chunk in source.manifest.chunks():
+            into = np.frombuffer(self.chunk_view(chunk), np.uint8)
+            np.copyto(into, np.frombuffer(source.chunk_view(chunk), np.uint8))
+
     def compute_digests(self) -> Manifest:
         """Hash every chunk (about 25 GB/s) and return the manifest with tensor digests."""
         self.manifest = self.manifest.digested(self.tensor_bytes)
