@@ -133,12 +133,16 @@ class ChunkPlan:
             index += 1
         return found
 
-    def seqs_of(self, index: int) -> range:
-        """The chunks that hold a piece of tensor `index` (none for an empty tensor)."""
-        tensor, size = self.manifest.tensors[index], self.manifest.chunk_bytes
-        if not tensor.length:
-            return range(0)
-        return range(tensor.offset // size, (tensor.end - 1) // size + 1)
+    def chunk_spans(self) -> tuple[list[int], list[int]]:
+        """Each tensor's first chunk and how many chunks hold a piece of it (none for an empty
+        tensor), for every tensor at once: new lists, the caller's to keep."""
+        size, tensors = self.manifest.chunk_bytes, self.manifest.tensors
+        first = [t.offset // size for t in tensors]
+        counts = [
+            (t.offset + t.length - 1) // size - start + 1 if t.length else 0
+            for t, start in zip(tensors, first)
+        ]
+        return first, counts
 
     def dtype(self, span: Span) -> np.dtype:
         return self._dtypes[span.tensor]

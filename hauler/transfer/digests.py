@@ -23,12 +23,7 @@ class DigestCheck:
 
     def __init__(self, plan: ChunkPlan) -> None:
         self.plan = plan
-        size, tensors = plan.manifest.chunk_bytes, plan.manifest.tensors
-        self._first = [t.offset // size for t in tensors]  # plan.seqs_of's, without a range each
-        self._missing = [
-            (t.offset + t.length - 1) // size - first + 1 if t.length else 0
-            for t, first in zip(tensors, self._first)
-        ]
+        self._first, self._missing = plan.chunk_spans()
         self._at = [0, *accumulate(self._missing)]  # where each tensor's checksums begin
         self._checksums = array("Q", bytes(8 * self._at[-1]))
         for index, missing in enumerate(self._missing):
